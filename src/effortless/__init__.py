@@ -1,0 +1,15 @@
+"""effortless: Bayesian deep learning at the cost of Adam.
+
+Example:
+    >>> import effortless as ef
+    >>> sorted(ef.curvature.estimators.ESTIMATORS)[:3]
+    ['efisher', 'ggn', 'ggn-mc']
+"""
+
+from . import curvature, likelihoods
+from .api import fit, laplace, predict
+from .optim import BayesAdam
+from .posterior import DiagGaussian
+
+__version__ = "0.1.0"
+__all__ = ["BayesAdam", "DiagGaussian", "fit", "predict", "laplace", "curvature", "likelihoods"]

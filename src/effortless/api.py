@@ -1,0 +1,184 @@
+"""High-level functions: train a posterior (``fit``), fit one post hoc (``laplace``), predict.
+
+Example:
+    >>> import torch, effortless as ef
+    >>> torch.manual_seed(0)
+    <torch._C.Generator object at ...>
+    >>> x = torch.randn(64, 3); y = (x[:, 0] > 0).long()
+    >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    >>> model = torch.nn.Linear(3, 2)
+    >>> post = ef.fit(model, loader, likelihood="classification", epochs=2, progress=False)
+    >>> ef.predict(model, post, x[:4], n_samples=8).shape
+    torch.Size([4, 2])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from . import likelihoods
+from .curvature import estimators
+from .curvature import functional as cf
+from .optim import BayesAdam
+from .posterior import DiagGaussian
+
+__all__ = ["fit", "predict", "laplace", "LAPLACE_HESSIANS"]
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the core does not depend on tqdm
+        return iterable
+    return tqdm(iterable, **kwargs)
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def fit(
+    model: nn.Module,
+    loader: Iterable,
+    likelihood: str = "classification",
+    epochs: int = 5,
+    hessian: str = "reparam",
+    n_data: int | None = None,
+    sigma_noise: float = 1.0,
+    optimizer: BayesAdam | None = None,
+    scheduler: str | None = "cosine",
+    progress: bool = True,
+    **optimizer_kwargs,
+) -> DiagGaussian:
+    """Train ``model`` with :class:`BayesAdam` and return its posterior.
+
+    Args:
+        model: the network; its weights end at the posterior mean.
+        loader: yields ``(x, y)`` minibatches; ``n_data`` defaults to ``len(loader.dataset)``.
+        likelihood: ``"classification"`` or ``"regression"`` (with ``sigma_noise``).
+        epochs: passes over the data.
+        hessian: curvature estimator key.
+        optimizer: continue with this optimizer instead of making a new one.
+        scheduler: ``"cosine"`` (cosine decay of the learning rate to 0) or None (constant).
+        progress: show a progress bar (needs tqdm).
+        **optimizer_kwargs: passed to :class:`BayesAdam` (lr, prior_precision, mc_samples, ...).
+    """
+    if not (isinstance(epochs, int) and epochs >= 1):
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if scheduler not in ("cosine", None):
+        raise ValueError(f"scheduler must be 'cosine' or None, got {scheduler!r}")
+    lik = likelihoods.get(likelihood, sigma_noise)
+    if optimizer is None:
+        if n_data is None:
+            try:
+                n_data = len(loader.dataset)
+            except (AttributeError, TypeError):
+                raise ValueError("n_data: the loader has no dataset length; pass n_data=") from None
+        optimizer = BayesAdam(model.named_parameters(), n_data=n_data, hessian=hessian, **optimizer_kwargs)
+    sched = None
+    if scheduler == "cosine":
+        total = epochs * len(loader)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda t: 0.5 * (1 + torch.cos(torch.tensor(torch.pi * t / total)).item())
+        )
+    device = _device(model)
+    model.train()
+    bar = _progress(range(epochs), progress, desc="fit", unit="epoch")
+    for _ in bar:
+        total_loss, count = 0.0, 0
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            loss = optimizer.train_step(model, x, y, likelihood=lik)
+            total_loss += float(loss) * x.shape[0]
+            count += x.shape[0]
+            if sched is not None:
+                sched.step()
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{total_loss / max(count, 1):.4f}")
+    return optimizer.posterior()
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    posterior: DiagGaussian,
+    x: torch.Tensor,
+    n_samples: int = 32,
+    likelihood: str = "classification",
+    method: str = "mc",
+    generator: torch.Generator | None = None,
+    sigma_noise: float = 1.0,
+):
+    """Posterior predictive at ``x``.
+
+    Classification returns the averaged probabilities (B, C); regression returns the predictive
+    ``(mean, variance)``, the variance including ``sigma_noise²``. ``method="mc"`` averages over
+    ``n_samples`` weight samples (the linearised predictives arrive with issue #4). The model's
+    train/eval mode is left as the caller set it.
+    """
+    if method != "mc":
+        if method in ("glm", "probit"):
+            raise NotImplementedError(f"method={method!r} is not available yet; use method='mc'")
+        raise ValueError(f"method must be one of ('mc', 'glm', 'probit'), got {method!r}")
+    if not (isinstance(n_samples, int) and n_samples >= 1):
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    lik = likelihoods.get(likelihood, sigma_noise)
+    outs = []
+    for _ in range(n_samples):
+        with posterior.sampled(model, generator):
+            f = model(x)
+        outs.append(f.softmax(-1) if lik.name == "classification" else f)
+    stack = torch.stack(outs)  # (S, B, C)
+    if lik.name == "classification":
+        return stack.mean(0)
+    return stack.mean(0), stack.var(0, unbiased=False) + lik.sigma_noise**2
+
+
+# Curvature sources for the post-hoc Laplace fit: every model-side estimator, plus the exact
+# Hessian diagonal. Each returns a batch sum per parameter name.
+LAPLACE_HESSIANS = {k: e.fn for k, e in estimators.ESTIMATORS.items() if e.needs_model}
+LAPLACE_HESSIANS["hessian"] = lambda model, x, y, lik, gen, params: cf.diag_hessian(
+    model, x, y, lik, params=params
+)
+
+
+def laplace(
+    model: nn.Module,
+    loader: Iterable,
+    likelihood: str = "classification",
+    hessian: str = "ggn",
+    prior_precision: float = 1.0,
+    sigma_noise: float = 1.0,
+    generator: torch.Generator | None = None,
+    params: Iterable[str] | None = None,
+    progress: bool = False,
+) -> DiagGaussian:
+    """Post-hoc diagonal Laplace approximation around the model's current weights.
+
+    ``precision = Σ_data diag-curvature + prior_precision``, keyed like ``named_parameters()``.
+
+    Args:
+        hessian: one of ``LAPLACE_HESSIANS`` (``"ggn"``, ``"ggn-mc"``, ``"efisher"``,
+            ``"hutchinson"``, ``"hessian"``).
+        params: restrict to these parameter names (others stay fixed at their values).
+    """
+    if hessian not in LAPLACE_HESSIANS:
+        raise ValueError(f"hessian must be one of {sorted(LAPLACE_HESSIANS)}, got {hessian!r}")
+    if not (isinstance(prior_precision, (int, float)) and prior_precision > 0):
+        raise ValueError(f"prior_precision must be a float > 0, got {prior_precision!r}")
+    lik = likelihoods.get(likelihood, sigma_noise)
+    theta = cf.trainable(model, params)
+    total = {n: torch.zeros_like(p) for n, p in theta.items()}
+    device = _device(model)
+    for x, y in _progress(loader, progress, desc="laplace", unit="batch"):
+        est = LAPLACE_HESSIANS[hessian](model, x.to(device), y.to(device), lik, generator, list(theta))
+        for n in total:
+            total[n] += est[n]
+    mean = {n: p.detach().clone() for n, p in theta.items()}
+    return DiagGaussian(mean, {n: t + prior_precision for n, t in total.items()})

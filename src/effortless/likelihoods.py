@@ -1,0 +1,134 @@
+"""Likelihoods: per-sample negative log-likelihood and the output-space Hessian.
+
+A likelihood turns network outputs ``f`` (B, C) into a per-sample negative log-likelihood
+``nll(f, y)`` (B,) and gives what the generalised Gauss-Newton (GGN) needs: a symmetric factor
+``S`` (B, C, K) of the Hessian of the NLL with respect to ``f``, ``∇²_f nll = S Sᵀ``, and a way to
+draw labels from the model's own predictive (for the Monte-Carlo GGN).
+
+* ``classification``: categorical over logits. ``∇²_f nll = diag(p) − p pᵀ``, factored as the
+  columns ``√p_c (e_c − p)`` (K = C).
+* ``regression``: Gaussian with noise standard deviation ``sigma_noise``,
+  ``nll = ½‖y − f‖²/σ² + ½·D·log(2πσ²)``; ``∇²_f nll = I/σ²``, factored as ``I/σ`` (K = D).
+
+Users pick a likelihood by its name (``likelihood="classification"``); :func:`get` validates the
+name once and returns the object.
+
+Example:
+    >>> import torch
+    >>> lik = get("classification")
+    >>> f = torch.tensor([[2.0, 0.0, -1.0]])
+    >>> S = lik.hessian_factor(f)
+    >>> p = f.softmax(-1)
+    >>> torch.allclose(S @ S.transpose(1, 2), torch.diag_embed(p) - p[..., None] * p[:, None])
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Likelihood", "Classification", "Regression", "get", "LIKELIHOODS"]
+
+
+class Likelihood:
+    """Interface every likelihood implements (all methods act on a batch)."""
+
+    name: str = ""
+
+    def nll(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample negative log-likelihood, shape (B,)."""
+        raise NotImplementedError
+
+    def hessian_factor(self, f: torch.Tensor) -> torch.Tensor:
+        """Factor ``S`` (B, C, K) with ``S Sᵀ`` the Hessian of ``nll`` with respect to ``f``."""
+        raise NotImplementedError
+
+    def sample(self, f: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Labels drawn from the predictive ``p(y | f)``, shaped like real labels."""
+        raise NotImplementedError
+
+    def check(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate and align shapes of outputs and targets."""
+        return f, y
+
+
+class Classification(Likelihood):
+    name = "classification"
+
+    def check(self, f, y):
+        if f.dim() != 2:
+            raise ValueError(f"classification expects logits of shape (B, C), got {tuple(f.shape)}")
+        if y.shape != f.shape[:1] or y.dtype not in (torch.int64, torch.int32, torch.uint8):
+            raise ValueError(
+                f"classification expects integer labels of shape ({f.shape[0]},), got "
+                f"{tuple(y.shape)} {y.dtype}"
+            )
+        return f, y.long()
+
+    def nll(self, f, y):
+        f, y = self.check(f, y)
+        return F.cross_entropy(f, y, reduction="none")
+
+    def hessian_factor(self, f):
+        p = f.softmax(-1)  # (B, C)
+        eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
+        # column c: sqrt(p_c) (e_c - p)  -> S[b, :, c]
+        return (eye[None] - p[:, :, None]) * p.sqrt()[:, None, :]  # (B, C, C)
+
+    def sample(self, f, generator=None):
+        return torch.multinomial(f.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Regression(Likelihood):
+    sigma_noise: float = 1.0
+    name = "regression"
+
+    def __post_init__(self):
+        if not (isinstance(self.sigma_noise, (int, float)) and self.sigma_noise > 0):
+            raise ValueError(f"sigma_noise must be a positive float, got {self.sigma_noise!r}")
+
+    def check(self, f, y):
+        if f.dim() == 1:
+            f = f[:, None]
+        if y.dim() == 1:
+            y = y[:, None]
+        if f.shape != y.shape:
+            raise ValueError(
+                f"regression expects outputs and targets of the same shape (B, D), got "
+                f"{tuple(f.shape)} and {tuple(y.shape)}"
+            )
+        return f, y.to(f.dtype)
+
+    def nll(self, f, y):
+        f, y = self.check(f, y)
+        s2 = self.sigma_noise**2
+        const = 0.5 * f.shape[1] * math.log(2 * math.pi * s2)
+        return 0.5 * (y - f).pow(2).sum(1) / s2 + const
+
+    def hessian_factor(self, f):
+        f = f if f.dim() == 2 else f[:, None]
+        eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device) / self.sigma_noise
+        return eye.expand(f.shape[0], -1, -1)
+
+    def sample(self, f, generator=None):
+        noise = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device)
+        return f + self.sigma_noise * noise
+
+
+LIKELIHOODS = {"classification": Classification, "regression": Regression}
+
+
+def get(likelihood: str | Likelihood, sigma_noise: float = 1.0) -> Likelihood:
+    """Return the likelihood object for a name (``"classification"`` or ``"regression"``)."""
+    if isinstance(likelihood, Likelihood):
+        return likelihood
+    if likelihood == "classification":
+        return Classification()
+    if likelihood == "regression":
+        return Regression(sigma_noise=float(sigma_noise))
+    raise ValueError(f"likelihood must be one of {sorted(LIKELIHOODS)}, got {likelihood!r}")

@@ -1,0 +1,5 @@
+"""Bayesian optimizers (``torch.optim.Optimizer`` subclasses)."""
+
+from .bayesadam import BayesAdam, bayesadam_update
+
+__all__ = ["BayesAdam", "bayesadam_update"]

@@ -1,0 +1,5 @@
+"""Gaussian posteriors over network weights."""
+
+from .diag import DiagGaussian
+
+__all__ = ["DiagGaussian"]

@@ -1,0 +1,144 @@
+"""Diagonal Gaussian posterior over the weights.
+
+``q(θ) = N(μ, diag(1/λ))`` with ``λ`` the posterior precision per weight (for a Laplace or
+BayesAdam posterior ``λ = N·h + δ``: data-set size times per-sample curvature plus the prior
+precision). Mean and precision are dicts keyed like ``model.named_parameters()`` (or by position
+as strings ``"0"``, ``"1"``, …), in parameter order.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 1)
+    >>> q = DiagGaussian.from_model(model, precision=100.0)
+    >>> before = model.weight.detach().clone()
+    >>> with q.sampled(model, generator=torch.Generator().manual_seed(0)):
+    ...     changed = not torch.equal(model.weight, before)
+    >>> changed, torch.equal(model.weight, before)
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["DiagGaussian"]
+
+
+class DiagGaussian:
+    """``N(mean, diag(1/precision))`` over named parameter tensors."""
+
+    def __init__(self, mean: Mapping[str, torch.Tensor], precision: Mapping[str, torch.Tensor]):
+        if list(mean) != list(precision):
+            raise ValueError(
+                f"mean and precision must have the same keys in the same order, got "
+                f"{list(mean)} and {list(precision)}"
+            )
+        for k in mean:
+            if mean[k].shape != precision[k].shape:
+                raise ValueError(
+                    f"precision[{k!r}] has shape {tuple(precision[k].shape)}, mean has "
+                    f"{tuple(mean[k].shape)}"
+                )
+            if not bool((precision[k] > 0).all()):
+                raise ValueError(f"precision[{k!r}] must be positive everywhere")
+        self.mean = {k: v.detach() for k, v in mean.items()}
+        self.precision = {k: v.detach() for k, v in precision.items()}
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: nn.Module, precision: float | Mapping[str, torch.Tensor]):
+        """Centred at the model's current trainable weights, with a scalar or per-weight precision."""
+        mean = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if isinstance(precision, Mapping):
+            prec = {n: torch.as_tensor(precision[n]).to(mean[n]) for n in mean}
+        else:
+            prec = {n: torch.full_like(m, float(precision)) for n, m in mean.items()}
+        return cls(mean, prec)
+
+    # -- moments -------------------------------------------------------------------------------
+    @property
+    def variance(self) -> dict[str, torch.Tensor]:
+        return {k: 1.0 / v for k, v in self.precision.items()}
+
+    @property
+    def std(self) -> dict[str, torch.Tensor]:
+        return {k: v.rsqrt() for k, v in self.precision.items()}
+
+    def numel(self) -> int:
+        return sum(v.numel() for v in self.mean.values())
+
+    # -- sampling ------------------------------------------------------------------------------
+    def sample(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """One draw ``μ + ε / √λ`` with ``ε ~ N(0, I)`` from ``generator``."""
+        out = {}
+        for k, m in self.mean.items():
+            eps = torch.randn(m.shape, generator=generator, dtype=m.dtype, device=_gen_device(generator, m))
+            out[k] = m + eps.to(m.device) * self.precision[k].rsqrt()
+        return out
+
+    @contextlib.contextmanager
+    def sampled(
+        self, model: nn.Module, generator: torch.Generator | None = None, sample=None
+    ) -> Iterator[nn.Module]:
+        """Load a posterior sample (or the given ``sample`` dict) into ``model``; always restore."""
+        params = self._match(model)
+        draw = self.sample(generator) if sample is None else sample
+        saved = {k: p.detach().clone() for k, p in params.items()}
+        try:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(draw[k])
+            yield model
+        finally:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(saved[k])
+
+    @contextlib.contextmanager
+    def mean_loaded(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Load the posterior mean into ``model``; always restore the previous weights."""
+        with self.sampled(model, sample=self.mean):
+            yield model
+
+    def _match(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        named = dict(model.named_parameters())
+        if all(k in named for k in self.mean):
+            params = {k: named[k] for k in self.mean}
+        else:  # keyed by position
+            plist = [p for p in model.parameters() if p.requires_grad]
+            if list(self.mean) != [str(i) for i in range(len(plist))]:
+                raise ValueError(
+                    f"posterior keys {list(self.mean)[:5]}... do not match the model's parameter "
+                    f"names {list(named)[:5]}..."
+                )
+            params = dict(zip(self.mean, plist))
+        for k, p in params.items():
+            if p.shape != self.mean[k].shape:
+                raise ValueError(
+                    f"parameter {k!r} has shape {tuple(p.shape)}, the posterior {tuple(self.mean[k].shape)}"
+                )
+        return params
+
+    # -- persistence ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"mean": dict(self.mean), "precision": dict(self.precision)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        new = DiagGaussian(state["mean"], state["precision"])
+        self.mean, self.precision = new.mean, new.precision
+
+    def to(self, *args, **kwargs) -> DiagGaussian:
+        return DiagGaussian(
+            {k: v.to(*args, **kwargs) for k, v in self.mean.items()},
+            {k: v.to(*args, **kwargs) for k, v in self.precision.items()},
+        )
+
+    def __repr__(self) -> str:
+        return f"DiagGaussian({len(self.mean)} tensors, {self.numel()} weights)"
+
+
+def _gen_device(generator, like):
+    return generator.device if generator is not None else like.device
