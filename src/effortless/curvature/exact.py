@@ -62,10 +62,14 @@ def _outputs(model):
 
 
 def hessian_matrix(model, x, y, likelihood="classification", sigma_noise=1.0) -> torch.Tensor:
-    """Full Hessian of the summed NLL with respect to the flattened parameters."""
+    """Full Hessian of the summed NLL with respect to the flattened parameters.
+
+    Eager reverse-over-reverse autograd, one row at a time (``torch.func.hessian`` gets cross terms
+    through ``F.layer_norm`` wrong in torch 2.13; see ``functional._gradient_graph``).
+    """
     lik = likelihoods.get(likelihood, sigma_noise)
     vec, f = _outputs(model)
-    return hessian(lambda th: lik.nll(f(th, x), y).sum())(vec)
+    return torch.autograd.functional.hessian(lambda th: lik.nll(f(th, x), y).sum(), vec)
 
 
 def ggn(model, x, y, likelihood="classification", sigma_noise=1.0) -> torch.Tensor:

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jacrev, jvp, vmap
+from torch.func import functional_call, grad, jacrev, vmap
 
 from .. import likelihoods
 
@@ -166,13 +166,19 @@ def diag_efisher(
     return out
 
 
-def _summed_loss(model, x, y, lik, theta):
-    frozen = _frozen(model, theta)
+def _gradient_graph(model, x, y, lik, names):
+    """Leaf copies of the parameters and the gradient of the summed NLL, with its graph kept.
 
-    def loss(th):
-        return lik.nll(functional_call(model, {**frozen, **th}, (x,)), y).sum()
-
-    return loss
+    Second derivatives use eager double backward rather than ``torch.func`` transforms: in torch
+    2.13 ``torch.func.hessian``/``jacrev(jacrev)`` return wrong cross terms through ``F.layer_norm``
+    (found by tests/curvature against an explicit LayerNorm), while eager autograd is right.
+    """
+    theta = trainable(model, names)
+    leaves = {n: p.detach().requires_grad_(True) for n, p in theta.items()}
+    with torch.enable_grad():
+        loss = lik.nll(functional_call(model, {**_frozen(model, theta), **leaves}, (x,)), y).sum()
+        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+    return leaves, grads
 
 
 def hvp(
@@ -185,9 +191,9 @@ def hvp(
 ) -> dict[str, torch.Tensor]:
     """Hessian-vector product of the summed NLL with ``v`` (dict keyed like the parameters)."""
     lik = likelihoods.get(likelihood, sigma_noise)
-    theta = {n: p.detach() for n, p in trainable(model, v.keys()).items()}
-    loss = _summed_loss(model, x, y, lik, theta)
-    return jvp(grad(loss), (theta,), ({n: v[n] for n in theta},))[1]
+    leaves, grads = _gradient_graph(model, x, y, lik, v.keys())
+    hv = torch.autograd.grad(grads, list(leaves.values()), [v[n] for n in leaves])
+    return dict(zip(leaves, hv))
 
 
 def diag_hessian(
@@ -204,26 +210,21 @@ def diag_hessian(
     Costs one HVP per parameter: meant for small models, tests and the last layer.
     """
     lik = likelihoods.get(likelihood, sigma_noise)
-    theta = {n: p.detach() for n, p in trainable(model, params).items()}
-    names = list(theta)
-    flat = torch.cat([theta[n].reshape(-1) for n in names])
-    sizes = [theta[n].numel() for n in names]
-    loss = _summed_loss(model, x, y, lik, theta)
-
-    def unflat(vec):
-        return {n: t.view_as(theta[n]) for n, t in zip(names, vec.split(sizes))}
-
-    def hvp_flat(vec):
-        _, hv = jvp(grad(loss), (theta,), (unflat(vec),))
-        return torch.cat([hv[n].reshape(-1) for n in names])
-
-    diag = torch.empty_like(flat)
-    eye_rows = torch.arange(flat.numel(), device=flat.device)
-    for sl in _chunks(flat.numel(), chunk_size):
-        basis = torch.zeros(sl.stop - sl.start, flat.numel(), dtype=flat.dtype, device=flat.device)
-        basis[torch.arange(basis.shape[0]), eye_rows[sl]] = 1
-        diag[sl] = vmap(hvp_flat)(basis)[torch.arange(basis.shape[0]), eye_rows[sl]]
-    return unflat(diag)
+    leaves, grads = _gradient_graph(model, x, y, lik, params)
+    names = list(leaves)
+    sizes = [leaves[n].numel() for n in names]
+    total = sum(sizes)
+    ref = next(iter(leaves.values()))
+    diag = torch.empty(total, dtype=ref.dtype, device=ref.device)
+    for sl in _chunks(total, chunk_size):
+        rows = torch.arange(sl.stop - sl.start, device=ref.device)
+        basis = torch.zeros(len(rows), total, dtype=ref.dtype, device=ref.device)
+        basis[rows, rows + sl.start] = 1
+        cot = [t.view(len(rows), *leaves[n].shape) for n, t in zip(names, basis.split(sizes, dim=1))]
+        hv = torch.autograd.grad(grads, list(leaves.values()), cot, is_grads_batched=True, retain_graph=True)
+        flat = torch.cat([h.reshape(len(rows), -1) for h in hv], 1)  # (chunk, P)
+        diag[sl] = flat[rows, rows + sl.start]
+    return {n: t.view_as(leaves[n]).clone() for n, t in zip(names, diag.split(sizes))}
 
 
 def diag_hutchinson(
@@ -239,15 +240,16 @@ def diag_hutchinson(
     """Hutchinson estimate ``mean_k v_k ⊙ H v_k`` of the Hessian diagonal, Rademacher ``v_k``."""
     if int(n_probes) < 1:
         raise ValueError(f"n_probes must be a positive int, got {n_probes!r}")
-    theta = trainable(model, params)
-    out = _zeros_like(theta)
+    lik = likelihoods.get(likelihood, sigma_noise)
+    leaves, grads = _gradient_graph(model, x, y, lik, params)
+    out = _zeros_like(leaves)
     for _ in range(int(n_probes)):
-        v = {
-            n: torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
-            for n, p in theta.items()
-        }
-        hv = hvp(model, x, y, v, likelihood, sigma_noise)
-        for n in out:
-            out[n] += v[n] * hv[n]
+        v = [
+            torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
+            for p in leaves.values()
+        ]
+        hv = torch.autograd.grad(grads, list(leaves.values()), v, retain_graph=True)
+        for n, vi, hi in zip(leaves, v, hv):
+            out[n] += vi * hi
     return {n: t / n_probes for n, t in out.items()}
 

@@ -472,7 +472,7 @@ class BayesAdam(Optimizer):
                         sums = self.estimator.fn(model, x, y, lik, self.generator, list(names))
                         self.add_curvature({names[n]: s.div_(x.shape[0]) for n, s in sums.items()})
             if not finite:
-                return self._reject(f"the loss is {float(loss)}", loss.detach())
+                return self._reject(f"the loss is {float(loss.detach())}", loss.detach())
             total = total + loss.detach()
         self.step()
         return total / self.mc_samples

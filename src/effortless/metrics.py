@@ -1,0 +1,103 @@
+"""Metrics of predictive quality and uncertainty (torch only).
+
+Classification metrics take predictive probabilities ``probs`` (N, C) and labels (N,).
+
+Example:
+    >>> import torch
+    >>> probs = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.7, 0.3]])
+    >>> labels = torch.tensor([0, 1, 1])
+    >>> round(accuracy(probs, labels), 4), round(brier(probs, labels), 4)
+    (0.6667, 0.4067)
+    >>> auroc(torch.tensor([0.9, 0.8]), torch.tensor([0.1, 0.85]))
+    0.75
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["accuracy", "nll", "ece", "brier", "auroc", "classification_report", "gaussian_nll", "rmse"]
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((probs.argmax(-1) == labels).double().mean())
+
+
+def nll(probs: torch.Tensor, labels: torch.Tensor, eps: float = 1e-12) -> float:
+    """Mean negative log predictive probability of the true label."""
+    p = probs.gather(-1, labels[:, None]).squeeze(-1).double()
+    return float(-(p.clamp_min(eps)).log().mean())
+
+
+def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over samples of ``Σ_c (p_c − 1[y = c])²``."""
+    onehot = torch.nn.functional.one_hot(labels, probs.shape[-1]).to(torch.float64)
+    return float((probs.double() - onehot).pow(2).sum(-1).mean())
+
+
+def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15):
+    """Equal-width confidence bins: (bin confidence, bin accuracy, bin count), each (n_bins,)."""
+    conf, pred = probs.double().max(-1)
+    correct = (pred == labels).double()
+    idx = (conf * n_bins).long().clamp(0, n_bins - 1)
+    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf))
+    sum_conf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf)
+    sum_acc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct)
+    safe = count.clamp_min(1)
+    return sum_conf / safe, sum_acc / safe, count
+
+
+def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error with equal-width confidence bins (fraction, not %)."""
+    conf, acc, count = calibration_bins(probs, labels, n_bins)
+    return float(((conf - acc).abs() * count).sum() / count.sum())
+
+
+def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
+    """Area under the ROC curve for telling in- (positive) from out-of-distribution by score.
+
+    Mann-Whitney form with ties counted half: P(score_in > score_out) + ½ P(equal).
+    """
+    s = torch.cat([scores_in, scores_out]).double()
+    ranks = _average_ranks(s)
+    n_in, n_out = len(scores_in), len(scores_out)
+    r_in = ranks[:n_in].sum()
+    return float((r_in - n_in * (n_in + 1) / 2) / (n_in * n_out))
+
+
+def _average_ranks(s: torch.Tensor) -> torch.Tensor:
+    order = torch.argsort(s, stable=True)
+    sorted_s = s[order]
+    # average the ranks of tied values
+    _, inverse, counts = torch.unique_consecutive(sorted_s, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    avg = ends - (counts.double() - 1) / 2
+    ranks_sorted = avg[inverse]
+    ranks = torch.empty_like(ranks_sorted)
+    ranks[order] = ranks_sorted
+    return ranks
+
+
+def classification_report(
+    probs: torch.Tensor, labels: torch.Tensor, probs_ood: torch.Tensor | None = None
+) -> dict[str, float]:
+    """accuracy, nll, ece, brier and (with OOD probabilities) ood_auroc from max probability."""
+    out = {
+        "accuracy": accuracy(probs, labels),
+        "nll": nll(probs, labels),
+        "ece": ece(probs, labels),
+        "brier": brier(probs, labels),
+    }
+    if probs_ood is not None:
+        out["ood_auroc"] = auroc(probs.max(-1).values, probs_ood.max(-1).values)
+    return out
+
+
+def gaussian_nll(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean Gaussian negative log-likelihood of ``y`` under ``N(mean, var)``."""
+    var = var.double()
+    return float((0.5 * (torch.log(2 * torch.pi * var) + (y.double() - mean.double()) ** 2 / var)).mean())
+
+
+def rmse(mean: torch.Tensor, y: torch.Tensor) -> float:
+    return float((mean.double() - y.double()).pow(2).mean().sqrt())

@@ -1,0 +1,135 @@
+"""Every curvature function against its dense float64 twin in effortless.curvature.exact."""
+
+import pytest
+import torch
+
+from effortless import curvature
+from effortless.curvature import exact
+from tests.conftest import ARCHS, make_batch, make_model
+
+LIKS = ["classification", "regression"]
+
+
+def _assert_dict_close(a, b, atol=1e-10, rtol=1e-8):
+    assert list(a) == list(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("lik", LIKS)
+def test_exact_ggn_matches_dense(arch, lik):
+    model = make_model(arch)
+    x, y = make_batch(arch, lik)
+    ref = exact.diag(model, x, y, "ggn", lik, sigma_noise=0.5)
+    got = curvature.diag_ggn(model, x, y, lik, sigma_noise=0.5, chunk_size=4)  # chunking exercised
+    _assert_dict_close(got, ref)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("lik", LIKS)
+def test_efisher_matches_dense(arch, lik):
+    model = make_model(arch)
+    x, y = make_batch(arch, lik)
+    _assert_dict_close(
+        curvature.diag_efisher(model, x, y, lik, sigma_noise=0.5),
+        exact.diag(model, x, y, "efisher", lik, sigma_noise=0.5),
+    )
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("lik", LIKS)
+def test_hessian_diagonal_matches_dense(arch, lik):
+    model = make_model(arch)
+    x, y = make_batch(arch, lik)
+    _assert_dict_close(
+        curvature.diag_hessian(model, x, y, lik, chunk_size=7),
+        exact.diag(model, x, y, "hessian", lik),
+    )
+
+
+def test_params_subset_restricts_to_those_tensors():
+    model = make_model("mlp")
+    x, y = make_batch("mlp", "classification")
+    got = curvature.diag_ggn(model, x, y, params=["2.weight", "2.bias"])
+    ref = exact.diag(model, x, y, "ggn")
+    assert list(got) == ["2.weight", "2.bias"]
+    _assert_dict_close(got, {k: ref[k] for k in got})
+    with pytest.raises(ValueError, match="params"):
+        curvature.diag_ggn(model, x, y, params=["nope"])
+
+
+def test_frozen_parameters_are_left_out():
+    model = make_model("mlp")
+    model[0].weight.requires_grad_(False)
+    x, y = make_batch("mlp", "classification")
+    assert "0.weight" not in curvature.diag_efisher(model, x, y)
+
+
+def test_linear_regression_ggn_is_design_gram():
+    """A case with a closed form: GGN = Hessian = XᵀX/σ² for a linear model."""
+    model = torch.nn.Linear(3, 1, bias=False).double()
+    x = torch.randn(20, 3, dtype=torch.float64)
+    y = torch.randn(20, 1, dtype=torch.float64)
+    ggn = curvature.diag_ggn(model, x, y, "regression", sigma_noise=0.5)
+    torch.testing.assert_close(ggn["weight"][0], (x**2).sum(0) / 0.25)
+
+
+def _draws(fn, n):
+    """Stack n independent estimates (dicts) into one flat (n, P) tensor."""
+    return torch.stack([torch.cat([v.reshape(-1) for v in fn(i).values()]) for i in range(n)])
+
+
+def _flat(d):
+    return torch.cat([v.reshape(-1) for v in d.values()])
+
+
+def _assert_converges(draws, ref, z=5.0):
+    """Mean of draws within z standard errors of the reference, and the error shrinks with n."""
+    n = draws.shape[0]
+    mean = draws.mean(0)
+    se = draws.std(0) / n**0.5 + 1e-12 * (1 + ref.abs())
+    assert ((mean - ref).abs() <= z * se).float().mean() >= 0.99, (mean - ref).abs().max()
+    err_small = (draws[: n // 16].mean(0) - ref).norm()
+    assert (mean - ref).norm() < err_small  # more draws, closer
+
+
+@pytest.mark.parametrize("lik", LIKS)
+def test_mc_ggn_converges_to_exact(lik):
+    model = make_model("mlp")
+    x, y = make_batch("mlp", lik, n=4)
+    ref = _flat(exact.diag(model, x, y, "ggn", lik))
+    gen = torch.Generator().manual_seed(0)
+    draws = _draws(lambda i: curvature.diag_ggn(model, x, y, lik, method="mc", generator=gen), 800)
+    _assert_converges(draws, ref)
+
+
+def test_hutchinson_converges_to_hessian_diagonal():
+    model = make_model("residual")
+    x, y = make_batch("residual", "classification", n=4)
+    ref = _flat(exact.diag(model, x, y, "hessian"))
+    gen = torch.Generator().manual_seed(0)
+    draws = _draws(lambda i: curvature.diag_hutchinson(model, x, y, generator=gen), 800)
+    _assert_converges(draws, ref)
+
+
+def test_hvp_matches_dense_hessian():
+    model = make_model("layernorm")
+    x, y = make_batch("layernorm", "classification")
+    H = exact.hessian_matrix(model, x, y)
+    vec, names, shapes = exact.flatten(model)
+    v = torch.randn_like(vec)
+    vd = exact._unflatten(v, names, shapes)
+    hv = curvature.hvp(model, x, y, vd)
+    torch.testing.assert_close(_flat(hv), H @ v, atol=1e-10, rtol=1e-8)
+
+
+def test_bad_arguments():
+    model = make_model("mlp")
+    x, y = make_batch("mlp", "classification")
+    with pytest.raises(ValueError, match="method"):
+        curvature.diag_ggn(model, x, y, method="kfac")
+    with pytest.raises(ValueError, match="n_samples"):
+        curvature.diag_ggn(model, x, y, method="mc", n_samples=0)
+    with pytest.raises(ValueError, match="n_probes"):
+        curvature.diag_hutchinson(model, x, y, n_probes=0)

@@ -1,0 +1,444 @@
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import effortless as ef
+from effortless import curvature
+from effortless.curvature import estimators, exact
+from effortless.optim.bayesadam import hess_beta_at
+
+
+def _data(n=64, d=5, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(d, c, generator=g, dtype=torch.float64)
+    y = (x @ w).argmax(1)  # learnable labels
+    return x, y
+
+
+def _mlp(seed=0, d=5, c=3):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, c)).double()
+
+
+def _loop_step(opt, model, x, y):
+    opt.zero_grad()
+    with opt.sampled_params(train=True):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    opt.step()
+    return loss
+
+
+# -- reduces to a known deterministic rule ------------------------------------------------------
+
+
+def test_temperature_zero_is_exactly_adam_with_l2():
+    x, y = _data()
+    m1, m2 = _mlp(), _mlp()
+    n, delta = 64, 3.0
+    adam = torch.optim.Adam(m1.parameters(), lr=1e-2, weight_decay=delta / n)
+    ba = ef.BayesAdam(m2.parameters(), n_data=n, lr=1e-2, prior_precision=delta, temperature=0.0)
+    for _ in range(25):
+        adam.zero_grad()
+        F.cross_entropy(m1(x), y).backward()
+        adam.step()
+        _loop_step(ba, m2, x, y)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-13, atol=1e-15)
+
+
+def test_one_reparam_step_matches_hand_written_reference():
+    """The kernel against the formulas written out by hand (float64, noise on)."""
+    x, y = _data()
+    model = _mlp()
+    n, delta, lr, b1, b2, hinit, T = 64, 2.0, 0.05, 0.9, 0.99, 0.3, 0.5
+    gen = torch.Generator().manual_seed(7)
+    gen_copy = torch.Generator().manual_seed(7)
+    opt = ef.BayesAdam(
+        model.parameters(), n_data=n, lr=lr, betas=(b1, b2), prior_precision=delta,
+        hess_init=hinit, temperature=T, generator=gen, hess_beta=0.9,
+    )  # fmt: skip
+    mu0 = [p.detach().clone() for p in model.parameters()]
+    # expected sample, gradient and update, by hand
+    sigma = math.sqrt(T / (n * hinit + delta))
+    noise = [sigma * torch.randn(p.shape, generator=gen_copy, dtype=p.dtype) for p in mu0]
+    ref = _mlp()
+    with torch.no_grad():
+        for p, m, e in zip(ref.parameters(), mu0, noise):
+            p.copy_(m + e)
+    F.cross_entropy(ref(x), y).backward()
+    _loop_step(opt, model, x, y)
+    beta = hess_beta_at(0.9, 1, nonnegative=False)
+    assert beta == 0.5  # running average with hess_init counted once
+    for p, m, e, r in zip(model.parameters(), mu0, noise, ref.parameters()):
+        g = r.grad + delta / n * m
+        m1 = (1 - b1) * g
+        v1 = (1 - b2) * g * g
+        mu = m - lr * (m1 / (1 - b1)) / ((v1 / (1 - b2)).sqrt() + 1e-8)
+        torch.testing.assert_close(p.detach(), mu, rtol=1e-12, atol=1e-14)
+        hhat = r.grad * e / sigma**2
+        d = hinit - hhat
+        h = hinit - (1 - beta) * d + 0.5 * (1 - beta) ** 2 * d**2 / (hinit + delta / n)
+        torch.testing.assert_close(opt.state[p]["hess"], h, rtol=1e-10, atol=1e-14)
+
+
+# -- Bayesian linear regression: the closed-form posterior ---------------------------------------
+
+
+def _blr(n=200, d=4, sigma=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(d, 1, generator=g, dtype=torch.float64)
+    y = X @ w + sigma * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    return X, y
+
+
+def _blr_posterior(X, y, sigma, delta):
+    A = X.T @ X / sigma**2 + delta * torch.eye(X.shape[1], dtype=X.dtype)
+    return torch.linalg.solve(A, X.T @ y / sigma**2), A
+
+
+def test_bayesian_linear_regression_precision_and_mean():
+    X, y = _blr()
+    sigma, delta, n = 0.5, 50.0, X.shape[0]
+    m_exact, A = _blr_posterior(X, y, sigma, delta)
+    sd = torch.diagonal(A).rsqrt()
+    m_mle, _ = _blr_posterior(X, y, sigma, 0.0)
+    assert ((m_mle - m_exact)[:, 0].abs() / sd).max() > 2  # the prior matters: the test can tell
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1, bias=False).double()
+    opt = ef.BayesAdam(model.named_parameters(), n_data=n, hessian="ggn", prior_precision=delta, lr=0.05,
+                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    steps = 1500
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        opt.train_step(model, X, y, likelihood="regression", sigma_noise=sigma)
+        sched.step()
+    post = opt.posterior()
+    # precision: N·h + δ = diag(XᵀX)/σ² + δ (the GGN is constant for a linear model)
+    torch.testing.assert_close(post.precision["weight"][0], torch.diagonal(A), rtol=1e-12, atol=0)
+    # mean: the exact posterior mean, within a fraction of the posterior std
+    err = (post.mean["weight"][0] - m_exact[:, 0]).abs() / sd
+    assert err.max() < 0.2, err
+
+
+def test_laplace_at_exact_map_gives_closed_form_precision():
+    X, y = _blr()
+    sigma, delta = 0.5, 2.0
+    m_exact, A = _blr_posterior(X, y, sigma, delta)
+    model = nn.Linear(4, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(m_exact.T)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=64)
+    post = ef.laplace(model, loader, likelihood="regression", hessian="ggn", prior_precision=delta,
+                      sigma_noise=sigma)  # fmt: skip
+    torch.testing.assert_close(post.precision["weight"][0], torch.diagonal(A), rtol=1e-13, atol=0)
+    torch.testing.assert_close(post.mean["weight"], m_exact.T)
+
+
+# -- estimators plug into the optimizer as the table says ----------------------------------------
+
+
+@pytest.mark.parametrize("key", ["ggn", "efisher"])
+def test_first_model_side_estimate_is_the_batch_average(key):
+    """At temperature 0 the sample is the mean, so h after one step is the estimator there / B."""
+    x, y = _data(n=16)
+    model = _mlp()
+    ref = exact.diag(model, x, y, key)
+    opt = ef.BayesAdam(model.parameters(), n_data=100, hessian=key, temperature=0.0)
+    opt.train_step(model, x, y)
+    for p, r in zip(model.parameters(), ref.values()):
+        torch.testing.assert_close(opt.state[p]["hess"], r / 16, rtol=1e-10, atol=1e-15)
+
+
+def test_gradsq_estimate_is_batch_times_squared_gradient():
+    x, y = _data(n=16)
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=100, hessian="gradsq", temperature=0.0)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="batch_size"):
+        opt.step()
+    opt.batch_size = 16
+    opt.step()
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(opt.state[p]["hess"], 16 * g**2)
+
+
+@pytest.mark.parametrize("key", sorted(estimators.ESTIMATORS))
+def test_train_step_runs_for_every_key_and_learns(key):
+    x, y = _data(n=128)
+    model = _mlp()
+    opt = ef.BayesAdam(model.named_parameters(), n_data=128, hessian=key, lr=0.02, mc_samples=2)
+    with torch.no_grad():
+        first = float(F.cross_entropy(model(x), y))
+        for _ in range(60):
+            with torch.enable_grad():
+                opt.train_step(model, x, y)
+        assert float(F.cross_entropy(model(x), y)) < first - 0.1  # the loss at the mean went down
+    post = opt.posterior()
+    assert list(post.mean) == [n for n, _ in model.named_parameters()]
+    for k, v in post.precision.items():
+        assert torch.isfinite(v).all() and (v > 0).all(), k
+    if key in ("efisher", "ggn", "ggn-mc", "gradsq"):
+        assert not any(torch.equal(v, torch.full_like(v, 1 + 128 * 0.1)) for v in post.precision.values())
+
+
+def test_model_side_key_through_step_raises():
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64, hessian="ggn")
+    with pytest.raises(RuntimeError, match="train_step"):
+        _loop_step(opt, model, x, y)
+
+
+def test_step_without_a_sample_raises():
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="sampled_params"):
+        opt.step()
+
+
+def test_several_samples_in_the_user_loop_equal_train_step():
+    x, y = _data()
+    m1, m2 = _mlp(), _mlp()
+    o1 = ef.BayesAdam(m1.parameters(), n_data=64, generator=torch.Generator().manual_seed(3))
+    o2 = ef.BayesAdam(m2.parameters(), n_data=64, mc_samples=3, generator=torch.Generator().manual_seed(3))
+    for _ in range(5):
+        o1.zero_grad()
+        for _ in range(3):
+            with o1.sampled_params(train=True):
+                F.cross_entropy(m1(x), y).backward()
+        o1.step()
+        o2.train_step(m2, x, y)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(o1.state[p1]["hess"], o2.state[p2]["hess"], rtol=1e-10, atol=1e-15)
+
+
+# -- state: resume, exceptions, non-finite values ------------------------------------------------
+
+
+@pytest.mark.parametrize("key,mc", [("reparam", 1), ("reparam", 2), ("ggn-mc", 1), ("gradsq", 1)])
+def test_resume_is_bit_identical(key, mc):
+    x, y = _data(n=96)
+
+    def make(seed_gen):
+        model = _mlp().float()
+        opt = ef.BayesAdam(model.named_parameters(), n_data=96, hessian=key, mc_samples=mc,
+                           generator=torch.Generator().manual_seed(seed_gen))  # fmt: skip
+        sched = torch.optim.lr_scheduler.StepLR(opt, 3, 0.5)
+        return model, opt, sched
+
+    def run(model, opt, sched, steps, start=0):
+        for i in range(start, start + steps):
+            xb, yb = x[(i % 3) * 32 : (i % 3 + 1) * 32].float(), y[(i % 3) * 32 : (i % 3 + 1) * 32]
+            opt.train_step(model, xb, yb)
+            sched.step()
+
+    ref = make(11)
+    run(*ref, 10)
+    a = make(11)
+    run(*a, 4)
+    buf = io.BytesIO()
+    torch.save({"model": a[0].state_dict(), "opt": a[1].state_dict(), "sched": a[2].state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    b = make(999)  # a different generator seed: the checkpoint must restore it
+    b[0].load_state_dict(ckpt["model"])
+    b[1].load_state_dict(ckpt["opt"])
+    b[2].load_state_dict(ckpt["sched"])
+    run(*b, 6, start=4)
+    for (n, p), q in zip(ref[0].named_parameters(), b[0].parameters()):
+        assert torch.equal(p, q), n
+    for p, q in zip(ref[0].parameters(), b[0].parameters()):
+        for k in ("exp_avg", "exp_avg_sq", "hess"):
+            assert torch.equal(ref[1].state[p][k], b[1].state[q][k]), k
+        assert ref[1].state[p]["step"] == b[1].state[q]["step"] == 10
+
+
+def test_load_state_dict_rejects_other_estimators_and_plain_adam():
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=10, hessian="ggn")
+    other = ef.BayesAdam(model.parameters(), n_data=10)
+    with pytest.raises(ValueError, match="hessian"):
+        other.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="BayesAdam"):
+        other.load_state_dict(torch.optim.Adam(model.parameters()).state_dict())
+
+
+def test_exception_inside_context_restores_weights_exactly():
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64)
+    _loop_step(opt, model, x, y)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(KeyError), opt.sampled_params(train=True):
+        assert not torch.equal(next(model.parameters()), before[0])  # a sample is loaded
+        F.cross_entropy(model(x), y).backward()
+        raise KeyError("boom")
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    # the failed sample was not recorded; the next iteration works
+    _loop_step(opt, model, x, y)
+
+
+def test_contexts_cannot_nest_and_eval_sampling_leaves_no_trace():
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64)
+    with opt.sampled_params(train=False), pytest.raises(RuntimeError, match="nested"):  # noqa: SIM117
+        with opt.sampled_params():
+            pass
+    with opt.sampled_params(train=False):
+        model(x)
+    assert opt._n_samples == 0
+
+
+def _snapshot(model, opt):
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)} for p in opt.state}
+    return params, state, opt.generator.get_state()
+
+
+def _assert_unchanged(model, opt, snap):
+    params, state, _ = snap
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q)
+    for p in opt.state:
+        for k, v in state[id(p)].items():
+            assert torch.equal(opt.state[p][k], v), k
+
+
+@pytest.mark.parametrize("where", ["loss", "input"])
+def test_nonfinite_raises_and_leaves_state_untouched(where):
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64)
+    _loop_step(opt, model, x, y)
+    snap = _snapshot(model, opt)
+    xbad = x.clone()
+    xbad[0, 0] = float("nan") if where == "input" else 0.0
+    with pytest.raises(FloatingPointError, match="not taken"):
+        opt.zero_grad()
+        with opt.sampled_params(train=True):
+            loss = F.cross_entropy(model(xbad), y) * (float("inf") if where == "loss" else 1.0)
+            loss.backward()
+        opt.step()
+    _assert_unchanged(model, opt, snap)
+    with pytest.raises(FloatingPointError):
+        opt.train_step(model, xbad if where == "input" else x * float("inf"), y)
+    _assert_unchanged(model, opt, snap)
+
+
+def test_nonfinite_skip_drops_the_step():
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64, nonfinite="skip")
+    _loop_step(opt, model, x, y)
+    snap = _snapshot(model, opt)
+    opt.train_step(model, x * float("nan"), y)
+    _assert_unchanged(model, opt, snap)
+    assert opt.skipped_steps == 1
+    _loop_step(opt, model, x, y)  # and training continues
+
+
+# -- PyTorch conventions ---------------------------------------------------------------------------
+
+
+def test_param_groups_schedulers_frozen_params_and_zero_grad():
+    x, y = _data()
+    model = _mlp()
+    model[0].bias.requires_grad_(False)
+    frozen = model[0].bias.detach().clone()
+    head = model[2].weight.detach().clone()
+    opt = ef.BayesAdam(
+        [
+            {"params": [model[0].weight, model[0].bias], "lr": 0.01},
+            {"params": [model[2].weight], "lr": 0.0},  # lr 0: the mean must not move
+            {"params": [model[2].bias]},
+        ],
+        n_data=64,
+    )
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        with opt.sampled_params(train=True):
+            assert torch.equal(model[0].bias, frozen)  # frozen parameters are not sampled
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+    assert torch.equal(model[0].bias, frozen)
+    assert torch.equal(model[2].weight, head)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**3)
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    assert list(opt.posterior().mean) == ["0", "2", "3"]  # by position, frozen one left out
+
+
+def test_posterior_is_keyed_by_name_and_in_parameter_order():
+    model = _mlp()
+    opt = ef.BayesAdam(model.named_parameters(), n_data=10, prior_precision=4.0, hess_init=0.5)
+    post = opt.posterior()
+    assert list(post.mean) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    torch.testing.assert_close(post.precision["0.bias"], torch.full((8,), 10 * 0.5 + 4.0, dtype=torch.float64))
+
+
+def test_default_generator_follows_torch_manual_seed():
+    x, y = _data()
+    out = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        model = _mlp()
+        opt = ef.BayesAdam(model.parameters(), n_data=64)
+        _loop_step(opt, model, x, y)
+        out.append(next(model.parameters()).detach().clone())
+    assert torch.equal(*out)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"n_data": 0}, "n_data"),
+        ({"n_data": 10, "lr": -1.0}, "lr"),
+        ({"n_data": 10, "prior_precision": 0.0}, "prior_precision"),
+        ({"n_data": 10, "prior_precision": "marglik"}, "prior_precision"),
+        ({"n_data": 10, "hessian": "diag"}, "hessian"),
+        ({"n_data": 10, "betas": (0.9, 1.0)}, "betas"),
+        ({"n_data": 10, "hess_beta": 1.5}, "hess_beta"),
+        ({"n_data": 10, "temperature": -0.1}, "temperature"),
+        ({"n_data": 10, "mc_samples": 0}, "mc_samples"),
+        ({"n_data": 10, "batch_size": 0}, "batch_size"),
+        ({"n_data": 10, "nonfinite": "ignore"}, "nonfinite"),
+        ({"n_data": 10, "generator": 3}, "generator"),
+        ({"n_data": float("nan")}, "n_data"),
+    ],
+)
+def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ef.BayesAdam(_mlp().parameters(), **kwargs)
+
+
+def test_prior_precision_auto_is_not_available_yet():
+    with pytest.raises(NotImplementedError, match="auto"):
+        ef.BayesAdam(_mlp().parameters(), n_data=10, prior_precision="auto")
+
+
+def test_curvature_estimates_and_reference_agree_for_the_sampled_weights():
+    """ggn-mc in train_step is an unbiased estimate of the exact GGN / B at the sample."""
+    x, y = _data(n=8)
+    model = _mlp()
+    ref = exact.diag(model, x, y, "ggn")
+    gen = torch.Generator().manual_seed(0)
+    draws = [curvature.diag_ggn(model, x, y, method="mc", generator=gen) for _ in range(400)]
+    mean = {k: torch.stack([d[k] for d in draws]).mean(0) for k in ref}
+    for k in ref:
+        torch.testing.assert_close(mean[k], ref[k], rtol=0.25, atol=0.02 * float(ref[k].abs().max()))

@@ -1,0 +1,61 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import hessian
+
+from effortless import likelihoods
+
+
+def test_classification_nll_is_cross_entropy():
+    f = torch.randn(7, 4, dtype=torch.float64)
+    y = torch.randint(0, 4, (7,))
+    lik = likelihoods.get("classification")
+    torch.testing.assert_close(lik.nll(f, y), F.cross_entropy(f, y, reduction="none"))
+
+
+def test_regression_nll_is_gaussian_log_density():
+    f = torch.randn(5, 2, dtype=torch.float64)
+    y = torch.randn(5, 2, dtype=torch.float64)
+    lik = likelihoods.get("regression", sigma_noise=0.3)
+    ref = -torch.distributions.Normal(f, 0.3).log_prob(y).sum(1)
+    torch.testing.assert_close(lik.nll(f, y), ref)
+
+
+@pytest.mark.parametrize("name", ["classification", "regression"])
+def test_hessian_factor_matches_autodiff_hessian(name):
+    lik = likelihoods.get(name, sigma_noise=0.7)
+    f = torch.randn(4, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,)) if name == "classification" else torch.randn(4, 3, dtype=torch.float64)
+    S = lik.hessian_factor(f)
+    for b in range(4):
+        H = hessian(lambda fb, b=b: lik.nll(fb[None], y[b : b + 1]).sum())(f[b])
+        torch.testing.assert_close(S[b] @ S[b].T, H, atol=1e-12, rtol=0)
+
+
+def test_classification_samples_follow_softmax():
+    f = torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64).expand(20000, 3)
+    g = torch.Generator().manual_seed(1)
+    y = likelihoods.get("classification").sample(f, g)
+    freq = torch.bincount(y, minlength=3).double() / len(y)
+    p = f[0].softmax(-1)
+    se = (p * (1 - p) / len(y)).sqrt()
+    assert ((freq - p).abs() < 5 * se).all()
+
+
+def test_regression_samples_have_noise_variance():
+    f = torch.zeros(50000, 1, dtype=torch.float64)
+    y = likelihoods.get("regression", sigma_noise=2.0).sample(f, torch.Generator().manual_seed(0))
+    assert abs(float(y.var()) - 4.0) < 5 * 4.0 * math.sqrt(2 / 50000)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="likelihood"):
+        likelihoods.get("poisson")
+    with pytest.raises(ValueError, match="sigma_noise"):
+        likelihoods.get("regression", sigma_noise=-1.0)
+    with pytest.raises(ValueError, match="labels"):
+        likelihoods.get("classification").nll(torch.randn(3, 2), torch.randn(3))
+    with pytest.raises(ValueError, match="same shape"):
+        likelihoods.get("regression").nll(torch.randn(3, 2), torch.randn(3, 3))
