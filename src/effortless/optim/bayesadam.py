@@ -172,7 +172,7 @@ class BayesAdam(Optimizer):
         hessian: str = "reparam",
         hess_beta: float | None = 0.999,
         hess_init: float = 0.1,
-        temperature: float = 1.0,
+        temperature: float = 0.03,
         mc_samples: int = 1,
         batch_size: int | None = None,
         generator: torch.Generator | None = None,

@@ -1,0 +1,147 @@
+"""Per-step time and peak memory of BayesAdam against torch.optim.Adam (and ivon-opt if installed).
+
+Protocol (issue #2): MLP 784-256-256-10, batch 128, one CPU thread. Every repetition runs one
+training iteration (zero_grad, forward, backward, step) of each optimizer in turn, in the same
+process, so machine noise hits all of them alike; the reported number is the median over
+repetitions of the paired ratio t(method) / t(Adam). Peak memory is counted at the dispatcher
+(:class:`effortless.experiments.memory.PeakMemory`): all tensor bytes alive during one iteration
+(parameters, gradients, optimizer state, activations, temporaries) over the parameter bytes.
+
+    python benchmarks/step_cost.py --reps 300 --out runs/step_cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import effortless as ef
+from effortless.experiments.memory import PeakMemory
+from effortless.models import MLP
+
+
+def make_runners(batch, n_data: int, methods: list[str]):
+    x, y = batch
+    runners = {}
+    for name in methods:
+        torch.manual_seed(0)
+        model = MLP(784, [256, 256], 10)
+        if name == "adam":
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+            def it(model=model, opt=opt):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+
+        elif name.startswith("bayesadam"):
+            key = name.split(":", 1)[1] if ":" in name else "reparam"
+            opt = ef.BayesAdam(model.parameters(), n_data=n_data, hessian=key, batch_size=len(x))
+
+            def it(model=model, opt=opt):
+                opt.zero_grad()
+                with opt.sampled_params(train=True):
+                    F.cross_entropy(model(x), y).backward()
+                opt.step()
+
+        elif name == "ivon":
+            import ivon
+
+            opt = ivon.IVON(model.parameters(), lr=0.1, ess=n_data, hess_init=0.1)
+
+            def it(model=model, opt=opt):
+                opt.zero_grad()
+                with opt.sampled_params(train=True):
+                    F.cross_entropy(model(x), y).backward()
+                opt.step()
+
+        else:
+            raise ValueError(f"unknown method {name!r}")
+        runners[name] = (model, opt, it)
+    return runners
+
+
+def _state_tensors(opt):
+    out = []
+    for st in opt.state.values():
+        if isinstance(st, dict):
+            out += [v for v in st.values() if torch.is_tensor(v)]
+        elif torch.is_tensor(st):
+            out.append(st)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=300, help="interleaved repetitions (default 300)")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", default="adam,bayesadam,ivon", help="comma list; bayesadam:KEY for others")
+    ap.add_argument("--out", default="runs/step_cost")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    methods = [m for m in args.methods.split(",") if m]
+    if "adam" not in methods:
+        methods.insert(0, "adam")
+    try:
+        import ivon  # noqa: F401
+    except ImportError:
+        methods = [m for m in methods if m != "ivon"]
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.rand(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g))
+    runners = make_runners(batch, 60000, methods)
+    for _ in range(args.warmup):
+        for _, _, it in runners.values():
+            it()
+    times = {m: [] for m in methods}
+    for _ in range(args.reps):
+        for m, (_, _, it) in runners.items():
+            t0 = time.perf_counter()
+            it()
+            times[m].append(time.perf_counter() - t0)
+    rows = []
+    n_params = sum(p.numel() for p in runners["adam"][0].parameters())
+    for m, (model, opt, it) in runners.items():
+        baseline = list(model.parameters()) + _state_tensors(opt) + list(batch)
+        with PeakMemory(baseline) as mem:
+            it()
+        pbytes = 4 * n_params
+        ratios = [t / a for t, a in zip(times[m], times["adam"])]
+        rows.append(
+            dict(
+                method=m,
+                step_ms=1000 * statistics.median(times[m]),
+                ratio_to_adam=statistics.median(ratios),
+                peak_mem_x_params=(mem.peak_bytes - 4 * batch[0].numel() - 8 * batch[1].numel()) / pbytes,
+                state_x_params=sum(t.numel() for t in _state_tensors(opt)) / n_params,
+            )
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(reps=args.reps, threads=args.threads, n_params=n_params, torch=torch.__version__)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        f"MLP 784-256-256-10 ({n_params} parameters), batch 128, {args.threads} thread(s), "
+        f"{args.reps} interleaved reps, medians.",
+        "",
+        "| method | step ms | × Adam (median paired ratio) | peak memory during a step (× params) | "
+        "optimizer state (× params) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['step_ms']:.2f} | {r['ratio_to_adam']:.2f} | "
+            f"{r['peak_mem_x_params']:.2f} | {r['state_x_params']:.2f} |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
