@@ -113,7 +113,7 @@ def test_bayesian_linear_regression_precision_and_mean():
     torch.manual_seed(0)
     model = nn.Linear(4, 1, bias=False).double()
     opt = ef.BayesAdam(model.named_parameters(), n_data=n, hessian="ggn", prior_precision=delta, lr=0.05,
-                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+                       temperature=1.0, generator=torch.Generator().manual_seed(0))  # fmt: skip
     steps = 1500
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
@@ -386,10 +386,11 @@ def test_param_groups_schedulers_frozen_params_and_zero_grad():
 
 def test_posterior_is_keyed_by_name_and_in_parameter_order():
     model = _mlp()
-    opt = ef.BayesAdam(model.named_parameters(), n_data=10, prior_precision=4.0, hess_init=0.5)
+    opt = ef.BayesAdam(model.named_parameters(), n_data=10, prior_precision=4.0, hess_init=0.5,
+                       temperature=0.5)  # fmt: skip
     post = opt.posterior()
     assert list(post.mean) == ["0.weight", "0.bias", "2.weight", "2.bias"]
-    torch.testing.assert_close(post.precision["0.bias"], torch.full((8,), 10 * 0.5 + 4.0, dtype=torch.float64))
+    torch.testing.assert_close(post.precision["0.bias"], torch.full((8,), (10 * 0.5 + 4.0) / 0.5, dtype=torch.float64))
 
 
 def test_default_generator_follows_torch_manual_seed():

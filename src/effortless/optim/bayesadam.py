@@ -79,6 +79,7 @@ def bayesadam_update(
     exp_avg_sqs: list[torch.Tensor],
     hessians: list[torch.Tensor],
     hess_estimates: list[torch.Tensor | None],
+    noises: list[torch.Tensor | None],
     *,
     step: int,
     hess_step: int,
@@ -89,36 +90,49 @@ def bayesadam_update(
     hess_beta: float | None,
     n_data: float,
     prior_precision: float,
+    temperature: float,
     nonnegative: bool,
 ) -> None:
     """One BayesAdam update, in place, on lists of tensors (the functional kernel).
 
-    ``params`` hold the means μ; ``hess_estimates[i]`` is ``ĥ`` for tensor i (may be overwritten),
-    or None to leave its curvature unchanged. ``step``/``hess_step`` are the counts after this
-    update. The caller has checked that everything is finite.
+    ``params`` hold the means μ. The curvature estimate of tensor i is ``hess_estimates[i]`` if
+    given, else the reparameterisation estimate ``g ⊙ noises[i] / σ²`` if ``noises[i]`` (the
+    applied θ − μ) is given, else its curvature is left unchanged. Buffers in ``hess_estimates``
+    and ``noises`` are consumed (used as workspace). ``step``/``hess_step`` are the counts after
+    this update; the caller has checked that everything is finite.
     """
     bc1 = 1.0 - beta1**step
     bc2_sqrt = math.sqrt(1.0 - beta2**step)
     wd = prior_precision / n_data
     beta = hess_beta_at(hess_beta, hess_step, nonnegative)
-    for mu, g, m, v, h, hhat in zip(params, grads, exp_avgs, exp_avg_sqs, hessians, hess_estimates):
-        # mean: Adam on the per-sample negative log joint
-        g_tot = g.add(mu, alpha=wd) if wd != 0 else g
+    for mu, g, m, v, h, hhat, noise in zip(
+        params, grads, exp_avgs, exp_avg_sqs, hessians, hess_estimates, noises
+    ):
+        # curvature (first: the reparameterisation estimate needs σ from the old h)
+        work = None
+        if hhat is None and noise is not None and temperature > 0:
+            prec_t = h.mul(n_data / temperature).add_(prior_precision / temperature)  # 1/σ²
+            hhat = noise.mul_(g).mul_(prec_t)  # ĥ = g (θ − μ) / σ²
+        elif hhat is not None and not nonnegative:
+            prec_t = h.mul(n_data / temperature if temperature > 0 else n_data).add_(prior_precision)
+        if hhat is not None:
+            if nonnegative:
+                h.lerp_(hhat, 1.0 - beta)
+            else:
+                # d = h − ĥ;  h ← h − (1−β) d + ½(1−β)² d² / (h + δ/N),  (h + δ/N) = T·prec_t/N
+                d = torch.sub(h, hhat, out=hhat)
+                h.add_(d, alpha=-(1.0 - beta))
+                scale = n_data / (temperature if temperature > 0 else 1.0)
+                h.addcdiv_(d.square_(), prec_t, value=0.5 * (1.0 - beta) ** 2 * scale)
+            work = hhat
+        if work is None:
+            work = noise if noise is not None else torch.empty_like(mu)
+        # mean: Adam on the per-sample negative log joint, in the workspace
+        g_tot = torch.add(g, mu, alpha=wd, out=work)
         m.lerp_(g_tot, 1.0 - beta1)
         v.mul_(beta2).addcmul_(g_tot, g_tot, value=1.0 - beta2)
-        denom = (v.sqrt() / bc2_sqrt).add_(eps)
+        denom = torch.sqrt(v, out=work).div_(bc2_sqrt).add_(eps)
         mu.addcdiv_(m, denom, value=-lr / bc1)
-        # curvature
-        if hhat is None:
-            continue
-        if nonnegative:
-            h.mul_(beta).add_(hhat, alpha=1.0 - beta)
-        else:
-            # d = h − ĥ;  h ← h − (1−β) d + ½(1−β)² d² / (h + δ/N)
-            prec = h.mul(n_data).add_(prior_precision)  # N (h + δ/N)
-            d = hhat.neg_().add_(h)
-            h.add_(d, alpha=-(1.0 - beta))
-            h.add_(d.square_().div_(prec), alpha=0.5 * (1.0 - beta) ** 2 * n_data)
 
 
 class BayesAdam(Optimizer):
@@ -404,23 +418,27 @@ class BayesAdam(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("BayesAdam does not support sparse gradients")
                 st = self._state(group, p)
+                noise = None
                 if many or self.estimator.needs_model:
                     est = self._hess_acc.get(p)
                     est = None if est is None else est.div_(n)
+                elif self.hessian == "reparam":
+                    est, noise = None, self._noise.get(p)
                 else:
                     est = self._optimizer_side_estimate(group, p, p.grad, self._noise.get(p))
                 st["step"] += 1
-                if est is not None:
+                if est is not None or (noise is not None and group["temperature"] > 0):
                     st["hess_step"] += 1
-                buckets.setdefault((st["step"], st["hess_step"]), []).append((p, st, est))
+                buckets.setdefault((st["step"], st["hess_step"]), []).append((p, st, est, noise))
             for (step, hess_step), items in buckets.items():
                 bayesadam_update(
-                    [p for p, _, _ in items],
-                    [p.grad for p, _, _ in items],
-                    [st["exp_avg"] for _, st, _ in items],
-                    [st["exp_avg_sq"] for _, st, _ in items],
-                    [st["hess"] for _, st, _ in items],
-                    [e for _, _, e in items],
+                    [p for p, *_ in items],
+                    [p.grad for p, *_ in items],
+                    [st["exp_avg"] for _, st, *_ in items],
+                    [st["exp_avg_sq"] for _, st, *_ in items],
+                    [st["hess"] for _, st, *_ in items],
+                    [e for *_, e, _ in items],
+                    [z for *_, z in items],
                     step=step,
                     hess_step=hess_step,
                     lr=group["lr"],
@@ -430,6 +448,7 @@ class BayesAdam(Optimizer):
                     hess_beta=group["hess_beta"],
                     n_data=group["n_data"],
                     prior_precision=group["prior_precision"],
+                    temperature=group["temperature"],
                     nonnegative=self.estimator.nonnegative,
                 )
         self._clear_pending()
@@ -539,10 +558,16 @@ def _check_positive(name, value, allow_zero=False):
 
 
 def _first_nonfinite(tensors) -> str | None:
-    """Name what is not finite among gradients/estimates (one fused reduction), or None."""
+    """Name what is not finite among gradients/estimates, or None.
+
+    Fast path: the sums of the tensors are finite iff every element is, unless a sum overflows;
+    only then is every element checked.
+    """
     if not tensors:
         return None
-    norms = torch._foreach_norm(tensors, ord=math.inf)
-    if not bool(torch.isfinite(torch.stack([n.to(tensors[0].device) for n in norms])).all()):
-        return "gradient or curvature estimate"
-    return None
+    sums = torch.stack([t.sum().to(tensors[0].device, torch.float32) for t in tensors])
+    if bool(torch.isfinite(sums).all()):
+        return None
+    if all(bool(torch.isfinite(t).all()) for t in tensors):
+        return None
+    return "gradient or curvature estimate"
