@@ -305,7 +305,11 @@ def test_contexts_cannot_nest_and_eval_sampling_leaves_no_trace():
 
 def _snapshot(model, opt):
     params = [p.detach().clone() for p in model.parameters()]
-    state = {id(p): {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)} for p in opt.state}
+    # everything but the sampler's scratch buffer of unit noise ("noise"), which a new draw refills
+    state = {
+        id(p): {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v) and k != "noise"}
+        for p in opt.state
+    }
     return params, state, opt.generator.get_state()
 
 
@@ -443,3 +447,64 @@ def test_curvature_estimates_and_reference_agree_for_the_sampled_weights():
     mean = {k: torch.stack([d[k] for d in draws]).mean(0) for k in ref}
     for k in ref:
         torch.testing.assert_close(mean[k], ref[k], rtol=0.25, atol=0.02 * float(ref[k].abs().max()))
+
+
+# -- fast path and sampling scheme ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["reparam", "ggn", "hutchinson", "gradsq"])
+def test_foreach_path_matches_the_per_tensor_loop(key):
+    x, y = _data(n=32)
+    models = [_mlp(), _mlp()]
+    opts = [
+        ef.BayesAdam(
+            [{"params": list(m[0].parameters())}, {"params": list(m[2].parameters()), "lr": 3e-3}],
+            n_data=32, hessian=key, foreach=fe, batch_size=32, mc_samples=1 if key == "reparam" else 2,
+            generator=torch.Generator().manual_seed(1),
+        )  # fmt: skip
+        for m, fe in zip(models, (False, True))
+    ]
+    for _ in range(6):
+        for m, o in zip(models, opts):
+            o.train_step(m, x, y)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-16)
+        for k in ("hess", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opts[0].state[p][k], opts[1].state[q][k], rtol=1e-13, atol=1e-16)
+
+
+def test_antithetic_pairs_mirror_the_noise():
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64, mc_samples=2, temperature=1.0)
+    mu = [p.detach().clone() for p in model.parameters()]
+    draws = []
+    for _ in range(2):
+        with opt.sampled_params(train=True):
+            draws.append([p.detach().clone() for p in model.parameters()])
+            F.cross_entropy(model(x), y).backward()
+    for a, b, m in zip(*draws, mu):
+        torch.testing.assert_close(a - m, -(b - m), rtol=1e-10, atol=1e-14)
+        assert (a - m).abs().min() > 0
+    opt2 = ef.BayesAdam(model.parameters(), n_data=64, antithetic=False)
+    with opt2.sampled_params(train=True):
+        first = next(model.parameters()).detach().clone()
+    opt2.zero_grad()
+    with opt2.sampled_params(train=True):
+        second = next(model.parameters()).detach().clone()
+    assert not torch.allclose(first - mu[0], -(second - mu[0]))
+
+
+def test_samples_have_the_posterior_variance():
+    """θ − μ over many training draws has variance T / (N·h + δ) per weight."""
+    model = nn.Linear(3, 2).double()
+    opt = ef.BayesAdam(model.parameters(), n_data=50, hess_init=0.2, prior_precision=3.0,
+                       temperature=0.5, antithetic=False)  # fmt: skip
+    mu = model.weight.detach().clone()
+    draws = []
+    for _ in range(4000):
+        with opt.sampled_params(train=False):
+            draws.append(model.weight.detach() - mu)
+    var = torch.stack(draws).var(0)
+    expected = 0.5 / (50 * 0.2 + 3.0)
+    assert ((var - expected).abs() < 5 * expected * math.sqrt(2 / 4000)).all()
