@@ -394,7 +394,8 @@ def test_posterior_is_keyed_by_name_and_in_parameter_order():
                        temperature=0.5)  # fmt: skip
     post = opt.posterior()
     assert list(post.mean) == ["0.weight", "0.bias", "2.weight", "2.bias"]
-    torch.testing.assert_close(post.precision["0.bias"], torch.full((8,), (10 * 0.5 + 4.0) / 0.5, dtype=torch.float64))
+    expected = torch.full((8,), (10 * 0.5 + 4.0) / 0.5, dtype=torch.float64)
+    torch.testing.assert_close(post.precision["0.bias"], expected)
 
 
 def test_default_generator_follows_torch_manual_seed():

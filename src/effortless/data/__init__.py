@@ -156,11 +156,11 @@ def mnist1d(n: int = 5000, seed: int = 42) -> Split:
         raise FileNotFoundError("mnist1d: install the generator with `pip install mnist1d`") from None
     args = get_dataset_args()
     args.num_samples, args.seed = n, seed
-    state = np.random.get_state()  # make_dataset reseeds numpy's global RNG; leave it as it was
+    state = np.random.get_state()  # noqa: NPY002 - make_dataset reseeds numpy's global RNG; leave it as it was
     try:
         d = make_dataset(args)
     finally:
-        np.random.set_state(state)
+        np.random.set_state(state)  # noqa: NPY002
     t = torch.as_tensor
     return Split(
         "mnist1d",

@@ -129,7 +129,8 @@ def bayesadam_update(
         sign=noise_sign,
     )
     rows = list(zip(params, grads, exp_avgs, exp_avg_sqs, hessians, hess_estimates, noises, workspaces))
-    chunks = _chunks([p.numel() for p in params], FOREACH_CHUNK) if foreach else [[i] for i in range(len(rows))]
+    sizes = [p.numel() for p in params]
+    chunks = _chunks(sizes, FOREACH_CHUNK) if foreach else [[i] for i in range(len(rows))]
     for idx in chunks:
         kinds = {_kind(rows[i], temperature) for i in idx}
         if len(idx) == 1 or len(kinds) > 1 or len({(rows[i][0].device, rows[i][0].dtype) for i in idx}) > 1:
@@ -448,7 +449,9 @@ class BayesAdam(Optimizer):
             st = self.state[p]
             if group["temperature"] == 0 or "noise" not in st:
                 return None
-            inv_sigma = _inv_sigma(st["hess"], group["n_data"], group["prior_precision"], group["temperature"])
+            inv_sigma = _inv_sigma(
+                st["hess"], group["n_data"], group["prior_precision"], group["temperature"]
+            )
             return torch.mul(g, st["noise"]).mul_(inv_sigma).mul_(sign)  # g (θ − μ) / σ²
         if self.hessian == "gradsq":
             b = self._batch or self.batch_size
