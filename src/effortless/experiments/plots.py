@@ -1,0 +1,68 @@
+"""Plots a person reads instead of tables (matplotlib, PNG, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .. import metrics  # noqa: E402
+
+
+def reliability_diagram(results: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path, n_bins=15):
+    """Accuracy against confidence per method; ``results`` maps name -> (probs, labels)."""
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 4), squeeze=False)
+    for ax, (name, (probs, labels)) in zip(axes[0], results.items()):
+        conf, acc, count = metrics.calibration_bins(probs, labels, n_bins)
+        edges = torch.linspace(0, 1, n_bins + 1)
+        centers = (edges[:-1] + edges[1:]) / 2
+        mask = count > 0
+        ax.bar(centers[mask], acc[mask], width=1 / n_bins, edgecolor="k", alpha=0.7, label="accuracy")
+        ax.bar(centers[mask], (conf - acc)[mask], bottom=acc[mask], width=1 / n_bins, color="tab:red",
+               alpha=0.3, label="gap to confidence")  # fmt: skip
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ece = metrics.ece(probs, labels, n_bins)
+        ax.set(title=f"{name}  (ECE {100 * ece:.2f} %)", xlabel="confidence", ylabel="accuracy",
+               xlim=(0, 1), ylim=(0, 1))  # fmt: skip
+        ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def confidence_histogram(results: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path):
+    """Max-probability histograms, in- vs out-of-distribution; ``results``: name -> (probs_in, probs_out)."""
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.5), squeeze=False)
+    bins = torch.linspace(0, 1, 31).numpy()
+    for ax, (name, (p_in, p_out)) in zip(axes[0], results.items()):
+        c_in, c_out = p_in.max(-1).values.numpy(), p_out.max(-1).values.numpy()
+        ax.hist(c_in, bins=bins, alpha=0.6, density=True, label="in-distribution")
+        ax.hist(c_out, bins=bins, alpha=0.6, density=True, label="out-of-distribution")
+        auroc = metrics.auroc(p_in.max(-1).values, p_out.max(-1).values)
+        ax.set(title=f"{name}  (AUROC {100 * auroc:.1f} %)", xlabel="max probability", ylabel="density")
+        ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def regression_band(x_train, y_train, x_test, curves: dict[str, tuple], path: str | Path, truth=None):
+    """Predictive mean ± 2 std per method on a 1-D input; ``curves``: name -> (mean, std)."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    xs = x_test[:, 0].numpy()
+    for ax, (name, (mean, std)) in zip(axes[0], curves.items()):
+        m, s = mean[:, 0].numpy(), std[:, 0].numpy()
+        ax.fill_between(xs, m - 2 * s, m + 2 * s, alpha=0.3, label="mean ± 2 std")
+        ax.plot(xs, m, lw=2, label="predictive mean")
+        if truth is not None:
+            ax.plot(xs, truth[:, 0].numpy(), "k--", lw=1, label="truth")
+        ax.scatter(x_train[:, 0].numpy(), y_train[:, 0].numpy(), s=8, c="k", alpha=0.6, label="data")
+        ax.set(title=name, xlabel="x", ylabel="y", ylim=(-3, 3))
+        ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,82 @@
+import pytest
+import torch
+from torch import nn
+
+import effortless as ef
+from effortless import curvature
+
+
+def _cls_data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    return x, y
+
+
+def _loader(x, y, bs=32):
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=bs)
+
+
+def test_fit_returns_named_posterior_and_learns():
+    x, y = _cls_data()
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    post = ef.fit(model, _loader(x, y), likelihood="classification", epochs=30, lr=1e-2, progress=False)
+    assert list(post.mean) == [n for n, _ in model.named_parameters()]
+    probs = ef.predict(model, post, x, n_samples=16, generator=torch.Generator().manual_seed(0))
+    assert probs.shape == (96, 2)
+    torch.testing.assert_close(probs.sum(1), torch.ones(96))
+    assert (probs.argmax(1) == y).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("hessian", ["reparam", "ggn-mc", "efisher"])
+def test_fit_accepts_every_kind_of_estimator(hessian):
+    x, y = _cls_data(n=32)
+    model = nn.Linear(4, 2)
+    post = ef.fit(model, _loader(x, y), epochs=2, hessian=hessian, progress=False)
+    assert all((v > 0).all() for v in post.precision.values())
+
+
+def test_regression_predictive_includes_noise_and_is_wider_off_data():
+    x = torch.linspace(-1, 1, 64)[:, None]
+    y = torch.sin(3 * x)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 1))
+    post = ef.fit(model, _loader(x, y, 16), likelihood="regression", sigma_noise=0.1, epochs=60,
+                  lr=1e-2, temperature=1.0, progress=False)  # fmt: skip
+    xt = torch.tensor([[0.0], [6.0]])
+    mean, var = ef.predict(model, post, xt, n_samples=200, likelihood="regression", sigma_noise=0.1,
+                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert mean.shape == var.shape == (2, 1)
+    assert (var >= 0.1**2).all()
+    assert var[1] > var[0]  # far from the data the predictive is wider
+
+
+def test_laplace_sums_the_curvature_over_the_loader():
+    x, y = _cls_data(n=64)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = x.double()
+    post = ef.laplace(model, _loader(x, y, 16), hessian="ggn", prior_precision=2.0)
+    ref = curvature.diag_ggn(model, x, y)
+    for k in ref:
+        torch.testing.assert_close(post.precision[k], ref[k] + 2.0)
+        torch.testing.assert_close(post.mean[k], dict(model.named_parameters())[k].detach())
+    last = ef.laplace(model, _loader(x, y, 16), hessian="efisher", params=["2.weight", "2.bias"])
+    assert list(last.mean) == ["2.weight", "2.bias"]
+
+
+def test_bad_arguments_raise_value_errors():
+    x, y = _cls_data(n=8)
+    model = nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="hessian"):
+        ef.laplace(model, _loader(x, y), hessian="reparam")
+    with pytest.raises(ValueError, match="prior_precision"):
+        ef.laplace(model, _loader(x, y), prior_precision=-1.0)
+    with pytest.raises(ValueError, match="epochs"):
+        ef.fit(model, _loader(x, y), epochs=0)
+    post = ef.DiagGaussian.from_model(model, 1.0)
+    with pytest.raises(ValueError, match="n_samples"):
+        ef.predict(model, post, x, n_samples=0)
+    with pytest.raises(NotImplementedError, match="glm"):
+        ef.predict(model, post, x, method="glm")
+    with pytest.raises(ValueError, match="method"):
+        ef.predict(model, post, x, method="laplace")

@@ -1,0 +1,28 @@
+import json
+import subprocess
+import sys
+
+from effortless import cli
+
+
+def test_help_lists_the_demo(capsys):
+    assert cli.main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+def test_module_entry_point_help():
+    cmd = [sys.executable, "-m", "effortless", "demo", "--help"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0 and "--quick" in out.stdout
+
+
+def test_quick_demo_writes_results_and_plots(tmp_path):
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--samples", "4"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    methods = {r["method"] for r in rows}
+    assert {"Adam (MAP)", "BayesAdam (defaults)"} <= methods
+    for r in rows:
+        if "accuracy" in r:
+            assert {"accuracy", "nll", "ece", "brier", "ood_auroc", "train_seconds", "step_ms"} <= set(r)
+    for name in ("results.md", "reliability.png", "confidence_hist.png", "toy_regression.png"):
+        assert (tmp_path / name).stat().st_size > 0

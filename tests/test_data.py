@@ -1,0 +1,64 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from effortless import data
+
+
+def _write_idx(path, arr):
+    header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_idx_directory_loads_and_scales(tmp_path):
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", 12), ("t10k", 5)):
+        _write_idx(tmp_path / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{stem}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    s = data.fashion_mnist(tmp_path)
+    assert s.x_train.shape == (12, 784) and s.x_test.shape == (5, 784)
+    assert s.x_train.dtype == torch.float32 and s.x_train.min() >= 0 and s.x_train.max() <= 1
+    assert s.y_train.dtype == torch.int64
+
+
+def test_truncated_idx_is_an_error(tmp_path):
+    path = tmp_path / "bad.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", 10) + b"\x00" * 3)
+    with pytest.raises(ValueError, match="truncated"):
+        data.read_idx(path)
+
+
+def test_missing_data_names_the_package(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        data.fashion_mnist(tmp_path)
+
+
+def test_installed_datasets_have_their_published_sizes():
+    try:
+        fm = data.fashion_mnist()
+    except FileNotFoundError:
+        pytest.skip("dataset-fashion-mnist not installed (scripts/setup.sh installs it)")
+    assert fm.x_train.shape == (60000, 784) and fm.x_test.shape == (10000, 784)
+    assert torch.bincount(fm.y_train).tolist() == [6000] * 10
+    mn = data.mnist()
+    assert mn.x_train.shape == (50000, 784) and mn.x_test.shape == (10000, 784)
+
+
+def test_mnist1d_is_generated_deterministically_and_leaves_numpy_rng_alone():
+    np.random.seed(123)  # noqa: NPY002 - the legacy global RNG is what is protected here
+    before = np.random.get_state()[1].copy()  # noqa: NPY002
+    a = data.mnist1d(n=500, seed=3)
+    assert np.array_equal(np.random.get_state()[1], before)  # noqa: NPY002
+    b = data.mnist1d(n=500, seed=3)
+    assert a.x_train.shape == (400, 40) and torch.equal(a.x_train, b.x_train)
+
+
+def test_toy_regression_has_a_gap():
+    s = data.toy_regression(n=200)
+    assert (s.x_train.abs() >= 1).all() and (s.x_train.abs() <= 3).all()
+    assert s.x_test.min() < -3 and s.x_test.max() > 3

@@ -1,0 +1,70 @@
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import effortless as ef
+
+
+def _post():
+    model = nn.Linear(3, 2).double()
+    prec = {n: torch.full_like(p, 4.0) for n, p in model.named_parameters()}
+    prec["weight"][0, 0] = 100.0
+    return model, ef.DiagGaussian.from_model(model, prec)
+
+
+def test_samples_have_the_right_moments():
+    model, q = _post()
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([q.sample(g)["weight"] for _ in range(20000)])
+    n = draws.shape[0]
+    sd = q.precision["weight"].rsqrt()
+    assert ((draws.mean(0) - q.mean["weight"]).abs() < 5 * sd / math.sqrt(n)).all()
+    assert ((draws.var(0) / sd**2 - 1).abs() < 5 * math.sqrt(2 / n)).all()
+
+
+def test_sampled_context_restores_weights_even_on_error():
+    model, q = _post()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError), q.sampled(model, torch.Generator().manual_seed(0)):
+        assert not torch.equal(model.weight, before["weight"])
+        raise RuntimeError("boom")
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_state_dict_round_trip_with_weights_only_load():
+    _, q = _post()
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    q2 = ef.DiagGaussian({"weight": torch.zeros(2, 3)}, {"weight": torch.ones(2, 3)})
+    q2.load_state_dict(torch.load(buf, weights_only=True))
+    assert list(q2.mean) == list(q.mean)
+    for k in q.mean:
+        assert torch.equal(q2.mean[k], q.mean[k]) and torch.equal(q2.precision[k], q.precision[k])
+
+
+def test_invalid_posteriors_are_rejected():
+    with pytest.raises(ValueError, match="positive"):
+        ef.DiagGaussian({"a": torch.zeros(2)}, {"a": torch.tensor([1.0, 0.0])})
+    with pytest.raises(ValueError, match="same keys"):
+        ef.DiagGaussian({"a": torch.zeros(2)}, {"b": torch.ones(2)})
+    with pytest.raises(ValueError, match="shape"):
+        ef.DiagGaussian({"a": torch.zeros(2)}, {"a": torch.ones(3)})
+    model, q = _post()
+    with pytest.raises(ValueError, match="shape"), q.sampled(nn.Linear(5, 5)):
+        pass
+    with pytest.raises(ValueError, match="do not match"), q.sampled(nn.Sequential(nn.Linear(3, 2))):
+        pass
+
+
+def test_positional_keys_match_trainable_parameters_in_order():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    opt = ef.BayesAdam(model.parameters(), n_data=10)
+    q = opt.posterior()
+    assert list(q.mean) == ["0", "1", "2", "3"]
+    with q.mean_loaded(model):
+        pass
