@@ -1,0 +1,68 @@
+"""The compiled (fused) kernels against the eager ones."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import effortless as ef
+from effortless.optim import _fused, bayesadam
+
+
+def _run(fused, steps=5, dtype=torch.float64, mc=1):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3)).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (40,), generator=g)
+    opt = ef.BayesAdam(model.parameters(), n_data=40, fused=fused, lr=1e-2, temperature=0.5, mc_samples=mc,
+                       generator=torch.Generator().manual_seed(1))  # fmt: skip
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)  # changing lr must not break the kernels
+    for _ in range(steps):
+        opt.zero_grad()
+        for _ in range(mc):
+            with opt.sampled_params(train=True):
+                F.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+    return model, opt
+
+
+def test_fused_matches_eager_in_float64():
+    m1, o1 = _run(False)
+    m2, o2 = _run(True)
+    assert o2.fused, "the fused path did not run"
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+        for k in ("hess", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(o1.state[p][k], o2.state[q][k], rtol=1e-11, atol=1e-15)
+
+
+def test_compilation_failure_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken(name):
+        def fail(*args):
+            raise RuntimeError("no compiler here")
+
+        return fail
+
+    monkeypatch.setattr(_fused, "kernel", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m2, o2 = _run(True)
+    assert not o2.fused
+    assert sum("torch.compile failed" in str(w.message) for w in caught) == 1
+    m1, _ = _run(False)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_auto_choice_depends_on_model_size():
+    small = nn.Linear(10, 10)
+    big = nn.Linear(512, bayesadam.FUSED_MIN_NUMEL // 512 + 1)
+    assert not ef.BayesAdam(small.parameters(), n_data=10).fused
+    assert ef.BayesAdam(big.parameters(), n_data=10).fused
+    assert not ef.BayesAdam(big.parameters(), n_data=10, fused=False).fused
+    with pytest.raises(ValueError, match="fused"):
+        ef.BayesAdam(small.parameters(), n_data=10, fused="yes")
