@@ -345,9 +345,8 @@ class BayesAdam(Optimizer):
 
     def _choose_fused(self, fused: bool | None) -> bool:
         params = [p for _, p in self._params()]
-        eligible = all(
-            p.is_contiguous() and p.dtype in (torch.float32, torch.float64) and not p.is_sparse for p in params
-        )
+        floats = (torch.float32, torch.float64)
+        eligible = all(p.is_contiguous() and p.dtype in floats and not p.is_sparse for p in params)
         if fused is None:
             return eligible and sum(p.numel() for p in params) >= FUSED_MIN_NUMEL
         if fused and not eligible:
