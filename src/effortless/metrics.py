@@ -7,7 +7,7 @@ Example:
     >>> probs = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.7, 0.3]])
     >>> labels = torch.tensor([0, 1, 1])
     >>> round(accuracy(probs, labels), 4), round(brier(probs, labels), 4)
-    (0.6667, 0.4067)
+    (0.6667, 0.44)
     >>> auroc(torch.tensor([0.9, 0.8]), torch.tensor([0.1, 0.85]))
     0.75
 """
