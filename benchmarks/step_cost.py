@@ -26,12 +26,12 @@ from effortless.experiments.memory import PeakMemory
 from effortless.models import MLP
 
 
-def make_runners(batch, n_data: int, methods: list[str]):
+def make_runners(batch, n_data: int, methods: list[str], hidden=(256, 256)):
     x, y = batch
     runners = {}
     for name in methods:
         torch.manual_seed(0)
-        model = MLP(784, [256, 256], 10)
+        model = MLP(784, list(hidden), 10)
         if name == "adam":
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
@@ -84,6 +84,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=300, help="interleaved repetitions (default 300)")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--hidden", default="256,256", help="hidden widths of the MLP (default 256,256)")
     ap.add_argument("--methods", default="adam,bayesadam,bayesadam-eager,ivon",
                     help="comma list; bayesadam (defaults), bayesadam-eager, bayesadam-fused, "
                     "bayesadam:KEY for another Hessian estimator, ivon (if installed)")  # fmt: skip
@@ -99,7 +100,8 @@ def main(argv=None):
         methods = [m for m in methods if m != "ivon"]
     g = torch.Generator().manual_seed(0)
     batch = (torch.rand(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g))
-    runners = make_runners(batch, 60000, methods)
+    hidden = [int(h) for h in args.hidden.split(",")]
+    runners = make_runners(batch, 60000, methods, hidden)
     for _ in range(args.warmup):
         for _, _, it in runners.values():
             it()
@@ -134,10 +136,10 @@ def main(argv=None):
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(reps=args.reps, threads=args.threads, n_params=n_params, torch=torch.__version__)
+    meta = dict(reps=args.reps, threads=args.threads, hidden=hidden, n_params=n_params, torch=torch.__version__)
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
-        f"MLP 784-256-256-10 ({n_params} parameters), batch 128, {args.threads} thread(s), "
+        f"MLP 784-{'-'.join(map(str, hidden))}-10 ({n_params} parameters), batch 128, {args.threads} thread(s), "
         f"{args.reps} interleaved reps, medians.",
         "",
         "| method | step ms | × Adam (median paired ratio) | peak memory during a step (× params) | "
