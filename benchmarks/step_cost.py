@@ -136,10 +136,12 @@ def main(argv=None):
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(reps=args.reps, threads=args.threads, hidden=hidden, n_params=n_params, torch=torch.__version__)
+    meta = dict(reps=args.reps, threads=args.threads, hidden=hidden, n_params=n_params,
+                torch=torch.__version__)  # fmt: skip
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
-        f"MLP 784-{'-'.join(map(str, hidden))}-10 ({n_params} parameters), batch 128, {args.threads} thread(s), "
+        f"MLP 784-{'-'.join(map(str, hidden))}-10 ({n_params} parameters), batch 128, "
+        f"{args.threads} thread(s), "
         f"{args.reps} interleaved reps, medians.",
         "",
         "| method | step ms | × Adam (median paired ratio) | peak memory during a step (× params) | "
