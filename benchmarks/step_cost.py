@@ -70,7 +70,8 @@ def make_runners(batch, n_data: int, methods: list[str], hidden=(256, 256)):
 
 
 def _state_tensors(opt):
-    out = []
+    """Optimizer state tensors: in ``opt.state`` and, as ivon-opt keeps them, in the param groups."""
+    out = [v for g in opt.param_groups for k, v in g.items() if k != "params" and torch.is_tensor(v)]
     for st in opt.state.values():
         if isinstance(st, dict):
             out += [v for v in st.values() if torch.is_tensor(v)]
