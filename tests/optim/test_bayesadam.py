@@ -509,3 +509,24 @@ def test_samples_have_the_posterior_variance():
     var = torch.stack(draws).var(0)
     expected = 0.5 / (50 * 0.2 + 3.0)
     assert ((var - expected).abs() < 5 * expected * math.sqrt(2 / 4000)).all()
+
+
+def test_step_with_a_closure_samples_around_it():
+    """Lightning-style `opt.step(closure)` equals the explicit loop with the same generator."""
+    x, y = _data()
+    m1, m2 = _mlp(), _mlp()
+    o1 = ef.BayesAdam(m1.parameters(), n_data=64, generator=torch.Generator().manual_seed(4))
+    o2 = ef.BayesAdam(m2.parameters(), n_data=64, generator=torch.Generator().manual_seed(4))
+
+    def closure():
+        o2.zero_grad()
+        loss = F.cross_entropy(m2(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        l1 = _loop_step(o1, m1, x, y)
+        l2 = o2.step(closure)
+        assert torch.equal(l1.detach(), l2.detach())
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)

@@ -643,7 +643,7 @@ class BayesAdam(Optimizer):
             return rest + todo
         hp = torch.tensor(hp_list, dtype=todo[0][0].dtype, device=todo[0][0].device)
         cols = [
-            [t_.view(-1) for t_ in col]
+            [t_.reshape(-1) for t_ in col]  # views (a gradient may be copied: it is only read)
             for col in (
                 [it[0].data for it in todo], [it[0].grad for it in todo],
                 [it[1]["exp_avg"] for it in todo], [it[1]["exp_avg_sq"] for it in todo],
