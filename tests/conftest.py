@@ -44,6 +44,51 @@ class SmallCNN(nn.Module):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
+class Conv1dNet(nn.Module):
+    def __init__(self, c=3):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 2, 3, stride=2, padding=1)
+        self.fc = nn.Linear(2 * 3, c)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(x[:, None, :5])).flatten(1))
+
+
+class BNNet(nn.Module):
+    """Conv + BatchNorm2d (eval) + Linear + BatchNorm1d (eval)."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(2)
+        self.fc = nn.Linear(2 * 25, 4)
+        self.bn1 = nn.BatchNorm1d(4)
+        self.out = nn.Linear(4, c)
+        for bn in (self.bn, self.bn1):  # non-trivial running statistics
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(bn.weight, 0.5, 1.5)
+            nn.init.uniform_(bn.bias, -0.5, 0.5)
+        self.eval()
+
+    def forward(self, x):
+        h = torch.tanh(self.bn(self.conv(x.view(-1, 1, 5, 5))))
+        return self.out(torch.tanh(self.bn1(self.fc(h.flatten(1)))))
+
+
+class Sequence(nn.Module):
+    """A Linear applied over a sequence dimension (per-sample gradients sum over positions)."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.emb = nn.Linear(2, 3)
+        self.out = nn.Linear(3, c)
+
+    def forward(self, x):
+        h = torch.tanh(self.emb(x.view(x.shape[0], 2, 2)))  # (B, T=2, 3)
+        return self.out(h.mean(1))
+
+
 def make_model(kind: str, out: int = 3) -> nn.Module:
     """Tiny float64 networks of several architectures (inputs have 25 features for the CNN, else 4)."""
     table = {
@@ -52,13 +97,16 @@ def make_model(kind: str, out: int = 3) -> nn.Module:
         "residual": lambda: Residual(4, out),
         "layernorm": lambda: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, out)),
         "shared": lambda: Shared(4, out),
+        "conv1d": lambda: Conv1dNet(out),
+        "batchnorm": lambda: BNNet(out),
+        "sequence": lambda: Sequence(out),
     }
     return table[kind]().double()
 
 
 def make_batch(kind: str, likelihood: str, n: int = 6, out: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    d = 25 if kind == "cnn" else 4
+    d = {"cnn": 25, "batchnorm": 25, "conv1d": 5}.get(kind, 4)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     if likelihood == "classification":
         y = torch.randint(0, out, (n,), generator=g)

@@ -16,28 +16,48 @@ def _assert_dict_close(a, b, atol=1e-10, rtol=1e-8):
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+HOOKABLE = ["mlp", "cnn", "residual", "conv1d", "batchnorm", "sequence"]
+# (arch, backend) pairs: every architecture through torch.func, the supported ones through hooks
+PATHS = [(a, "func") for a in dict.fromkeys(ARCHS + HOOKABLE)] + [(a, "hooks") for a in HOOKABLE]
+
+
+@pytest.mark.parametrize("arch,backend", sorted(set(PATHS)))
 @pytest.mark.parametrize("lik", LIKS)
-def test_exact_ggn_matches_dense(arch, lik):
+def test_exact_ggn_matches_dense(arch, backend, lik):
     model = make_model(arch)
     x, y = make_batch(arch, lik)
     ref = exact.diag(model, x, y, "ggn", lik, sigma_noise=0.5)
-    got = curvature.diag_ggn(model, x, y, lik, sigma_noise=0.5, chunk_size=4)  # chunking exercised
+    got = curvature.diag_ggn(model, x, y, lik, sigma_noise=0.5, chunk_size=4, backend=backend)  # chunked
     _assert_dict_close(got, ref)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch,backend", sorted(set(PATHS)))
 @pytest.mark.parametrize("lik", LIKS)
-def test_efisher_matches_dense(arch, lik):
+def test_efisher_matches_dense(arch, backend, lik):
     model = make_model(arch)
     x, y = make_batch(arch, lik)
     _assert_dict_close(
-        curvature.diag_efisher(model, x, y, lik, sigma_noise=0.5),
+        curvature.diag_efisher(model, x, y, lik, sigma_noise=0.5, backend=backend),
         exact.diag(model, x, y, "efisher", lik, sigma_noise=0.5),
     )
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+def test_auto_picks_the_hook_engine_only_where_it_applies():
+    for arch in HOOKABLE:
+        assert curvature.plan(make_model(arch)).backend == "hooks", arch
+    ln = curvature.plan(make_model("layernorm"))
+    assert ln.backend == "func" and "LayerNorm" in str(ln)
+    bn = make_model("batchnorm").train()
+    assert "training mode" in str(curvature.plan(bn))
+    # weight sharing is only visible at run time: backend="hooks" refuses, "auto" falls back
+    x, y = make_batch("shared", "classification")
+    with pytest.raises(ValueError, match="twice"):
+        curvature.diag_ggn(make_model("shared"), x, y, backend="hooks")
+    with pytest.raises(ValueError, match="backend"):
+        curvature.diag_ggn(make_model("mlp"), x, y, backend="fast")
+
+
+@pytest.mark.parametrize("arch", ARCHS + ["batchnorm", "sequence"])
 @pytest.mark.parametrize("lik", LIKS)
 def test_hessian_diagonal_matches_dense(arch, lik):
     model = make_model(arch)
@@ -94,13 +114,16 @@ def _assert_converges(draws, ref, z=5.0):
     assert (mean - ref).norm() < err_small  # more draws, closer
 
 
+@pytest.mark.parametrize("backend", ["hooks", "func"])
 @pytest.mark.parametrize("lik", LIKS)
-def test_mc_ggn_converges_to_exact(lik):
+def test_mc_ggn_converges_to_exact(lik, backend):
     model = make_model("mlp")
     x, y = make_batch("mlp", lik, n=4)
     ref = _flat(exact.diag(model, x, y, "ggn", lik))
     gen = torch.Generator().manual_seed(0)
-    draws = _draws(lambda i: curvature.diag_ggn(model, x, y, lik, method="mc", generator=gen), 800)
+    draws = _draws(
+        lambda i: curvature.diag_ggn(model, x, y, lik, method="mc", generator=gen, backend=backend), 800
+    )
     _assert_converges(draws, ref)
 
 

@@ -1,7 +1,8 @@
 """Curvature of the negative log-likelihood: estimators, dense references, the estimator table."""
 
-from . import estimators, exact
-from .functional import diag_efisher, diag_ggn, diag_hessian, diag_hutchinson, hvp, trainable
+from . import engine, estimators, exact
+from .engine import plan
+from .functional import diag_efisher, diag_ggn, diag_hessian, diag_hutchinson, hvp, kfac, trainable
 
 __all__ = [
     "diag_ggn",
@@ -9,7 +10,10 @@ __all__ = [
     "diag_hessian",
     "diag_hutchinson",
     "hvp",
+    "kfac",
+    "plan",
     "trainable",
+    "engine",
     "exact",
     "estimators",
 ]

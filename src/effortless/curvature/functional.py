@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -34,8 +35,11 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from .. import likelihoods
+from . import engine
 
-__all__ = ["diag_ggn", "diag_efisher", "diag_hessian", "diag_hutchinson", "hvp", "trainable"]
+__all__ = ["diag_ggn", "diag_efisher", "diag_hessian", "diag_hutchinson", "hvp", "kfac", "trainable"]
+
+_log = logging.getLogger("effortless.curvature")
 
 # Elements of per-sample Jacobians held at once (B_chunk · C · P); bounds memory of the generic path.
 _CHUNK_ELEMENTS = 2**25
@@ -95,6 +99,7 @@ def diag_ggn(
     sigma_noise: float = 1.0,
     params: Iterable[str] | None = None,
     chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Diagonal of the generalised Gauss-Newton matrix of the summed NLL.
 
@@ -109,19 +114,25 @@ def diag_ggn(
         sigma_noise: noise standard deviation for regression.
         params: restrict to these parameter names (e.g. the last layer).
         chunk_size: samples per vectorised chunk (default: bounded by ``_CHUNK_ELEMENTS``).
+        backend: ``"auto"`` (the hook engine when :func:`plan` allows, else ``torch.func``),
+            ``"hooks"`` (error if not possible) or ``"func"``.
     """
     if method not in ("exact", "mc"):
         raise ValueError(f"method must be 'exact' or 'mc', got {method!r}")
+    if method == "mc" and int(n_samples) < 1:
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     lik = likelihoods.get(likelihood, sigma_noise)
+    kind = "ggn" if method == "exact" else "ggn-mc"
+    out = _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, chunk_size)
+    if out is not None:
+        return out
     if method == "mc":
-        if int(n_samples) < 1:
-            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
         with torch.no_grad():
             f = model(x)
         out = None
         for _ in range(int(n_samples)):
             y_hat = lik.sample(f, generator)
-            est = diag_efisher(model, x, y_hat, lik, params=params, chunk_size=chunk_size)
+            est = diag_efisher(model, x, y_hat, lik, params=params, chunk_size=chunk_size, backend="func")
             out = est if out is None else {n: out[n] + est[n] for n in out}
         return {n: v / n_samples for n, v in out.items()}
 
@@ -149,9 +160,16 @@ def diag_efisher(
     sigma_noise: float = 1.0,
     params: Iterable[str] | None = None,
     chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher ``Σ_b g_b ⊙ g_b`` from per-sample gradients of the NLL."""
+    """Diagonal empirical Fisher ``Σ_b g_b ⊙ g_b`` from per-sample gradients of the NLL.
+
+    ``backend`` as in :func:`diag_ggn`.
+    """
     lik = likelihoods.get(likelihood, sigma_noise)
+    out = _via_hooks(model, x, y, lik, params, backend, "efisher", 1, None, chunk_size)
+    if out is not None:
+        return out
     theta = {n: p.detach() for n, p in trainable(model, params).items()}
     f_single = _single(model, _frozen(model, theta))
 
@@ -164,6 +182,92 @@ def diag_efisher(
         for n, g in per_sample(theta, x[sl], y[sl]).items():
             out[n] += g.pow(2).sum(0)
     return out
+
+
+_BACKENDS = ("auto", "hooks", "func")
+
+
+def _cotangents(kind, f, y, lik, n_samples, generator):
+    """(K, *f.shape) output-space vectors whose per-sample gradients square-sum to the quantity."""
+    f2 = f if f.dim() == 2 else f[:, None]
+    if kind == "ggn":
+        S = lik.hessian_factor(f2.detach()).to(f2.dtype)  # (B, C, K)
+        return S.permute(2, 0, 1).reshape(S.shape[2], *f.shape)
+    # efisher: the true labels; ggn-mc: labels drawn from the model's own predictive
+    samples = range(int(n_samples))
+    labels = [y] if kind == "efisher" else [lik.sample(f.detach(), generator) for _ in samples]
+    out = []
+    for lab in labels:
+        fd = f.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(lik.nll(fd, lab).sum(), fd)
+        out.append(g)
+    return torch.stack(out)
+
+
+def _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, chunk_size):
+    """The quantity from the hook engine, or None when the generic path must run."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "func":
+        return None
+    p = engine.plan(model, params)
+    if p.backend != "hooks":
+        if backend == "hooks":
+            raise ValueError(f"backend='hooks' is not possible for this model: {p}")
+        _log.debug("curvature %s: torch.func path (%s)", kind, p)
+        return None
+    names = list(trainable(model, params))
+    total = None
+    try:
+        for sl in _chunks(x.shape[0], int(chunk_size) if chunk_size else x.shape[0]):
+            with torch.enable_grad(), engine.capture(p) as saved:
+                f = model(x[sl])
+            V = _cotangents(kind, f, y[sl], lik, n_samples, generator)
+            deltas = engine.output_grads(f, saved, V)
+            part = engine.sq_sums(p, saved, deltas)
+            total = part if total is None else {n: total[n] + part[n] for n in total}
+    except engine.Unsupported as err:
+        if backend == "hooks":
+            raise ValueError(f"backend='hooks' is not possible for this model: {err}") from None
+        _log.debug("curvature %s: torch.func path (%s)", kind, err)
+        return None
+    _log.debug("curvature %s: hook engine", kind)
+    scale = 1.0 / n_samples if kind == "ggn-mc" else 1.0
+    return {n: total[n].detach() * scale if scale != 1.0 else total[n].detach() for n in names}
+
+
+def kfac(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    likelihood: str | likelihoods.Likelihood = "classification",
+    method: str = "exact",
+    n_samples: int = 1,
+    generator: torch.Generator | None = None,
+    sigma_noise: float = 1.0,
+    params: Iterable[str] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Kronecker factors ``(A, G)`` of the GGN of the summed NLL per Linear/Conv module.
+
+    ``A = Σ ā āᵀ`` over samples (and positions) of the module input with a ones column when the
+    module has a bias; ``G = Σ δ δᵀ`` of the output gradients for the exact output-Hessian factor
+    (``method="exact"``) or ``n_samples`` sampled labels (``"mc"``, averaged). The weight block of
+    the GGN is approximated by ``G ⊗ A`` (rows: outputs; columns: flattened inputs, bias last).
+    """
+    if method not in ("exact", "mc"):
+        raise ValueError(f"method must be 'exact' or 'mc', got {method!r}")
+    lik = likelihoods.get(likelihood, sigma_noise)
+    p = engine.plan(model, params)
+    if p.backend != "hooks":
+        raise ValueError(f"kfac needs Linear/Conv layers with the hook engine: {p}")
+    with torch.enable_grad(), engine.capture(p) as saved:
+        f = model(x)
+    V = _cotangents("ggn" if method == "exact" else "ggn-mc", f, y, lik, n_samples, generator)
+    out = engine.kfac_factors(p, saved, engine.output_grads(f, saved, V))
+    if method == "mc":
+        out = {k: (A, G / n_samples) for k, (A, G) in out.items()}
+    return {k: (A.detach(), G.detach()) for k, (A, G) in out.items()}
 
 
 def _gradient_graph(model, x, y, lik, names):

@@ -1,0 +1,248 @@
+"""The fast curvature engine: per-sample quantities from module inputs and output gradients.
+
+One forward pass with hooks saves, for every *supported* module (Linear, Conv1d/2d, BatchNorm in
+eval mode) its input ``a`` and output ``z``. Gradients of the network output's loss with respect
+to the ``z`` are then taken with ``torch.autograd.grad`` — for K cotangents at once
+(``is_grads_batched``), e.g. the K = C columns ``√p_c (e_c − p)`` of the softmax output-Hessian
+factor for the exact GGN, one sampled label for the Monte-Carlo GGN, the true label for the
+empirical Fisher. Layer rules (below, one per module type) turn ``(a, δ)`` into the quantity:
+
+* ``sq``: ``Σ_k Σ_b (per-sample gradient)²`` — the diagonal of ``Σ_k Σ_b g_kb g_kbᵀ``, i.e. the
+  diagonal GGN / empirical Fisher. For a Linear layer without extra dimensions this is
+  ``(Σ_k δ_k²)ᵀ a²``: the classes are summed *before* the outer product, so memory is
+  O(K·B·width), never O(B·C·P).
+* ``kfac``: Kronecker factors ``A = Σ_b ā ā ᵀ`` (input with a ones column for the bias) and
+  ``G = Σ_k Σ_b δ δᵀ``.
+
+Modules without trainable parameters (activations, pooling, dropout in eval, reshapes, parameter-
+free normalisation) need no rule: autograd carries ``δ`` through them. Any trainable parameter
+outside a supported module, a module that runs twice in one forward (weight sharing), or a
+BatchNorm in training mode sends the computation to the generic ``torch.func`` path
+(:mod:`effortless.curvature.functional`); :func:`plan` tells which path a model gets and why.
+
+Layer math follows the derivations in BackPACK (Dangel et al., 2020) and KFAC (Martens & Grosse,
+2015); the code is this project's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["plan", "Plan", "capture", "RULES", "Unsupported"]
+
+
+class Unsupported(RuntimeError):
+    """Raised inside the engine when the model cannot use the hook path (caught by callers)."""
+
+
+# -- layer rules --------------------------------------------------------------------------------
+
+
+def _linear_sq(m: nn.Linear, a, delta):
+    # a: (B, *, in); delta: (K, B, *, out)
+    if a.dim() == 2:
+        d2 = delta.pow(2).sum(0)  # (B, out): classes summed before the outer product
+        out = {"weight": d2.T @ a.pow(2)}
+        if m.bias is not None:
+            out["bias"] = d2.sum(0)
+        return out
+    a3 = a.reshape(a.shape[0], -1, a.shape[-1])  # (B, T, in)
+    d4 = delta.reshape(delta.shape[0], delta.shape[1], -1, delta.shape[-1])  # (K, B, T, out)
+    out = {"weight": torch.einsum("kbto,bti->kboi", d4, a3).pow(2).sum((0, 1))}
+    if m.bias is not None:
+        out["bias"] = d4.sum(2).pow(2).sum((0, 1))
+    return out
+
+
+def _unfold(m, a):
+    """Conv input patches (B, I·k, L) for Conv1d/Conv2d (groups = 1, zero padding)."""
+    if isinstance(m, nn.Conv1d):
+        a = a.unsqueeze(2)
+        ks, st, pad, dil = (1, *m.kernel_size), (1, *m.stride), (0, *m.padding), (1, *m.dilation)
+    else:
+        ks, st, pad, dil = m.kernel_size, m.stride, m.padding, m.dilation
+    return F.unfold(a, ks, dilation=dil, padding=pad, stride=st)
+
+
+def _conv_sq(m, a, delta):
+    patches = _unfold(m, a)  # (B, I·k, L)
+    d = delta.flatten(3) if delta.dim() > 3 else delta  # (K, B, O, L)
+    d = d.reshape(d.shape[0], d.shape[1], d.shape[2], -1)
+    g = torch.einsum("kbol,bil->kboi", d, patches)  # per-sample weight gradients
+    out = {"weight": g.pow(2).sum((0, 1)).view_as(m.weight)}
+    if m.bias is not None:
+        out["bias"] = d.sum(3).pow(2).sum((0, 1))
+    return out
+
+
+def _bn_sq(m, a, delta):
+    shape = (1, -1) + (1,) * (a.dim() - 2)
+    xhat = (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+    dims = tuple(range(3, delta.dim()))
+    gw = (delta * xhat).sum(dims) if dims else delta * xhat  # (K, B, C)
+    gb = delta.sum(dims) if dims else delta
+    out = {}
+    if m.weight is not None:
+        out["weight"] = gw.pow(2).sum((0, 1))
+    if m.bias is not None:
+        out["bias"] = gb.pow(2).sum((0, 1))
+    return out
+
+
+def _linear_kfac(m: nn.Linear, a, delta):
+    a2 = a.reshape(-1, a.shape[-1])
+    if m.bias is not None:
+        a2 = torch.cat([a2, a2.new_ones(a2.shape[0], 1)], 1)
+    d2 = delta.reshape(-1, delta.shape[-1])
+    return a2.T @ a2, d2.T @ d2
+
+
+def _conv_kfac(m, a, delta):
+    patches = _unfold(m, a).transpose(1, 2).reshape(-1, m.weight[0].numel())  # (B·L, I·k)
+    if m.bias is not None:
+        patches = torch.cat([patches, patches.new_ones(patches.shape[0], 1)], 1)
+    d = delta.reshape(delta.shape[0], delta.shape[1], delta.shape[2], -1)  # (K, B, O, L)
+    d2 = d.permute(0, 1, 3, 2).reshape(-1, d.shape[2])
+    return patches.T @ patches, d2.T @ d2
+
+
+@dataclass(frozen=True)
+class Rule:
+    sq: object
+    kfac: object | None = None
+
+
+RULES: dict[type, Rule] = {
+    nn.Linear: Rule(_linear_sq, _linear_kfac),
+    nn.Conv1d: Rule(_conv_sq, _conv_kfac),
+    nn.Conv2d: Rule(_conv_sq, _conv_kfac),
+    nn.BatchNorm1d: Rule(_bn_sq),
+    nn.BatchNorm2d: Rule(_bn_sq),
+}
+
+
+def _module_ok(m: nn.Module) -> str | None:
+    """Why a module with trainable parameters cannot use its rule, or None."""
+    rule = RULES.get(type(m))
+    if rule is None:
+        return f"no rule for {type(m).__name__}"
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)) and (m.groups != 1 or m.padding_mode != "zeros"):
+        return f"{type(m).__name__} with groups={m.groups}, padding_mode={m.padding_mode!r}"
+    if isinstance(m, nn.Conv1d | nn.Conv2d) and isinstance(m.padding, str):
+        return f"{type(m).__name__} with padding={m.padding!r}"
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+        return "BatchNorm in training mode (couples the samples of a batch)"
+    return None
+
+
+# -- planning -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Which path computes curvature for a model, and why."""
+
+    backend: str  # "hooks" or "func"
+    modules: dict[str, nn.Module] = field(default_factory=dict)  # module name -> module (hooks)
+    params: dict[str, tuple[str, str]] = field(default_factory=dict)  # param name -> (module, attr)
+    reasons: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        why = "; ".join(self.reasons) if self.reasons else "every trainable parameter has a layer rule"
+        return f"{self.backend} ({why})"
+
+
+def plan(model: nn.Module, params=None) -> Plan:
+    """Decide the path: ``hooks`` if every selected trainable parameter sits in a supported
+    module (and no parameter is shared), else ``func``. ``params``: parameter names to restrict to.
+    """
+    from .functional import trainable
+
+    selected = trainable(model, params)
+    owners: dict[int, str] = {}
+    modules, pmap, reasons = {}, {}, []
+    seen_ids: dict[int, str] = {}
+    for mname, m in model.named_modules():
+        for attr, p in m.named_parameters(recurse=False):
+            full = f"{mname}.{attr}" if mname else attr
+            if id(p) in seen_ids:
+                reasons.append(f"parameter {seen_ids[id(p)]} is shared with {full}")
+            seen_ids[id(p)] = full
+            if full not in selected:
+                continue
+            why = _module_ok(m)
+            if why:
+                reasons.append(f"{full}: {why}")
+                continue
+            modules[mname] = m
+            pmap[full] = (mname, attr)
+            owners[id(p)] = mname
+    backend = "func" if reasons else "hooks"
+    return Plan(backend, modules if backend == "hooks" else {}, pmap if backend == "hooks" else {}, reasons)
+
+
+# -- capture ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def capture(p: Plan):
+    """Forward hooks saving each planned module's input and output; raises Unsupported on reuse."""
+    saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+
+    def hook(name):
+        def fn(module, inputs, output):
+            if name in saved:
+                raise Unsupported(f"module {name} ran twice in one forward (weight sharing)")
+            saved[name] = (inputs[0].detach(), output)
+
+        return fn
+
+    try:
+        for name, m in p.modules.items():
+            handles.append(m.register_forward_hook(hook(name)))
+        yield saved
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def output_grads(f, saved, cotangents) -> dict[str, torch.Tensor]:
+    """δ (K, *z.shape) for every saved module output z, for K cotangents (K, *f.shape) at once."""
+    names = list(saved)
+    zs = [saved[n][1] for n in names]
+    try:
+        grads = torch.autograd.grad(f, zs, cotangents, is_grads_batched=True, retain_graph=True,
+                                    allow_unused=True)  # fmt: skip
+    except RuntimeError:  # an op without a batching rule: one backward per cotangent
+        per_k = [
+            torch.autograd.grad(f, zs, c, retain_graph=True, allow_unused=True) for c in cotangents.unbind(0)
+        ]
+        grads = [torch.stack([g[i] if g[i] is not None else torch.zeros_like(zs[i]) for g in per_k])
+                 for i in range(len(zs))]  # fmt: skip
+    out = {}
+    for n, z, g in zip(names, zs, grads):
+        out[n] = g if g is not None else z.new_zeros((cotangents.shape[0], *z.shape))
+    return out
+
+
+def sq_sums(p: Plan, saved, deltas) -> dict[str, torch.Tensor]:
+    """Per-parameter ``Σ_k Σ_b g²`` from saved inputs and output gradients, keyed like the model."""
+    per_module = {n: RULES[type(m)].sq(m, saved[n][0], deltas[n]) for n, m in p.modules.items()}
+    return {full: per_module[mname][attr] for full, (mname, attr) in p.params.items()}
+
+
+def kfac_factors(p: Plan, saved, deltas) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module name -> (A, G) for every planned Linear/Conv module."""
+    out = {}
+    for n, m in p.modules.items():
+        rule = RULES[type(m)]
+        if rule.kfac is None:
+            raise Unsupported(f"no Kronecker factors for {type(m).__name__} ({n})")
+        out[n] = rule.kfac(m, saved[n][0], deltas[n])
+    return out

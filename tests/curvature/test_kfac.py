@@ -1,0 +1,81 @@
+"""Kronecker factors against the dense GGN where KFAC is exact (one sample, one position)."""
+
+import pytest
+import torch
+from torch import nn
+
+from effortless import curvature
+from effortless.curvature import exact
+
+
+def _block(model, x, y, lik, prefix):
+    """The dense GGN block of ``prefix.weight`` and ``prefix.bias``, in KFAC order (o, [i..., 1])."""
+    G = exact.ggn(model, x, y, lik)
+    _, names, shapes = exact.flatten(model)
+    offsets, pos = {}, 0
+    for n, s in zip(names, shapes):
+        offsets[n] = pos
+        pos += s.numel()
+    w = dict(zip(names, shapes))[f"{prefix}.weight"]
+    out, fan_in = w[0], w[1:].numel()
+    idx = []
+    for o in range(out):
+        idx += [offsets[f"{prefix}.weight"] + o * fan_in + i for i in range(fan_in)]
+        idx.append(offsets[f"{prefix}.bias"] + o)
+    idx = torch.tensor(idx)
+    return G[idx][:, idx]
+
+
+@pytest.mark.parametrize("lik", ["classification", "regression"])
+def test_linear_kfac_is_exact_for_one_sample(lik):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(1, 3, dtype=torch.float64)
+    y = torch.tensor([1]) if lik == "classification" else torch.randn(1, 3, dtype=torch.float64)
+    factors = curvature.kfac(model, x, y, lik)
+    assert set(factors) == {"0", "2"}
+    for name in ("0", "2"):
+        A, G = factors[name]
+        torch.testing.assert_close(torch.kron(G, A), _block(model, x, y, lik, name), atol=1e-12, rtol=1e-10)
+
+
+def test_conv_kfac_is_exact_for_one_sample_and_one_position():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)  # 3×3 input -> one output position
+            self.fc = nn.Linear(2, 3)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.conv(x.view(-1, 1, 3, 3))).flatten(1))
+
+    model = Net().double()
+    x = torch.randn(1, 9, dtype=torch.float64)
+    y = torch.tensor([2])
+    A, G = curvature.kfac(model, x, y)["conv"]
+    torch.testing.assert_close(torch.kron(G, A), _block(model, x, y, "classification", "conv"), atol=1e-12,
+                               rtol=1e-10)  # fmt: skip
+
+
+def test_mc_factors_converge_to_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    A, G = curvature.kfac(model, x, y)["2"]
+    draws = torch.stack(
+        [curvature.kfac(model, x, y, method="mc", generator=torch.Generator().manual_seed(i))["2"][1]
+         for i in range(600)]
+    )  # fmt: skip
+    se = draws.std(0) / 600**0.5 + 1e-12
+    assert ((draws.mean(0) - G).abs() <= 5 * se).all()
+    A_mc, _ = curvature.kfac(model, x, y, method="mc")["2"]
+    torch.testing.assert_close(A_mc, A)  # the input factor does not depend on the labels
+
+
+def test_kfac_refuses_unsupported_models():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="LayerNorm"):
+        curvature.kfac(model, torch.randn(2, 3), torch.tensor([0, 1]))
