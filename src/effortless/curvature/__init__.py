@@ -2,13 +2,23 @@
 
 from . import engine, estimators, exact
 from .engine import plan
-from .functional import diag_efisher, diag_ggn, diag_hessian, diag_hutchinson, hvp, kfac, trainable
+from .functional import (
+    diag_efisher,
+    diag_ggn,
+    diag_hessian,
+    diag_hutchinson,
+    diag_kfac,
+    hvp,
+    kfac,
+    trainable,
+)
 
 __all__ = [
     "diag_ggn",
     "diag_efisher",
     "diag_hessian",
     "diag_hutchinson",
+    "diag_kfac",
     "hvp",
     "kfac",
     "plan",

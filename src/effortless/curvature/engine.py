@@ -11,8 +11,9 @@ empirical Fisher. Layer rules (below, one per module type) turn ``(a, δ)`` into
   diagonal GGN / empirical Fisher. For a Linear layer without extra dimensions this is
   ``(Σ_k δ_k²)ᵀ a²``: the classes are summed *before* the outer product, so memory is
   O(K·B·width), never O(B·C·P).
-* ``kfac``: Kronecker factors ``A = Σ_b ā ā ᵀ`` (input with a ones column for the bias) and
-  ``G = Σ_k Σ_b δ δᵀ``.
+* ``kfac``: Kronecker factors ``A = mean_{b,l} ā āᵀ`` (input, or conv patch at position l, with a
+  ones column for the bias) and ``G = Σ_k Σ_b Σ_l δ δᵀ``, so that ``G ⊗ A`` approximates the
+  batch-summed GGN block of the layer (exact for one sample at one position).
 
 Modules without trainable parameters (activations, pooling, dropout in eval, reshapes, parameter-
 free normalisation) need no rule: autograd carries ``δ`` through them. Any trainable parameter
@@ -99,7 +100,7 @@ def _linear_kfac(m: nn.Linear, a, delta):
     if m.bias is not None:
         a2 = torch.cat([a2, a2.new_ones(a2.shape[0], 1)], 1)
     d2 = delta.reshape(-1, delta.shape[-1])
-    return a2.T @ a2, d2.T @ d2
+    return a2.T @ a2 / a2.shape[0], d2.T @ d2
 
 
 def _conv_kfac(m, a, delta):
@@ -108,7 +109,7 @@ def _conv_kfac(m, a, delta):
         patches = torch.cat([patches, patches.new_ones(patches.shape[0], 1)], 1)
     d = delta.reshape(delta.shape[0], delta.shape[1], delta.shape[2], -1)  # (K, B, O, L)
     d2 = d.permute(0, 1, 3, 2).reshape(-1, d.shape[2])
-    return patches.T @ patches, d2.T @ d2
+    return patches.T @ patches / patches.shape[0], d2.T @ d2
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,19 @@ def sq_sums(p: Plan, saved, deltas) -> dict[str, torch.Tensor]:
     """Per-parameter ``Σ_k Σ_b g²`` from saved inputs and output gradients, keyed like the model."""
     per_module = {n: RULES[type(m)].sq(m, saved[n][0], deltas[n]) for n, m in p.modules.items()}
     return {full: per_module[mname][attr] for full, (mname, attr) in p.params.items()}
+
+
+def kfac_diagonal(p: Plan, factors) -> dict[str, torch.Tensor]:
+    """The diagonal of ``G ⊗ A`` per parameter, keyed like the model's parameters."""
+    out = {}
+    for full, (mname, attr) in p.params.items():
+        A, G = factors[mname]
+        w = p.modules[mname].weight
+        if attr == "weight":
+            out[full] = torch.outer(torch.diagonal(G), torch.diagonal(A)[: w[0].numel()]).view_as(w)
+        else:
+            out[full] = torch.diagonal(G) * A[-1, -1]
+    return out
 
 
 def kfac_factors(p: Plan, saved, deltas) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

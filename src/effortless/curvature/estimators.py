@@ -17,7 +17,12 @@ Two kinds:
     - ``efisher``: squared per-sample gradients (VOGN);
     - ``ggn-mc``: squared gradients at one label drawn from the model's predictive;
     - ``ggn``: exact GGN diagonal;
-    - ``hutchinson``: one Rademacher probe of the Hessian diagonal (can be negative).
+    - ``hutchinson``: one Rademacher probe of the Hessian diagonal (can be negative);
+    - ``kfac``: the diagonal of the Kronecker-factored GGN ``G ⊗ A`` (Linear/Conv layers only).
+
+With the hook engine (:mod:`effortless.curvature.engine`), ``train_step`` computes ``efisher``
+from the training backward itself and ``ggn``/``ggn-mc``/``kfac`` from one extra batched backward
+to the layer outputs, sharing the training forward.
 
 The curvature engine plugs in by replacing an entry's ``fn``; the optimizer only sees this table.
 """
@@ -37,6 +42,8 @@ class Estimator:
     nonnegative: bool
     fn: Callable | None = None
     summary: str = ""
+    # what the hook engine computes from the training forward itself (train_step), if it can
+    engine_kind: str | None = None
 
 
 ESTIMATORS: dict[str, Estimator] = {
@@ -48,6 +55,7 @@ ESTIMATORS: dict[str, Estimator] = {
         True,
         lambda model, x, y, lik, gen, params: cf.diag_efisher(model, x, y, lik, params=params),
         "per-sample squared gradients",
+        "efisher",
     ),
     "ggn-mc": Estimator(
         "ggn-mc",
@@ -57,6 +65,7 @@ ESTIMATORS: dict[str, Estimator] = {
             model, x, y, lik, method="mc", generator=gen, params=params
         ),
         "GGN diagonal from one sampled label",
+        "ggn-mc",
     ),
     "ggn": Estimator(
         "ggn",
@@ -66,6 +75,15 @@ ESTIMATORS: dict[str, Estimator] = {
             model, x, y, lik, method="exact", params=params
         ),
         "exact GGN diagonal",
+        "ggn",
+    ),
+    "kfac": Estimator(
+        "kfac",
+        True,
+        True,
+        lambda model, x, y, lik, gen, params: cf.diag_kfac(model, x, y, lik, params=params),
+        "diagonal of the Kronecker-factored GGN (Linear/Conv layers)",
+        "kfac",
     ),
     "hutchinson": Estimator(
         "hutchinson",

@@ -37,7 +37,9 @@ from torch.func import functional_call, grad, jacrev, vmap
 from .. import likelihoods
 from . import engine
 
-__all__ = ["diag_ggn", "diag_efisher", "diag_hessian", "diag_hutchinson", "hvp", "kfac", "trainable"]
+__all__ = [
+    "diag_ggn", "diag_efisher", "diag_hessian", "diag_hutchinson", "diag_kfac", "hvp", "kfac", "trainable",
+]  # fmt: skip
 
 _log = logging.getLogger("effortless.curvature")
 
@@ -250,10 +252,11 @@ def kfac(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Kronecker factors ``(A, G)`` of the GGN of the summed NLL per Linear/Conv module.
 
-    ``A = Σ ā āᵀ`` over samples (and positions) of the module input with a ones column when the
+    ``A = mean ā āᵀ`` over samples (and positions) of the module input with a ones column when the
     module has a bias; ``G = Σ δ δᵀ`` of the output gradients for the exact output-Hessian factor
-    (``method="exact"``) or ``n_samples`` sampled labels (``"mc"``, averaged). The weight block of
-    the GGN is approximated by ``G ⊗ A`` (rows: outputs; columns: flattened inputs, bias last).
+    (``method="exact"``) or ``n_samples`` sampled labels (``"mc"``, averaged). The GGN block of the
+    layer, summed over the batch, is approximated by ``G ⊗ A`` (rows: outputs; columns: flattened
+    inputs, bias last); exact for one sample at one position.
     """
     if method not in ("exact", "mc"):
         raise ValueError(f"method must be 'exact' or 'mc', got {method!r}")
@@ -268,6 +271,21 @@ def kfac(
     if method == "mc":
         out = {k: (A, G / n_samples) for k, (A, G) in out.items()}
     return {k: (A.detach(), G.detach()) for k, (A, G) in out.items()}
+
+
+def diag_kfac(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    likelihood: str | likelihoods.Likelihood = "classification",
+    method: str = "exact",
+    generator: torch.Generator | None = None,
+    sigma_noise: float = 1.0,
+    params: Iterable[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The diagonal of the Kronecker-factored GGN ``G ⊗ A`` per parameter (see :func:`kfac`)."""
+    factors = kfac(model, x, y, likelihood, method, 1, generator, sigma_noise, params)
+    return engine.kfac_diagonal(engine.plan(model, params), factors)
 
 
 def _gradient_graph(model, x, y, lik, names):

@@ -48,7 +48,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .. import likelihoods
-from ..curvature import estimators
+from ..curvature import engine, estimators
+from ..curvature import functional as cf
 from ..posterior.diag import DiagGaussian
 from . import _fused
 
@@ -346,6 +347,7 @@ class BayesAdam(Optimizer):
         self.generator = generator
         self.fused = self._choose_fused(fused)
         self.skipped_steps = 0
+        self._plans: dict[int, object] = {}  # id(model) -> hook-engine plan (or None) for train_step
         self._inside = False
         self._clear_pending()
 
@@ -680,21 +682,70 @@ class BayesAdam(Optimizer):
         names = self._names_in(model)
         self.zero_grad()
         self._batch = x.shape[0]
+        plan = self._engine_plan(model, names)
         total = 0.0
         for _ in range(self.mc_samples):
             with self.sampled_params(train=True):
-                loss = lik.nll(model(x), y).mean()
+                est, loss = None, None
+                if plan is not None:
+                    try:
+                        est, loss = self._engine_sample(model, x, y, lik, plan)
+                    except engine.Unsupported:  # e.g. a module ran twice: generic path from now on
+                        self._plans[id(model)] = None
+                        plan = None
+                        model.zero_grad(set_to_none=True)
+                if plan is None:
+                    loss = lik.nll(model(x), y).mean()
+                    if bool(torch.isfinite(loss)):
+                        loss.backward()
+                        if self.estimator.needs_model:
+                            sums = self.estimator.fn(model, x, y, lik, self.generator, list(names))
+                            est = {names[n]: s.div_(x.shape[0]) for n, s in sums.items()}
                 finite = bool(torch.isfinite(loss))
-                if finite:
-                    loss.backward()
-                    if self.estimator.needs_model:
-                        sums = self.estimator.fn(model, x, y, lik, self.generator, list(names))
-                        self.add_curvature({names[n]: s.div_(x.shape[0]) for n, s in sums.items()})
+                if finite and est:
+                    self.add_curvature(est)
             if not finite:
                 return self._reject(f"the loss is {float(loss.detach())}", loss.detach())
             total = total + loss.detach()
         self.step()
         return total / self.mc_samples
+
+    def _engine_plan(self, model, names):
+        """The hook-engine plan for ``model`` when this estimator can share the training pass."""
+        if not (self.estimator.needs_model and self.estimator.engine_kind):
+            return None
+        if id(model) not in self._plans:
+            p = engine.plan(model, list(names))
+            self._plans[id(model)] = p if p.backend == "hooks" else None
+        return self._plans[id(model)]
+
+    def _engine_sample(self, model, x, y, lik, plan):
+        """Forward once with hooks; backward; curvature from the same pass. Returns (ĥ, loss)."""
+        kind = self.estimator.engine_kind
+        b = x.shape[0]
+        with engine.capture(plan) as saved:
+            f = model(x)
+        loss = lik.nll(f, y).mean()
+        if not bool(torch.isfinite(loss)):
+            return None, loss
+        if kind == "efisher":  # per-sample gradients of the loss from the training backward itself
+            grads: dict[str, torch.Tensor] = {}
+            for n, (_, z) in saved.items():
+                z.register_hook(lambda g, n=n: grads.__setitem__(n, g))
+            loss.backward()
+            deltas = {n: g.mul(b).unsqueeze(0) for n, g in grads.items()}
+        else:
+            cot = "ggn" if kind in ("ggn", "kfac") else "ggn-mc"
+            V = cf._cotangents(cot, f, y, lik, 1, self.generator)
+            deltas = engine.output_grads(f, saved, V)
+            loss.backward()
+        with torch.no_grad():
+            if kind == "kfac":
+                sums = engine.kfac_diagonal(plan, engine.kfac_factors(plan, saved, deltas))
+            else:
+                sums = engine.sq_sums(plan, saved, deltas)
+        params = dict(model.named_parameters())
+        return {params[n]: s.div_(b) for n, s in sums.items()}, loss
 
     def _names_in(self, model: nn.Module) -> dict[str, torch.Tensor]:
         mine = {p for _, p in self._params()}
