@@ -1,6 +1,6 @@
 """Curvature of the negative log-likelihood: estimators, dense references, the estimator table."""
 
-from . import engine, estimators, exact
+from . import engine, estimators, exact, operators
 from .engine import plan
 from .functional import (
     diag_efisher,
@@ -24,6 +24,7 @@ __all__ = [
     "plan",
     "trainable",
     "engine",
+    "operators",
     "exact",
     "estimators",
 ]
