@@ -37,8 +37,13 @@ class PeakMemory(TorchDispatchMode):
     def _track(self, t):
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             return
-        st = t.untyped_storage()
-        key = st.data_ptr()
+        try:
+            st = t.untyped_storage()
+            key = st.data_ptr()
+        except (RuntimeError, NotImplementedError):  # wrappers without storage (torch.func transforms):
+            return  # their data is allocated, and counted, by the ops on the wrapped tensors
+        if key == 0:
+            return
         if key in self._live or st.nbytes() == 0:
             return
         self._live[key] = st.nbytes()

@@ -1,0 +1,209 @@
+"""`effortless hessian-profile`: what each curvature quantity costs, against model size.
+
+For MLPs 784-w-w-10 (batch 128, one CPU thread by default), every quantity is timed interleaved
+with a plain forward+backward on the same inputs, and reported as the median over repetitions of
+the paired ratio t(quantity) / t(forward+backward). "+grad" quantities also produce the training
+gradient (what an optimizer step needs), so their ratio is the full cost of a curvature-aware step.
+Peak memory is counted at the dispatcher (all tensor bytes alive during the call). BackPACK rows
+are added when ``backpack-for-pytorch`` is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import likelihoods
+from ..curvature import engine, functional, operators
+from ..models import MLP
+from .memory import PeakMemory
+
+GOALS = {"ggn+grad": 2.0, "ggn-mc+grad": 1.5, "efisher+grad": 1.3, "kfac-mc+grad": 2.0}
+
+
+def _engine_step(model, x, y, plan, kind, gen):
+    """Gradient and curvature from one forward (hooks) and the batched output-gradient backward."""
+    lik = likelihoods.get("classification")
+    with engine.capture(plan) as saved:
+        f = model(x)
+    loss = lik.nll(f, y).mean()
+    if kind == "efisher":
+        grads = {}
+        for n, (_, z) in saved.items():
+            z.register_hook(lambda g, n=n: grads.__setitem__(n, g))
+        loss.backward()
+        deltas = {n: g.mul(x.shape[0]).unsqueeze(0) for n, g in grads.items()}
+    else:
+        cot = "ggn" if kind in ("ggn", "kfac") else "ggn-mc"
+        V = functional._cotangents(cot, f, y, lik, 1, gen)
+        deltas = engine.output_grads(f, saved, V)
+        loss.backward()
+    with torch.no_grad():
+        if kind.startswith("kfac"):
+            return engine.kfac_factors(plan, saved, deltas)
+        return engine.sq_sums(plan, saved, deltas)
+
+
+def quantities(model, x, y) -> dict[str, Callable[[], object]]:
+    """name -> a closure computing that quantity on (model, x, y)."""
+    plan = engine.plan(model)
+    gen = torch.Generator().manual_seed(0)
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    def with_grad(kind):
+        def run():
+            model.zero_grad(set_to_none=True)
+            return _engine_step(model, x, y, plan, kind, gen)
+
+        return run
+
+    def cg10():
+        def matvec(u):
+            g = operators.gvp(model, x, y, u)
+            return {k: g[k] + 1.0 * u[k] for k in u}
+
+        return operators.cg(matvec, v, tol=0.0, maxiter=10)
+
+    out = {
+        "fwd+bwd": fwd_bwd,
+        "efisher+grad": with_grad("efisher"),
+        "ggn-mc+grad": with_grad("ggn-mc"),
+        "ggn+grad": with_grad("ggn"),
+        "kfac-mc+grad": with_grad("kfac-mc"),
+        "ggn (torch.func)": lambda: functional.diag_ggn(model, x, y, backend="func"),
+        "efisher (torch.func)": lambda: functional.diag_efisher(model, x, y, backend="func"),
+        "hutchinson, 1 probe": lambda: functional.diag_hutchinson(model, x, y, generator=gen),
+        "hvp": lambda: functional.hvp(model, x, y, v),
+        "gvp": lambda: operators.gvp(model, x, y, v),
+        "cg, 10 gvp": cg10,
+    }
+    out.update(_backpack_quantities(model, x, y))
+    return out
+
+
+def _backpack_quantities(model, x, y):
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import KFAC, BatchGrad, DiagGGNExact, DiagGGNMC
+    except ImportError:
+        return {}
+    bmodel = extend(model)  # BackPACK extends modules in place; our own rules ignore its hooks
+    lossf = extend(torch.nn.CrossEntropyLoss(reduction="sum"))
+
+    def run(ext):
+        def fn():
+            bmodel.zero_grad(set_to_none=True)
+            with backpack(ext()):
+                lossf(bmodel(x), y).backward()
+
+        return fn
+
+    return {
+        "BackPACK DiagGGNExact+grad": run(DiagGGNExact),
+        "BackPACK DiagGGNMC+grad": run(DiagGGNMC),
+        "BackPACK BatchGrad+grad": run(BatchGrad),
+        "BackPACK KFAC (MC)+grad": run(KFAC),
+    }
+
+
+def profile(widths=(1, 8, 32, 128, 256, 512, 1024), batch=128, reps=30, warmup=3, progress=True, log=print):
+    rows = []
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    it = tqdm(widths, desc="hessian-profile", unit="width") if (progress and tqdm) else widths
+    for w in it:
+        torch.manual_seed(0)
+        model = MLP(784, [w, w], 10)
+        x = torch.rand(batch, 784)
+        y = torch.randint(0, 10, (batch,))
+        qs = quantities(model, x, y)
+        n_params = sum(p.numel() for p in model.parameters())
+        r = max(3, reps if n_params < 2e6 else reps // 3)
+        for _ in range(warmup):
+            for fn in qs.values():
+                fn()
+        times = {k: [] for k in qs}
+        for _ in range(r):
+            for k, fn in qs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+        base = times["fwd+bwd"]
+        for k, fn in qs.items():
+            baseline = list(model.parameters()) + [x, y]
+            with PeakMemory(baseline) as mem:
+                fn()
+            rows.append(
+                dict(
+                    width=w,
+                    n_params=n_params,
+                    batch=batch,
+                    quantity=k,
+                    ms=1000 * statistics.median(times[k]),
+                    ratio=statistics.median([t / b for t, b in zip(times[k], base)]),
+                    peak_mb=(mem.peak_bytes - 4 * (n_params + x.numel()) - 8 * y.numel()) / 2**20,
+                )
+            )
+    return rows
+
+
+def write(rows, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    widths = sorted({r["width"] for r in rows})
+    names = list(dict.fromkeys(r["quantity"] for r in rows))
+    cell = {(r["quantity"], r["width"]): r for r in rows}
+    n_params = {r["width"]: r["n_params"] for r in rows}
+    lines = [
+        "# hessian-profile",
+        "",
+        f"MLP 784-w-w-10, batch {rows[0]['batch']}; time as a multiple of one forward+backward "
+        "(median of interleaved paired ratios); peak extra memory in MiB beside it.",
+        "",
+        "| quantity | " + " | ".join(f"w={w} ({n_params[w]:,} params)" for w in widths) + " |",
+        "|---|" + "---|" * len(widths),
+    ]
+    for q in names:
+        cells = [f"{cell[(q, w)]['ratio']:.2f}× / {cell[(q, w)]['peak_mb']:.1f}" for w in widths]
+        lines.append(f"| {q} | " + " | ".join(cells) + " |")
+    if 256 in widths:
+        lines += ["", "Goals at 784-256-256-10 (issue #3):", "", "| quantity | goal | measured | met |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for q, goal in GOALS.items():
+            if (q, 256) in cell:
+                got = cell[(q, 256)]["ratio"]
+                lines.append(f"| {q} | ≤ {goal:.1f}× | {got:.2f}× | {'yes' if got <= goal else '**no**'} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    _plot(rows, names, out / "profile.png")
+    return "\n".join(lines)
+
+
+def _plot(rows, names, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for q in names:
+        sel = sorted((r for r in rows if r["quantity"] == q), key=lambda r: r["n_params"])
+        ax.plot([r["n_params"] for r in sel], [r["ratio"] for r in sel], marker="o", label=q)
+    ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="time / (forward + backward)",
+           title="Curvature cost against model size (MLP 784-w-w-10)")  # fmt: skip
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
