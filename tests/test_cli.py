@@ -26,3 +26,16 @@ def test_quick_demo_writes_results_and_plots(tmp_path):
             assert {"accuracy", "nll", "ece", "brier", "ood_auroc", "train_seconds", "step_ms"} <= set(r)
     for name in ("results.md", "reliability.png", "confidence_hist.png", "toy_regression.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_hessian_profile_writes_table_json_and_plot(tmp_path):
+    args = ["hessian-profile", "--widths", "1,4", "--reps", "3", "--batch", "16", "--out", str(tmp_path),
+            "--no-progress"]  # fmt: skip
+    assert cli.main(args) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    quantities = {r["quantity"] for r in rows}
+    assert {"fwd+bwd", "ggn+grad", "ggn-mc+grad", "efisher+grad", "kfac-mc+grad", "hvp", "gvp"} <= quantities
+    assert all(r["ratio"] > 0 and r["ms"] > 0 for r in rows)
+    assert {r["width"] for r in rows} == {1, 4}
+    assert (tmp_path / "profile.png").stat().st_size > 0
+    assert "ggn+grad" in (tmp_path / "results.md").read_text()
