@@ -10,6 +10,7 @@ are added when ``backpack-for-pytorch`` is installed.
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -99,7 +100,7 @@ def _backpack_quantities(model, x, y):
         from backpack.extensions import KFAC, BatchGrad, DiagGGNExact, DiagGGNMC
     except ImportError:
         return {}
-    bmodel = extend(model)  # BackPACK extends modules in place; our own rules ignore its hooks
+    bmodel = extend(copy.deepcopy(model))  # BackPACK adds backward hooks in place: keep them off ours
     lossf = extend(torch.nn.CrossEntropyLoss(reduction="sum"))
 
     def run(ext):
@@ -113,7 +114,7 @@ def _backpack_quantities(model, x, y):
     return {
         "BackPACK DiagGGNExact+grad": run(DiagGGNExact),
         "BackPACK DiagGGNMC+grad": run(DiagGGNMC),
-        "BackPACK BatchGrad+grad": run(BatchGrad),
+        "BackPACK SumGradSquared+grad": run(SumGradSquared),
         "BackPACK KFAC (MC)+grad": run(KFAC),
     }
 
@@ -201,14 +202,17 @@ def _plot(rows, names, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for q in names:
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    colors = plt.get_cmap("tab20").colors
+    for i, q in enumerate(names):
         sel = sorted((r for r in rows if r["quantity"] == q), key=lambda r: r["n_params"])
-        ax.plot([r["n_params"] for r in sel], [r["ratio"] for r in sel], marker="o", label=q)
+        style = "--" if ("torch.func" in q or "BackPACK" in q) else "-"
+        ax.plot([r["n_params"] for r in sel], [r["ratio"] for r in sel], style, marker="o",
+                color=colors[(2 * i) % 20 + (i // 10) % 2], label=q)  # fmt: skip
     ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="time / (forward + backward)",
            title="Curvature cost against model size (MLP 784-w-w-10)")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
