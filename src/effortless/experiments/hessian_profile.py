@@ -97,7 +97,7 @@ def quantities(model, x, y) -> dict[str, Callable[[], object]]:
 def _backpack_quantities(model, x, y):
     try:
         from backpack import backpack, extend
-        from backpack.extensions import KFAC, BatchGrad, DiagGGNExact, DiagGGNMC
+        from backpack.extensions import KFAC, DiagGGNExact, DiagGGNMC, SumGradSquared
     except ImportError:
         return {}
     bmodel = extend(copy.deepcopy(model))  # BackPACK adds backward hooks in place: keep them off ours
