@@ -89,6 +89,21 @@ class Sequence(nn.Module):
         return self.out(h.mean(1))
 
 
+class EmbedNet(nn.Module):
+    """Embedding of token ids (repeated tokens within a sample) + LayerNorm over a sequence."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.norm = nn.LayerNorm(3)
+        self.out = nn.Linear(3, c)
+
+    def forward(self, x):
+        ids = (x.abs() * 3).long().clamp(max=4)  # (B, 4) ids in [0, 5), repeats likely
+        h = torch.tanh(self.norm(self.emb(ids)))  # (B, T, 3)
+        return self.out(h.mean(1))
+
+
 def make_model(kind: str, out: int = 3) -> nn.Module:
     """Tiny float64 networks of several architectures (inputs have 25 features for the CNN, else 4)."""
     table = {
@@ -100,6 +115,7 @@ def make_model(kind: str, out: int = 3) -> nn.Module:
         "conv1d": lambda: Conv1dNet(out),
         "batchnorm": lambda: BNNet(out),
         "sequence": lambda: Sequence(out),
+        "embedding": lambda: EmbedNet(out),
     }
     return table[kind]().double()
 

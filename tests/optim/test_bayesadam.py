@@ -535,9 +535,9 @@ def test_step_with_a_closure_samples_around_it():
 @pytest.mark.parametrize("key", ["efisher", "ggn", "ggn-mc", "kfac"])
 @pytest.mark.parametrize("arch", ["mlp", "layernorm", "shared"])
 def test_train_step_curvature_from_the_engine_or_the_fallback(key, arch):
-    """train_step shares the training pass with the hook engine where it can (mlp) and falls back
-    to torch.func otherwise (LayerNorm: planned away; shared weights: found at run time); either
-    way h after one step at temperature 0 is the estimator's value at μ divided by B."""
+    """train_step shares the training pass with the hook engine where it can (mlp, LayerNorm) and
+    falls back to torch.func otherwise (shared weights, found at run time); either way h after one
+    step at temperature 0 is the estimator's value at μ divided by B."""
     from tests.conftest import make_batch, make_model
 
     if key == "kfac" and arch != "mlp":
@@ -553,7 +553,7 @@ def test_train_step_curvature_from_the_engine_or_the_fallback(key, arch):
     ref = ref_fn() if ref_fn else None
     opt = ef.BayesAdam(model.named_parameters(), n_data=100, hessian=key, temperature=0.0)
     opt.train_step(model, x, y)
-    assert (opt._plans[id(model)] is not None) == (arch == "mlp")
+    assert (opt._plans[id(model)] is not None) == (arch != "shared")
     for n, p in model.named_parameters():
         if ref is not None:
             torch.testing.assert_close(opt.state[p]["hess"], ref[n] / 8, rtol=1e-10, atol=1e-15)

@@ -1,8 +1,8 @@
 """The fast curvature engine: per-sample quantities from module inputs and output gradients.
 
 One forward pass with hooks saves, for every *supported* module (Linear, Conv1d/2d, BatchNorm in
-eval mode) its input ``a`` and output ``z``. Gradients of the network output's loss with respect
-to the ``z`` are then taken with ``torch.autograd.grad`` — for K cotangents at once
+eval mode, LayerNorm, Embedding) its input ``a`` and output ``z``. Gradients of the network
+output's loss with respect to the ``z`` are then taken with ``torch.autograd.grad`` — for K cotangents at once
 (``is_grads_batched``), e.g. the K = C columns ``√p_c (e_c − p)`` of the softmax output-Hessian
 factor for the exact GGN, one sampled label for the Monte-Carlo GGN, the true label for the
 empirical Fisher. Layer rules (below, one per module type) turn ``(a, δ)`` into the quantity:
@@ -95,6 +95,36 @@ def _bn_sq(m, a, delta):
     return out
 
 
+def _layernorm_sq(m: nn.LayerNorm, a, delta):
+    dims = tuple(range(a.dim() - len(m.normalized_shape), a.dim()))
+    mean = a.mean(dims, keepdim=True)
+    var = a.var(dims, unbiased=False, keepdim=True)
+    xhat = (a - mean) / torch.sqrt(var + m.eps)
+    lead = tuple(range(2, 2 + a.dim() - 1 - len(m.normalized_shape)))  # positions between B and shape
+    out = {}
+    if m.weight is not None:
+        gw = (delta * xhat).sum(lead) if lead else delta * xhat  # (K, B, *normalized_shape)
+        out["weight"] = gw.pow(2).sum((0, 1))
+    if m.bias is not None:
+        gb = delta.sum(lead) if lead else delta
+        out["bias"] = gb.pow(2).sum((0, 1))
+    return out
+
+
+def _embedding_sq(m: nn.Embedding, idx, delta):
+    # per-sample gradient rows: Σ over a sample's positions holding the same index, then squared
+    k, b = delta.shape[:2]
+    dim = delta.shape[-1]
+    flat_idx = idx.reshape(b, -1)  # (B, T)
+    t = flat_idx.shape[1]
+    sample = torch.arange(k * b, device=idx.device).repeat_interleave(t)  # (K·B·T,)
+    key = sample * m.num_embeddings + flat_idx.repeat(k, 1).reshape(-1)
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    seg = delta.new_zeros(uniq.shape[0], dim).index_add_(0, inverse, delta.reshape(-1, dim))
+    out = delta.new_zeros(m.num_embeddings, dim).index_add_(0, uniq % m.num_embeddings, seg.pow(2))
+    return {"weight": out}
+
+
 def _linear_kfac(m: nn.Linear, a, delta):
     a2 = a.reshape(-1, a.shape[-1])
     if m.bias is not None:
@@ -124,6 +154,8 @@ RULES: dict[type, Rule] = {
     nn.Conv2d: Rule(_conv_sq, _conv_kfac),
     nn.BatchNorm1d: Rule(_bn_sq),
     nn.BatchNorm2d: Rule(_bn_sq),
+    nn.LayerNorm: Rule(_layernorm_sq),
+    nn.Embedding: Rule(_embedding_sq),
 }
 
 
@@ -138,6 +170,8 @@ def _module_ok(m: nn.Module) -> str | None:
         return f"{type(m).__name__} with padding={m.padding!r}"
     if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
         return "BatchNorm in training mode (couples the samples of a batch)"
+    if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse):
+        return "Embedding with max_norm or sparse gradients"
     return None
 
 

@@ -262,8 +262,10 @@ def kfac(
         raise ValueError(f"method must be 'exact' or 'mc', got {method!r}")
     lik = likelihoods.get(likelihood, sigma_noise)
     p = engine.plan(model, params)
-    if p.backend != "hooks":
-        raise ValueError(f"kfac needs Linear/Conv layers with the hook engine: {p}")
+    no_rule = [f"{n} ({type(m).__name__})" for n, m in p.modules.items() if not engine.RULES[type(m)].kfac]
+    if p.backend != "hooks" or no_rule:
+        why = f"no Kronecker factors for {', '.join(no_rule)}" if no_rule else str(p)
+        raise ValueError(f"kfac needs every selected parameter in a Linear/Conv layer: {why}")
     with torch.enable_grad(), engine.capture(p) as saved:
         f = model(x)
     V = _cotangents("ggn" if method == "exact" else "ggn-mc", f, y, lik, n_samples, generator)
