@@ -32,7 +32,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, vjp, vmap
 
 from .. import likelihoods
 from . import engine
@@ -43,8 +43,10 @@ __all__ = [
 
 _log = logging.getLogger("effortless.curvature")
 
-# Elements of per-sample Jacobians held at once (B_chunk · C · P); bounds memory of the generic path.
-_CHUNK_ELEMENTS = 2**25
+# The generic path holds per-sample gradients for a chunk of samples at once: at most
+# max(2·P, _MIN_CHUNK_ELEMENTS) numbers, so its memory stays within a small multiple of a training
+# step (parameters, gradients, activations) however large the batch.
+_MIN_CHUNK_ELEMENTS = 2**16
 
 
 def trainable(model: nn.Module, params: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -79,11 +81,12 @@ def _chunks(n: int, size: int):
         yield slice(start, min(start + size, n))
 
 
-def _chunk_size(n_out: int, params: dict, chunk_size: int | None) -> int:
+def _chunk_size(params: dict, chunk_size: int | None) -> int:
+    """Samples per chunk of per-sample gradients (each P numbers)."""
     if chunk_size is not None:
         return int(chunk_size)
     n_params = sum(p.numel() for p in params.values())
-    return max(1, _CHUNK_ELEMENTS // max(1, n_out * n_params))
+    return max(1, max(2 * n_params, _MIN_CHUNK_ELEMENTS) // max(1, n_params))
 
 
 def _zeros_like(params):
@@ -115,7 +118,8 @@ def diag_ggn(
         generator: random generator for ``method="mc"``.
         sigma_noise: noise standard deviation for regression.
         params: restrict to these parameter names (e.g. the last layer).
-        chunk_size: samples per vectorised chunk (default: bounded by ``_CHUNK_ELEMENTS``).
+        chunk_size: samples per vectorised chunk of the generic path (default: per-sample gradients
+            of at most max(2·P, 2¹⁶) numbers at once).
         backend: ``"auto"`` (the hook engine when :func:`plan` allows, else ``torch.func``),
             ``"hooks"`` (error if not possible) or ``"func"``.
     """
@@ -144,13 +148,17 @@ def diag_ggn(
         f = model(x)
     f2 = f if f.dim() == 2 else f[:, None]
     S = lik.hessian_factor(f2).to(f2.dtype)  # (B, C, K)
+
+    def row(th, xb, sb):  # (S_bᵀ J_b)_k for one sample: one vector-Jacobian product
+        _, pull = vjp(lambda t: f_single(t, xb).reshape(-1), th)
+        return pull(sb)[0]
+
+    rows = vmap(row, in_dims=(None, 0, 0))
     out = _zeros_like(theta)
-    jac = vmap(jacrev(f_single), in_dims=(None, 0))
-    for sl in _chunks(x.shape[0], _chunk_size(S.shape[1] * S.shape[2], theta, chunk_size)):
-        J = jac(theta, x[sl])  # name -> (b, C, *shape)
-        for n, Jn in J.items():
-            Jn = Jn.reshape(Jn.shape[0], S.shape[1], -1)  # (b, C, P_n)
-            out[n] += torch.einsum("bcp,bck->bkp", Jn, S[sl]).pow(2).sum((0, 1)).view_as(out[n])
+    for k in range(S.shape[2]):  # one output-Hessian column at a time: memory b·P, not b·C·P
+        for sl in _chunks(x.shape[0], _chunk_size(theta, chunk_size)):
+            for n, r in rows(theta, x[sl], S[sl, :, k]).items():
+                out[n] += r.pow(2).sum(0)
     return out
 
 
@@ -180,7 +188,7 @@ def diag_efisher(
 
     per_sample = vmap(grad(loss), in_dims=(None, 0, 0))
     out = _zeros_like(theta)
-    for sl in _chunks(x.shape[0], _chunk_size(1, theta, chunk_size)):
+    for sl in _chunks(x.shape[0], _chunk_size(theta, chunk_size)):
         for n, g in per_sample(theta, x[sl], y[sl]).items():
             out[n] += g.pow(2).sum(0)
     return out
