@@ -381,7 +381,7 @@ class BayesAdam(Optimizer):
         return out
 
     def _run_fused(self, name: str, *args):
-        """Run a compiled kernel; on a compilation failure warn once and return None (go eager)."""
+        """Run a compiled kernel; on a compilation failure warn once and return _FAILED (go eager)."""
         try:
             return _fused.kernel(name)(*args)
         except Exception as err:  # compilation problems surface as many exception types; a real
