@@ -76,7 +76,5 @@ def test_bad_arguments_raise_value_errors():
     post = ef.DiagGaussian.from_model(model, 1.0)
     with pytest.raises(ValueError, match="n_samples"):
         ef.predict(model, post, x, n_samples=0)
-    with pytest.raises(NotImplementedError, match="glm"):
-        ef.predict(model, post, x, method="glm")
     with pytest.raises(ValueError, match="method"):
         ef.predict(model, post, x, method="laplace")

@@ -23,7 +23,7 @@ from . import likelihoods
 from .curvature import estimators
 from .curvature import functional as cf
 from .optim import BayesAdam
-from .posterior import DiagGaussian
+from .posterior import DiagGaussian, predictive
 
 __all__ = ["fit", "predict", "laplace", "LAPLACE_HESSIANS"]
 
@@ -118,17 +118,29 @@ def predict(
     """Posterior predictive at ``x``.
 
     Classification returns the averaged probabilities (B, C); regression returns the predictive
-    ``(mean, variance)``, the variance including ``sigma_noise²``. ``method="mc"`` averages over
-    ``n_samples`` weight samples (the linearised predictives arrive with issue #4). The model's
-    train/eval mode is left as the caller set it.
+    ``(mean, variance)``, the variance including ``sigma_noise²``.
+
+    * ``method="mc"``: average over ``n_samples`` weight samples;
+    * ``method="glm"``: the linearised predictive, sampled in output space (``n_samples`` draws of
+      ``f(μ) + J δθ`` from its exact Gaussian; no Jacobian matrices are built);
+    * ``method="probit"``: its closed-form probit approximation (deterministic).
+
+    The model's train/eval mode is left as the caller set it.
     """
-    if method != "mc":
-        if method in ("glm", "probit"):
-            raise NotImplementedError(f"method={method!r} is not available yet; use method='mc'")
+    if method not in ("mc", "glm", "probit"):
         raise ValueError(f"method must be one of ('mc', 'glm', 'probit'), got {method!r}")
     if not (isinstance(n_samples, int) and n_samples >= 1):
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     lik = likelihoods.get(likelihood, sigma_noise)
+    if method in ("glm", "probit"):
+        with torch.enable_grad():
+            mean, cov = predictive.linearised_moments(model, posterior, x)
+        if lik.name != "classification":
+            var = torch.diagonal(cov, dim1=-2, dim2=-1) + lik.sigma_noise**2
+            return mean.reshape(x.shape[0], -1), var.reshape(x.shape[0], -1)
+        if method == "probit":
+            return predictive.probit_probs(mean, cov)
+        return predictive.glm_probs(mean, cov, n_samples, generator)
     outs = []
     for _ in range(n_samples):
         with posterior.sampled(model, generator):

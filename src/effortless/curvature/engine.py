@@ -125,6 +125,59 @@ def _embedding_sq(m: nn.Embedding, idx, delta):
     return {"weight": out}
 
 
+# -- per-sample gradients (K, B, *param shape), for output covariances -------------------------
+
+
+def _linear_psg(m: nn.Linear, a, delta):
+    a3 = a.reshape(a.shape[0], -1, a.shape[-1])  # (B, T, in)
+    d4 = delta.reshape(delta.shape[0], delta.shape[1], -1, delta.shape[-1])  # (K, B, T, out)
+    out = {"weight": torch.einsum("kbto,bti->kboi", d4, a3)}
+    if m.bias is not None:
+        out["bias"] = d4.sum(2)
+    return out
+
+
+def _linear_cov(m: nn.Linear, a, delta, var):
+    """Σ_p var_p g_kp g_lp per sample without per-sample gradients (2-D inputs), else via them."""
+    if a.dim() != 2:
+        return None
+    s = a.pow(2) @ var["weight"].T  # (B, out)
+    if m.bias is not None and "bias" in var:
+        s = s + var["bias"]
+    return torch.einsum("kbo,lbo,bo->bkl", delta, delta, s)
+
+
+def _conv_psg(m, a, delta):
+    patches = _unfold(m, a)
+    d = delta.reshape(delta.shape[0], delta.shape[1], delta.shape[2], -1)  # (K, B, O, L)
+    g = torch.einsum("kbol,bil->kboi", d, patches)
+    out = {"weight": g.reshape(*g.shape[:2], *m.weight.shape)}
+    if m.bias is not None:
+        out["bias"] = d.sum(3)
+    return out
+
+
+def _norm_psg(xhat, delta, m, lead):
+    out = {}
+    if m.weight is not None:
+        out["weight"] = (delta * xhat).sum(lead) if lead else delta * xhat
+    if m.bias is not None:
+        out["bias"] = delta.sum(lead) if lead else delta
+    return out
+
+
+def _bn_psg(m, a, delta):
+    shape = (1, -1) + (1,) * (a.dim() - 2)
+    xhat = (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+    return _norm_psg(xhat, delta, m, tuple(range(3, delta.dim())))
+
+
+def _layernorm_psg(m, a, delta):
+    dims = tuple(range(a.dim() - len(m.normalized_shape), a.dim()))
+    xhat = (a - a.mean(dims, keepdim=True)) / torch.sqrt(a.var(dims, unbiased=False, keepdim=True) + m.eps)
+    return _norm_psg(xhat, delta, m, tuple(range(2, 2 + a.dim() - 1 - len(m.normalized_shape))))
+
+
 def _linear_kfac(m: nn.Linear, a, delta):
     a2 = a.reshape(-1, a.shape[-1])
     if m.bias is not None:
@@ -144,17 +197,19 @@ def _conv_kfac(m, a, delta):
 
 @dataclass(frozen=True)
 class Rule:
-    sq: object
-    kfac: object | None = None
+    sq: object  # Σ_k Σ_b (per-sample gradient)²
+    kfac: object | None = None  # (A, G)
+    psg: object | None = None  # per-sample gradients (K, B, *shape)
+    cov: object | None = None  # Σ_p var_p g_kp g_lp without per-sample gradients, or None
 
 
 RULES: dict[type, Rule] = {
-    nn.Linear: Rule(_linear_sq, _linear_kfac),
-    nn.Conv1d: Rule(_conv_sq, _conv_kfac),
-    nn.Conv2d: Rule(_conv_sq, _conv_kfac),
-    nn.BatchNorm1d: Rule(_bn_sq),
-    nn.BatchNorm2d: Rule(_bn_sq),
-    nn.LayerNorm: Rule(_layernorm_sq),
+    nn.Linear: Rule(_linear_sq, _linear_kfac, _linear_psg, _linear_cov),
+    nn.Conv1d: Rule(_conv_sq, _conv_kfac, _conv_psg),
+    nn.Conv2d: Rule(_conv_sq, _conv_kfac, _conv_psg),
+    nn.BatchNorm1d: Rule(_bn_sq, None, _bn_psg),
+    nn.BatchNorm2d: Rule(_bn_sq, None, _bn_psg),
+    nn.LayerNorm: Rule(_layernorm_sq, None, _layernorm_psg),
     nn.Embedding: Rule(_embedding_sq),
 }
 
@@ -270,6 +325,30 @@ def sq_sums(p: Plan, saved, deltas) -> dict[str, torch.Tensor]:
     """Per-parameter ``Σ_k Σ_b g²`` from saved inputs and output gradients, keyed like the model."""
     per_module = {n: RULES[type(m)].sq(m, saved[n][0], deltas[n]) for n, m in p.modules.items()}
     return {full: per_module[mname][attr] for full, (mname, attr) in p.params.items()}
+
+
+def output_covariance(p: Plan, saved, deltas, variance: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``Σ_p var_p J_kp J_lp`` per sample, (B, K, K), from output gradients of K unit cotangents.
+
+    ``variance`` is keyed like the model's parameters (a diagonal posterior's variances); with the
+    K = C cotangents ``e_k`` this is the linearised predictive covariance ``J_b Σ J_bᵀ``.
+    """
+    total = None
+    for n, m in p.modules.items():
+        rule = RULES[type(m)]
+        var = {attr: variance[full] for full, (mn, attr) in p.params.items() if mn == n}
+        a, delta = saved[n][0], deltas[n]
+        part = rule.cov(m, a, delta, var) if rule.cov is not None else None
+        if part is None:
+            if rule.psg is None:
+                raise Unsupported(f"no per-sample gradients for {type(m).__name__} ({n})")
+            part = 0
+            for attr, g in rule.psg(m, a, delta).items():
+                if attr in var:
+                    g = g.reshape(g.shape[0], g.shape[1], -1)  # (K, B, P)
+                    part = part + torch.einsum("kbp,lbp,p->bkl", g, g, var[attr].reshape(-1))
+        total = part if total is None else total + part
+    return total
 
 
 def kfac_diagonal(p: Plan, factors) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """Gaussian posteriors over network weights."""
 
+from . import predictive
 from .diag import DiagGaussian
 
-__all__ = ["DiagGaussian"]
+__all__ = ["DiagGaussian", "predictive"]

@@ -1,0 +1,93 @@
+"""Linearised (GLM) predictive of a diagonal Gaussian posterior, without Jacobian matrices.
+
+Linearising the network at the posterior mean, ``f(x; θ) ≈ f(x; μ) + J (θ − μ)``, turns the
+posterior ``N(μ, Σ)`` into a Gaussian over outputs per input: mean ``f(x; μ)``, covariance
+``J_b Σ J_bᵀ`` (C × C). For a diagonal Σ the covariance is ``Σ_p σ²_p J_bkp J_blp``; the hook
+engine gets it from one batched backward of the C unit cotangents to the layer outputs and layer
+rules (for a Linear layer ``Σ_o δ_kbo δ_lbo (a_b² · σ²_o)``), so neither B×C×P Jacobians nor
+per-sample gradients of a Linear layer are built. Modules without a rule use ``torch.func``
+per-sample Jacobians, chunked.
+
+* ``glm``: average of softmax over samples ``f_b + L_b ξ`` (``L_b L_bᵀ`` the covariance);
+* ``probit``: ``softmax(f_b / √(1 + π/8 · diag cov_b))`` (Spiegelhalter & Lauritzen 1990;
+  MacKay 1992), deterministic;
+* regression: mean ``f_b``, variance ``diag cov_b + σ²``.
+
+References: Immer et al. (2021), Improving predictions of Bayesian neural nets via local
+linearization; Daxberger et al. (2021), Laplace redux.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from ..curvature import engine
+from ..curvature.functional import _chunks, _frozen, _single
+from .diag import DiagGaussian
+
+__all__ = ["linearised_moments", "glm_probs", "probit_probs"]
+
+
+def linearised_moments(model: nn.Module, posterior: DiagGaussian, x: torch.Tensor, chunk_size: int = 64):
+    """Mean ``f(x; μ)`` (B, C) and covariance ``J Σ Jᵀ`` (B, C, C) of the linearised predictive."""
+    params = posterior._match(model)  # posterior key -> parameter
+    names = {id(p): n for n, p in model.named_parameters()}
+    variance = {names[id(p)]: posterior.variance[k] for k, p in params.items()}
+    with posterior.mean_loaded(model):
+        plan = engine.plan(model, list(variance))
+        if plan.backend == "hooks":
+            try:
+                return _hooks_moments(model, x, plan, variance)
+            except engine.Unsupported:
+                pass
+        return _func_moments(model, x, variance, chunk_size)
+
+
+def _hooks_moments(model, x, plan, variance):
+    with torch.enable_grad(), engine.capture(plan) as saved:
+        f = model(x)
+    f2 = f if f.dim() == 2 else f[:, None]
+    c = f2.shape[1]
+    eye = torch.eye(c, dtype=f.dtype, device=f.device)
+    cot = eye[:, None, :].expand(c, f2.shape[0], c).reshape(c, *f.shape)  # (C, B, C): unit cotangents
+    deltas = engine.output_grads(f, saved, cot)
+    with torch.no_grad():
+        cov = engine.output_covariance(plan, saved, deltas, variance)
+    return f2.detach(), cov.detach()
+
+
+def _func_moments(model, x, variance, chunk_size):
+    theta = {n: p.detach() for n, p in model.named_parameters() if n in variance}
+    f_single = _single(model, _frozen(model, theta))
+    with torch.no_grad():
+        f = functional_call(model, {**_frozen(model, theta), **theta}, (x,))
+    f2 = f if f.dim() == 2 else f[:, None]
+    cov = f2.new_zeros(f2.shape[0], f2.shape[1], f2.shape[1])
+    jac = vmap(jacrev(lambda th, xb: f_single(th, xb).reshape(-1)), in_dims=(None, 0))
+    for sl in _chunks(x.shape[0], chunk_size):
+        for n, J in jac(theta, x[sl]).items():  # (b, C, *shape)
+            J = J.reshape(J.shape[0], J.shape[1], -1)
+            cov[sl] += torch.einsum("bcp,bdp,p->bcd", J, J, variance[n].reshape(-1))
+    return f2, cov
+
+
+def probit_probs(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """``softmax(f / √(1 + π/8 · var))`` per class (the extended probit approximation)."""
+    var = torch.diagonal(cov, dim1=-2, dim2=-1)
+    return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), -1)
+
+
+def glm_probs(mean, cov, n_samples: int = 32, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Monte-Carlo average of ``softmax(f + L ξ)`` over output-space samples (cheap: C numbers)."""
+    c = mean.shape[-1]
+    jitter = 1e-10 * cov.diagonal(dim1=-2, dim2=-1).mean().clamp_min(1e-30)
+    L = torch.linalg.cholesky(cov + jitter * torch.eye(c, dtype=cov.dtype, device=cov.device))
+    device = generator.device if generator is not None else mean.device
+    xi = torch.randn(n_samples, *mean.shape, generator=generator, dtype=mean.dtype, device=device)
+    xi = xi.to(mean.device)
+    f = mean + torch.einsum("bcd,sbd->sbc", L, xi)  # (S, B, C)
+    return f.softmax(-1).mean(0)
