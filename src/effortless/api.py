@@ -23,7 +23,7 @@ from . import likelihoods
 from .curvature import estimators
 from .curvature import functional as cf
 from .optim import BayesAdam
-from .posterior import DiagGaussian, predictive
+from .posterior import DiagGaussian, evidence, predictive
 
 __all__ = ["fit", "predict", "laplace", "LAPLACE_HESSIANS"]
 
@@ -178,12 +178,18 @@ def laplace(
     Args:
         hessian: one of ``LAPLACE_HESSIANS`` (``"ggn"``, ``"ggn-mc"``, ``"efisher"``,
             ``"hutchinson"``, ``"hessian"``).
+        prior_precision: δ (float), or ``"marglik"`` / ``"marglik-layer"`` to choose a scalar /
+            per-tensor δ by maximising the Laplace evidence (:mod:`effortless.posterior.evidence`;
+            one extra forward pass for the NLL). The value used is ``posterior.prior_precision``.
         params: restrict to these parameter names (others stay fixed at their values).
     """
     if hessian not in LAPLACE_HESSIANS:
         raise ValueError(f"hessian must be one of {sorted(LAPLACE_HESSIANS)}, got {hessian!r}")
-    if not (isinstance(prior_precision, (int, float)) and prior_precision > 0):
-        raise ValueError(f"prior_precision must be a float > 0, got {prior_precision!r}")
+    tune = prior_precision in ("marglik", "marglik-layer")
+    if not tune and not (isinstance(prior_precision, (int, float)) and prior_precision > 0):
+        raise ValueError(
+            f"prior_precision must be a float > 0, 'marglik' or 'marglik-layer', got {prior_precision!r}"
+        )
     lik = likelihoods.get(likelihood, sigma_noise)
     theta = cf.trainable(model, params)
     total = {n: torch.zeros_like(p) for n, p in theta.items()}
@@ -193,4 +199,16 @@ def laplace(
         for n in total:
             total[n] += est[n]
     mean = {n: p.detach().clone() for n, p in theta.items()}
-    return DiagGaussian(mean, {n: t + prior_precision for n, t in total.items()})
+    if tune:
+        nll_sum = 0.0
+        with torch.no_grad():
+            for x, y in loader:
+                nll_sum += float(lik.nll(model(x.to(device)), y.to(device)).sum())
+        per_tensor = prior_precision == "marglik-layer"
+        delta = evidence.tune_prior_precision(nll_sum, mean, total, per_tensor=per_tensor)
+    else:
+        delta = prior_precision
+    prec = {n: t + (delta[n] if isinstance(delta, dict) else delta) for n, t in total.items()}
+    post = DiagGaussian(mean, prec)
+    post.prior_precision = delta  # the value used (tuned with "marglik")
+    return post

@@ -1,6 +1,6 @@
 """Gaussian posteriors over network weights."""
 
-from . import predictive
+from . import evidence, predictive
 from .diag import DiagGaussian
 
-__all__ = ["DiagGaussian", "predictive"]
+__all__ = ["DiagGaussian", "evidence", "predictive"]
