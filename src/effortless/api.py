@@ -23,7 +23,7 @@ from . import likelihoods
 from .curvature import estimators
 from .curvature import functional as cf
 from .optim import BayesAdam
-from .posterior import DiagGaussian, evidence, predictive
+from .posterior import DiagGaussian, evidence, kron, predictive
 
 __all__ = ["fit", "predict", "laplace", "LAPLACE_HESSIANS"]
 
@@ -133,8 +133,11 @@ def predict(
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     lik = likelihoods.get(likelihood, sigma_noise)
     if method in ("glm", "probit"):
-        with torch.enable_grad():
-            mean, cov = predictive.linearised_moments(model, posterior, x)
+        if isinstance(posterior, kron.KronLastLayer):
+            mean, cov = posterior.predictive_moments(model, x)
+        else:
+            with torch.enable_grad():
+                mean, cov = predictive.linearised_moments(model, posterior, x)
         if lik.name != "classification":
             var = torch.diagonal(cov, dim1=-2, dim2=-1) + lik.sigma_noise**2
             return mean.reshape(x.shape[0], -1), var.reshape(x.shape[0], -1)
@@ -170,10 +173,12 @@ def laplace(
     generator: torch.Generator | None = None,
     params: Iterable[str] | None = None,
     progress: bool = False,
-) -> DiagGaussian:
-    """Post-hoc diagonal Laplace approximation around the model's current weights.
+    subset: str | None = None,
+):
+    """Post-hoc Laplace approximation around the model's current weights.
 
-    ``precision = Σ_data diag-curvature + prior_precision``, keyed like ``named_parameters()``.
+    Diagonal: ``precision = Σ_data diag-curvature + prior_precision``, keyed like
+    ``named_parameters()``.
 
     Args:
         hessian: one of ``LAPLACE_HESSIANS`` (``"ggn"``, ``"ggn-mc"``, ``"efisher"``,
@@ -182,9 +187,22 @@ def laplace(
             per-tensor δ by maximising the Laplace evidence (:mod:`effortless.posterior.evidence`;
             one extra forward pass for the NLL). The value used is ``posterior.prior_precision``.
         params: restrict to these parameter names (others stay fixed at their values).
+        subset: ``"last_layer"`` restricts to the last ``nn.Linear``; with ``hessian="kfac"`` it
+            returns a :class:`~effortless.posterior.kron.KronLastLayer` (Kronecker-factored
+            precision, closed-form GLM predictive) instead of a ``DiagGaussian``.
     """
+    if subset not in (None, "all", "last_layer"):
+        raise ValueError(f"subset must be None, 'all' or 'last_layer', got {subset!r}")
     if hessian not in LAPLACE_HESSIANS:
         raise ValueError(f"hessian must be one of {sorted(LAPLACE_HESSIANS)}, got {hessian!r}")
+    if subset == "last_layer":
+        if hessian == "kfac":
+            lik = likelihoods.get(likelihood, sigma_noise)
+            if not (prior_precision in ("marglik", "marglik-layer") or float(prior_precision) > 0):
+                raise ValueError(f"prior_precision must be a float > 0 or 'marglik', got {prior_precision!r}")
+            return kron.fit_last_layer(model, loader, lik, prior_precision, generator=generator)
+        name, layer = kron.last_linear(model)
+        params = [f"{name}.{a}" for a, _ in layer.named_parameters()]
     tune = prior_precision in ("marglik", "marglik-layer")
     if not tune and not (isinstance(prior_precision, (int, float)) and prior_precision > 0):
         raise ValueError(

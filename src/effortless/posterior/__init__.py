@@ -1,6 +1,7 @@
 """Gaussian posteriors over network weights."""
 
-from . import evidence, predictive
+from . import evidence, kron, predictive
 from .diag import DiagGaussian
+from .kron import KronLastLayer
 
-__all__ = ["DiagGaussian", "evidence", "predictive"]
+__all__ = ["DiagGaussian", "KronLastLayer", "evidence", "kron", "predictive"]

@@ -1,0 +1,88 @@
+"""Last-layer KFAC Laplace: closed forms against dense matrices."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import effortless as ef
+from effortless.posterior import kron
+
+
+def _setup(bias=True, n=40, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4, bias=bias)).double()
+    x = torch.randn(n, 3, dtype=torch.float64)
+    y = torch.randint(0, 4, (n,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    return model, x, y, loader
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_glm_covariance_and_log_det_match_dense_kronecker_algebra(bias):
+    model, x, y, loader = _setup(bias)
+    post = ef.laplace(model, loader, hessian="kfac", subset="last_layer", prior_precision=0.7)
+    assert isinstance(post, kron.KronLastLayer)
+    Lam = torch.kron(post.G, post.A) + 0.7 * torch.eye(post.mean.numel(), dtype=torch.float64)
+    torch.testing.assert_close(post.log_det_precision(), torch.logdet(Lam))
+    f, phi = post.features(model, x[:6])
+    J = torch.stack([torch.kron(torch.eye(4, dtype=torch.float64)[c], phi) for c in range(4)], 1)  # (B, C, P)
+    ref = J @ torch.linalg.inv(Lam) @ J.transpose(1, 2)
+    mean, cov = post.predictive_moments(model, x[:6])
+    torch.testing.assert_close(cov, ref, atol=1e-12, rtol=1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(mean, model(x[:6]))
+
+
+def test_factors_accumulate_over_batches_like_one_big_batch():
+    model, x, y, loader = _setup()
+    post = ef.laplace(model, loader, hessian="kfac", subset="last_layer")
+    one = ef.laplace(model, [(x, y)], hessian="kfac", subset="last_layer")
+    torch.testing.assert_close(post.A, one.A)
+    torch.testing.assert_close(post.G, one.G)
+
+
+def test_weight_samples_have_the_kronecker_covariance():
+    model, x, y, loader = _setup()
+    post = ef.laplace(model, loader, hessian="kfac", subset="last_layer", prior_precision=2.0)
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    draws = torch.stack([(post.sample(gen) - post.mean).reshape(-1) for _ in range(n)])
+    cov = torch.linalg.inv(torch.kron(post.G, post.A) + 2.0 * torch.eye(draws.shape[1], dtype=torch.float64))
+    d = torch.diagonal(cov)
+    se = ((d[:, None] * d[None, :] + cov**2) / n).sqrt()
+    assert ((draws.T @ draws / n - cov).abs() <= 5 * se).float().mean() > 0.99
+
+
+def test_mc_weight_sampling_equals_the_glm_predictive_for_a_last_layer():
+    """The network is linear in its last layer: sampling W̄ and the GLM predictive coincide."""
+    model, x, y, loader = _setup()
+    post = ef.laplace(model, loader, hessian="kfac", subset="last_layer", prior_precision=1.0)
+    gen = torch.Generator().manual_seed(0)
+    mc = ef.predict(model, post, x[:5], n_samples=20000, generator=gen)
+    glm = ef.predict(model, post, x[:5], method="glm", n_samples=20000, generator=gen)
+    assert (mc - glm).abs().max() < 5 * math.sqrt(0.25 / 20000) * math.sqrt(2)
+    probit = ef.predict(model, post, x[:5], method="probit")
+    assert (probit - glm).abs().max() < 0.05
+
+
+def test_marglik_tuning_maximises_the_evidence():
+    model, x, y, loader = _setup()
+    post = ef.laplace(model, loader, hessian="kfac", subset="last_layer", prior_precision="marglik")
+    with torch.no_grad():
+        nll = float(nn.functional.cross_entropy(model(x), y, reduction="sum"))
+    best = kron.log_marginal_likelihood(post, nll)
+    for factor in (0.5, 0.8, 1.25, 2.0):
+        assert kron.log_marginal_likelihood(post, nll, post.prior_precision * factor) < best
+
+
+def test_last_layer_diag_and_bad_subsets():
+    model, x, y, loader = _setup()
+    post = ef.laplace(model, loader, hessian="ggn", subset="last_layer")
+    assert list(post.mean) == ["2.weight", "2.bias"]
+    with pytest.raises(ValueError, match="subset"):
+        ef.laplace(model, loader, subset="first")
+    with pytest.raises(ValueError, match="nn.Linear"):
+        conv = nn.Sequential(nn.Conv1d(1, 1, 1), nn.Flatten())
+        ef.laplace(conv, [(torch.randn(2, 1, 3), torch.zeros(2).long())], subset="last_layer")
