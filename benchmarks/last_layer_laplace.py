@@ -76,8 +76,10 @@ def main(argv=None):
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['seed']} | {r['method']} | {100 * r['accuracy']:.2f} | {r['nll']:.4f} | "
-                     f"{100 * r['ece']:.2f} | {r['fit_epochs']:.2f} | {r['predict_seconds']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {r['seed']} | {r['method']} | {100 * r['accuracy']:.2f} | {r['nll']:.4f} | "
+            f"{100 * r['ece']:.2f} | {r['fit_epochs']:.2f} | {r['predict_seconds']:.2f} |"
+        )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
