@@ -29,29 +29,6 @@ FUNC_MAX_PARAMS = 300_000  # the torch.func rows are skipped above this size (mi
 GOALS = {"ggn+grad": 2.0, "ggn-mc+grad": 1.5, "efisher+grad": 1.3, "kfac-mc+grad": 2.0}
 
 
-def _engine_step(model, x, y, plan, kind, gen):
-    """Gradient and curvature from one forward (hooks) and the batched output-gradient backward."""
-    lik = likelihoods.get("classification")
-    with engine.capture(plan) as saved:
-        f = model(x)
-    loss = lik.nll(f, y).mean()
-    if kind == "efisher":
-        grads = {}
-        for n, (_, z) in saved.items():
-            z.register_hook(lambda g, n=n: grads.__setitem__(n, g))
-        loss.backward()
-        deltas = {n: g.mul(x.shape[0]).unsqueeze(0) for n, g in grads.items()}
-    else:
-        cot = "ggn" if kind in ("ggn", "kfac") else "ggn-mc"
-        V = functional._cotangents(cot, f, y, lik, 1, gen)
-        deltas = engine.output_grads(f, saved, V)
-        loss.backward()
-    with torch.no_grad():
-        if kind.startswith("kfac"):
-            return engine.kfac_factors(plan, saved, deltas)
-        return engine.sq_sums(plan, saved, deltas)
-
-
 def quantities(model, x, y) -> dict[str, Callable[[], object]]:
     """name -> a closure computing that quantity on (model, x, y)."""
     plan = engine.plan(model)
@@ -62,10 +39,12 @@ def quantities(model, x, y) -> dict[str, Callable[[], object]]:
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
 
+    lik = likelihoods.get("classification")
+
     def with_grad(kind):
         def run():
             model.zero_grad(set_to_none=True)
-            return _engine_step(model, x, y, plan, kind, gen)
+            return functional.training_pass(model, x, y, lik, plan, kind, gen)
 
         return run
 

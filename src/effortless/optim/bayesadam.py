@@ -722,30 +722,14 @@ class BayesAdam(Optimizer):
     def _engine_sample(self, model, x, y, lik, plan):
         """Forward once with hooks; backward; curvature from the same pass. Returns (ĥ, loss)."""
         kind = self.estimator.engine_kind
-        b = x.shape[0]
-        with engine.capture(plan) as saved:
-            f = model(x)
-        loss = lik.nll(f, y).mean()
-        if not bool(torch.isfinite(loss)):
+        loss, sums = cf.training_pass(model, x, y, lik, plan, kind, self.generator,
+                                      proceed=lambda loss: bool(torch.isfinite(loss)))  # fmt: skip
+        if sums is None:
             return None, loss
-        if kind == "efisher":  # per-sample gradients of the loss from the training backward itself
-            grads: dict[str, torch.Tensor] = {}
-            for n, (_, z) in saved.items():
-                z.register_hook(lambda g, n=n: grads.__setitem__(n, g))
-            loss.backward()
-            deltas = {n: g.mul(b).unsqueeze(0) for n, g in grads.items()}
-        else:
-            cot = "ggn" if kind in ("ggn", "kfac") else "ggn-mc"
-            V = cf._cotangents(cot, f, y, lik, 1, self.generator)
-            deltas = engine.output_grads(f, saved, V)
-            loss.backward()
-        with torch.no_grad():
-            if kind == "kfac":
-                sums = engine.kfac_diagonal(plan, engine.kfac_factors(plan, saved, deltas))
-            else:
-                sums = engine.sq_sums(plan, saved, deltas)
+        if kind == "kfac":
+            sums = engine.kfac_diagonal(plan, sums)
         params = dict(model.named_parameters())
-        return {params[n]: s.div_(b) for n, s in sums.items()}, loss
+        return {params[n]: s.div_(x.shape[0]) for n, s in sums.items()}, loss
 
     def _names_in(self, model: nn.Module) -> dict[str, torch.Tensor]:
         mine = {p for _, p in self._params()}
