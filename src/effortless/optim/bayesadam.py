@@ -233,8 +233,10 @@ class BayesAdam(Optimizer):
             or param-group dicts.
         n_data: number of training examples N (the likelihood's weight against the prior).
         lr, betas, eps: Adam's, for the mean (defaults as ``torch.optim.Adam``).
-        prior_precision: δ of the Gaussian prior N(0, 1/δ) (float > 0); ``"auto"`` is reserved for
-            online evidence tuning (not available yet: raises NotImplementedError).
+        prior_precision: δ of the Gaussian prior N(0, 1/δ) (float > 0), or ``"auto"``: start at 1
+            and, every ``prior_update_every`` steps, set each group's δ to the maximiser of the
+            diagonal Laplace evidence given the current μ and curvature (MacKay's fixed point
+            δ = γ/‖μ‖², γ = Σ N h/(N h + δ)); no extra pass over the data.
         hessian: curvature estimator key (see :mod:`effortless.curvature.estimators`).
         hess_beta: weight of the old curvature in its running average (0 ≤ β < 1), or None for
             an equal-weight average over all steps.
@@ -293,12 +295,16 @@ class BayesAdam(Optimizer):
         antithetic: bool = True,
         foreach: bool = True,
         fused: bool | None = None,
+        prior_update_every: int = 100,
     ):
-        if prior_precision == "auto":
-            raise NotImplementedError(
-                "prior_precision='auto' (online evidence tuning) is not available yet; "
-                "pass a float, or tune it post hoc"
-            )
+        self.auto_prior = prior_precision == "auto"
+        if self.auto_prior:
+            prior_precision = 1.0  # the starting value; tuned every `prior_update_every` steps
+        elif isinstance(prior_precision, str):
+            raise ValueError(f"prior_precision must be a float > 0 or 'auto', got {prior_precision!r}")
+        if not (isinstance(prior_update_every, int) and prior_update_every >= 1):
+            raise ValueError(f"prior_update_every must be a positive int, got {prior_update_every!r}")
+        self.prior_update_every = prior_update_every
         _check_positive("n_data", n_data)
         _check_positive("lr", lr, allow_zero=True)
         _check_positive("eps", eps, allow_zero=True)
@@ -621,7 +627,28 @@ class BayesAdam(Optimizer):
                     foreach=self.foreach,
                 )
         self._clear_pending()
+        if self.auto_prior:
+            self._maybe_update_prior()
         return loss
+
+    @torch.no_grad()
+    def _maybe_update_prior(self):
+        for group in self.param_groups:
+            states = [self.state[p] for p in group["params"] if p.requires_grad and self.state.get(p)]
+            if not states or states[0]["step"] % self.prior_update_every:
+                continue
+            params = [p for p in group["params"] if p.requires_grad and self.state.get(p)]
+            sq = sum(float(p.pow(2).sum()) for p in params)
+            nh = [st["hess"].clamp_min(0).mul(group["n_data"]) for st in states]
+            d = group["prior_precision"]
+            for _ in range(50):  # MacKay's fixed point for the evidence-maximising δ
+                gamma = sum(float((h / (h + d)).sum()) for h in nh)
+                d_new = min(max(gamma / max(sq, 1e-30), 1e-8), 1e8)
+                if abs(d_new - d) <= 1e-6 * d:
+                    d = d_new
+                    break
+                d = d_new
+            group["prior_precision"] = d
 
     def _fused_reparam(self, group, items, step, hess_step):
         """Update the single-sample reparam tensors with the compiled kernel; return the rest."""
@@ -764,6 +791,7 @@ class BayesAdam(Optimizer):
             "mc_samples": self.mc_samples,
             "rng_state": self.generator.get_state(),
             "antithetic_phase": self._phase,
+            "auto_prior": self.auto_prior,
             "skipped_steps": self.skipped_steps,
         }
         return sd
@@ -781,6 +809,7 @@ class BayesAdam(Optimizer):
         super().load_state_dict(state_dict)
         self.generator.set_state(extra["rng_state"])
         self._phase = int(extra["antithetic_phase"])
+        self.auto_prior = bool(extra.get("auto_prior", self.auto_prior))
         self.skipped_steps = int(extra.get("skipped_steps", 0))
         self.mc_samples = int(extra["mc_samples"])
         self._clear_pending()
