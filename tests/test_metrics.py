@@ -37,3 +37,60 @@ def test_regression_metrics():
     assert metrics.rmse(mean, y) == pytest.approx(math.sqrt(0.5))
     ref = -torch.distributions.Normal(mean, 2.0).log_prob(y).mean()
     assert metrics.gaussian_nll(mean, torch.full((2,), 4.0), y) == pytest.approx(float(ref))
+
+
+def _ood_scores(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(400, generator=g) * 0.7 + 0.3
+    b = torch.rand(300, generator=g) * 0.8
+    a[:30] = 0.5
+    b[:30] = 0.5  # ties across the two sets
+    return a, b
+
+
+def test_aupr_matches_sklearn_average_precision():
+    from sklearn.metrics import average_precision_score
+
+    a, b = _ood_scores()
+    labels = torch.cat([torch.ones(len(a)), torch.zeros(len(b))])
+    ref = average_precision_score(labels.numpy(), torch.cat([a, b]).numpy())
+    assert metrics.aupr(a, b) == pytest.approx(ref, abs=1e-12)
+
+
+def test_fpr_at_95_tpr_by_hand():
+    a = torch.arange(1, 101, dtype=torch.float64)  # in-distribution scores 1..100
+    b = torch.tensor([2.0, 5.0, 6.0, 50.0])
+    # the threshold keeping 95 % of a is its 5 % quantile, 5.95: only 6 and 50 pass
+    assert metrics.fpr_at_tpr(a, b, 0.95) == pytest.approx(0.5)
+
+
+def test_adaptive_ece_and_mce_by_hand():
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 1])
+    # equal-mass bins of two: {0.6, 0.7} acc 1.0 conf 0.65; {0.8, 0.9} acc 0.5 conf 0.85
+    assert metrics.ece(probs, labels, n_bins=2, adaptive=True) == pytest.approx((0.35 + 0.35) / 2)
+    # equal-width bins of 0.1: |0.6-1|, |0.7-1|, |0.8-0|, |0.9-1| -> max 0.8
+    assert metrics.mce(probs, labels, n_bins=10) == pytest.approx(0.8)
+
+
+def test_aurc_by_hand():
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0])  # correct, wrong, correct in order of confidence
+    assert metrics.aurc(probs, labels) == pytest.approx((0 + 1 / 2 + 1 / 3) / 3)
+
+
+def test_entropy_and_mutual_information():
+    agree = torch.tensor([[[0.5, 0.5]], [[0.5, 0.5]]])  # (S=2, B=1, C=2)
+    disagree = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
+    assert float(metrics.mutual_information(agree)) == pytest.approx(0.0, abs=1e-12)
+    assert float(metrics.mutual_information(disagree)) == pytest.approx(math.log(2))
+    assert float(metrics.entropy(torch.tensor([[0.5, 0.5]]))) == pytest.approx(math.log(2))
+
+
+def test_regression_calibration_metrics():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(20000, generator=g, dtype=torch.float64)
+    mean, var = torch.zeros_like(y), torch.ones_like(y)
+    assert metrics.picp(mean, var, y, 0.95) == pytest.approx(0.95, abs=0.01)
+    assert metrics.quantile_calibration_error(mean, var, y) < 0.01
+    assert metrics.quantile_calibration_error(mean, 4 * var, y) > 0.1  # too wide: miscalibrated

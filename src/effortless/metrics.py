@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["accuracy", "nll", "ece", "brier", "auroc", "classification_report", "gaussian_nll", "rmse"]
+__all__ = [
+    "accuracy", "nll", "ece", "mce", "brier", "auroc", "aupr", "fpr_at_tpr", "aurc",
+    "entropy", "mutual_information", "classification_report", "gaussian_nll", "rmse", "picp",
+    "quantile_calibration_error",
+]  # fmt: skip
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -35,11 +39,20 @@ def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float((probs.double() - onehot).pow(2).sum(-1).mean())
 
 
-def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15):
-    """Equal-width confidence bins: (bin confidence, bin accuracy, bin count), each (n_bins,)."""
+def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, adaptive: bool = False):
+    """Confidence bins: (bin confidence, bin accuracy, bin count), each (n_bins,).
+
+    Equal-width bins on [0, 1], or with ``adaptive=True`` equal-mass bins (each holds ~N/n_bins
+    predictions, sorted by confidence).
+    """
     conf, pred = probs.double().max(-1)
     correct = (pred == labels).double()
-    idx = (conf * n_bins).long().clamp(0, n_bins - 1)
+    if adaptive:
+        order = torch.argsort(conf, stable=True)
+        idx = torch.empty_like(order)
+        idx[order] = torch.arange(len(conf)) * n_bins // max(len(conf), 1)
+    else:
+        idx = (conf * n_bins).long().clamp(0, n_bins - 1)
     count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf))
     sum_conf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf)
     sum_acc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct)
@@ -47,10 +60,57 @@ def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
     return sum_conf / safe, sum_acc / safe, count
 
 
-def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
-    """Expected calibration error with equal-width confidence bins (fraction, not %)."""
-    conf, acc, count = calibration_bins(probs, labels, n_bins)
+def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, adaptive: bool = False) -> float:
+    """Expected calibration error (fraction, not %), equal-width or equal-mass (adaptive) bins."""
+    conf, acc, count = calibration_bins(probs, labels, n_bins, adaptive)
     return float(((conf - acc).abs() * count).sum() / count.sum())
+
+
+def mce(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """Maximum calibration error over the non-empty equal-width bins."""
+    conf, acc, count = calibration_bins(probs, labels, n_bins)
+    return float((conf - acc).abs()[count > 0].max())
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Predictive entropy per row, in nats."""
+    p = probs.double().clamp_min(1e-30)
+    return -(p * p.log()).sum(-1)
+
+
+def mutual_information(sample_probs: torch.Tensor) -> torch.Tensor:
+    """BALD / epistemic part: H[mean_s p_s] − mean_s H[p_s], for per-sample probabilities (S, B, C)."""
+    return entropy(sample_probs.mean(0)) - entropy(sample_probs).mean(0)
+
+
+def aupr(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
+    """Average precision for detecting the in-distribution (positive) inputs by a higher score."""
+    s = torch.cat([scores_in, scores_out]).double()
+    pos = torch.cat([torch.ones(len(scores_in)), torch.zeros(len(scores_out))]).double()
+    order = torch.argsort(s, descending=True, stable=True)
+    s, pos = s[order], pos[order]
+    tp = pos.cumsum(0)
+    precision = tp / torch.arange(1, len(s) + 1, dtype=torch.float64)
+    # one point per distinct threshold: the last index of every run of tied scores
+    last = torch.ones(len(s), dtype=torch.bool)
+    last[:-1] = s[1:] != s[:-1]
+    recall_gain = torch.diff(torch.cat([torch.zeros(1, dtype=torch.float64), tp[last]])) / pos.sum()
+    return float((precision[last] * recall_gain).sum())
+
+
+def fpr_at_tpr(scores_in: torch.Tensor, scores_out: torch.Tensor, tpr: float = 0.95) -> float:
+    """Fraction of out-of-distribution inputs kept when the threshold keeps ``tpr`` of the in-ones."""
+    threshold = torch.quantile(scores_in.double(), 1 - tpr)
+    return float((scores_out.double() >= threshold).double().mean())
+
+
+def aurc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the risk-coverage curve of selective prediction by confidence (lower is better)."""
+    conf, pred = probs.double().max(-1)
+    order = torch.argsort(conf, descending=True, stable=True)
+    errors = (pred[order] != labels[order]).double()
+    risk = errors.cumsum(0) / torch.arange(1, len(errors) + 1, dtype=torch.float64)
+    return float(risk.mean())
 
 
 def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
@@ -101,3 +161,19 @@ def gaussian_nll(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> floa
 
 def rmse(mean: torch.Tensor, y: torch.Tensor) -> float:
     return float((mean.double() - y.double()).pow(2).mean().sqrt())
+
+
+def picp(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, level: float = 0.95) -> float:
+    """Prediction-interval coverage: the fraction of ``y`` inside the central ``level`` interval."""
+    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2, dtype=torch.float64))
+    half = z * var.double().sqrt()
+    return float(((y.double() - mean.double()).abs() <= half).double().mean())
+
+
+def quantile_calibration_error(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, n_levels=20) -> float:
+    """Mean |observed − expected| frequency of ``y`` below the predictive quantiles at ``n_levels``
+    levels in (0, 1) (Kuleshov et al., 2018)."""
+    u = torch.distributions.Normal(mean.double(), var.double().sqrt()).cdf(y.double()).reshape(-1)
+    levels = (torch.arange(1, n_levels + 1, dtype=torch.float64)) / (n_levels + 1)
+    observed = (u[None, :] <= levels[:, None]).double().mean(1)
+    return float((observed - levels).abs().mean())
