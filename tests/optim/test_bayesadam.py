@@ -445,7 +445,7 @@ def test_prior_precision_auto_recovers_the_true_prior():
     y = y + sigma * torch.randn(n, 1, generator=g, dtype=torch.float64)
     model = nn.Linear(d, 1, bias=False).double()
     opt = ef.BayesAdam(model.parameters(), n_data=n, hessian="ggn", prior_precision="auto", lr=0.02,
-                       temperature=1.0, prior_update_every=50,
+                       temperature=1.0, prior_update_every=50, prior_warmup=0,
                        generator=torch.Generator().manual_seed(0))  # fmt: skip
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 1500)
     for _ in range(1500):

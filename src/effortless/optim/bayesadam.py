@@ -236,7 +236,9 @@ class BayesAdam(Optimizer):
         prior_precision: δ of the Gaussian prior N(0, 1/δ) (float > 0), or ``"auto"``: start at 1
             and, every ``prior_update_every`` steps, set each group's δ to the maximiser of the
             diagonal Laplace evidence given the current μ and curvature (MacKay's fixed point
-            δ = γ/‖μ‖², γ = Σ N h/(N h + δ)); no extra pass over the data.
+            δ = γ/‖μ‖², γ = Σ N h/(N h + δ)), after ``prior_warmup`` steps and by at most a factor
+            2 per update; no extra pass over the data. Experimental: measured to hurt small
+            networks (README), so not the default.
         hessian: curvature estimator key (see :mod:`effortless.curvature.estimators`).
         hess_beta: weight of the old curvature in its running average (0 ≤ β < 1), or None for
             an equal-weight average over all steps.
@@ -296,6 +298,7 @@ class BayesAdam(Optimizer):
         foreach: bool = True,
         fused: bool | None = None,
         prior_update_every: int = 100,
+        prior_warmup: int = 1000,
     ):
         self.auto_prior = prior_precision == "auto"
         if self.auto_prior:
@@ -305,6 +308,9 @@ class BayesAdam(Optimizer):
         if not (isinstance(prior_update_every, int) and prior_update_every >= 1):
             raise ValueError(f"prior_update_every must be a positive int, got {prior_update_every!r}")
         self.prior_update_every = prior_update_every
+        if not (isinstance(prior_warmup, int) and prior_warmup >= 0):
+            raise ValueError(f"prior_warmup must be an int >= 0, got {prior_warmup!r}")
+        self.prior_warmup = prior_warmup
         _check_positive("n_data", n_data)
         _check_positive("lr", lr, allow_zero=True)
         _check_positive("eps", eps, allow_zero=True)
@@ -637,10 +643,12 @@ class BayesAdam(Optimizer):
             states = [self.state[p] for p in group["params"] if p.requires_grad and self.state.get(p)]
             if not states or states[0]["step"] % self.prior_update_every:
                 continue
+            if states[0]["step"] < self.prior_warmup:
+                continue
             params = [p for p in group["params"] if p.requires_grad and self.state.get(p)]
             sq = sum(float(p.pow(2).sum()) for p in params)
             nh = [st["hess"].clamp_min(0).mul(group["n_data"]) for st in states]
-            d = group["prior_precision"]
+            d0 = d = group["prior_precision"]
             for _ in range(50):  # MacKay's fixed point for the evidence-maximising δ
                 gamma = sum(float((h / (h + d)).sum()) for h in nh)
                 d_new = min(max(gamma / max(sq, 1e-30), 1e-8), 1e8)
@@ -648,7 +656,8 @@ class BayesAdam(Optimizer):
                     d = d_new
                     break
                 d = d_new
-            group["prior_precision"] = d
+            # move at most a factor 2 per update: the running curvature is noisy early on
+            group["prior_precision"] = min(max(d, d0 / 2), d0 * 2)
 
     def _fused_reparam(self, group, items, step, hess_step):
         """Update the single-sample reparam tensors with the compiled kernel; return the rest."""
