@@ -9,7 +9,11 @@ Example:
 from . import curvature, likelihoods
 from .api import fit, laplace, predict
 from .optim import BayesAdam
-from .posterior import DiagGaussian
+from .posterior import DiagGaussian, KronLastLayer
+from .posterior.from_adam import posterior_from_adam
 
 __version__ = "0.1.0"
-__all__ = ["BayesAdam", "DiagGaussian", "fit", "predict", "laplace", "curvature", "likelihoods"]
+__all__ = [
+    "BayesAdam", "DiagGaussian", "KronLastLayer", "fit", "predict", "laplace", "posterior_from_adam",
+    "curvature", "likelihoods",
+]  # fmt: skip

@@ -1,0 +1,93 @@
+"""posterior_from_adam: Adam's moments mapped to the per-sample empirical Fisher."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import effortless as ef
+from effortless.curvature import exact
+
+
+def _logistic(n=64, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = (X @ torch.randn(d, generator=g, dtype=torch.float64) + 0.5 * torch.randn(n, generator=g,
+         dtype=torch.float64) > 0).long()  # fmt: skip
+    torch.manual_seed(seed)
+    model = nn.Linear(d, 2).double()
+    return model, X, y
+
+
+def _run_adam(model, X, y, batch, steps, opt_cls=torch.optim.Adam, seed=0, **kw):
+    """lr = 0: the weights stay put, so Adam's EMAs average gradients at one fixed θ over
+    minibatches drawn with replacement (where E ū² = m² + (F − m²)/B holds exactly)."""
+    opt = opt_cls(model.parameters(), lr=0.0, betas=(0.9999, 0.9999), **kw)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(X), (batch,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(X[idx]), y[idx]).backward()
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_recovers_the_dense_empirical_fisher(batch):
+    model, X, y = _logistic()
+    opt = _run_adam(model, X, y, batch, 20000)
+    post = ef.posterior_from_adam(model, opt, n_data=len(X), batch_size=batch, prior_precision=1.0)
+    ref = exact.diag(model, X, y, "efisher")  # Σ_b g_b², the N·F the mapping should give
+    for k in ref:
+        tol = 0.02 * float(ref[k].max())
+        torch.testing.assert_close(post.precision[k] - 1.0, ref[k], rtol=0.15, atol=tol)
+
+
+def test_plain_second_moment_would_be_wrong_by_the_batch_size():
+    """The test above can fail: v̂ itself (no batch-size mapping) is off by about B."""
+    model, X, y = _logistic()
+    opt = _run_adam(model, X, y, 16, 5000)
+    ref = exact.diag(model, X, y, "efisher")["weight"]
+    v = opt.state[model.weight]["exp_avg_sq"] / (1 - 0.9999**5000) * len(X)
+    assert float((v / ref).median()) < 0.3
+
+
+def test_implied_precision_does_not_move_with_the_batch_size():
+    model, X, y = _logistic(seed=1)
+    small = ef.posterior_from_adam(model, _run_adam(model, X, y, 4, 20000, seed=2), len(X), 4)
+    large = ef.posterior_from_adam(model, _run_adam(model, X, y, 32, 20000, seed=3), len(X), 32)
+    for k in small.precision:
+        torch.testing.assert_close(small.precision[k], large.precision[k], rtol=0.15, atol=0.5)
+
+
+def test_l2_weight_decay_is_removed_and_adamw_needs_no_correction():
+    """The L2 term λθ shifts every per-sample gradient; the mapping removes it (Adam), AdamW keeps it
+    out of the moments. Without the correction the estimate is off by far more than the tolerance."""
+    model, X, y = _logistic()
+    ref = exact.diag(model, X, y, "efisher")
+    wd = 1.0
+    adam = _run_adam(model, X, y, 8, 20000, weight_decay=wd)
+    adamw = _run_adam(model, X, y, 8, 20000, opt_cls=torch.optim.AdamW, weight_decay=wd)
+    for opt in (adam, adamw):
+        post = ef.posterior_from_adam(model, opt, n_data=len(X), batch_size=8)
+        torch.testing.assert_close(post.precision["weight"] - 1.0, ref["weight"], rtol=0.15,
+                                   atol=0.02 * float(ref["weight"].max()))  # fmt: skip
+    # uncorrected: F̂ of the total gradient g + λθ
+    st = adam.state[model.weight]
+    m = st["exp_avg"] / (1 - 0.9999**20000)
+    v = st["exp_avg_sq"] / (1 - 0.9999**20000)
+    raw = (8 * v - 7 * m.pow(2)) * len(X)
+    assert not torch.allclose(raw, ref["weight"], rtol=0.15, atol=0.02 * float(ref["weight"].max()))
+
+
+def test_marglik_and_clear_errors():
+    model, X, y = _logistic()
+    opt = _run_adam(model, X, y, 8, 200)
+    post = ef.posterior_from_adam(model, opt, n_data=64, batch_size=8, prior_precision="marglik")
+    assert post.prior_precision > 0
+    with pytest.raises(ValueError, match="Adam"):
+        ef.posterior_from_adam(model, torch.optim.SGD(model.parameters(), lr=0.1), 64, 8)
+    with pytest.raises(ValueError, match="at least one step"):
+        ef.posterior_from_adam(model, torch.optim.Adam(model.parameters()), 64, 8)
+    with pytest.raises(ValueError, match="batch_size"):
+        ef.posterior_from_adam(model, opt, 64, 0)
