@@ -39,3 +39,16 @@ def test_hessian_profile_writes_table_json_and_plot(tmp_path):
     assert {r["width"] for r in rows} == {1, 4}
     assert (tmp_path / "profile.png").stat().st_size > 0
     assert "ggn+grad" in (tmp_path / "results.md").read_text()
+
+
+def test_adam_hessian_runs_and_reports(tmp_path):
+    args = ["adam-hessian", "--task", "mnist1d-mlp", "--epochs", "1", "--every", "5", "--subset", "640",
+            "--probe", "64", "--probes", "4", "--out", str(tmp_path)]  # fmt: skip
+    assert cli.main(args) == 0
+    out = json.loads((tmp_path / "results.json").read_text())
+    estimates = {r["estimate"] for r in out["rows"]}
+    assert estimates == {"adam v̂", "adam F̂", "bayesadam h"}
+    assert all(-1.0001 <= r["spearman"] <= 1.0001 for r in out["rows"])
+    assert {"MAP (Adam)", "adam-laplace (probit)"} <= set(out["adam_laplace"])
+    for name in ("results.md", "correlation.png", "scatter.png"):
+        assert (tmp_path / name).stat().st_size > 0

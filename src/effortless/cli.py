@@ -13,6 +13,8 @@ Commands:
                    accuracy, NLL, calibration and out-of-distribution detection, and plot them
   hessian-profile  time every curvature estimator and operator against model size, as a
                    multiple of one forward+backward, with memory; table and log-log plot
+  adam-hessian     how well Adam's state (and BayesAdam's curvature) matches the exact diagonal
+                   GGN / empirical Fisher / Hessian during training; adam-laplace vs MAP
 
 Run `effortless COMMAND --help` for a command's options."""
 
@@ -24,8 +26,14 @@ def _demo(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    demo.run(out=args.out, epochs=args.epochs, quick=args.quick, seed=args.seed,
-             n_samples=args.samples, progress=not args.no_progress)  # fmt: skip
+    demo.run(
+        out=args.out,
+        epochs=args.epochs,
+        quick=args.quick,
+        seed=args.seed,
+        n_samples=args.samples,
+        progress=not args.no_progress,
+    )
     return 0
 
 
@@ -39,6 +47,28 @@ def _hessian_profile(args) -> int:
     rows = hp.profile(widths=widths, batch=args.batch, reps=args.reps, progress=not args.no_progress)
     print(hp.write(rows, Path(args.out)))
     print(f"\nWrote {args.out}/results.json, results.md, profile.png")
+    return 0
+
+
+def _adam_hessian(args) -> int:
+    import torch
+
+    from .experiments import adam_hessian
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, _, table = adam_hessian.run(
+        task=args.task,
+        epochs=args.epochs,
+        every=args.every,
+        probe=args.probe,
+        probes=args.probes,
+        seed=args.seed,
+        out=args.out,
+        subset=args.subset,
+    )
+    print(table)
+    print(f"\nWrote {args.out}/results.json, results.md, correlation.png, scatter.png")
     return 0
 
 
@@ -79,13 +109,38 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     h.add_argument("--out", default="runs/hessian-profile", help="output directory")
-    h.add_argument("--widths", default="1,8,32,128,256,512,1024",
-                   help="hidden widths (default 1,8,32,128,256,512,1024: ~800 to 1.9M weights)")  # fmt: skip
+    h.add_argument(
+        "--widths",
+        default="1,8,32,128,256,512,1024",
+        help="hidden widths (default 1,8,32,128,256,512,1024: ~800 to 1.9M weights)",
+    )
     h.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
     h.add_argument("--reps", type=int, default=30, help="interleaved repetitions per width (default 30)")
     h.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     h.add_argument("--no-progress", action="store_true", help="no progress bar")
     h.set_defaults(func=_hessian_profile)
+    a = sub.add_parser(
+        "adam-hessian",
+        help="Adam's second moment against the exact curvature, during training",
+        description=(
+            "Train with Adam and BayesAdam side by side; every --every steps compare Adam's raw "
+            "second moment, the empirical Fisher it implies (posterior_from_adam) and BayesAdam's "
+            "curvature against the exact diagonal GGN, empirical Fisher and (Hutchinson) Hessian "
+            "on a probe set, per layer (Spearman/Pearson of logs, median ratio). Then evaluate "
+            "adam-laplace (MAP + posterior_from_adam, marglik prior, probit) against MAP. Writes "
+            "results.json, results.md, correlation.png, scatter.png into --out."
+        ),
+    )
+    a.add_argument("--task", default="fmnist-mlp", choices=["fmnist-mlp", "fmnist-cnn", "mnist1d-mlp"])
+    a.add_argument("--epochs", type=int, default=2)
+    a.add_argument("--every", type=int, default=200, help="steps between comparisons")
+    a.add_argument("--probe", type=int, default=512, help="training examples in the probe set")
+    a.add_argument("--probes", type=int, default=32, help="Hutchinson probes for the Hessian diagonal")
+    a.add_argument("--subset", type=int, default=None, help="use only the first N training examples")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--threads", type=int, default=None)
+    a.add_argument("--out", default="runs/adam-hessian")
+    a.set_defaults(func=_adam_hessian)
     return parser
 
 

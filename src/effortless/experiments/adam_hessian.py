@@ -1,0 +1,240 @@
+"""`effortless adam-hessian`: how well does Adam's state approximate the Hessian diagonal?
+
+Trains a network with Adam (lr 1e-3) and, side by side from the same initialisation and data
+order, BayesAdam (defaults). Every ``every`` steps it compares, on a fixed probe set of training
+examples, per layer:
+
+* ``adam v̂``: Adam's raw bias-corrected second moment (what is often taken as "the Hessian");
+* ``adam F̂``: the per-sample empirical Fisher implied by Adam's moments (:func:`posterior_from_adam`);
+* ``bayesadam h``: BayesAdam's running curvature (``hessian="reparam"``);
+
+against the exact diagonal GGN, the exact empirical Fisher and the Hessian diagonal (Hutchinson,
+many probes) at Adam's current weights (BayesAdam's h against references at its own weights), as
+per-sample averages. Reported: Pearson and Spearman correlation of the log values, and the median
+ratio estimate/reference. At the end, ``adam-laplace`` (MAP + ``posterior_from_adam`` with the
+evidence-tuned prior, probit predictive) is evaluated against MAP on the test set.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import curvature, data, metrics
+from ..api import predict
+from ..models import MLP, LeNet
+from ..optim import BayesAdam
+from ..posterior.from_adam import posterior_from_adam
+
+TASKS = {
+    "fmnist-mlp": (data.fashion_mnist, lambda: MLP(784, [512, 256], 10)),
+    "fmnist-cnn": (data.fashion_mnist, lambda: LeNet()),
+    "mnist1d-mlp": (data.mnist1d, lambda: MLP(40, [256, 256], 10)),
+}
+
+
+def _rank(x):
+    r = torch.empty_like(x)
+    r[torch.argsort(x)] = torch.arange(len(x), dtype=x.dtype)
+    return r
+
+
+def compare(est: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Pearson / Spearman correlation of log values and the median ratio, over one tensor."""
+    e, r = est.double().reshape(-1).clamp_min(1e-12), ref.double().reshape(-1).clamp_min(1e-12)
+    le, lr = e.log(), r.log()
+    pearson = float(torch.corrcoef(torch.stack([le, lr]))[0, 1])
+    spearman = float(torch.corrcoef(torch.stack([_rank(le), _rank(lr)]))[0, 1])
+    return {"pearson_log": pearson, "spearman": spearman, "median_ratio": float((e / r).median())}
+
+
+def _references(model, x, y, probes, gen):
+    n = x.shape[0]
+    ggn = curvature.diag_ggn(model, x, y)
+    ef = curvature.diag_efisher(model, x, y)
+    hess = curvature.diag_hutchinson(model, x, y, n_probes=probes, generator=gen)
+    return {
+        k: {n_: t / n for n_, t in d.items()} for k, d in (("ggn", ggn), ("efisher", ef), ("hessian", hess))
+    }
+
+
+def run(
+    task="fmnist-mlp",
+    epochs=2,
+    every=200,
+    batch_size=128,
+    probe=512,
+    probes=32,
+    seed=0,
+    out="runs/adam-hessian",
+    log=print,
+    subset=None,
+):
+    load, make = TASKS[task]
+    split = load()
+    if subset:
+        split = split.subset(subset, None)
+    torch.manual_seed(seed)
+    adam_model = make()
+    bayes_model = make()
+    bayes_model.load_state_dict(adam_model.state_dict())
+    adam = torch.optim.Adam(adam_model.parameters(), lr=1e-3)
+    bayes = BayesAdam(
+        bayes_model.parameters(), n_data=len(split.x_train), generator=torch.Generator().manual_seed(seed)
+    )
+    loader = data.loader(split.x_train, split.y_train, batch_size=batch_size, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    idx = torch.randperm(len(split.x_train), generator=g)[:probe]
+    xp, yp = split.x_train[idx], split.y_train[idx]
+    names = [n for n, _ in adam_model.named_parameters()]
+    rows, step, t0 = [], 0, time.perf_counter()
+    for epoch in range(epochs):
+        for x, y in loader:
+            adam.zero_grad()
+            F.cross_entropy(adam_model(x), y).backward()
+            adam.step()
+            bayes.zero_grad()
+            with bayes.sampled_params(train=True):
+                F.cross_entropy(bayes_model(x), y).backward()
+            bayes.step()
+            step += 1
+            if step % every:
+                continue
+            ref_a = _references(adam_model, xp, yp, probes, g)
+            ref_b = _references(bayes_model, xp, yp, probes, g)
+            q = posterior_from_adam(adam_model, adam, len(split.x_train), batch_size, prior_precision=1.0)
+            params = dict(adam_model.named_parameters())
+            for n in names:
+                st = adam.state[params[n]]
+                v = st["exp_avg_sq"] / (1 - 0.999 ** float(st["step"]))
+                est = {
+                    "adam v̂": (v, ref_a),
+                    "adam F̂": ((q.precision[n] - 1.0) / len(split.x_train), ref_a),
+                    "bayesadam h": (bayes.state[dict(bayes_model.named_parameters())[n]]["hess"], ref_b),
+                }
+                for name, (e, ref) in est.items():
+                    for kind in ("ggn", "efisher", "hessian"):
+                        rows.append(
+                            dict(
+                                task=task,
+                                step=step,
+                                epoch=epoch,
+                                layer=n,
+                                estimate=name,
+                                reference=kind,
+                                **compare(e, ref[kind][n]),
+                            )
+                        )
+            log(
+                f"step {step}: "
+                + ", ".join(
+                    f"{e} vs ggn ρ={_mean(rows, step, e, 'ggn', 'spearman'):.2f}"
+                    for e in ("adam v̂", "adam F̂", "bayesadam h")
+                )
+            )
+    train_s = time.perf_counter() - t0
+    final = _adam_laplace(adam_model, adam, split, batch_size, log)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(
+        json.dumps({"rows": rows, "adam_laplace": final, "seconds": train_s}, indent=2)
+    )
+    table = _table(rows, final, task)
+    (out / "results.md").write_text(table + "\n")
+    _plots(rows, adam_model, adam, xp, yp, split, batch_size, out)
+    return rows, final, table
+
+
+def _mean(rows, step, est, ref, key):
+    sel = [r[key] for r in rows if r["step"] == step and r["estimate"] == est and r["reference"] == ref]
+    return sum(sel) / max(len(sel), 1)
+
+
+def _adam_laplace(model, adam, split, batch_size, log):
+    with torch.no_grad():
+        p_map = model(split.x_test).softmax(-1)
+    q = posterior_from_adam(model, adam, len(split.x_train), batch_size, prior_precision="marglik")
+    p_la = torch.cat(
+        [
+            predict(model, q, split.x_test[i : i + 1000], method="probit")
+            for i in range(0, len(split.x_test), 1000)
+        ]
+    )
+    out = {}
+    for name, p in (("MAP (Adam)", p_map), ("adam-laplace (probit)", p_la)):
+        out[name] = {
+            "accuracy": metrics.accuracy(p, split.y_test),
+            "nll": metrics.nll(p, split.y_test),
+            "ece": metrics.ece(p, split.y_test),
+        }
+    out["prior_precision"] = q.prior_precision
+    log(json.dumps(out))
+    return out
+
+
+def _table(rows, final, task):
+    last = max(r["step"] for r in rows)
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    lines = [
+        f"# adam-hessian ({task}), step {last}",
+        "",
+        "Spearman correlation / median ratio estimate ÷ reference, per layer, at the last comparison.",
+        "",
+        "| estimate | reference | " + " | ".join(layers) + " |",
+        "|---|---|" + "---|" * len(layers),
+    ]
+    for est in ("adam v̂", "adam F̂", "bayesadam h"):
+        for ref in ("ggn", "efisher", "hessian"):
+            cells = []
+            for layer in layers:
+                r = next(
+                    r
+                    for r in rows
+                    if r["step"] == last
+                    and r["estimate"] == est
+                    and r["reference"] == ref
+                    and r["layer"] == layer
+                )
+                cells.append(f"{r['spearman']:.2f} / {r['median_ratio']:.3g}")
+            lines.append(f"| {est} | {ref} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | acc % | NLL | ECE % |", "|---|---|---|---|"]
+    for name in ("MAP (Adam)", "adam-laplace (probit)"):
+        m = final[name]
+        lines.append(f"| {name} | {100 * m['accuracy']:.2f} | {m['nll']:.4f} | {100 * m['ece']:.2f} |")
+    return "\n".join(lines)
+
+
+def _plots(rows, model, adam, xp, yp, split, batch_size, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = sorted({r["step"] for r in rows})
+    for est in ("adam v̂", "adam F̂", "bayesadam h"):
+        ax.plot(steps, [_mean(rows, s, est, "ggn", "spearman") for s in steps], marker="o", label=est)
+    ax.set(xlabel="step", ylabel="Spearman vs exact diag GGN (mean over layers)", title="Curvature agreement")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "correlation.png", dpi=110)
+    plt.close(fig)
+    ggn = {n: t / xp.shape[0] for n, t in curvature.diag_ggn(model, xp, yp).items()}
+    q = posterior_from_adam(model, adam, len(split.x_train), batch_size, prior_precision=1.0)
+    weights = [n for n in ggn if n.endswith("weight")]
+    fig, axes = plt.subplots(1, len(weights), figsize=(4 * len(weights), 3.6), squeeze=False)
+    for ax, n in zip(axes[0], weights):
+        ref = ggn[n].reshape(-1).clamp_min(1e-12)
+        est = ((q.precision[n] - 1.0) / len(split.x_train)).reshape(-1).clamp_min(1e-12)
+        sel = torch.randperm(len(ref))[:3000]
+        ax.loglog(ref[sel], est[sel], ".", ms=2, alpha=0.5)
+        lo, hi = float(ref.min()), float(ref.max())
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        ax.set(title=n, xlabel="exact diag GGN", ylabel="Adam-implied F̂")
+    fig.tight_layout()
+    fig.savefig(out / "scatter.png", dpi=110)
+    plt.close(fig)
