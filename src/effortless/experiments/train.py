@@ -43,7 +43,9 @@ def train(
     """Train ``method`` ("map": Adam; "bayesadam": BayesAdam with ``kwargs``) from a seeded init.
 
     The loop is the plain user loop (zero_grad, forward/backward, step), with a constant learning
-    rate, as a user would write it for Adam.
+    rate, as a user would write it for Adam; Hessian keys that need the model's outputs go
+    through ``BayesAdam.train_step``. (Regression trains on the mean squared error here, i.e. a
+    Gaussian likelihood up to the noise scale, for Adam and the user loop alike.)
     """
     torch.manual_seed(seed)
     model = make_model()
@@ -64,6 +66,12 @@ def train(
     for _ in bar:
         total = 0.0
         for x, y in data:
+            if method == "bayesadam" and opt.estimator.needs_model:  # estimators that need outputs
+                lik = "regression" if regression else "classification"
+                loss = opt.train_step(model, x, y, likelihood=lik)
+                total += float(loss) * len(x)
+                steps += 1
+                continue
             opt.zero_grad()
             if method == "bayesadam":
                 with opt.sampled_params(train=True):
