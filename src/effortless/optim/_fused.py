@@ -36,40 +36,6 @@ def _reparam_step_math(mu, g, m, v, h, e, hp):
     h.copy_(h_new)
 
 
-def _adam(mu, g, m, v, hp):
-    g_tot = g + hp[5] * mu
-    m_new = m + hp[6] * (g_tot - m)
-    v_new = hp[7] * v + hp[8] * (g_tot * g_tot)
-    mu.copy_(mu + hp[11] * m_new / (torch.sqrt(v_new) / hp[9] + hp[10]))
-    m.copy_(m_new)
-    v.copy_(v_new)
-
-
-def _pair_store_math(mu, g, m, v, h, e, pair, hp):
-    # first half of an antithetic pair: keep ĥ₊ = g ε / σ, update only the mean
-    pair.copy_(g * e * torch.sqrt(h * hp[1] + hp[2]))
-    _adam(mu, g, m, v, hp)
-
-
-def _pair_update_math(mu, g, m, v, h, e, pair, hp):
-    # second half (θ = μ − σε): ĥ = (ĥ₊ + ĥ₋)/2 with ĥ₋ = −g ε / σ; the g(μ)ε/σ terms cancel
-    inv_sigma = torch.sqrt(h * hp[1] + hp[2])
-    d = h - 0.5 * (pair - g * e * inv_sigma)
-    q = d / inv_sigma
-    h.copy_(h - hp[3] * d + hp[4] * (q * q))
-    _adam(mu, g, m, v, hp)
-
-
-def _pair_store_many(mus, gs, ms, vs, hs, es, pairs, hp):
-    for args in zip(mus, gs, ms, vs, hs, es, pairs):
-        _pair_store_math(*args, hp)
-
-
-def _pair_update_many(mus, gs, ms, vs, hs, es, pairs, hp):
-    for args in zip(mus, gs, ms, vs, hs, es, pairs):
-        _pair_update_math(*args, hp)
-
-
 def _sample_many(mus, hs, es, hp):
     return [_sample_math(mu, h, e, hp) for mu, h, e in zip(mus, hs, es)]
 
@@ -79,12 +45,7 @@ def _reparam_step_many(mus, gs, ms, vs, hs, es, hp):
         _reparam_step_math(*args, hp)
 
 
-_MATH = {
-    "sample": _sample_many,
-    "reparam_step": _reparam_step_many,
-    "pair_store": _pair_store_many,
-    "pair_update": _pair_update_many,
-}
+_MATH = {"sample": _sample_many, "reparam_step": _reparam_step_many}
 
 
 def kernel(name: str):

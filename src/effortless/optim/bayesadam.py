@@ -415,7 +415,6 @@ class BayesAdam(Optimizer):
         self._grad_acc: dict[torch.Tensor, torch.Tensor] = {}  # with several samples
         self._hess_acc: dict[torch.Tensor, torch.Tensor] = {}  # summed ĥ over samples
         self._batch = None
-        self._pair_mode = None
 
     def _params(self) -> Iterator[tuple[dict, torch.Tensor]]:
         for group in self.param_groups:
@@ -583,10 +582,6 @@ class BayesAdam(Optimizer):
         if bad:
             return self._reject(f"a {bad} is not finite", loss)
 
-        # antithetic pairs across steps: the first half stores its reparam estimate, the second
-        # averages both halves into one update of h (the g(μ)ε/σ noise terms cancel)
-        pairing = self.antithetic and self.hessian == "reparam" and not many
-        self._pair_mode = ("store" if self._sign > 0 else "update") if pairing else None
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             # group parameters by their step counts (they agree unless parameters joined late)
@@ -605,10 +600,8 @@ class BayesAdam(Optimizer):
                     est, noise = None, st["noise"]
                 else:
                     est = self._optimizer_side_estimate(group, p, p.grad, self._sign)
-                if noise is not None and self._pair_mode == "update" and "pair" not in st:
-                    noise = None  # a second half without its first (e.g. after a rejected step)
                 st["step"] += 1
-                if est is not None or (noise is not None and self._pair_mode != "store"):
+                if est is not None or noise is not None:
                     st["hess_step"] += 1
                 buckets.setdefault((st["step"], st["hess_step"]), []).append((p, st, est, noise, work))
             for (step, hess_step), items in buckets.items():
@@ -616,8 +609,6 @@ class BayesAdam(Optimizer):
                     items = self._fused_reparam(group, items, step, hess_step)
                 if not items:
                     continue
-                if self._pair_mode is not None and group["temperature"] > 0:
-                    items = [self._pair_eager(group, it) for it in items]
                 bayesadam_update(
                     [p for p, *_ in items],
                     [p.grad for p, *_ in items],
@@ -668,20 +659,6 @@ class BayesAdam(Optimizer):
             # move at most a factor 2 per update: the running curvature is noisy early on
             group["prior_precision"] = min(max(d, d0 / 2), d0 * 2)
 
-    def _pair_eager(self, group, item):
-        """Eager antithetic-pair handling of one item: store ĥ₊, or turn the pair into ĥ."""
-        p, st, est, noise, work = item
-        if est is not None or noise is None:
-            return item
-        inv_sigma = _inv_sigma(st["hess"], group["n_data"], group["prior_precision"], group["temperature"])
-        if self._pair_mode == "store":
-            if "pair" not in st:
-                st["pair"] = torch.empty_like(p, memory_format=torch.preserve_format)
-            torch.mul(p.grad, noise, out=st["pair"]).mul_(inv_sigma)
-            return (p, st, None, None, work)
-        hhat = torch.mul(p.grad, noise, out=work).mul_(inv_sigma).neg_().add_(st["pair"]).mul_(0.5)
-        return (p, st, hhat, None, None)
-
     def _fused_reparam(self, group, items, step, hess_step):
         """Update the single-sample reparam tensors with the compiled kernel; return the rest."""
         rest = []
@@ -703,13 +680,6 @@ class BayesAdam(Optimizer):
         if not todo or len({(it[0].dtype, it[0].device) for it in todo}) > 1:
             return rest + todo
         hp = torch.tensor(hp_list, dtype=todo[0][0].dtype, device=todo[0][0].device)
-        kernel = "reparam_step"
-        if self._pair_mode is not None:
-            kernel = "pair_" + self._pair_mode
-            hp[0] = 1.0
-            for it in todo:
-                if "pair" not in it[1]:
-                    it[1]["pair"] = torch.empty_like(it[0], memory_format=torch.preserve_format)
         cols = [
             [t_.reshape(-1) for t_ in col]  # views (a gradient may be copied: it is only read)
             for col in (
@@ -718,9 +688,7 @@ class BayesAdam(Optimizer):
                 [it[1]["hess"] for it in todo], [it[3] for it in todo],
             )
         ]  # fmt: skip
-        if kernel != "reparam_step":
-            cols.append([it[1]["pair"].reshape(-1) for it in todo])
-        if self._run_fused(kernel, *cols, hp) is _FAILED:
+        if self._run_fused("reparam_step", *cols, hp) is _FAILED:
             return rest + todo
         return rest
 
