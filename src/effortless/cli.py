@@ -13,6 +13,8 @@ Commands:
                    accuracy, NLL, calibration and out-of-distribution detection, and plot them
   hessian-profile  time every curvature estimator and operator against model size, as a
                    multiple of one forward+backward, with memory; table and log-log plot
+  bench            methods side by side (MAP, BayesAdam, MC dropout, ensembles, temperature
+                   scaling, last-layer Laplace, adam-laplace, IVON) on the same tasks; resumable
   adam-hessian     how well Adam's state (and BayesAdam's curvature) matches the exact diagonal
                    GGN / empirical Fisher / Hessian during training; adam-laplace vs MAP
 
@@ -72,6 +74,25 @@ def _adam_hessian(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    import torch
+
+    from .experiments import bench
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    bench.run(
+        tasks=args.task.split(","),
+        methods=args.methods.split(","),
+        seeds=args.seeds,
+        epochs=args.epochs,
+        out=args.out,
+        subset=args.subset,
+        progress=not args.no_progress,
+    )
+    print(f"\nWrote {args.out}/results.json, results.md and plots")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="effortless", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,6 +140,31 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     h.add_argument("--no-progress", action="store_true", help="no progress bar")
     h.set_defaults(func=_hessian_profile)
+    b = sub.add_parser(
+        "bench",
+        help="methods side by side on the same tasks (resumable)",
+        description=(
+            "Train and evaluate each method on each task and seed with the same network, data order, "
+            "epochs and evaluation (accuracy, NLL, ECE, Brier, OOD AUROC, time). Rows already in "
+            "--out/results.json are skipped, so a killed run resumes. Writes results.json, results.md "
+            "(mean ± std over seeds, best in bold), reliability and confidence plots. Methods: "
+            "map, bayesadam, bayesadam-<hessian key>, mc-dropout, ensemble, temperature, laplace "
+            "(last-layer KFAC, marglik, probit), adam-laplace, ivon (if ivon-opt is installed)."
+        ),
+    )
+    b.add_argument(
+        "--task", default="fmnist-mlp", help="comma list: fmnist-mlp, fmnist-cnn, mnist1d-mlp, mnist1d-cnn"
+    )
+    b.add_argument("--methods", default="map,bayesadam,mc-dropout,temperature,laplace,adam-laplace")
+    b.add_argument("--seeds", type=int, default=1)
+    b.add_argument("--epochs", type=int, default=None, help="override the task's epochs")
+    b.add_argument(
+        "--subset", type=int, default=None, help="first N training / N/5 test examples (quick runs)"
+    )
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--out", default="runs/bench")
+    b.set_defaults(func=_bench)
     a = sub.add_parser(
         "adam-hessian",
         help="Adam's second moment against the exact curvature, during training",

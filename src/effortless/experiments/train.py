@@ -28,6 +28,7 @@ class RunResult:
     train_seconds: float
     step_ms: float
     history: list[float] = field(default_factory=list)
+    optimizer: object = None
 
 
 def train(
@@ -89,7 +90,7 @@ def train(
     seconds = time.perf_counter() - start
     model.eval()
     post = opt.posterior() if method == "bayesadam" else None
-    return RunResult(method, model, post, seconds, 1000 * seconds / max(steps, 1), history)
+    return RunResult(method, model, post, seconds, 1000 * seconds / max(steps, 1), history, opt)
 
 
 @torch.no_grad()

@@ -1,0 +1,160 @@
+"""`effortless bench`: methods side by side on the same data, network, epochs and evaluation.
+
+One registry of tasks (dataclasses) and one of methods (:mod:`effortless.baselines`) drive the
+runs. Every (task, method, seed) row holds accuracy, NLL, ECE, Brier, OOD AUROC (max probability),
+train seconds and milliseconds per step; rows already in ``results.json`` are skipped, so a killed
+run continues where it stopped. ``results.md`` has mean ± std over seeds with the best mean per
+column in bold; PNG plots: reliability diagrams and in/out confidence histograms (last seed).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import data, metrics
+from ..baselines import METHODS, available
+from ..models import MLP, CNN1d, LeNet
+from . import plots
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    load: Callable[[], data.Split]
+    model: Callable[[float], torch.nn.Module]  # dropout -> network
+    ood: Callable[[data.Split], torch.Tensor] | None
+    epochs: int
+    batch_size: int = 128
+
+
+def _mnist_test(split):
+    return data.mnist().x_test
+
+
+def _noise(split):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(1000, *split.x_test.shape[1:], generator=g)
+
+
+TASKS = {
+    t.name: t
+    for t in [
+        Task("fmnist-mlp", data.fashion_mnist, lambda p: MLP(784, [512, 256], 10, dropout=p), _mnist_test, 5),
+        Task("fmnist-cnn", data.fashion_mnist, lambda p: LeNet(dropout=p), _mnist_test, 3),
+        Task("mnist1d-mlp", data.mnist1d, lambda p: MLP(40, [256, 256], 10, dropout=p), _noise, 30),
+        Task("mnist1d-cnn", data.mnist1d, lambda p: CNN1d(dropout=p), _noise, 30),
+    ]
+}
+COLUMNS = ("accuracy", "nll", "ece", "brier", "ood_auroc", "train_seconds", "step_ms")
+LOWER_IS_BETTER = {"nll", "ece", "brier", "train_seconds", "step_ms"}
+
+
+def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, progress=True, log=print):
+    """Run every (task, method, seed) not already in ``out/results.json``; write the reports."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    done = {(r["task"], r["method"], r["seed"]) for r in rows}
+    for m in methods:
+        why = available(m)
+        if why:
+            raise ValueError(f"method {m!r}: {why}")
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"task {t!r}: choose from {', '.join(TASKS)}")
+    todo = [(t, m, s) for t in tasks for m in methods for s in range(seeds) if (t, m, s) not in done]
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(todo, desc="bench", unit="run", disable=not progress)
+    except ImportError:  # pragma: no cover
+        bar = todo
+    splits, last = {}, {}
+    for t, m, s in bar:
+        task = TASKS[t]
+        if t not in splits:
+            split = task.load()
+            splits[t] = split.subset(subset, subset // 5) if subset else split
+        split = splits[t]
+        ood = task.ood(split) if task.ood else None
+        if subset and ood is not None:
+            ood = ood[: subset // 5]
+        fitted = METHODS[m](task, split, s, epochs or task.epochs, False)
+        probs = fitted.predict(split.x_test)
+        probs_ood = fitted.predict(ood) if ood is not None else None
+        row = metrics.classification_report(probs, split.y_test, probs_ood)
+        row.update(
+            task=t,
+            method=m,
+            seed=s,
+            epochs=epochs or task.epochs,
+            train_seconds=fitted.train_seconds,
+            step_ms=fitted.step_ms,
+            peak_mem_mb=None,
+        )
+        rows.append(row)
+        last[(t, m)] = (probs, probs_ood, split.y_test)
+        path.write_text(json.dumps(rows, indent=2))  # after every run: a killed run resumes here
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(task=t, method=m, acc=f"{row['accuracy']:.3f}", nll=f"{row['nll']:.3f}")
+    table = report(rows, tasks, methods)
+    (out / "results.md").write_text(table + "\n")
+    for t in tasks:
+        sel = {m: v for (tt, m), v in last.items() if tt == t}
+        if sel:
+            plots.reliability_diagram(
+                {m: (p, y) for m, (p, _, y) in sel.items()}, out / f"reliability_{t}.png"
+            )
+            with_ood = {m: (p, q) for m, (p, q, _) in sel.items() if q is not None}
+            if with_ood:
+                plots.confidence_histogram(with_ood, out / f"confidence_{t}.png")
+    log(table)
+    return rows
+
+
+def report(rows, tasks, methods) -> str:
+    lines = []
+    for t in tasks:
+        sel = [r for r in rows if r["task"] == t and r["method"] in methods]
+        if not sel:
+            continue
+        stats = {}
+        for m in methods:
+            rs = [r for r in sel if r["method"] == m]
+            if rs:
+                stats[m] = {c: [r[c] for r in rs if r.get(c) is not None] for c in COLUMNS}
+        best = {}
+        for c in COLUMNS:
+            means = {m: statistics.fmean(v[c]) for m, v in stats.items() if v[c]}
+            if means:
+                best[c] = (min if c in LOWER_IS_BETTER else max)(means, key=means.get)
+        lines += [
+            f"## {t}",
+            "",
+            "| method | seeds | acc % | NLL | ECE % | Brier | OOD AUROC % | train s | ms/step |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for m, v in stats.items():
+            cells = []
+            for c, scale in zip(COLUMNS, (100, 1, 100, 1, 100, 1, 1)):
+                if not v[c]:
+                    cells.append("–")
+                    continue
+                mean = scale * statistics.fmean(v[c])
+                sd = scale * statistics.stdev(v[c]) if len(v[c]) > 1 else 0.0
+                cell = (
+                    f"{mean:.3f} ± {sd:.3f}"
+                    if scale == 1 and c in ("nll", "brier")
+                    else f"{mean:.2f} ± {sd:.2f}"
+                )
+                cells.append(f"**{cell}**" if best.get(c) == m else cell)
+            lines.append(f"| {m} | {len(v['accuracy'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""effortless bench: same protocol for every method, resumable, clear errors."""
+
+import json
+
+import pytest
+
+from effortless.experiments import bench
+
+FIELDS = {
+    "task",
+    "method",
+    "seed",
+    "accuracy",
+    "nll",
+    "ece",
+    "brier",
+    "ood_auroc",
+    "train_seconds",
+    "step_ms",
+    "peak_mem_mb",
+}
+
+
+def test_bench_rows_report_and_resume(tmp_path):
+    kw = dict(
+        tasks=["mnist1d-mlp"], seeds=1, epochs=1, out=tmp_path, subset=400, progress=False, log=lambda s: None
+    )
+    rows = bench.run(methods=["map", "temperature"], **kw)
+    assert [r["method"] for r in rows] == ["map", "temperature"]
+    assert set(rows[0]) >= FIELDS
+    # a second run with one more method only runs the new one
+    rows2 = bench.run(methods=["map", "temperature", "laplace"], **kw)
+    assert [r["method"] for r in rows2] == ["map", "temperature", "laplace"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved) == 3 and saved[0] == rows[0]
+    md = (tmp_path / "results.md").read_text()
+    assert "laplace" in md and "**" in md
+    assert (tmp_path / "reliability_mnist1d-mlp.png").stat().st_size > 0
+
+
+def test_unknown_method_or_task_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        bench.run(tasks=["mnist1d-mlp"], methods=["sgd"], out=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="task"):
+        bench.run(tasks=["imagenet"], methods=["map"], out=tmp_path, progress=False)
