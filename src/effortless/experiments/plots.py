@@ -13,10 +13,21 @@ import torch  # noqa: E402
 from .. import metrics  # noqa: E402
 
 
+def _grid(n: int, w: float, h: float, max_cols: int = 4):
+    """A grid of at most ``max_cols`` panels a row; surplus axes hidden. Returns (fig, axes list)."""
+    cols = min(n, max_cols)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
 def reliability_diagram(results: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path, n_bins=15):
     """Accuracy against confidence per method; ``results`` maps name -> (probs, labels)."""
-    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 4), squeeze=False)
-    for ax, (name, (probs, labels)) in zip(axes[0], results.items()):
+    fig, axes = _grid(len(results), 4.0, 4.0)
+    for ax, (name, (probs, labels)) in zip(axes, results.items()):
         conf, acc, count = metrics.calibration_bins(probs, labels, n_bins)
         edges = torch.linspace(0, 1, n_bins + 1)
         centers = (edges[:-1] + edges[1:]) / 2
@@ -36,9 +47,9 @@ def reliability_diagram(results: dict[str, tuple[torch.Tensor, torch.Tensor]], p
 
 def confidence_histogram(results: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path):
     """Max-probability histograms, in- vs out-of-distribution; ``results``: name -> (probs_in, probs_out)."""
-    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.5), squeeze=False)
+    fig, axes = _grid(len(results), 4.0, 3.5)
     bins = torch.linspace(0, 1, 31).numpy()
-    for ax, (name, (p_in, p_out)) in zip(axes[0], results.items()):
+    for ax, (name, (p_in, p_out)) in zip(axes, results.items()):
         c_in, c_out = p_in.max(-1).values.numpy(), p_out.max(-1).values.numpy()
         ax.hist(c_in, bins=bins, alpha=0.6, density=True, label="in-distribution")
         ax.hist(c_out, bins=bins, alpha=0.6, density=True, label="out-of-distribution")
