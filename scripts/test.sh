@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 py="${EFFORTLESS_VENV:-.venv}/bin/python"
-"$py" -m ruff check src tests benchmarks
+"$py" -m ruff check src tests benchmarks examples
 "$py" -m pytest "$@"
