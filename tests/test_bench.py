@@ -43,3 +43,11 @@ def test_unknown_method_or_task_is_refused(tmp_path):
         bench.run(tasks=["mnist1d-mlp"], methods=["sgd"], out=tmp_path, progress=False)
     with pytest.raises(ValueError, match="task"):
         bench.run(tasks=["imagenet"], methods=["map"], out=tmp_path, progress=False)
+
+
+def test_peak_memory_is_measured_per_row(tmp_path):
+    rows = bench.run(tasks=["mnist1d-mlp"], methods=["map", "bayesadam"], seeds=1, epochs=1, out=tmp_path,
+                     subset=400, progress=False, log=lambda s: None)  # fmt: skip
+    peaks = {r["method"]: r["peak_mem_mb"] for r in rows}
+    # both hold parameters, gradients and state; BayesAdam also the sampled weights, noise and h
+    assert 0 < peaks["map"] < peaks["bayesadam"]

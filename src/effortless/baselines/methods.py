@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .. import api
 from ..curvature import estimators
 from ..data import Split, loader
-from ..experiments.train import RunResult, train
+from ..experiments.train import RunResult, measured_step, train
 from ..posterior.from_adam import posterior_from_adam
 
 
@@ -22,6 +22,7 @@ class Fitted:
     predict: Callable[[torch.Tensor], torch.Tensor]  # x -> probs (B, C)
     train_seconds: float
     step_ms: float
+    peak_mem_mb: float | None = None  # all tensor memory during one training step (one member)
 
 
 def _chunked(fn, x, chunk=2000):
@@ -51,7 +52,7 @@ def _map_run(task, split, seed, epochs, progress, dropout=0.0) -> RunResult:
 
 def fit_map(task, split, seed, epochs, progress):
     run = _map_run(task, split, seed, epochs, progress)
-    return Fitted(_softmax(run.model), run.train_seconds, run.step_ms)
+    return Fitted(_softmax(run.model), run.train_seconds, run.step_ms, run.peak_mem_mb)
 
 
 def make_bayesadam(key):
@@ -73,7 +74,7 @@ def make_bayesadam(key):
                 lambda xb: api.predict(run.model, run.posterior, xb, n_samples=32, generator=gen), x
             )
 
-        return Fitted(predict, run.train_seconds, run.step_ms)
+        return Fitted(predict, run.train_seconds, run.step_ms, run.peak_mem_mb)
 
     return fit
 
@@ -90,7 +91,7 @@ def fit_mc_dropout(task, split, seed, epochs, progress, p=0.2, samples=30):
         model.eval()
         return out
 
-    return Fitted(predict, run.train_seconds, run.step_ms)
+    return Fitted(predict, run.train_seconds, run.step_ms, run.peak_mem_mb)
 
 
 def fit_ensemble(task, split, seed, epochs, progress, members=5):
@@ -99,7 +100,9 @@ def fit_ensemble(task, split, seed, epochs, progress, members=5):
     def predict(x):
         return torch.stack([_softmax(r.model)(x) for r in runs]).mean(0)
 
-    return Fitted(predict, sum(r.train_seconds for r in runs), sum(r.step_ms for r in runs))
+    return Fitted(
+        predict, sum(r.train_seconds for r in runs), sum(r.step_ms for r in runs), runs[0].peak_mem_mb
+    )
 
 
 def fit_temperature(task, split, seed, epochs, progress, n_val=0.1):
@@ -129,7 +132,7 @@ def fit_temperature(task, split, seed, epochs, progress, n_val=0.1):
         with torch.no_grad():
             return _chunked(lambda xb: (run.model(xb) / temp).softmax(-1), x)
 
-    return Fitted(predict, run.train_seconds + time.perf_counter() - t0, run.step_ms)
+    return Fitted(predict, run.train_seconds + time.perf_counter() - t0, run.step_ms, run.peak_mem_mb)
 
 
 def fit_laplace(task, split, seed, epochs, progress):
@@ -145,7 +148,10 @@ def fit_laplace(task, split, seed, epochs, progress):
     )
     extra = time.perf_counter() - t0
     return Fitted(
-        lambda x: api.predict(run.model, post, x, method="probit"), run.train_seconds + extra, run.step_ms
+        lambda x: api.predict(run.model, post, x, method="probit"),
+        run.train_seconds + extra,
+        run.step_ms,
+        run.peak_mem_mb,
     )
 
 
@@ -157,7 +163,7 @@ def fit_adam_laplace(task, split, seed, epochs, progress):
     def predict(x):
         return _chunked(lambda xb: api.predict(run.model, post, xb, method="probit"), x, 500)
 
-    return Fitted(predict, run.train_seconds, run.step_ms)
+    return Fitted(predict, run.train_seconds, run.step_ms, run.peak_mem_mb)
 
 
 def fit_ivon(task, split, seed, epochs, progress, lr=0.1, hess_init=0.1, samples=30):
@@ -167,13 +173,24 @@ def fit_ivon(task, split, seed, epochs, progress, lr=0.1, hess_init=0.1, samples
     model = task.model(0.0)
     opt = ivon.IVON(model.parameters(), lr=lr, ess=len(split.x_train), hess_init=hess_init)
     data = loader(split.x_train, split.y_train, batch_size=task.batch_size, seed=seed)
-    steps, t0 = 0, time.perf_counter()
+
+    def one_step(x, y):
+        opt.zero_grad()
+        with opt.sampled_params(train=True):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        opt.step()
+        return loss
+
+    steps, peak, t0 = 0, None, time.perf_counter()
     for _ in range(epochs):
         for x, y in data:
-            opt.zero_grad()
-            with opt.sampled_params(train=True):
-                F.cross_entropy(model(x), y).backward()
-            opt.step()
+            if steps == 3:
+                t1 = time.perf_counter()
+                _, peak = measured_step(lambda x=x, y=y: one_step(x, y), model, opt, (x, y))
+                t0 += time.perf_counter() - t1
+            else:
+                one_step(x, y)
             steps += 1
     seconds = time.perf_counter() - t0
 
@@ -186,7 +203,7 @@ def fit_ivon(task, split, seed, epochs, progress, lr=0.1, hess_init=0.1, samples
                     outs.append(_chunked(lambda xb: model(xb).softmax(-1), x))
             return torch.stack(outs).mean(0)
 
-    return Fitted(predict, seconds, 1000 * seconds / max(steps, 1))
+    return Fitted(predict, seconds, 1000 * seconds / max(steps, 1), peak)
 
 
 METHODS: dict[str, Callable] = {

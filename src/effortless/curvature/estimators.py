@@ -71,9 +71,7 @@ ESTIMATORS: dict[str, Estimator] = {
         "ggn",
         True,
         True,
-        lambda model, x, y, lik, gen, params: cf.diag_ggn(
-            model, x, y, lik, method="exact", params=params
-        ),
+        lambda model, x, y, lik, gen, params: cf.diag_ggn(model, x, y, lik, method="exact", params=params),
         "exact GGN diagonal",
         "ggn",
     ),

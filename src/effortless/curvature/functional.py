@@ -415,4 +415,3 @@ def diag_hutchinson(
         for n, vi, hi in zip(leaves, v, hv):
             out[n] += vi * hi
     return {n: t / n_probes for n, t in out.items()}
-

@@ -51,8 +51,8 @@ TASKS = {
         Task("mnist1d-cnn", data.mnist1d, lambda p: CNN1d(dropout=p), _noise, 30),
     ]
 }
-COLUMNS = ("accuracy", "nll", "ece", "brier", "ood_auroc", "train_seconds", "step_ms")
-LOWER_IS_BETTER = {"nll", "ece", "brier", "train_seconds", "step_ms"}
+COLUMNS = ("accuracy", "nll", "ece", "brier", "ood_auroc", "train_seconds", "step_ms", "peak_mem_mb")
+LOWER_IS_BETTER = {"nll", "ece", "brier", "train_seconds", "step_ms", "peak_mem_mb"}
 
 
 def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, progress=True, log=print):
@@ -97,7 +97,7 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
             epochs=epochs or task.epochs,
             train_seconds=fitted.train_seconds,
             step_ms=fitted.step_ms,
-            peak_mem_mb=None,
+            peak_mem_mb=fitted.peak_mem_mb,
         )
         rows.append(row)
         last[(t, m)] = (probs, probs_ood, split.y_test)
@@ -138,12 +138,12 @@ def report(rows, tasks, methods) -> str:
         lines += [
             f"## {t}",
             "",
-            "| method | seeds | acc % | NLL | ECE % | Brier | OOD AUROC % | train s | ms/step |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| method | seeds | acc % | NLL | ECE % | Brier | OOD AUROC % | train s | ms/step | MiB/step |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for m, v in stats.items():
             cells = []
-            for c, scale in zip(COLUMNS, (100, 1, 100, 1, 100, 1, 1)):
+            for c, scale in zip(COLUMNS, (100, 1, 100, 1, 100, 1, 1, 1)):
                 if not v[c]:
                     cells.append("–")
                     continue

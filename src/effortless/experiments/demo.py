@@ -124,7 +124,7 @@ def _toy_regression(out: Path, seed: int, quick: bool, progress: bool, log) -> l
     }
     plots.regression_band(split.x_train, split.y_train, split.x_test, curves, out / "toy_regression.png",
                           truth=split.y_test)  # fmt: skip
-    gap = (split.x_test[:, 0].abs() < 0.8)
+    gap = split.x_test[:, 0].abs() < 0.8
     rows = []
     for name, (m, s), secs in zip(curves, curves.values(), (t_map, t_bayes)):
         nll = metrics.gaussian_nll(m, s**2, split.y_test)

@@ -18,6 +18,7 @@ from ..api import _progress, predict
 from ..data import Split, loader
 from ..optim import BayesAdam
 from ..posterior import DiagGaussian
+from .memory import PeakMemory
 
 
 @dataclass
@@ -29,6 +30,7 @@ class RunResult:
     step_ms: float
     history: list[float] = field(default_factory=list)
     optimizer: object = None
+    peak_mem_mb: float | None = None  # all tensor memory during one training step
 
 
 def train(
@@ -61,27 +63,33 @@ def train(
     else:
         raise ValueError(f"method must be 'map' or 'bayesadam', got {method!r}")
     model.train()
-    history, steps = [], 0
+    history, steps, peak = [], 0, None
+
+    def one_step(x, y):
+        if method == "bayesadam" and opt.estimator.needs_model:  # estimators that need outputs
+            return opt.train_step(model, x, y, likelihood="regression" if regression else "classification")
+        opt.zero_grad()
+        if method == "bayesadam":
+            with opt.sampled_params(train=True):
+                loss = lossf(model(x), y)
+                loss.backward()
+        else:
+            loss = lossf(model(x), y)
+            loss.backward()
+        opt.step()
+        return loss
+
     start = time.perf_counter()
     bar = _progress(range(epochs), progress, desc=method, unit="epoch", leave=False)
     for _ in bar:
         total = 0.0
         for x, y in data:
-            if method == "bayesadam" and opt.estimator.needs_model:  # estimators that need outputs
-                lik = "regression" if regression else "classification"
-                loss = opt.train_step(model, x, y, likelihood=lik)
-                total += float(loss) * len(x)
-                steps += 1
-                continue
-            opt.zero_grad()
-            if method == "bayesadam":
-                with opt.sampled_params(train=True):
-                    loss = lossf(model(x), y)
-                    loss.backward()
+            if steps == 3:  # one step measured (after warm-up), outside the timing that matters
+                t0 = time.perf_counter()
+                loss, peak = measured_step(lambda x=x, y=y: one_step(x, y), model, opt, (x, y))
+                start += time.perf_counter() - t0
             else:
-                loss = lossf(model(x), y)
-                loss.backward()
-            opt.step()
+                loss = one_step(x, y)
             total += float(loss.detach()) * len(x)
             steps += 1
         history.append(total / len(split.x_train))
@@ -90,7 +98,27 @@ def train(
     seconds = time.perf_counter() - start
     model.eval()
     post = opt.posterior() if method == "bayesadam" else None
-    return RunResult(method, model, post, seconds, 1000 * seconds / max(steps, 1), history, opt)
+    return RunResult(method, model, post, seconds, 1000 * seconds / max(steps, 1), history, opt, peak)
+
+
+def measured_step(step, model, opt, batch):
+    """Run ``step()`` once under :class:`PeakMemory`; return (its result, peak MiB of all tensors
+    alive during it: parameters, gradients, optimizer state, activations, temporaries). Fused
+    (compiled) kernels cannot run under the counter, so the eager path is measured."""
+    state = [
+        v for st in opt.state.values() if isinstance(st, dict) for v in st.values() if torch.is_tensor(v)
+    ]
+    state += [v for g in opt.param_groups for k, v in g.items() if k != "params" and torch.is_tensor(v)]
+    fused = getattr(opt, "fused", False)
+    if fused:
+        opt.fused = False
+    try:
+        with PeakMemory([*model.parameters(), *state, *batch]) as mem:
+            out = step()
+    finally:
+        if fused:
+            opt.fused = True
+    return out, mem.peak_bytes / 2**20
 
 
 @torch.no_grad()

@@ -39,8 +39,7 @@ class DiagGaussian:
         for k in mean:
             if mean[k].shape != precision[k].shape:
                 raise ValueError(
-                    f"precision[{k!r}] has shape {tuple(precision[k].shape)}, mean has "
-                    f"{tuple(mean[k].shape)}"
+                    f"precision[{k!r}] has shape {tuple(precision[k].shape)}, mean has {tuple(mean[k].shape)}"
                 )
             if not bool((precision[k] > 0).all()):
                 raise ValueError(f"precision[{k!r}] must be positive everywhere")
