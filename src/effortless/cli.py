@@ -153,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     b.add_argument(
-        "--task", default="fmnist-mlp", help="comma list: fmnist-mlp, fmnist-cnn, mnist1d-mlp, mnist1d-cnn"
+        "--task",
+        default="fmnist-mlp",
+        help="comma list: fmnist-mlp, fmnist-cnn, mnist1d-mlp, mnist1d-cnn, digits, breast_cancer, wine",
     )
     b.add_argument("--methods", default="map,bayesadam,mc-dropout,temperature,laplace,adam-laplace")
     b.add_argument("--seeds", type=int, default=1)

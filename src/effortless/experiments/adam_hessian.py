@@ -26,15 +26,11 @@ import torch.nn.functional as F
 
 from .. import curvature, data, metrics
 from ..api import predict
-from ..models import MLP, LeNet
 from ..optim import BayesAdam
 from ..posterior.from_adam import posterior_from_adam
+from .tasks import TASKS as REGISTRY
 
-TASKS = {
-    "fmnist-mlp": (data.fashion_mnist, lambda: MLP(784, [512, 256], 10)),
-    "fmnist-cnn": (data.fashion_mnist, lambda: LeNet()),
-    "mnist1d-mlp": (data.mnist1d, lambda: MLP(40, [256, 256], 10)),
-}
+TASKS = ("fmnist-mlp", "fmnist-cnn", "mnist1d-mlp")  # from the registry in experiments/tasks.py
 
 
 def _rank(x):
@@ -74,13 +70,15 @@ def run(
     log=print,
     subset=None,
 ):
-    load, make = TASKS[task]
-    split = load()
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    spec = REGISTRY[task]
+    split = spec.load()
     if subset:
         split = split.subset(subset, None)
     torch.manual_seed(seed)
-    adam_model = make()
-    bayes_model = make()
+    adam_model = spec.model(0.0)
+    bayes_model = spec.model(0.0)
     bayes_model.load_state_dict(adam_model.state_dict())
     adam = torch.optim.Adam(adam_model.parameters(), lr=1e-3)
     bayes = BayesAdam(

@@ -11,46 +11,13 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from .. import data, metrics
+from .. import metrics
 from ..baselines import METHODS, available
-from ..models import MLP, CNN1d, LeNet
 from . import plots
+from .tasks import TASKS
 
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    load: Callable[[], data.Split]
-    model: Callable[[float], torch.nn.Module]  # dropout -> network
-    ood: Callable[[data.Split], torch.Tensor] | None
-    epochs: int
-    batch_size: int = 128
-
-
-def _mnist_test(split):
-    return data.mnist().x_test
-
-
-def _noise(split):
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(1000, *split.x_test.shape[1:], generator=g)
-
-
-TASKS = {
-    t.name: t
-    for t in [
-        Task("fmnist-mlp", data.fashion_mnist, lambda p: MLP(784, [512, 256], 10, dropout=p), _mnist_test, 5),
-        Task("fmnist-cnn", data.fashion_mnist, lambda p: LeNet(dropout=p), _mnist_test, 3),
-        Task("mnist1d-mlp", data.mnist1d, lambda p: MLP(40, [256, 256], 10, dropout=p), _noise, 30),
-        Task("mnist1d-cnn", data.mnist1d, lambda p: CNN1d(dropout=p), _noise, 30),
-    ]
-}
 COLUMNS = ("accuracy", "nll", "ece", "brier", "ood_auroc", "train_seconds", "step_ms", "peak_mem_mb")
 LOWER_IS_BETTER = {"nll", "ece", "brier", "train_seconds", "step_ms", "peak_mem_mb"}
 

@@ -1,44 +1,33 @@
 """BayesAdam with only ``n_data`` set against Adam (lr 1e-3), same epochs, several tasks and seeds.
 
-One registry of tasks drives ``benchmarks/defaults.py`` and the slow tests in
-``tests/test_defaults.py``. Each task trains both methods from the same initialisation and data
-order per seed (plain user loop, constant learning rate) and evaluates with the shared code in
-:mod:`effortless.experiments.train` (BayesAdam: 32-sample MC predictive).
+Tasks come from :mod:`effortless.experiments.tasks`; this drives ``benchmarks/defaults.py`` and
+the slow tests in ``tests/test_defaults.py``. Each task trains both methods from the same
+initialisation and data order per seed (plain user loop, constant learning rate) and evaluates
+with the shared code in :mod:`effortless.experiments.train` (BayesAdam: 32-sample MC predictive).
 """
 
 from __future__ import annotations
 
 import statistics
 
-from .. import data
-from ..models import MLP, CNN1d, LeNet
+from .tasks import TASKS
 from .train import evaluate, train
 
-# task -> (split loader, model factory taking the split, epochs, batch size)
-TASKS = {
-    "fmnist-mlp": (data.fashion_mnist, lambda s: MLP(784, [512, 256], 10), 5, 128),
-    "fmnist-lenet": (data.fashion_mnist, lambda s: LeNet(), 3, 128),
-    "mnist1d-mlp": (data.mnist1d, lambda s: MLP(40, [256, 256], 10), 30, 128),
-    "mnist1d-cnn": (data.mnist1d, lambda s: CNN1d(), 30, 128),
-    "digits": (lambda: data.tabular("digits"), lambda s: MLP(64, [64, 64], 10), 50, 32),
-    "breast_cancer": (lambda: data.tabular("breast_cancer"), lambda s: MLP(30, [64, 64], 2), 50, 32),
-    "wine": (lambda: data.tabular("wine"), lambda s: MLP(13, [64, 64], 3), 50, 32),
-}
 METRICS = ("accuracy", "nll", "ece", "brier")
 
 
 def run_task(task: str, seeds: int = 3, bayesadam_kwargs: dict | None = None, log=None) -> list[dict]:
     """Rows (one per method and seed) with accuracy, nll, ece, brier, train_seconds, step_ms."""
-    load, make, epochs, bs = TASKS[task]
-    split = load()
+    spec = TASKS[task]
+    split = spec.load()
     rows = []
     for seed in range(seeds):
         for method in ("map", "bayesadam"):
             kwargs = (bayesadam_kwargs or {}) if method == "bayesadam" else {}
-            run = train(method, lambda: make(split), split, epochs=epochs, batch_size=bs, seed=seed,
-                        progress=False, **kwargs)  # fmt: skip
+            run = train(method, lambda: spec.model(0.0), split, epochs=spec.epochs,
+                        batch_size=spec.batch_size, seed=seed, progress=False, **kwargs)  # fmt: skip
             row = evaluate(run, split)
-            row.update(task=task, seed=seed, epochs=epochs)
+            row.update(task=task, seed=seed, epochs=spec.epochs)
             rows.append(row)
             if log:
                 log(row)
