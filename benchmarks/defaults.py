@@ -32,6 +32,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     tasks = args.tasks.split(",")
+
     def log(row):
         print(json.dumps({k: row[k] for k in ("task", "method", "seed", *METRICS)}), flush=True)
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import effortless as ef
-from effortless.experiments.memory import PeakMemory
+from effortless.experiments.memory import measure_step, optimizer_tensors
 from effortless.models import MLP
 
 
@@ -69,17 +69,6 @@ def make_runners(batch, n_data: int, methods: list[str], hidden=(256, 256)):
     return runners
 
 
-def _state_tensors(opt):
-    """Optimizer state tensors: in ``opt.state`` and, as ivon-opt keeps them, in the param groups."""
-    out = [v for g in opt.param_groups for k, v in g.items() if k != "params" and torch.is_tensor(v)]
-    for st in opt.state.values():
-        if isinstance(st, dict):
-            out += [v for v in st.values() if torch.is_tensor(v)]
-        elif torch.is_tensor(st):
-            out.append(st)
-    return out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=300, help="interleaved repetitions (default 300)")
@@ -115,14 +104,7 @@ def main(argv=None):
     rows = []
     n_params = sum(p.numel() for p in runners["adam"][0].parameters())
     for m, (model, opt, it) in runners.items():
-        baseline = list(model.parameters()) + _state_tensors(opt) + list(batch)
-        fused = getattr(opt, "fused", False)
-        if fused:  # compiled code cannot run under a dispatch mode: count the eager path, which
-            opt.fused = False  # allocates at least what the fused kernels do
-        with PeakMemory(baseline) as mem:
-            it()
-        if fused:
-            opt.fused = True
+        _, peak_bytes = measure_step(it, model, opt, batch)
         pbytes = 4 * n_params
         ratios = [t / a for t, a in zip(times[m], times["adam"])]
         rows.append(
@@ -130,8 +112,8 @@ def main(argv=None):
                 method=m,
                 step_ms=1000 * statistics.median(times[m]),
                 ratio_to_adam=statistics.median(ratios),
-                peak_mem_x_params=(mem.peak_bytes - 4 * batch[0].numel() - 8 * batch[1].numel()) / pbytes,
-                state_x_params=sum(t.numel() for t in _state_tensors(opt)) / n_params,
+                peak_mem_x_params=(peak_bytes - 4 * batch[0].numel() - 8 * batch[1].numel()) / pbytes,
+                state_x_params=sum(t.numel() for t in optimizer_tensors(opt)) / n_params,
                 fused=bool(getattr(opt, "fused", False)),
             )
         )

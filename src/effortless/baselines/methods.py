@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from .. import api
 from ..curvature import estimators
 from ..data import Split, loader
-from ..experiments.train import RunResult, measured_step, train
+from ..experiments.memory import measure_step
+from ..experiments.train import RunResult, train
 from ..posterior.from_adam import posterior_from_adam
 
 
@@ -47,6 +48,7 @@ def _map_run(task, split, seed, epochs, progress, dropout=0.0) -> RunResult:
         batch_size=task.batch_size,
         seed=seed,
         progress=progress,
+        measure_memory=True,
     )
 
 
@@ -65,6 +67,7 @@ def make_bayesadam(key):
             batch_size=task.batch_size,
             seed=seed,
             progress=progress,
+            measure_memory=True,
             hessian=key,
         )
 
@@ -187,7 +190,8 @@ def fit_ivon(task, split, seed, epochs, progress, lr=0.1, hess_init=0.1, samples
         for x, y in data:
             if steps == 3:
                 t1 = time.perf_counter()
-                _, peak = measured_step(lambda x=x, y=y: one_step(x, y), model, opt, (x, y))
+                _, peak = measure_step(lambda x=x, y=y: one_step(x, y), model, opt, (x, y))
+                peak /= 2**20
                 t0 += time.perf_counter() - t1
             else:
                 one_step(x, y)

@@ -59,3 +59,31 @@ class PeakMemory(TorchDispatchMode):
         for t in tree_leaves(out):
             self._track(t)
         return out
+
+
+def optimizer_tensors(opt) -> list[torch.Tensor]:
+    """An optimizer's state tensors: in ``opt.state`` and, as ivon-opt keeps them, in its groups."""
+    out = [v for g in opt.param_groups for k, v in g.items() if k != "params" and torch.is_tensor(v)]
+    for st in opt.state.values():
+        if isinstance(st, dict):
+            out += [v for v in st.values() if torch.is_tensor(v)]
+        elif torch.is_tensor(st):
+            out.append(st)
+    return out
+
+
+def measure_step(step, model, opt, batch=()):
+    """Run ``step()`` once under :class:`PeakMemory`, counting the model's parameters, the
+    optimizer's state and ``batch`` from the start. Returns (step's result, peak bytes). Compiled
+    (fused) kernels cannot run under a dispatch mode, so an optimizer with ``fused`` is measured on
+    its eager path, which allocates at least what the fused kernels do."""
+    fused = getattr(opt, "fused", False)
+    if fused:
+        opt.fused = False
+    try:
+        with PeakMemory([*model.parameters(), *optimizer_tensors(opt), *batch]) as mem:
+            out = step()
+    finally:
+        if fused:
+            opt.fused = True
+    return out, mem.peak_bytes

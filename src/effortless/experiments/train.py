@@ -18,7 +18,7 @@ from ..api import _progress, predict
 from ..data import Split, loader
 from ..optim import BayesAdam
 from ..posterior import DiagGaussian
-from .memory import PeakMemory
+from .memory import measure_step
 
 
 @dataclass
@@ -41,13 +41,15 @@ def train(
     batch_size: int = 128,
     seed: int = 0,
     progress: bool = True,
+    measure_memory: bool = False,
     **kwargs,
 ) -> RunResult:
     """Train ``method`` ("map": Adam; "bayesadam": BayesAdam with ``kwargs``) from a seeded init.
 
     The loop is the plain user loop (zero_grad, forward/backward, step), with a constant learning
     rate, as a user would write it for Adam; Hessian keys that need the model's outputs go
-    through ``BayesAdam.train_step``. (Regression trains on the mean squared error here, i.e. a
+    through ``BayesAdam.train_step``. ``measure_memory`` counts the tensor memory of one step
+    (``RunResult.peak_mem_mb``). (Regression trains on the mean squared error here, i.e. a
     Gaussian likelihood up to the noise scale, for Adam and the user loop alike.)
     """
     torch.manual_seed(seed)
@@ -84,9 +86,10 @@ def train(
     for _ in bar:
         total = 0.0
         for x, y in data:
-            if steps == 3:  # one step measured (after warm-up), outside the timing that matters
+            if measure_memory and steps == 3:  # one step after warm-up, kept out of the timing
                 t0 = time.perf_counter()
-                loss, peak = measured_step(lambda x=x, y=y: one_step(x, y), model, opt, (x, y))
+                loss, peak = measure_step(lambda x=x, y=y: one_step(x, y), model, opt, (x, y))
+                peak /= 2**20
                 start += time.perf_counter() - t0
             else:
                 loss = one_step(x, y)
@@ -99,26 +102,6 @@ def train(
     model.eval()
     post = opt.posterior() if method == "bayesadam" else None
     return RunResult(method, model, post, seconds, 1000 * seconds / max(steps, 1), history, opt, peak)
-
-
-def measured_step(step, model, opt, batch):
-    """Run ``step()`` once under :class:`PeakMemory`; return (its result, peak MiB of all tensors
-    alive during it: parameters, gradients, optimizer state, activations, temporaries). Fused
-    (compiled) kernels cannot run under the counter, so the eager path is measured."""
-    state = [
-        v for st in opt.state.values() if isinstance(st, dict) for v in st.values() if torch.is_tensor(v)
-    ]
-    state += [v for g in opt.param_groups for k, v in g.items() if k != "params" and torch.is_tensor(v)]
-    fused = getattr(opt, "fused", False)
-    if fused:
-        opt.fused = False
-    try:
-        with PeakMemory([*model.parameters(), *state, *batch]) as mem:
-            out = step()
-    finally:
-        if fused:
-            opt.fused = True
-    return out, mem.peak_bytes / 2**20
 
 
 @torch.no_grad()
