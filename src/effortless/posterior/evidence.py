@@ -16,7 +16,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["log_marginal_likelihood", "tune_prior_precision"]
+__all__ = ["log_marginal_likelihood", "tune_prior_precision", "maximise"]
+
+
+def maximise(params: list[torch.Tensor], objective, steps: int, lr: float = 0.1) -> None:
+    """Gradient ascent with Adam on ``objective()`` over ``params`` (leaf tensors), in place."""
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        (-objective()).backward()
+        opt.step()
 
 
 def _as_dict(delta, keys, like):
@@ -44,17 +53,15 @@ def tune_prior_precision(
     dtype = next(iter(mean.values())).dtype
     keys = list(mean) if per_tensor else ["_all"]
     log_d = {k: torch.tensor(float(init), dtype=dtype).log().requires_grad_(True) for k in keys}
-    opt = torch.optim.Adam(list(log_d.values()), lr=lr)
     mean = {k: v.detach() for k, v in mean.items()}
     curvature = {k: v.detach() for k, v in curvature.items()}
 
     def delta():
         return {k: log_d[k if per_tensor else "_all"].exp() for k in mean}
 
-    for _ in range(steps):
-        opt.zero_grad()
-        (-log_marginal_likelihood(nll_sum, mean, curvature, delta())).backward()
-        opt.step()
+    maximise(
+        list(log_d.values()), lambda: log_marginal_likelihood(nll_sum, mean, curvature, delta()), steps, lr
+    )
     with torch.no_grad():
         out = {k: v.detach() for k, v in delta().items()}
     return out if per_tensor else float(next(iter(out.values())))

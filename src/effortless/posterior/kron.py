@@ -17,11 +17,12 @@ Daxberger et al. (2021), Laplace redux.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .evidence import maximise
 
 __all__ = ["KronLastLayer", "fit_last_layer"]
 
@@ -148,21 +149,14 @@ def fit_last_layer(model, loader, lik, prior_precision, n_samples=1, generator=N
 
 def _tune(post: KronLastLayer, nll_sum: float, steps: int = 300) -> float:
     log_d = torch.zeros((), dtype=post.mean.dtype, requires_grad=True)
-    opt = torch.optim.Adam([log_d], lr=0.1)
-    p = post.mean.numel()
-    sq = post.mean.pow(2).sum()
-    for _ in range(steps):
-        opt.zero_grad()
-        d = log_d.exp()
-        lml = -nll_sum - 0.5 * d * sq + 0.5 * p * log_d - 0.5 * (torch.outer(post.g, post.a) + d).log().sum()
-        (-lml).backward()
-        opt.step()
+    maximise([log_d], lambda: log_marginal_likelihood(post, nll_sum, log_d.exp()), steps)
     return float(log_d.detach().exp())
 
 
 def log_marginal_likelihood(post: KronLastLayer, nll_sum: float, prior_precision: float | None = None):
-    d = post.prior_precision if prior_precision is None else prior_precision
-    p = post.mean.numel()
-    return (
-        -nll_sum - 0.5 * d * post.mean.pow(2).sum() + 0.5 * p * math.log(d) - 0.5 * post.log_det_precision(d)
+    """The Laplace evidence for prior precision δ (a float, or a tensor to differentiate)."""
+    d = torch.as_tensor(
+        post.prior_precision if prior_precision is None else prior_precision, dtype=post.mean.dtype
     )
+    p = post.mean.numel()
+    return -nll_sum - 0.5 * d * post.mean.pow(2).sum() + 0.5 * p * d.log() - 0.5 * post.log_det_precision(d)
