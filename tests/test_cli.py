@@ -2,6 +2,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from effortless import cli
 
 
@@ -43,12 +46,37 @@ def test_hessian_profile_writes_table_json_and_plot(tmp_path):
 
 def test_adam_hessian_runs_and_reports(tmp_path):
     args = ["adam-hessian", "--task", "mnist1d-mlp", "--epochs", "1", "--every", "5", "--subset", "640",
-            "--probe", "64", "--probes", "4", "--out", str(tmp_path)]  # fmt: skip
+            "--probe", "64", "--probes", "4", "--keys", "reparam,gradsq,ggn,kfac",
+            "--out", str(tmp_path)]  # fmt: skip
     assert cli.main(args) == 0
     out = json.loads((tmp_path / "results.json").read_text())
     estimates = {r["estimate"] for r in out["rows"]}
-    assert estimates == {"adam v̂", "adam F̂", "bayesadam h"}
+    keys = ("reparam", "gradsq", "ggn", "kfac")
+    assert estimates == {"adam v̂", "adam F̂", *(f"bayesadam[{k}] h" for k in keys)}
     assert all(-1.0001 <= r["spearman"] <= 1.0001 for r in out["rows"])
-    assert {"MAP (Adam)", "adam-laplace (probit)"} <= set(out["adam_laplace"])
+    posts = out["posteriors"]
+    assert {"MAP (Adam)", "adam-laplace: N·F̂ (marglik, probit)", "naive: N·v̂ (marglik, probit)",
+            *(f"bayesadam[{k}] posterior() (probit)" for k in keys)} == set(posts)  # fmt: skip
+    assert all(0 <= p["ece"] <= 1 and p["nll"] > 0 for p in posts.values())
     for name in ("results.md", "correlation.png", "scatter.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_adam_hessian_rejects_bad_keys(tmp_path):
+    from effortless.experiments import adam_hessian
+
+    with pytest.raises(ValueError, match="Hessian keys"):
+        adam_hessian.run(task="mnist1d-mlp", keys=("reparam", "nope"), out=str(tmp_path))
+    with pytest.raises(ValueError, match="Hessian keys"):
+        adam_hessian.run(task="mnist1d-mlp", keys=("reparam", "reparam"), out=str(tmp_path))
+
+
+def test_adam_hessian_compare_measures_rank_and_scale():
+    from effortless.experiments.adam_hessian import compare
+
+    ref = torch.rand(500, dtype=torch.float64) + 0.01
+    same = compare(ref, ref)
+    assert same["spearman"] == pytest.approx(1) and same["pearson_log"] == pytest.approx(1)
+    assert compare(3 * ref, ref)["median_ratio"] == pytest.approx(3)
+    assert compare(ref.pow(3), ref)["spearman"] == pytest.approx(1)  # monotone: rank-perfect
+    assert compare(1 / ref, ref)["spearman"] == pytest.approx(-1)

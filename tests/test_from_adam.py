@@ -91,3 +91,30 @@ def test_marglik_and_clear_errors():
         ef.posterior_from_adam(model, torch.optim.Adam(model.parameters()), 64, 8)
     with pytest.raises(ValueError, match="batch_size"):
         ef.posterior_from_adam(model, opt, 64, 0)
+
+
+def test_linear_regression_at_the_least_squares_solution_recovers_efisher_and_ggn():
+    """Well-specified linear regression (noise sd 1, Gaussian NLL ½(y − xθ)²): at the least-squares
+    θ̂, Adam's moments map to the dense per-sample empirical Fisher Σ r²x², and because E r² = σ² that
+    is the exact GGN Σ x² (which does not depend on θ) up to the residuals' sampling error."""
+    g = torch.Generator().manual_seed(3)
+    n, d = 2000, 3
+    f64 = torch.float64
+    X = torch.randn(n, d, generator=g, dtype=f64) * torch.tensor([0.5, 1.0, 2.0], dtype=f64)
+    y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=f64) + torch.randn(n, generator=g, dtype=f64)
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(X, y[:, None]).solution.T)
+    opt = torch.optim.Adam(model.parameters(), lr=0.0, betas=(0.9999, 0.9999))
+    for _ in range(20000):
+        idx = torch.randint(0, n, (16,), generator=g)
+        opt.zero_grad()
+        (0.5 * (y[idx] - model(X[idx]).squeeze(-1)).pow(2)).mean().backward()
+        opt.step()
+    post = ef.posterior_from_adam(model, opt, n_data=n, batch_size=16, prior_precision=1.0)
+    implied = post.precision["weight"] - 1.0
+    ef_ref = exact.diag(model, X, y[:, None], "efisher", likelihood="regression")["weight"]
+    ggn_ref = exact.diag(model, X, y[:, None], "ggn", likelihood="regression")["weight"]
+    torch.testing.assert_close(ggn_ref, X.pow(2).sum(0, keepdim=True))  # the reference is what we think
+    torch.testing.assert_close(implied, ef_ref, rtol=0.1, atol=0.0)
+    torch.testing.assert_close(implied, ggn_ref, rtol=0.15, atol=0.0)

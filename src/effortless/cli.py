@@ -68,6 +68,7 @@ def _adam_hessian(args) -> int:
         seed=args.seed,
         out=args.out,
         subset=args.subset,
+        keys=[k.strip() for k in args.keys.split(",") if k.strip()],
     )
     print(table)
     print(f"\nWrote {args.out}/results.json, results.md, correlation.png, scatter.png")
@@ -173,9 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train with Adam and BayesAdam side by side; every --every steps compare Adam's raw "
             "second moment, the empirical Fisher it implies (posterior_from_adam) and BayesAdam's "
-            "curvature against the exact diagonal GGN, empirical Fisher and (Hutchinson) Hessian "
-            "on a probe set, per layer (Spearman/Pearson of logs, median ratio). Then evaluate "
-            "adam-laplace (MAP + posterior_from_adam, marglik prior, probit) against MAP. Writes "
+            "curvature (one run per --keys entry) against the exact diagonal GGN, empirical "
+            "Fisher and (Hutchinson) Hessian on a probe set, per layer (Spearman/Pearson of logs, "
+            "median ratio). Then evaluate every estimate used as a posterior (adam-laplace = MAP + "
+            "posterior_from_adam, the naive N·v̂, each BayesAdam's posterior(); probit) against MAP "
+            "on the test set. Writes "
             "results.json, results.md, correlation.png, scatter.png into --out."
         ),
     )
@@ -185,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--probe", type=int, default=512, help="training examples in the probe set")
     a.add_argument("--probes", type=int, default=32, help="Hutchinson probes for the Hessian diagonal")
     a.add_argument("--subset", type=int, default=None, help="use only the first N training examples")
+    a.add_argument("--keys", default="reparam,ggn-mc",
+                   help="comma list of BayesAdam Hessian keys to train side by side, one run each "
+                   "(reparam, gradsq, efisher, ggn-mc, ggn, hutchinson, kfac; default reparam,ggn-mc)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--threads", type=int, default=None)
     a.add_argument("--out", default="runs/adam-hessian")
