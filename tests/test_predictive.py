@@ -79,3 +79,27 @@ def test_regression_glm_variance_includes_noise():
     ref = torch.diagonal(_reference_cov(model, post, x), dim1=-2, dim2=-1) + 0.09
     torch.testing.assert_close(var, ref)
     assert mean.shape == (6, 2)
+
+
+@pytest.mark.parametrize("method", ["mc", "glm"])
+def test_predict_samples_are_the_draws_predict_averages(method):
+    model = make_model("mlp")
+    x, _ = make_batch("mlp", "classification")
+    post = _posterior(model)
+    g = torch.Generator().manual_seed(4)
+    lp = ef.predict_samples(model, post, x, n_samples=9, method=method, generator=g)
+    assert lp.shape == (x.shape[0], model(x).shape[-1], 9)
+    torch.testing.assert_close(lp.exp().sum(1), torch.ones(x.shape[0], 9, dtype=lp.dtype))
+    ref = ef.predict(model, post, x, n_samples=9, method=method, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(lp.exp().mean(-1), ref)
+    assert float(lp.std(-1).mean()) > 1e-3  # the draws differ: there is something to average
+
+
+def test_predict_samples_rejects_bad_input():
+    model = make_model("mlp")
+    x, _ = make_batch("mlp", "classification")
+    post = _posterior(model)
+    with pytest.raises(ValueError, match="method"):
+        ef.predict_samples(model, post, x, method="probit")
+    with pytest.raises(ValueError, match="n_samples"):
+        ef.predict_samples(model, post, x, n_samples=0)

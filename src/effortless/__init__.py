@@ -7,13 +7,13 @@ Example:
 """
 
 from . import curvature, likelihoods
-from .api import fit, laplace, predict
+from .api import fit, laplace, predict, predict_samples
 from .optim import BayesAdam
 from .posterior import DiagGaussian, KronLastLayer
 from .posterior.from_adam import posterior_from_adam
 
 __version__ = "0.1.0"
 __all__ = [
-    "BayesAdam", "DiagGaussian", "KronLastLayer", "fit", "predict", "laplace", "posterior_from_adam",
-    "curvature", "likelihoods",
+    "BayesAdam", "DiagGaussian", "KronLastLayer", "fit", "predict", "predict_samples", "laplace",
+    "posterior_from_adam", "curvature", "likelihoods",
 ]  # fmt: skip

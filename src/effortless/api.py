@@ -25,7 +25,7 @@ from .curvature import functional as cf
 from .optim import BayesAdam
 from .posterior import DiagGaussian, evidence, kron, predictive
 
-__all__ = ["fit", "predict", "laplace", "LAPLACE_HESSIANS"]
+__all__ = ["fit", "predict", "predict_samples", "laplace", "LAPLACE_HESSIANS"]
 
 
 def _progress(iterable, enabled: bool, **kwargs):
@@ -153,6 +153,52 @@ def predict(
     if lik.name == "classification":
         return stack.mean(0)
     return stack.mean(0), stack.var(0, unbiased=False) + lik.sigma_noise**2
+
+
+def predict_samples(
+    model: nn.Module,
+    posterior,
+    x: torch.Tensor,
+    n_samples: int = 32,
+    method: str = "mc",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-sample predictive log-probabilities, shape (N, C, S) (classification).
+
+    The tensor acquisition functions (:mod:`effortless.active`), baal and batchbald_redux consume:
+    ``log_probs[n, c, s] = log p(y = c | x_n, θ_s)``. ``method="mc"`` draws weights θ_s from the
+    posterior (``DiagGaussian``); ``method="glm"`` draws the linearised network's outputs from their
+    exact Gaussian (``DiagGaussian`` or ``KronLastLayer``). With the same ``generator`` state,
+    ``predict_samples(...).exp().mean(-1)`` equals :func:`predict` with the same method.
+
+    Example:
+        >>> import torch
+        >>> import effortless as ef
+        >>> model = torch.nn.Linear(4, 3)
+        >>> q = ef.DiagGaussian.from_model(model, precision=100.0)
+        >>> ef.predict_samples(model, q, torch.randn(5, 4), n_samples=7).shape
+        torch.Size([5, 3, 7])
+    """
+    if method not in ("mc", "glm"):
+        raise ValueError(f"method must be 'mc' or 'glm' (per-sample draws), got {method!r}")
+    if not (isinstance(n_samples, int) and n_samples >= 1):
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    if method == "glm":
+        if isinstance(posterior, kron.KronLastLayer):
+            mean, cov = posterior.predictive_moments(model, x)
+        else:
+            with torch.enable_grad():
+                mean, cov = predictive.linearised_moments(model, posterior, x)
+        f = predictive.glm_logits(mean.detach(), cov.detach(), n_samples, generator)
+    else:
+        if not isinstance(posterior, DiagGaussian):
+            raise ValueError("method='mc' samples weights: it needs a DiagGaussian posterior (use 'glm')")
+        outs = []
+        for _ in range(n_samples):
+            with posterior.sampled(model, generator), torch.no_grad():
+                outs.append(model(x))
+        f = torch.stack(outs)
+    return f.log_softmax(-1).permute(1, 2, 0)
 
 
 # Curvature sources for the post-hoc Laplace fit: every model-side estimator, plus the exact

@@ -17,6 +17,8 @@ Commands:
                    scaling, last-layer Laplace, adam-laplace, IVON) on the same tasks; resumable
   adam-hessian     how well Adam's state (and BayesAdam's curvature) matches the exact diagonal
                    GGN / empirical Fisher / Hessian during training; adam-laplace vs MAP
+  active           pool-based active learning: labels needed to reach 90/95 % test accuracy
+                   for each method × acquisition function (BALD, BatchBALD, entropy, random...)
 
 Run `effortless COMMAND --help` for a command's options."""
 
@@ -92,6 +94,37 @@ def _bench(args) -> int:
     )
     print(f"\nWrote {args.out}/results.json, results.md and plots")
     return 0
+
+
+def _active(args) -> int:
+    from .experiments import active
+
+    _, md = active.run(
+        task=args.task,
+        methods=_csv(args.method),
+        acquisitions=_csv(args.acquisition),
+        initial=args.initial,
+        query=args.query,
+        budget=args.budget,
+        repeats=args.repeats,
+        pool_subset=args.pool_subset or None,
+        n_samples=args.samples,
+        warm_start=args.warm_start,
+        epochs=args.epochs,
+        min_steps=args.min_steps,
+        out=args.out,
+        jobs=args.jobs,
+        threads=args.threads,
+        progress=not args.no_progress,
+        subset=args.subset,
+    )
+    print(md)
+    print(f"\nWrote {args.out}/results.json, results.md, learning_curves.png")
+    return 0
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +228,46 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--threads", type=int, default=None)
     a.add_argument("--out", default="runs/adam-hessian")
     a.set_defaults(func=_adam_hessian)
+
+    from .active import ACQUISITIONS, LEARNERS
+    from .experiments.active import TASKS as ACTIVE_TASKS
+
+    al = sub.add_parser(
+        "active",
+        help="pool-based active learning: labels needed per method × acquisition",
+        description=(
+            "Active learning, Gal et al. (2017) protocol by default: a balanced start of --initial "
+            "labels, --query points per round chosen from a random subset of --pool-subset pool "
+            "points by each acquisition function on --samples predictive samples, until --budget "
+            "labels; the network is retrained from scratch every round (--warm-start keeps the "
+            "weights) and evaluated on the whole test set. Every method × acquisition × repeat "
+            "cell checkpoints after each round: rerun the same command to resume. Writes "
+            "results.json, results.md (labels to reach 90 % and 95 % test accuracy, area under "
+            "the learning curve) and learning_curves.png into --out. Methods: "
+            + ", ".join(LEARNERS) + ". Acquisitions: " + ", ".join(ACQUISITIONS) + "."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    al.add_argument("--task", default="mnist", choices=sorted(ACTIVE_TASKS),
+                    help="mnist/fmnist: LeNet; mnist1d: 1-D CNN; mnist1d-mlp: MLP")  # fmt: skip
+    al.add_argument("--method", default="bayesadam,mc-dropout", help="comma list of methods")
+    al.add_argument("--acquisition", default="bald,random", help="comma list of acquisition functions")
+    al.add_argument("--initial", type=int, default=20, help="balanced initial labelled set")
+    al.add_argument("--query", type=int, default=10, help="labels acquired per round")
+    al.add_argument("--budget", type=int, default=1000, help="stop at this many labels")
+    al.add_argument("--repeats", type=int, default=3, help="repeats (seeds) per method × acquisition")
+    al.add_argument("--pool-subset", type=int, default=2000,
+                    help="score a random subset of this many pool points per round (0: all)")  # fmt: skip
+    al.add_argument("--samples", type=int, default=20, help="predictive samples S per pool point")
+    al.add_argument("--warm-start", action="store_true", help="start each round from the last weights")
+    al.add_argument("--epochs", type=int, default=30, help="passes over the labelled set per round")
+    al.add_argument("--min-steps", type=int, default=200, help="at least this many steps per round")
+    al.add_argument("--jobs", type=int, default=1, help="grid cells run in parallel processes")
+    al.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    al.add_argument("--subset", type=int, default=None, help="use only the first N training examples")
+    al.add_argument("--no-progress", action="store_true")
+    al.add_argument("--out", default="runs/active")
+    al.set_defaults(func=_active)
     return parser
 
 

@@ -81,13 +81,17 @@ def probit_probs(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), -1)
 
 
-def glm_probs(mean, cov, n_samples: int = 32, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Monte-Carlo average of ``softmax(f + L ξ)`` over output-space samples (cheap: C numbers)."""
+def glm_logits(mean, cov, n_samples: int = 32, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n_samples`` output-space draws ``f + L ξ`` of the linearised predictive, shape (S, B, C)."""
     c = mean.shape[-1]
     jitter = 1e-10 * cov.diagonal(dim1=-2, dim2=-1).mean().clamp_min(1e-30)
     L = torch.linalg.cholesky(cov + jitter * torch.eye(c, dtype=cov.dtype, device=cov.device))
     device = generator.device if generator is not None else mean.device
     xi = torch.randn(n_samples, *mean.shape, generator=generator, dtype=mean.dtype, device=device)
     xi = xi.to(mean.device)
-    f = mean + torch.einsum("bcd,sbd->sbc", L, xi)  # (S, B, C)
-    return f.softmax(-1).mean(0)
+    return mean + torch.einsum("bcd,sbd->sbc", L, xi)
+
+
+def glm_probs(mean, cov, n_samples: int = 32, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Monte-Carlo average of ``softmax(f + L ξ)`` over output-space samples (cheap: C numbers)."""
+    return glm_logits(mean, cov, n_samples, generator).softmax(-1).mean(0)

@@ -1,0 +1,164 @@
+"""The pool-based active-learning loop: seeded, resumable, and blind to the test labels.
+
+Each round: fit the learner on the labelled set, evaluate it on the test set, score a random
+subset of the pool (``pool_subset`` points, as in Gal et al. 2017; all of it when None) with the
+acquisition function on ``n_samples`` predictive samples, and move the ``query`` best points from
+the pool to the labelled set. Stops when ``budget`` labels are reached (the last round is evaluated,
+not queried).
+
+Every random choice of round r comes from generators seeded by ``(seed, r)``, so a run that is
+stopped and resumed from its checkpoint (written after every round; ``torch.load(weights_only=True)``
+reads it) continues exactly where it stopped. The test set enters only ``evaluate``; the pool is the
+training split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import metrics
+from .acquisition import ACQUISITIONS, select
+
+
+@dataclass(frozen=True)
+class ActiveConfig:
+    initial: int = 20
+    query: int = 10
+    budget: int = 1000
+    pool_subset: int | None = 2000
+    n_samples: int = 20
+    warm_start: bool = False
+    seed: int = 0
+
+    def check(self, n_pool: int, n_classes: int):
+        if not (isinstance(self.initial, int) and self.initial >= n_classes):
+            raise ValueError(f"initial must be an int >= the number of classes ({n_classes}) for a balanced "
+                             f"start, got {self.initial!r}")  # fmt: skip
+        if not (isinstance(self.query, int) and self.query >= 1):
+            raise ValueError(f"query must be a positive int, got {self.query!r}")
+        if not (isinstance(self.budget, int) and self.initial <= self.budget <= n_pool):
+            raise ValueError(f"budget must be an int in [initial={self.initial}, pool size={n_pool}], "
+                             f"got {self.budget!r}")  # fmt: skip
+        if self.pool_subset is not None and not (isinstance(self.pool_subset, int) and self.pool_subset >= 1):
+            raise ValueError(f"pool_subset must be None or a positive int, got {self.pool_subset!r}")
+        if not (isinstance(self.n_samples, int) and self.n_samples >= 1):
+            raise ValueError(f"n_samples must be a positive int, got {self.n_samples!r}")
+
+
+@dataclass
+class ActiveState:
+    labelled: list[int]
+    history: list[dict] = field(default_factory=list)  # one row per evaluated round
+    queried: list[list[int]] = field(default_factory=list)  # the indices added by each round
+
+    def to_dict(self):
+        return {"labelled": list(self.labelled), "history": self.history, "queried": self.queried}
+
+
+def balanced_initial(y: torch.Tensor, n: int, n_classes: int, generator: torch.Generator) -> list[int]:
+    """``n`` indices with the classes as equally represented as ``n`` allows (remainder random)."""
+    out: list[int] = []
+    per, rest = divmod(n, n_classes)
+    for c in range(n_classes):
+        idx = (y == c).nonzero().reshape(-1)
+        if len(idx) < per:
+            raise ValueError(f"class {c} has {len(idx)} examples, fewer than the {per} a balanced start "
+                             "needs")  # fmt: skip
+        out += idx[torch.randperm(len(idx), generator=generator)[:per]].tolist()
+    if rest:
+        chosen = set(out)
+        left = torch.tensor([i for i in range(len(y)) if i not in chosen])
+        out += left[torch.randperm(len(left), generator=generator)[:rest]].tolist()
+    return out
+
+
+def _gen(seed: int, round_: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(1_000_003 * seed + 7919 * round_ + stream)
+
+
+def evaluate(trained, x_test: torch.Tensor, y_test: torch.Tensor) -> dict:
+    p = trained.probs(x_test)
+    return {
+        "accuracy": metrics.accuracy(p, y_test),
+        "nll": metrics.nll(p, y_test),
+        "ece": metrics.ece(p, y_test),
+    }
+
+
+def run_loop(
+    learner: Callable,
+    acquisition: str,
+    x_pool: torch.Tensor,
+    y_pool: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    n_classes: int,
+    config: ActiveConfig = ActiveConfig(),
+    checkpoint: str | Path | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> ActiveState:
+    """Run (or resume from ``checkpoint``) one active-learning experiment; return its state.
+
+    ``learner(x, y, seed, warm)`` is a :mod:`effortless.active.learners` learner; ``progress`` is
+    called with each round's history row.
+    """
+    if acquisition not in ACQUISITIONS:
+        raise ValueError(f"acquisition must be one of {sorted(ACQUISITIONS)}, got {acquisition!r}")
+    if len(x_pool) != len(y_pool):
+        raise ValueError(f"x_pool and y_pool differ in length ({len(x_pool)} vs {len(y_pool)})")
+    config.check(len(x_pool), n_classes)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    state = _load(ckpt, config, acquisition) if ckpt is not None and ckpt.exists() else None
+    if state is None:
+        state = ActiveState(balanced_initial(y_pool, config.initial, n_classes, _gen(config.seed, 0, 0)))
+    if state.history and state.history[-1]["labels"] == len(state.labelled) >= config.budget:
+        return state  # finished before
+    warm = None  # (models are not checkpointed: a resumed warm-start run fits its first round cold)
+    while True:
+        r = len(state.history)
+        lab = torch.tensor(state.labelled)
+        seed = 1_000 * config.seed + r
+        trained = learner(x_pool[lab], y_pool[lab], seed, warm if config.warm_start else None)
+        row = {"round": r, "labels": len(state.labelled), **evaluate(trained, x_test, y_test)}
+        state.history.append(row)
+        if progress is not None:
+            progress(row)
+        if len(state.labelled) >= config.budget:
+            _save(ckpt, state, config, acquisition)
+            return state
+        k = min(config.query, config.budget - len(state.labelled))
+        taken = set(state.labelled)
+        pool = torch.tensor([i for i in range(len(x_pool)) if i not in taken])
+        g = _gen(config.seed, r + 1, 1)
+        if config.pool_subset is not None and config.pool_subset < len(pool):
+            pool = pool[torch.randperm(len(pool), generator=g)[: config.pool_subset]]
+        lp = trained.log_probs(x_pool[pool], config.n_samples, _gen(config.seed, r + 1, 2))
+        picked = pool[select(acquisition, lp, k, _gen(config.seed, r + 1, 3))].tolist()
+        state.labelled += picked
+        state.queried.append(picked)
+        warm = trained
+        _save(ckpt, state, config, acquisition)
+
+
+def _save(ckpt, state, config, acquisition):
+    if ckpt is None:
+        return
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt.with_suffix(ckpt.suffix + ".tmp")
+    torch.save({"config": dataclasses.asdict(config), "acquisition": acquisition, **state.to_dict()}, tmp)
+    tmp.replace(ckpt)  # atomic: an interrupted save never leaves a corrupt checkpoint
+
+
+def _load(ckpt, config, acquisition):
+    d = torch.load(ckpt, weights_only=True)
+    if d["config"] != dataclasses.asdict(config) or d["acquisition"] != acquisition:
+        raise ValueError(
+            f"{ckpt} was written by a different experiment ({d['acquisition']}, {d['config']}); "
+            "use another output directory or delete it"
+        )
+    return ActiveState(d["labelled"], d["history"], d["queried"])
