@@ -80,3 +80,37 @@ def test_adam_hessian_compare_measures_rank_and_scale():
     assert compare(3 * ref, ref)["median_ratio"] == pytest.approx(3)
     assert compare(ref.pow(3), ref)["spearman"] == pytest.approx(1)  # monotone: rank-perfect
     assert compare(1 / ref, ref)["spearman"] == pytest.approx(-1)
+
+
+def test_active_runs_writes_reports_and_resumes(tmp_path):
+    args = ["active", "--task", "mnist1d-mlp", "--method", "bayesadam,map", "--acquisition", "bald,random",
+            "--initial", "10", "--query", "5", "--budget", "25", "--repeats", "2", "--pool-subset", "100",
+            "--samples", "4", "--epochs", "2", "--min-steps", "10", "--subset", "600", "--no-progress",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert cli.main(args) == 0
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert len(out["cells"]) == 2 * 2 * 2
+    for c in out["cells"]:
+        assert [r["labels"] for r in c["history"]] == [10, 15, 20, 25]
+        assert len(set(c["labelled"])) == 25
+    md = (tmp_path / "results.md").read_text()
+    assert "labels to 90 %" in md and "bayesadam | bald" in md
+    assert (tmp_path / "learning_curves.png").stat().st_size > 0
+    before = {(c["method"], c["acquisition"], c["repeat"]): c["history"] for c in out["cells"]}
+    assert cli.main(args) == 0  # rerun: every cell is finished, read back from its checkpoint
+    after = json.loads((tmp_path / "results.json").read_text())
+    assert {(c["method"], c["acquisition"], c["repeat"]): c["history"] for c in after["cells"]} == before
+    with pytest.raises(SystemExit):
+        cli.main(["active", "--task", "cifar"])
+    with pytest.raises(ValueError, match="acquisition"):
+        cli.main([*args[:6], "bald,nope", *args[7:]])
+
+
+def test_active_summary_numbers():
+    from effortless.experiments.active import area_under_curve, labels_to_reach
+
+    hist = [{"labels": 10, "accuracy": 0.5}, {"labels": 20, "accuracy": 0.92},
+            {"labels": 30, "accuracy": 0.96}]  # fmt: skip
+    assert labels_to_reach(hist, 0.9) == 20 and labels_to_reach(hist, 0.95) == 30
+    assert labels_to_reach(hist, 0.99) is None
+    assert area_under_curve(hist) == pytest.approx(((0.5 + 0.92) / 2 + (0.92 + 0.96) / 2) / 2)

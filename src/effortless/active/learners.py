@@ -58,13 +58,17 @@ def _steps(n, cfg):
 
 
 def _batches(x, y, cfg, seed):
-    """An endless stream of shuffled minibatches (reshuffled every pass), seeded."""
+    """An endless stream of shuffled minibatches (reshuffled every pass), seeded. Every batch is
+    full (``min(batch, n)`` examples): the remainder of a pass is dropped, because a 2-example
+    batch at 130 labels (64 + 64 + 2) was enough to wreck a round (LeNet on MNIST: 44 % test
+    accuracy for BayesAdam, 64 % for Adam, against about 80 % either side of it)."""
     g = torch.Generator().manual_seed(seed)
     n = len(x)
+    b = min(cfg.batch, n)
     while True:
         perm = torch.randperm(n, generator=g)
-        for i in range(0, n, cfg.batch):
-            j = perm[i : i + cfg.batch]
+        for i in range(0, n - b + 1, b):
+            j = perm[i : i + b]
             yield x[j], y[j]
 
 
