@@ -70,3 +70,56 @@ def test_per_tensor_tuning_returns_one_value_per_tensor():
     post = ef.laplace(model, loader, prior_precision="marglik-layer")
     assert set(post.prior_precision) == {n for n, _ in model.named_parameters()}
     assert all(float(v) > 0 for v in post.prior_precision.values())
+
+
+def _data(n, d, sigma, delta, seed):
+    X, g = _orthogonal_design(n=n, d=d, seed=seed)
+    w = torch.randn(d, 1, generator=g, dtype=torch.float64) / math.sqrt(delta)
+    return X, X @ w + sigma * torch.randn(n, 1, generator=g, dtype=torch.float64)
+
+
+def test_gaussian_evidence_in_sigma_equals_closed_form():
+    """At the MAP for (δ, σ), the evidence computed from the σ = 1 curvature and the RSS is the exact
+    evidence of Bayesian linear regression, for several σ (so its σ-dependence is right)."""
+    X, y = _data(200, 20, 0.7, 3.0, 2)
+    delta = 3.0
+    unit = {"weight": X.pow(2).sum(0, keepdim=True)}  # the GGN at σ = 1
+    for sigma in (0.3, 0.7, 2.0):
+        model = _laplace_at_map(X, y, sigma, delta)
+        with torch.no_grad():
+            rss = float((model(X) - y).pow(2).sum())
+        mean = {"weight": model.weight.detach()}
+        got = evidence.log_marginal_likelihood_gaussian(rss, 200, mean, unit, delta, sigma)
+        torch.testing.assert_close(got, _closed_form_log_evidence(X, y, sigma, delta), rtol=1e-10, atol=1e-8)
+
+
+def test_marglik_recovers_the_true_noise_and_prior():
+    sigma_true, delta_true = 0.3, 4.0
+    X, y = _data(2000, 300, sigma_true, delta_true, 3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=500)
+    model = _laplace_at_map(X, y, 1.0, 1.0)  # wrong σ and δ; MacKay iterations as a user would run them
+    for _ in range(4):
+        post = ef.laplace(model, loader, likelihood="regression", prior_precision="marglik",
+                          sigma_noise="marglik")  # fmt: skip
+        model = _laplace_at_map(X, y, post.sigma_noise, post.prior_precision)
+    assert abs(post.sigma_noise / sigma_true - 1) < 0.1, post.sigma_noise
+    assert abs(post.prior_precision / delta_true - 1) < 0.2, post.prior_precision
+    # the precision is the σ-scaled curvature plus δ
+    expected = X.pow(2).sum(0, keepdim=True) / post.sigma_noise**2 + post.prior_precision
+    torch.testing.assert_close(post.precision["weight"], expected)
+    # the empirical Fisher scales as 1/σ⁴ and lands on the same noise level
+    ef_post = ef.laplace(model, loader, likelihood="regression", hessian="efisher",
+                         prior_precision=post.prior_precision, sigma_noise="marglik")  # fmt: skip
+    assert abs(ef_post.sigma_noise / sigma_true - 1) < 0.1, ef_post.sigma_noise
+
+
+def test_noise_tuning_rejects_classification_and_kfac():
+    import pytest
+
+    model = nn.Linear(3, 2)
+    loader = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
+    with pytest.raises(ValueError, match="regression"):
+        ef.laplace(model, loader, sigma_noise="marglik")
+    with pytest.raises(ValueError, match="kfac"):
+        ef.laplace(model, [(torch.randn(8, 3), torch.randn(8, 2))], likelihood="regression",
+                   hessian="kfac", sigma_noise="marglik")  # fmt: skip

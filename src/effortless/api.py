@@ -209,13 +209,43 @@ LAPLACE_HESSIANS["hessian"] = lambda model, x, y, lik, gen, params: cf.diag_hess
 )
 
 
+def _laplace_tune_noise(model, loader, hessian, prior_precision, generator, params, progress):
+    """Diagonal Laplace for Gaussian regression with σ (and δ if "marglik") chosen by the evidence:
+    the curvature is accumulated once at σ = 1 and rescaled (1/σ², or 1/σ⁴ for the empirical
+    Fisher) inside the evidence, with the residual sum of squares from one forward pass."""
+    lik1 = likelihoods.get("regression", 1.0)
+    theta = cf.trainable(model, params)
+    total = {n: torch.zeros_like(p) for n, p in theta.items()}
+    device = _device(model)
+    rss, n_out = 0.0, 0
+    for x, y in _progress(loader, progress, desc="laplace", unit="batch"):
+        x, y = x.to(device), y.to(device)
+        est = LAPLACE_HESSIANS[hessian](model, x, y, lik1, generator, list(theta))
+        for n in total:
+            total[n] += est[n]
+        with torch.no_grad():
+            f = model(x)
+            rss += float((f - y.reshape(f.shape)).pow(2).sum())
+            n_out += f.numel()
+    mean = {n: p.detach().clone() for n, p in theta.items()}
+    power = 4 if hessian == "efisher" else 2
+    delta, sigma = evidence.tune_prior_and_noise(
+        rss, n_out, mean, total, prior_precision, power, per_tensor=prior_precision == "marglik-layer"
+    )
+    prec = {n: t / sigma**power + (delta[n] if isinstance(delta, dict) else delta) for n, t in total.items()}
+    post = DiagGaussian(mean, prec)
+    post.prior_precision = delta
+    post.sigma_noise = sigma
+    return post
+
+
 def laplace(
     model: nn.Module,
     loader: Iterable,
     likelihood: str = "classification",
     hessian: str = "ggn",
     prior_precision: float = 1.0,
-    sigma_noise: float = 1.0,
+    sigma_noise: float | str = 1.0,
     generator: torch.Generator | None = None,
     params: Iterable[str] | None = None,
     progress: bool = False,
@@ -232,6 +262,9 @@ def laplace(
         prior_precision: δ (float), or ``"marglik"`` / ``"marglik-layer"`` to choose a scalar /
             per-tensor δ by maximising the Laplace evidence (:mod:`effortless.posterior.evidence`;
             one extra forward pass for the NLL). The value used is ``posterior.prior_precision``.
+        sigma_noise: the regression noise σ (float), or ``"marglik"`` to choose it by the evidence
+            together with δ (diagonal posteriors; ``posterior.sigma_noise`` is the value chosen,
+            to pass on to :func:`predict`).
         params: restrict to these parameter names (others stay fixed at their values).
         subset: ``"last_layer"`` restricts to the last ``nn.Linear``; with ``hessian="kfac"`` it
             returns a :class:`~effortless.posterior.kron.KronLastLayer` (Kronecker-factored
@@ -254,6 +287,12 @@ def laplace(
         raise ValueError(
             f"prior_precision must be a float > 0, 'marglik' or 'marglik-layer', got {prior_precision!r}"
         )
+    if sigma_noise == "marglik":
+        if likelihoods.get(likelihood).name != "regression":
+            raise ValueError("sigma_noise='marglik' needs likelihood='regression'")
+        if hessian == "kfac":
+            raise ValueError("sigma_noise='marglik' is not available with hessian='kfac'")
+        return _laplace_tune_noise(model, loader, hessian, prior_precision, generator, params, progress)
     lik = likelihoods.get(likelihood, sigma_noise)
     theta = cf.trainable(model, params)
     total = {n: torch.zeros_like(p) for n, p in theta.items()}
