@@ -94,3 +94,41 @@ def test_regression_calibration_metrics():
     assert metrics.picp(mean, var, y, 0.95) == pytest.approx(0.95, abs=0.01)
     assert metrics.quantile_calibration_error(mean, var, y) < 0.01
     assert metrics.quantile_calibration_error(mean, 4 * var, y) > 0.1  # too wide: miscalibrated
+
+
+def _classification_case(n=3000, c=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = 2 * torch.randn(n, c, generator=g, dtype=torch.float64)
+    probs = logits.softmax(-1)
+    # labels drawn from a sharpened version: the model is miscalibrated, so ECE is far from 0
+    labels = torch.multinomial((3 * logits).softmax(-1), 1, generator=g).squeeze(-1)
+    return probs, labels
+
+
+def test_classification_metrics_match_torchmetrics():
+    tm = pytest.importorskip("torchmetrics.functional.classification")
+    probs, labels = _classification_case()
+    c = probs.shape[1]
+    assert metrics.accuracy(probs, labels) == pytest.approx(
+        float(tm.multiclass_accuracy(probs, labels, num_classes=c, average="micro")), abs=1e-6)  # fmt: skip
+    for n_bins in (10, 15):
+        ref = float(tm.multiclass_calibration_error(probs, labels, num_classes=c, n_bins=n_bins, norm="l1"))
+        assert metrics.ece(probs, labels, n_bins=n_bins) == pytest.approx(ref, rel=1e-6)
+        ref_max = float(tm.multiclass_calibration_error(probs, labels, num_classes=c, n_bins=n_bins,
+                                                        norm="max"))  # fmt: skip
+        assert metrics.mce(probs, labels, n_bins=n_bins) == pytest.approx(ref_max, rel=1e-6)
+    assert metrics.ece(probs, labels) > 0.05  # the case is miscalibrated: a real comparison
+    nll = torch.nn.functional.nll_loss(probs.log(), labels)
+    assert metrics.nll(probs, labels) == pytest.approx(float(nll), rel=1e-9)
+
+
+def test_ood_metrics_match_torchmetrics():
+    tm = pytest.importorskip("torchmetrics.functional.classification")
+    a, b = _ood_scores()
+    scores = torch.cat([a, b])
+    target = torch.cat([torch.ones_like(a), torch.zeros_like(b)]).long()  # in-distribution is positive
+    assert metrics.auroc(a, b) == pytest.approx(float(tm.binary_auroc(scores, target)), rel=1e-6)
+    assert metrics.aupr(a, b) == pytest.approx(float(tm.binary_average_precision(scores, target)), rel=1e-6)
+    fpr, tpr, _ = tm.binary_roc(scores, target)
+    ref = float(fpr[tpr >= 0.95].min())
+    assert metrics.fpr_at_tpr(a, b, 0.95) == pytest.approx(ref, abs=2 / len(b))
