@@ -36,6 +36,13 @@ def test_bench_rows_report_and_resume(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "laplace" in md and "**" in md
     assert (tmp_path / "reliability_mnist1d-mlp.png").stat().st_size > 0
+    # shift: every row is evaluated at each noise level (the data really change: NLL moves)
+    levels = bench.TASKS["mnist1d-mlp"].shift[1]
+    for r in saved:
+        assert [float(k) for k in r["shift"]] == list(levels)
+        assert r["shift"]["0.0"]["accuracy"] == r["accuracy"]
+        assert r["shift"][str(levels[-1])]["nll"] != pytest.approx(r["nll"], rel=1e-3)
+    assert "Under shift" in md and (tmp_path / "shift_mnist1d-mlp.png").stat().st_size > 0
 
 
 def test_unknown_method_or_task_is_refused(tmp_path):

@@ -62,3 +62,25 @@ def test_toy_regression_has_a_gap():
     s = data.toy_regression(n=200)
     assert (s.x_train.abs() >= 1).all() and (s.x_train.abs() <= 3).all()
     assert s.x_test.min() < -3 and s.x_test.max() > 3
+
+
+def test_rotation_moves_pixels_as_expected_and_keeps_mass():
+    img = torch.zeros(2, 784)
+    img[:, 14 * 28 + 22] = 1.0  # a dot 8 pixels right of the centre
+    same = data.rotate(img, 0.0)
+    torch.testing.assert_close(same, img, atol=1e-5, rtol=0)
+    quarter = data.rotate(img, 90.0).view(2, 28, 28)
+    r, c = divmod(int(quarter[0].argmax()), 28)
+    assert abs(c - 14) <= 1 and r < 10  # counter-clockwise: the dot moved up
+    half = data.rotate(img, 180.0).view(2, 28, 28)
+    r, c = divmod(int(half[0].argmax()), 28)
+    assert abs(r - 14) <= 1 and c < 10  # to the left
+    with pytest.raises(ValueError, match="28x28"):
+        data.rotate(torch.zeros(3, 40), 10.0)
+
+
+def test_noise_shift_scales_with_feature_std():
+    x = torch.randn(2000, 10) * 3
+    out = data.add_noise(x, 0.5)
+    assert abs(float((out - x).std()) / (0.5 * float(x.std(0).mean())) - 1) < 0.05
+    torch.testing.assert_close(data.add_noise(x, 0.0), x)

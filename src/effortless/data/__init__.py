@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import struct
@@ -30,6 +31,8 @@ __all__ = [
     "toy_regression",
     "tabular",
     "loader",
+    "rotate",
+    "add_noise",
     "FMNIST_DIR",
     "DATASETS",
 ]
@@ -236,6 +239,34 @@ DATASETS = {
     "wine": lambda: tabular("wine"),
     "diabetes": lambda: tabular("diabetes"),
 }
+
+
+def rotate(x: torch.Tensor, degrees: float, side: int = 28) -> torch.Tensor:
+    """Rotate flat ``side``×``side`` images ``degrees`` counter-clockwise (bilinear, zero fill).
+
+    Example:
+        >>> img = torch.zeros(1, 784); img[0, 14 * 28 + 20] = 1.0  # a dot right of the centre
+        >>> out = rotate(img, 90).view(28, 28)
+        >>> int(out.argmax()) // 28 < 14   # a quarter turn counter-clockwise moves it up
+        True
+    """
+    if x.shape[-1] != side * side:
+        raise ValueError(f"rotate: expects flat {side}x{side} images, got shape {tuple(x.shape)}")
+    a = math.radians(degrees)
+    # affine_grid maps output to input coordinates (x right, y down): this turns the picture
+    # counter-clockwise as displayed
+    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=x.dtype)
+    img = x.reshape(-1, 1, side, side)
+    grid = torch.nn.functional.affine_grid(theta.expand(img.shape[0], 2, 3), list(img.shape),
+                                           align_corners=False)  # fmt: skip
+    return torch.nn.functional.grid_sample(img, grid, align_corners=False).reshape(x.shape)
+
+
+def add_noise(x: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:
+    """``x`` plus Gaussian noise of standard deviation ``std`` × (the features' standard deviation)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = x.std(0, keepdim=True).mean()
+    return x + std * scale * torch.randn(x.shape, generator=g, dtype=x.dtype)
 
 
 def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 128, shuffle: bool = True, seed: int = 0):

@@ -2,9 +2,11 @@
 
 One registry of tasks (dataclasses) and one of methods (:mod:`effortless.baselines`) drive the
 runs. Every (task, method, seed) row holds accuracy, NLL, ECE, Brier, OOD AUROC (max probability),
-train seconds and milliseconds per step; rows already in ``results.json`` are skipped, so a killed
-run continues where it stopped. ``results.md`` has mean ± std over seeds with the best mean per
-column in bold; PNG plots: reliability diagrams and in/out confidence histograms (last seed).
+train seconds and milliseconds per step, and accuracy / NLL / ECE on shifted test sets (rotated
+images, or Gaussian input noise, at several intensities: the task's ``shift``); rows already in
+``results.json`` are skipped, so a killed run continues where it stopped. ``results.md`` has
+mean ± std over seeds with the best mean per column in bold, and a shift table; PNG plots:
+reliability diagrams and in/out confidence histograms (last seed), shift curves (all seeds).
 """
 
 from __future__ import annotations
@@ -57,6 +59,14 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
         probs = fitted.predict(split.x_test)
         probs_ood = fitted.predict(ood) if ood is not None else None
         row = metrics.classification_report(probs, split.y_test, probs_ood)
+        if task.shift is not None:  # accuracy / NLL / ECE on shifted copies of the test set
+            _, levels, fn = task.shift
+            row["shift"] = {}
+            for lv in levels:
+                p = probs if lv == 0 else fitted.predict(fn(split.x_test, lv))
+                y = split.y_test
+                row["shift"][str(lv)] = {"accuracy": metrics.accuracy(p, y), "nll": metrics.nll(p, y),
+                                         "ece": metrics.ece(p, y)}  # fmt: skip
         row.update(
             task=t,
             method=m,
@@ -82,6 +92,14 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
             with_ood = {m: (p, q) for m, (p, q, _) in sel.items() if q is not None}
             if with_ood:
                 plots.confidence_histogram(with_ood, out / f"confidence_{t}.png")
+    for t in tasks:  # shift curves over every seed in results.json
+        shifted = {}
+        for r in rows:
+            if r["task"] == t and r["method"] in methods and r.get("shift"):
+                for lv, v in r["shift"].items():
+                    shifted.setdefault(r["method"], {}).setdefault(float(lv), []).append(v)
+        if shifted and TASKS[t].shift is not None:
+            plots.shift_curves(shifted, out / f"shift_{t}.png", TASKS[t].shift[0])
     log(table)
     return rows
 
@@ -124,4 +142,30 @@ def report(rows, tasks, methods) -> str:
                 cells.append(f"**{cell}**" if best.get(c) == m else cell)
             lines.append(f"| {m} | {len(v['accuracy'])} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += _shift_table(sel, methods, t)
     return "\n".join(lines)
+
+
+def _shift_table(sel, methods, task):
+    """Mean accuracy % / NLL / ECE % per shift intensity and method (over the seeds that have it)."""
+    shifted = [r for r in sel if r.get("shift")]
+    if not shifted or TASKS[task].shift is None:
+        return []
+    label, levels, _ = TASKS[task].shift
+    lines = [f"Under shift — {label}: accuracy % / NLL / ECE %, mean over seeds", "",
+             "| method | " + " | ".join(f"{lv:g}" for lv in levels) + " |",
+             "|---|" + "---|" * len(levels)]  # fmt: skip
+    for m in methods:
+        rs = [r for r in shifted if r["method"] == m]
+        if not rs:
+            continue
+        cells = []
+        for lv in levels:
+            vals = [r["shift"][str(lv)] for r in rs if str(lv) in r["shift"]]
+            if not vals:
+                cells.append("–")
+                continue
+            acc, nll, ece = (statistics.fmean(v[k] for v in vals) for k in ("accuracy", "nll", "ece"))
+            cells.append(f"{100 * acc:.1f} / {nll:.2f} / {100 * ece:.1f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return [*lines, ""]

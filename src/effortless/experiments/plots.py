@@ -61,6 +61,28 @@ def confidence_histogram(results: dict[str, tuple[torch.Tensor, torch.Tensor]], 
     plt.close(fig)
 
 
+def shift_curves(results: dict[str, dict[float, list[dict]]], path: str | Path, xlabel: str):
+    """Accuracy, NLL and ECE against shift intensity; ``results``: method -> intensity -> rows
+    (one per seed, each with accuracy / nll / ece); the line is the mean, the band ± one std."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for name, by_level in results.items():
+        levels = sorted(by_level)
+        for ax, key, scale in zip(axes, ("accuracy", "nll", "ece"), (100, 1, 100)):
+            vals = torch.tensor([[scale * r[key] for r in by_level[lv]] for lv in levels],
+                                dtype=torch.float64)  # fmt: skip
+            mean = vals.mean(1)
+            sd = vals.std(1, unbiased=True) if vals.shape[1] > 1 else torch.zeros_like(mean)
+            (line,) = ax.plot(levels, mean, marker="o", ms=3, label=name)
+            ax.fill_between(levels, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
+    for ax, label in zip(axes, ("accuracy %", "NLL", "ECE %")):
+        ax.set(xlabel=xlabel, ylabel=label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Under distribution shift")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def regression_band(x_train, y_train, x_test, curves: dict[str, tuple], path: str | Path, truth=None):
     """Predictive mean ± 2 std per method on a 1-D input; ``curves``: name -> (mean, std)."""
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
