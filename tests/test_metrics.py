@@ -132,3 +132,18 @@ def test_ood_metrics_match_torchmetrics():
     fpr, tpr, _ = tm.binary_roc(scores, target)
     ref = float(fpr[tpr >= 0.95].min())
     assert metrics.fpr_at_tpr(a, b, 0.95) == pytest.approx(ref, abs=2 / len(b))
+
+
+def test_classification_report_ood_scores():
+    probs_in = torch.tensor([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.6, 0.3, 0.1]], dtype=torch.float64)
+    probs_out = torch.tensor([[0.4, 0.3, 0.3], [0.7, 0.2, 0.1]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1])
+    r = metrics.classification_report(probs_in, labels, probs_out)
+    # max-prob in: .9 .8 .6, out: .4 .7 -> pairs won 3 + 2 + 1 of 6
+    assert r["ood_auroc"] == pytest.approx(5 / 6)
+    ent = lambda p: -(p * p.log()).sum(-1)  # noqa: E731
+    won = sum(float(a < b) for a in ent(probs_in) for b in ent(probs_out))
+    assert r["ood_auroc_entropy"] == pytest.approx(won / 6)
+    assert r["ood_fpr95"] == pytest.approx(0.5)  # keeping all in-distribution (>= .6) admits 0.7
+    assert 0 < r["ood_aupr"] <= 1
+    assert "ood_auroc" not in metrics.classification_report(probs_in, labels)

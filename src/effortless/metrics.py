@@ -141,7 +141,9 @@ def _average_ranks(s: torch.Tensor) -> torch.Tensor:
 def classification_report(
     probs: torch.Tensor, labels: torch.Tensor, probs_ood: torch.Tensor | None = None
 ) -> dict[str, float]:
-    """accuracy, nll, ece, brier and (with OOD probabilities) ood_auroc from max probability."""
+    """accuracy, nll, ece, brier and, with OOD probabilities, the OOD detection scores: AUROC from
+    the max probability (``ood_auroc``) and from the predictive entropy (``ood_auroc_entropy``),
+    AUPR and FPR at 95 % TPR from the max probability (in-distribution is the positive class)."""
     out = {
         "accuracy": accuracy(probs, labels),
         "nll": nll(probs, labels),
@@ -149,7 +151,11 @@ def classification_report(
         "brier": brier(probs, labels),
     }
     if probs_ood is not None:
-        out["ood_auroc"] = auroc(probs.max(-1).values, probs_ood.max(-1).values)
+        s_in, s_out = probs.max(-1).values, probs_ood.max(-1).values
+        out["ood_auroc"] = auroc(s_in, s_out)
+        out["ood_auroc_entropy"] = auroc(-entropy(probs), -entropy(probs_ood))
+        out["ood_aupr"] = aupr(s_in, s_out)
+        out["ood_fpr95"] = fpr_at_tpr(s_in, s_out, 0.95)
     return out
 
 
