@@ -44,6 +44,7 @@ import warnings
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
@@ -56,6 +57,7 @@ from . import _fused
 __all__ = ["BayesAdam", "bayesadam_update", "hess_beta_at"]
 
 _NONFINITE = ("raise", "skip")
+_DISTRIBUTED = ("auto", "per-rank", "shared", "off")
 
 
 def hess_beta_at(beta: float | None, k: int, nonnegative: bool) -> float:
@@ -261,6 +263,17 @@ class BayesAdam(Optimizer):
             over memory instead of ~20). ``None`` (default) turns it on for models with at least
             ``FUSED_MIN_NUMEL`` weights, where the one-time compilation (~15-30 s on CPU) pays off;
             if compilation fails it warns once and runs eager.
+        distributed: under ``torch.distributed`` with more than one process (DDP computes the
+            gradients' all-reduce): ``"per-rank"`` draws a different weight sample on every rank
+            (free extra Monte-Carlo samples; the per-rank noise generator is seeded each step
+            from the shared generator and the rank), ``"shared"`` draws the same sample on every
+            rank (then the run equals one process on the global batch, up to float reduction
+            order). ``"auto"`` (default) is ``"per-rank"`` when a process group of size > 1 is
+            initialised, else off; ``"off"`` never communicates. Either way the curvature
+            estimates are all-reduced in one flat collective per step, rank 0's generator state
+            is broadcast once at the first sample, and the means, curvature and step counters
+            stay identical on every rank.
+        process_group: the process group for that (default: the world).
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -299,6 +312,8 @@ class BayesAdam(Optimizer):
         fused: bool | None = None,
         prior_update_every: int = 100,
         prior_warmup: int = 1000,
+        distributed: str = "auto",
+        process_group=None,
     ):
         self.auto_prior = prior_precision == "auto"
         if self.auto_prior:
@@ -327,6 +342,11 @@ class BayesAdam(Optimizer):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        if distributed not in _DISTRIBUTED:
+            raise ValueError(f"distributed must be one of {_DISTRIBUTED}, got {distributed!r}")
+        self.distributed = distributed
+        self.process_group = process_group
+        self._synced = False  # generator broadcast from rank 0 (distributed runs, once)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         self.estimator = estimators.get(hessian)
@@ -373,6 +393,79 @@ class BayesAdam(Optimizer):
             raise ValueError("fused=True needs contiguous float32/float64 parameters")
         return fused
 
+    # -- distributed ---------------------------------------------------------------------------
+    def _world(self) -> tuple[str, int, int]:
+        """(mode, world size, rank): mode is "off" unless a process group of size > 1 is up."""
+        if self.distributed == "off" or not (dist.is_available() and dist.is_initialized()):
+            return "off", 1, 0
+        world = dist.get_world_size(self.process_group)
+        if world == 1:
+            return "off", 1, 0
+        mode = "per-rank" if self.distributed == "auto" else self.distributed
+        return mode, world, dist.get_rank(self.process_group)
+
+    def _noise_generator(self) -> torch.Generator:
+        """The generator for a fresh draw of unit noise (the shared one unless per-rank)."""
+        mode, _, rank = self._world()
+        if mode == "off":
+            return self.generator
+        if not self._synced:  # every rank starts from rank 0's generator state
+            state = self.generator.get_state()
+            dev = self._comm_device()
+            buf = state.to(dev)
+            dist.broadcast(buf, src=dist.get_global_rank(self.process_group, 0) if self.process_group
+                           else 0, group=self.process_group)  # fmt: skip
+            self.generator.set_state(buf.cpu())
+            self._synced = True
+        if mode == "shared":
+            return self.generator
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
+        gen = torch.Generator(device=self.generator.device)
+        return gen.manual_seed((seed + 0x9E3779B97F4A7C1 * (rank + 1)) % 2**63)
+
+    def _comm_device(self) -> torch.device:
+        backend = dist.get_backend(self.process_group)
+        first = next(p for _, p in self._params())
+        return first.device if backend != "gloo" else torch.device("cpu")
+
+    def _reduce_curvature(self, mode: str, world: int) -> None:
+        """Make every rank's curvature estimate the same, in one flat all-reduce.
+
+        Gradients are already averaged over ranks (DDP), so with per-rank samples the ``reparam``
+        estimate ḡ ε_r / σ is summed over ranks (E ḡ ε_r = E g_r ε_r / R); model-side estimates
+        are averaged (each rank saw its own data); ``gradsq`` scales by the global batch.
+        """
+        ests, op_sum = {}, None
+        for group, p in self._params():
+            if p.grad is None:
+                continue
+            if self.estimator.needs_model or self._grad_acc:
+                if p in self._hess_acc:
+                    ests[p] = self._hess_acc[p]
+                op_sum = self.hessian == "reparam" and not self.estimator.needs_model
+            elif self.hessian == "gradsq":
+                self._hess_acc[p] = self._optimizer_side_estimate(group, p, p.grad, self._sign).mul_(world)
+            elif self.hessian == "reparam" and p in self._work:
+                est = self._optimizer_side_estimate(group, p, p.grad, self._sign)
+                if est is not None:
+                    self._hess_acc[p] = ests[p] = est
+                op_sum = True
+        self._reduced = True
+        if self.hessian == "gradsq" or (self.hessian == "reparam" and mode == "shared"):
+            return  # identical on every rank already
+        if not ests:
+            return
+        tensors = list(ests.values())
+        flat = torch.cat([t.reshape(-1) for t in tensors]).to(self._comm_device())
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
+        if not op_sum:
+            flat.div_(world)
+        flat = flat.to(tensors[0].device)
+        i = 0
+        for t in tensors:
+            t.copy_(flat[i : i + t.numel()].view_as(t))
+            i += t.numel()
+
     def _draw(self, todo, sign) -> list[torch.Tensor]:
         """θ = μ ± σ ⊙ ε for every (p, h, ε, group) in ``todo`` (fused when possible)."""
         if self.fused and todo:
@@ -415,6 +508,7 @@ class BayesAdam(Optimizer):
         self._grad_acc: dict[torch.Tensor, torch.Tensor] = {}  # with several samples
         self._hess_acc: dict[torch.Tensor, torch.Tensor] = {}  # summed ĥ over samples
         self._batch = None
+        self._reduced = False  # estimates all-reduced over ranks into _hess_acc this step
 
     def _params(self) -> Iterator[tuple[dict, torch.Tensor]]:
         for group in self.param_groups:
@@ -463,6 +557,7 @@ class BayesAdam(Optimizer):
         try:
             with torch.no_grad():
                 todo = []  # (p, h, unit noise, group)
+                gen = self._noise_generator() if (sign > 0 or not train) else None
                 for group, p in self._params():
                     if group["temperature"] == 0:
                         continue
@@ -471,10 +566,10 @@ class BayesAdam(Optimizer):
                         if "noise" not in st:
                             st["noise"] = torch.empty_like(p, memory_format=torch.preserve_format)
                         if sign > 0:
-                            _fill_normal(st["noise"], self.generator)
+                            _fill_normal(st["noise"], gen)
                         unit = st["noise"]
                     else:
-                        unit = _fill_normal(torch.empty_like(p), self.generator)
+                        unit = _fill_normal(torch.empty_like(p), gen)
                     todo.append((p, st["hess"], unit, group))
                 for p, theta in zip([t[0] for t in todo], self._draw(todo, sign)):
                     means[p] = p.data
@@ -576,6 +671,9 @@ class BayesAdam(Optimizer):
             self._fold_pending()
             for p, g in self._grad_acc.items():
                 p.grad = g.div_(n)
+        mode, world, _ = self._world()
+        if mode != "off" and needs_sample:  # before the finiteness check: every rank decides alike
+            self._reduce_curvature(mode, world)
         bad = _first_nonfinite(
             [p.grad for _, p in self._params() if p.grad is not None] + list(self._hess_acc.values())
         )
@@ -593,7 +691,7 @@ class BayesAdam(Optimizer):
                     raise RuntimeError("BayesAdam does not support sparse gradients")
                 st = self._state(group, p)
                 noise, work = None, self._work.get(p)
-                if many or self.estimator.needs_model:
+                if many or self.estimator.needs_model or self._reduced:
                     est = self._hess_acc.get(p)
                     est = None if est is None else est.div_(n)
                 elif self.hessian == "reparam" and work is not None:
@@ -719,28 +817,31 @@ class BayesAdam(Optimizer):
         self.zero_grad()
         self._batch = x.shape[0]
         plan = self._engine_plan(model, names)
+        # distributed: every rank runs backward and step even on a non-finite local loss (DDP
+        # would hang otherwise); the reduced gradients carry it and step() rejects on all ranks
+        distributed = self._world()[0] != "off"
         total = 0.0
         for _ in range(self.mc_samples):
             with self.sampled_params(train=True):
                 est, loss = None, None
                 if plan is not None:
                     try:
-                        est, loss = self._engine_sample(model, x, y, lik, plan)
+                        est, loss = self._engine_sample(model, x, y, lik, plan, distributed)
                     except engine.Unsupported:  # e.g. a module ran twice: generic path from now on
                         self._plans[id(model)] = None
                         plan = None
                         model.zero_grad(set_to_none=True)
                 if plan is None:
                     loss = lik.nll(model(x), y).mean()
-                    if bool(torch.isfinite(loss)):
+                    if distributed or bool(torch.isfinite(loss)):
                         loss.backward()
                         if self.estimator.needs_model:
                             sums = self.estimator.fn(model, x, y, lik, self.generator, list(names))
                             est = {names[n]: s.div_(x.shape[0]) for n, s in sums.items()}
                 finite = bool(torch.isfinite(loss))
-                if finite and est:
+                if est and (finite or distributed):
                     self.add_curvature(est)
-            if not finite:
+            if not (finite or distributed):
                 return self._reject(f"the loss is {float(loss.detach())}", loss.detach())
             total = total + loss.detach()
         self.step()
@@ -755,11 +856,13 @@ class BayesAdam(Optimizer):
             self._plans[id(model)] = p if p.backend == "hooks" else None
         return self._plans[id(model)]
 
-    def _engine_sample(self, model, x, y, lik, plan):
+    def _engine_sample(self, model, x, y, lik, plan, distributed=False):
         """Forward once with hooks; backward; curvature from the same pass. Returns (ĥ, loss)."""
         kind = self.estimator.engine_kind
-        loss, sums = cf.training_pass(model, x, y, lik, plan, kind, self.generator,
-                                      proceed=lambda loss: bool(torch.isfinite(loss)))  # fmt: skip
+        loss, sums = cf.training_pass(
+            model, x, y, lik, plan, kind, self.generator,
+            proceed=lambda loss: distributed or bool(torch.isfinite(loss)),
+        )  # fmt: skip
         if sums is None:
             return None, loss
         if kind == "kfac":

@@ -1,0 +1,108 @@
+"""BayesAdam under torch.distributed (2 CPU processes, gloo, DistributedDataParallel)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import effortless as ef
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+STEPS, B = 6, 16
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS, 2 * B, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (STEPS, 2 * B), generator=g)
+    return model, x, y
+
+
+def _state(model, opt):
+    out = {f"param.{n}": p.detach().clone() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        st = opt.state[p]
+        out[f"hess.{n}"] = st["hess"].clone()
+        out[f"exp_avg.{n}"] = st["exp_avg"].clone()
+        out[f"step.{n}"] = torch.tensor(float(st["step"]))
+    return out
+
+
+def _train(model, opt, x, y, hessian, wrapped=None):
+    net = wrapped or model
+    for t in range(STEPS):
+        if hessian == "reparam":
+            opt.zero_grad()
+            with opt.sampled_params(train=True):
+                F.cross_entropy(net(x[t]), y[t]).backward()
+            opt.step()
+        else:
+            opt.train_step(net, x[t], y[t])
+
+
+def _worker(rank, world, port, mode, hessian, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, x, y = _setup()
+        ddp = DDP(model)
+        gen = torch.Generator().manual_seed(7 if rank == 0 else 100 + rank)  # rank 0's state is broadcast
+        opt = ef.BayesAdam(model.parameters(), n_data=1000, hessian=hessian, distributed=mode,
+                           generator=gen, fused=False)  # fmt: skip
+        sl = slice(rank * B, (rank + 1) * B)
+        _train(model, opt, x[:, sl], y[:, sl], hessian, wrapped=ddp)
+        torch.save(_state(model, opt), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, mode, hessian):
+    mp.spawn(_worker, args=(2, _free_port(), mode, hessian, str(tmp_path)), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("hessian", ["reparam", "ggn-mc"])
+def test_per_rank_samples_keep_every_rank_identical(tmp_path, hessian):
+    r0, r1 = _run(tmp_path, "per-rank", hessian)
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k  # bitwise: means, curvature, momentum, step counters
+    model, x, y = _setup()
+    moved = any(not torch.equal(r0[f"param.{n}"], p) for n, p in model.named_parameters())
+    assert moved and r0["step.0.weight"] == STEPS
+
+
+@pytest.mark.parametrize("hessian", ["reparam", "ggn"])
+def test_shared_sample_equals_one_process_on_the_global_batch(tmp_path, hessian):
+    """reparam: the estimate is computed from the all-reduced gradient; ggn: each rank's curvature
+    of its half batch, averaged over ranks, is the curvature of the global batch."""
+    r0, r1 = _run(tmp_path, "shared", hessian)
+    model, x, y = _setup()
+    gen = torch.Generator().manual_seed(7)
+    opt = ef.BayesAdam(model.parameters(), n_data=1000, hessian=hessian, generator=gen, fused=False)
+    _train(model, opt, x, y, hessian)
+    ref = _state(model, opt)
+    for k in ref:
+        assert torch.equal(r0[k], r1[k]), k
+        torch.testing.assert_close(r0[k], ref[k], rtol=1e-9, atol=1e-12)
+
+
+def test_per_rank_samples_differ_from_shared(tmp_path):
+    """The per-rank mode really draws different samples (else the test above proves nothing new)."""
+    shared = _run(tmp_path, "shared", "reparam")[0]
+    per_rank = _run(tmp_path, "per-rank", "reparam")[0]
+    assert not torch.equal(shared["param.0.weight"], per_rank["param.0.weight"])
