@@ -247,9 +247,9 @@ def _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, ch
     return {n: total[n].detach() * scale if scale != 1.0 else total[n].detach() for n in names}
 
 
-def training_pass(model, x, y, lik, plan, kind: str, generator=None, proceed=None):
-    """One forward (with hooks) and the training backward of the mean loss, sharing them with a
-    curvature quantity from the hook engine.
+def training_pass(model, x, y, lik, plan, kind: str, generator=None, proceed=None, loss_scale: float = 1.0):
+    """One forward (with hooks) and the training backward of the mean loss (times ``loss_scale``,
+    for gradient accumulation), sharing them with a curvature quantity from the hook engine.
 
     ``kind``: ``"efisher"`` (from the training backward itself), ``"ggn"``, ``"ggn-mc"`` (one
     batched backward of cotangents to the layer outputs first), ``"kfac"``, ``"kfac-mc"``. Returns
@@ -266,12 +266,12 @@ def training_pass(model, x, y, lik, plan, kind: str, generator=None, proceed=Non
         grads: dict[str, torch.Tensor] = {}
         for n, (_, z) in saved.items():
             z.register_hook(lambda g, n=n: grads.__setitem__(n, g))
-        loss.backward()
-        deltas = {n: g.mul(x.shape[0]).unsqueeze(0) for n, g in grads.items()}
+        (loss * loss_scale).backward()
+        deltas = {n: g.mul(x.shape[0] / loss_scale).unsqueeze(0) for n, g in grads.items()}
     else:
         cot = "ggn" if kind in ("ggn", "kfac") else "ggn-mc"
         deltas = engine.output_grads(f, saved, _cotangents(cot, f, y, lik, 1, generator))
-        loss.backward()
+        (loss * loss_scale).backward()
     with torch.no_grad():
         if kind.startswith("kfac"):
             return loss, engine.kfac_factors(plan, saved, deltas)

@@ -807,43 +807,64 @@ class BayesAdam(Optimizer):
         y: torch.Tensor,
         likelihood: str | likelihoods.Likelihood = "classification",
         sigma_noise: float = 1.0,
+        accumulate: int = 1,
     ) -> torch.Tensor:
         """Zero grads, sample weights ``mc_samples`` times, forward, backward, curvature, step.
 
-        Works for every ``hessian=`` key. Returns the minibatch-mean loss (averaged over samples).
+        Works for every ``hessian=`` key. ``accumulate=k`` splits the batch into k micro-batches
+        (forward and backward one at a time, so activation memory is that of a micro-batch) under
+        the same weight sample: gradients and curvature are weighted by micro-batch size, so the
+        step equals one on the whole batch (for ``kfac`` the Kronecker factors are per micro-batch,
+        a slightly different approximation). Returns the minibatch-mean loss (averaged over samples).
         """
+        if not (isinstance(accumulate, int) and 1 <= accumulate <= max(int(x.shape[0]), 1)):
+            raise ValueError(f"accumulate must be an int in [1, batch size], got {accumulate!r}")
         lik = likelihoods.get(likelihood, sigma_noise)
         names = self._names_in(model)
         self.zero_grad()
-        self._batch = x.shape[0]
+        b = x.shape[0]
+        self._batch = b
         plan = self._engine_plan(model, names)
         # distributed: every rank runs backward and step even on a non-finite local loss (DDP
         # would hang otherwise); the reduced gradients carry it and step() rejects on all ranks
         distributed = self._world()[0] != "off"
+        size = -(-b // accumulate)
+        chunks = list(zip(x.split(size), y.split(size)))
         total = 0.0
         for _ in range(self.mc_samples):
             with self.sampled_params(train=True):
-                est, loss = None, None
-                if plan is not None:
-                    try:
-                        est, loss = self._engine_sample(model, x, y, lik, plan, distributed)
-                    except engine.Unsupported:  # e.g. a module ran twice: generic path from now on
-                        self._plans[id(model)] = None
-                        plan = None
-                        model.zero_grad(set_to_none=True)
-                if plan is None:
-                    loss = lik.nll(model(x), y).mean()
-                    if distributed or bool(torch.isfinite(loss)):
-                        loss.backward()
-                        if self.estimator.needs_model:
-                            sums = self.estimator.fn(model, x, y, lik, self.generator, list(names))
-                            est = {names[n]: s.div_(x.shape[0]) for n, s in sums.items()}
+                sums, loss = {}, 0.0
+                for xc, yc in chunks:
+                    w = xc.shape[0] / b
+                    est_c, loss_c = None, None
+                    if plan is not None:
+                        try:
+                            est_c, loss_c = self._engine_sample(model, xc, yc, lik, plan, distributed, w)
+                        except engine.Unsupported:  # e.g. a module ran twice: generic path from now on
+                            self._plans[id(model)] = None
+                            plan = None
+                            if len(chunks) > 1:
+                                raise RuntimeError("train_step: the hook engine gave up on this model "
+                                                   "mid-accumulation; call again") from None  # fmt: skip
+                            model.zero_grad(set_to_none=True)
+                    if plan is None:
+                        loss_c = lik.nll(model(xc), yc).mean()
+                        if distributed or bool(torch.isfinite(loss_c)):
+                            (loss_c * w).backward()
+                            if self.estimator.needs_model:
+                                est_c = self.estimator.fn(model, xc, yc, lik, self.generator, list(names))
+                                est_c = {names[n]: t for n, t in est_c.items()}
+                    loss = loss + loss_c.detach() * w
+                    for p, t in (est_c or {}).items():
+                        sums[p] = sums[p].add_(t) if p in sums else t
+                    if not (distributed or bool(torch.isfinite(loss_c))):
+                        break
                 finite = bool(torch.isfinite(loss))
-                if est and (finite or distributed):
-                    self.add_curvature(est)
+                if sums and (finite or distributed):
+                    self.add_curvature({p: t.div_(b) for p, t in sums.items()})
             if not (finite or distributed):
-                return self._reject(f"the loss is {float(loss.detach())}", loss.detach())
-            total = total + loss.detach()
+                return self._reject(f"the loss is {float(loss)}", loss)
+            total = total + loss
         self.step()
         return total / self.mc_samples
 
@@ -856,19 +877,20 @@ class BayesAdam(Optimizer):
             self._plans[id(model)] = p if p.backend == "hooks" else None
         return self._plans[id(model)]
 
-    def _engine_sample(self, model, x, y, lik, plan, distributed=False):
-        """Forward once with hooks; backward; curvature from the same pass. Returns (ĥ, loss)."""
+    def _engine_sample(self, model, x, y, lik, plan, distributed=False, loss_scale=1.0):
+        """Forward once with hooks; backward; curvature from the same pass. Returns (batch sums of
+        ĥ keyed by parameter, loss)."""
         kind = self.estimator.engine_kind
         loss, sums = cf.training_pass(
             model, x, y, lik, plan, kind, self.generator,
-            proceed=lambda loss: distributed or bool(torch.isfinite(loss)),
+            proceed=lambda loss: distributed or bool(torch.isfinite(loss)), loss_scale=loss_scale,
         )  # fmt: skip
         if sums is None:
             return None, loss
         if kind == "kfac":
             sums = engine.kfac_diagonal(plan, sums)
         params = dict(model.named_parameters())
-        return {params[n]: s.div_(x.shape[0]) for n, s in sums.items()}, loss
+        return {params[n]: s for n, s in sums.items()}, loss
 
     def _names_in(self, model: nn.Module) -> dict[str, torch.Tensor]:
         mine = {p for _, p in self._params()}
