@@ -347,6 +347,7 @@ class BayesAdam(Optimizer):
         self.distributed = distributed
         self.process_group = process_group
         self._synced = False  # generator broadcast from rank 0 (distributed runs, once)
+        self._noise_seed = None  # per-rank runs: the shared seed of the last training noise draw
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         self.estimator = estimators.get(hessian)
@@ -404,8 +405,9 @@ class BayesAdam(Optimizer):
         mode = "per-rank" if self.distributed == "auto" else self.distributed
         return mode, world, dist.get_rank(self.process_group)
 
-    def _noise_generator(self) -> torch.Generator:
-        """The generator for a fresh draw of unit noise (the shared one unless per-rank)."""
+    def _noise_generator(self, record: bool = False) -> torch.Generator:
+        """The generator for a fresh draw of unit noise (the shared one unless per-rank). With
+        ``record`` (training samples), a per-rank draw's seed is kept for checkpoints."""
         mode, _, rank = self._world()
         if mode == "off":
             return self.generator
@@ -420,8 +422,28 @@ class BayesAdam(Optimizer):
         if mode == "shared":
             return self.generator
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
+        if record:
+            self._noise_seed = seed
+        return self._rank_generator(seed, rank)
+
+    def _rank_generator(self, seed: int, rank: int) -> torch.Generator:
         gen = torch.Generator(device=self.generator.device)
         return gen.manual_seed((seed + 0x9E3779B97F4A7C1 * (rank + 1)) % 2**63)
+
+    def _restore_rank_noise(self) -> None:
+        """After loading a checkpoint (written by one rank) in the middle of an antithetic pair,
+        redraw this rank's pending unit noise from the recorded seed, so the next sample is −ε of
+        this rank's own ε, exactly as without the interruption."""
+        mode, _, rank = self._world()
+        if mode != "per-rank" or self._phase != 1 or self._noise_seed is None:
+            return
+        gen = self._rank_generator(self._noise_seed, rank)
+        with torch.no_grad():
+            for group, p in self._params():
+                st = self.state.get(p)
+                if group["temperature"] == 0 or not st or "noise" not in st:
+                    continue
+                _fill_normal(st["noise"], gen)
 
     def _comm_device(self) -> torch.device:
         backend = dist.get_backend(self.process_group)
@@ -557,7 +579,7 @@ class BayesAdam(Optimizer):
         try:
             with torch.no_grad():
                 todo = []  # (p, h, unit noise, group)
-                gen = self._noise_generator() if (sign > 0 or not train) else None
+                gen = self._noise_generator(record=train) if (sign > 0 or not train) else None
                 for group, p in self._params():
                     if group["temperature"] == 0:
                         continue
@@ -927,6 +949,7 @@ class BayesAdam(Optimizer):
             "antithetic_phase": self._phase,
             "auto_prior": self.auto_prior,
             "skipped_steps": self.skipped_steps,
+            "noise_seed": self._noise_seed,
         }
         return sd
 
@@ -946,7 +969,9 @@ class BayesAdam(Optimizer):
         self.auto_prior = bool(extra.get("auto_prior", self.auto_prior))
         self.skipped_steps = int(extra.get("skipped_steps", 0))
         self.mc_samples = int(extra["mc_samples"])
+        self._noise_seed = extra.get("noise_seed")
         self._clear_pending()
+        self._restore_rank_noise()
 
 
 _FAILED = object()
