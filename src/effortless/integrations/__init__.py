@@ -1,0 +1,1 @@
+"""Integrations with training engines (imported on demand; the core does not need them)."""

@@ -1,0 +1,112 @@
+"""BayesAdam inside Lightning (in-process; DDP on 2 processes runs in examples/06_lightning_ddp.py)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+L = pytest.importorskip("lightning")
+
+import effortless as ef  # noqa: E402
+from effortless.integrations.lightning import PosteriorMetrics  # noqa: E402
+
+
+def _data(n=256, seed=0, shuffle=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = (x[:, :3] @ torch.randn(3, 4, generator=g)).argmax(1)
+    ds = torch.utils.data.TensorDataset(x, y)
+    return (torch.utils.data.DataLoader(ds, batch_size=32, shuffle=shuffle),
+            torch.utils.data.DataLoader(ds, batch_size=64))  # fmt: skip
+
+
+class Auto(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        self.losses = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        gen = torch.Generator().manual_seed(0)
+        return ef.BayesAdam(self.parameters(), n_data=256, lr=1e-2, generator=gen)
+
+
+class Manual(Auto):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        with opt.optimizer.sampled_params(train=True):
+            loss = F.cross_entropy(self(batch[0]), batch[1])
+            self.manual_backward(loss)
+        opt.step()
+        self.losses.append(float(loss.detach()))
+
+
+def _trainer(tmp_path, epochs, **kw):
+    return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, default_root_dir=tmp_path, **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", [Auto, Manual])
+def test_trains_in_automatic_and_manual_optimisation(tmp_path, cls):
+    train, val = _data()
+    L.seed_everything(0)
+    model = cls()
+    trainer = _trainer(tmp_path, 15, callbacks=[PosteriorMetrics(n_samples=3)])
+    trainer.fit(model, train, val)
+    first, last = sum(model.losses[:8]) / 8, sum(model.losses[-8:]) / 8
+    assert last < 0.6 * first
+    opt = trainer.optimizers[0]
+    assert opt.state[model.net[0].weight]["step"] == len(model.losses)  # one BayesAdam step per batch
+    logged = trainer.callback_metrics
+    for k in ("posterior/nll", "posterior/ece", "posterior/accuracy", "posterior/mean_weight_std"):
+        assert k in logged and torch.isfinite(logged[k])
+    assert float(logged["posterior/mean_weight_std"]) > 0
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    """Lightning restores the optimizer (means, curvature, sampler state); the data order is fixed
+    here because a single-device Lightning run does not restore the global RNG that shuffles."""
+    train, val = _data(shuffle=False)
+    runs = []
+    for resume in (False, True):
+        L.seed_everything(0)
+        model = Auto()
+        if resume:
+            ckpt = tmp_path / "half.ckpt"
+            trainer = _trainer(tmp_path, 2)
+            trainer.fit(model, train, val)
+            trainer.save_checkpoint(ckpt)
+            L.seed_everything(0)
+            model = Auto()
+            _trainer(tmp_path, 4).fit(model, train, val, ckpt_path=ckpt)
+        else:
+            _trainer(tmp_path, 4).fit(model, train, val)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_callback_needs_bayesadam(tmp_path):
+    class Plain(Auto):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters())
+
+    train, val = _data()
+    with pytest.raises(ValueError, match="BayesAdam"):
+        _trainer(tmp_path, 1, callbacks=[PosteriorMetrics()]).fit(Plain(), train, val)
