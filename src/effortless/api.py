@@ -38,6 +38,30 @@ def _progress(iterable, enabled: bool, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
+def _all_reduce_sums(tensors: list[torch.Tensor], scalars: list[float], distributed) -> list[float]:
+    """Sum ``tensors`` (in place) and ``scalars`` over the ranks of an initialised process group, in
+    one flat collective, when ``distributed`` is True, or None and a group of size > 1 is up."""
+    import torch.distributed as dist
+
+    up = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed is None:
+        distributed = up
+    if not distributed:
+        return scalars
+    if not up:
+        raise ValueError("distributed=True needs an initialised torch.distributed process group")
+    dev = tensors[0].device if dist.get_backend() != "gloo" else torch.device("cpu")
+    dtype = tensors[0].dtype
+    extra = torch.tensor(scalars, dtype=dtype, device=dev)
+    flat = torch.cat([*(t.reshape(-1).to(dev) for t in tensors), extra])
+    dist.all_reduce(flat)
+    i = 0
+    for t in tensors:
+        t.copy_(flat[i : i + t.numel()].view_as(t))
+        i += t.numel()
+    return [float(v) for v in flat[i:]]
+
+
 def _device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -209,7 +233,7 @@ LAPLACE_HESSIANS["hessian"] = lambda model, x, y, lik, gen, params: cf.diag_hess
 )
 
 
-def _laplace_tune_noise(model, loader, hessian, prior_precision, generator, params, progress):
+def _laplace_tune_noise(model, loader, hessian, prior_precision, generator, params, progress, distributed):
     """Diagonal Laplace for Gaussian regression with σ (and δ if "marglik") chosen by the evidence:
     the curvature is accumulated once at σ = 1 and rescaled (1/σ², or 1/σ⁴ for the empirical
     Fisher) inside the evidence, with the residual sum of squares from one forward pass."""
@@ -227,6 +251,8 @@ def _laplace_tune_noise(model, loader, hessian, prior_precision, generator, para
             f = model(x)
             rss += float((f - y.reshape(f.shape)).pow(2).sum())
             n_out += f.numel()
+    rss, n_out = _all_reduce_sums(list(total.values()), [rss, float(n_out)], distributed)
+    n_out = int(round(n_out))
     mean = {n: p.detach().clone() for n, p in theta.items()}
     power = 4 if hessian == "efisher" else 2
     delta, sigma = evidence.tune_prior_and_noise(
@@ -250,6 +276,7 @@ def laplace(
     params: Iterable[str] | None = None,
     progress: bool = False,
     subset: str | None = None,
+    distributed: bool | None = None,
 ):
     """Post-hoc Laplace approximation around the model's current weights.
 
@@ -269,6 +296,10 @@ def laplace(
         subset: ``"last_layer"`` restricts to the last ``nn.Linear``; with ``hessian="kfac"`` it
             returns a :class:`~effortless.posterior.kron.KronLastLayer` (Kronecker-factored
             precision, closed-form GLM predictive) instead of a ``DiagGaussian``.
+        distributed: the loader is this rank's shard (e.g. with a ``DistributedSampler``): the
+            curvature and NLL sums are all-reduced (one collective), so every rank gets the
+            posterior of the whole data. ``None`` (default): when a process group of size > 1 is
+            initialised (diagonal posteriors).
     """
     if subset not in (None, "all", "last_layer"):
         raise ValueError(f"subset must be None, 'all' or 'last_layer', got {subset!r}")
@@ -276,6 +307,12 @@ def laplace(
         raise ValueError(f"hessian must be one of {sorted(LAPLACE_HESSIANS)}, got {hessian!r}")
     if subset == "last_layer":
         if hessian == "kfac":
+            import torch.distributed as dist
+
+            if distributed or (distributed is None and dist.is_available() and dist.is_initialized()
+                               and dist.get_world_size() > 1):  # fmt: skip
+                raise ValueError("the last-layer KFAC fit does not reduce across ranks: pass "
+                                 "distributed=False to fit on this rank's data only")  # fmt: skip
             lik = likelihoods.get(likelihood, sigma_noise)
             if not (prior_precision in ("marglik", "marglik-layer") or float(prior_precision) > 0):
                 raise ValueError(f"prior_precision must be a float > 0 or 'marglik', got {prior_precision!r}")
@@ -292,7 +329,8 @@ def laplace(
             raise ValueError("sigma_noise='marglik' needs likelihood='regression'")
         if hessian == "kfac":
             raise ValueError("sigma_noise='marglik' is not available with hessian='kfac'")
-        return _laplace_tune_noise(model, loader, hessian, prior_precision, generator, params, progress)
+        return _laplace_tune_noise(model, loader, hessian, prior_precision, generator, params, progress,
+                                   distributed)  # fmt: skip
     lik = likelihoods.get(likelihood, sigma_noise)
     theta = cf.trainable(model, params)
     total = {n: torch.zeros_like(p) for n, p in theta.items()}
@@ -302,11 +340,13 @@ def laplace(
         for n in total:
             total[n] += est[n]
     mean = {n: p.detach().clone() for n, p in theta.items()}
+    nll_sum = 0.0
     if tune:
-        nll_sum = 0.0
         with torch.no_grad():
             for x, y in loader:
                 nll_sum += float(lik.nll(model(x.to(device)), y.to(device)).sum())
+    nll_sum = _all_reduce_sums(list(total.values()), [nll_sum], distributed)[0]
+    if tune:
         per_tensor = prior_precision == "marglik-layer"
         delta = evidence.tune_prior_precision(nll_sum, mean, total, per_tensor=per_tensor)
     else:

@@ -154,3 +154,34 @@ def test_per_rank_run_resumes_bitwise_from_rank_0_checkpoint(tmp_path):
     for r in range(2):
         same = torch.load(tmp_path / f"resume{r}.pt", weights_only=True)
         assert all(same.values()), (r, [k for k, v in same.items() if not v])
+
+
+def _laplace_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, x, y = _setup()
+        xs, ys = x.reshape(-1, 5), y.reshape(-1)
+        ds = torch.utils.data.TensorDataset(xs, ys)
+        shard = torch.utils.data.DistributedSampler(ds, shuffle=False)
+        loader = torch.utils.data.DataLoader(ds, batch_size=20, sampler=shard)
+        post = ef.laplace(model, loader, hessian="ggn", prior_precision="marglik")
+        local = ef.laplace(model, loader, hessian="ggn", prior_precision=1.0, distributed=False)
+        torch.save({"precision": post.precision, "delta": post.prior_precision, "local": local.precision},
+                   os.path.join(out, f"laplace{rank}.pt"))  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_laplace_on_a_distributed_loader_equals_the_whole_data(tmp_path):
+    mp.spawn(_laplace_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r = [torch.load(tmp_path / f"laplace{k}.pt", weights_only=True) for k in range(2)]
+    model, x, y = _setup()
+    data = [(x.reshape(-1, 5), y.reshape(-1))]
+    ref = ef.laplace(model, data, hessian="ggn", prior_precision="marglik")
+    assert r[0]["delta"] == r[1]["delta"] == pytest.approx(ref.prior_precision, rel=1e-9)
+    for k, v in ref.precision.items():
+        torch.testing.assert_close(r[0]["precision"][k], v, rtol=1e-10, atol=1e-10)
+        assert torch.equal(r[0]["precision"][k], r[1]["precision"][k])
+        assert not torch.allclose(r[0]["local"][k], r[1]["local"][k])  # the shards differ
