@@ -58,3 +58,19 @@ def test_peak_memory_is_measured_per_row(tmp_path):
     peaks = {r["method"]: r["peak_mem_mb"] for r in rows}
     # both hold parameters, gradients and state; BayesAdam also the sampled weights, noise and h
     assert 0 < peaks["map"] < peaks["bayesadam"]
+
+
+def test_shards_cover_the_grid_once_and_merge(tmp_path):
+    kw = dict(tasks=["mnist1d-mlp"], methods=["map", "temperature"], seeds=2, epochs=1, subset=300,
+              progress=False, log=lambda s: None)  # fmt: skip
+    shards = [bench.run(out=tmp_path / f"s{i}", shard=(i, 3), **kw) for i in range(3)]
+    keys = [(r["method"], r["seed"]) for rows in shards for r in rows]
+    assert sorted(keys) == sorted((m, s) for m in ("map", "temperature") for s in range(2))  # each once
+    merged = bench.merge([tmp_path / f"s{i}" for i in range(3)], tmp_path / "all", log=lambda s: None)
+    assert len(merged) == 4
+    md = (tmp_path / "all" / "results.md").read_text()
+    assert "| map | 2 |" in md and "| temperature | 2 |" in md
+    with pytest.raises(ValueError, match="shard"):
+        bench.run(out=tmp_path / "x", shard=(3, 3), **kw)
+    with pytest.raises(ValueError, match="does not exist"):
+        bench.merge([tmp_path / "missing"], tmp_path / "all")

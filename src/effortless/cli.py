@@ -83,6 +83,17 @@ def _bench(args) -> int:
     from .experiments import bench
 
     torch.set_num_threads(args.threads) if args.threads else None
+    if args.merge:
+        bench.merge(args.merge, args.out)
+        print(f"\nWrote {args.out}/results.json, results.md")
+        return 0
+    shard = None
+    if args.shard:
+        try:
+            i, n = (int(v) for v in args.shard.split("/"))
+        except ValueError:
+            raise SystemExit(f"--shard must look like I/N (e.g. 0/4), got {args.shard!r}") from None
+        shard = (i, n)
     bench.run(
         tasks=args.task.split(","),
         methods=args.methods.split(","),
@@ -91,6 +102,7 @@ def _bench(args) -> int:
         out=args.out,
         subset=args.subset,
         progress=not args.no_progress,
+        shard=shard,
     )
     print(f"\nWrote {args.out}/results.json, results.md and plots")
     return 0
@@ -198,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--subset", type=int, default=None, help="first N training / N/5 test examples (quick runs)"
     )
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--shard", default=None,
+                   help="I/N: run only the I-th of N interleaved slices of the task × method × seed grid "
+                   "(job arrays: one --out per shard, then --merge)")  # fmt: skip
+    b.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="combine the results.json of these bench directories into --out (no training)")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--out", default="runs/bench")
     b.set_defaults(func=_bench)

@@ -24,8 +24,17 @@ COLUMNS = ("accuracy", "nll", "ece", "brier", "ood_auroc", "train_seconds", "ste
 LOWER_IS_BETTER = {"nll", "ece", "brier", "train_seconds", "step_ms", "peak_mem_mb"}
 
 
-def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, progress=True, log=print):
-    """Run every (task, method, seed) not already in ``out/results.json``; write the reports."""
+def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, progress=True, log=print,
+        shard=None):  # fmt: skip
+    """Run every (task, method, seed) not already in ``out/results.json``; write the reports.
+
+    ``shard=(i, n)`` runs only the i-th of n interleaved slices of the grid (0-based), for job
+    arrays: give each array task its own ``out`` and combine them with :func:`merge`.
+    """
+    if shard is not None:
+        i, n = shard
+        if not (isinstance(n, int) and n >= 1 and isinstance(i, int) and 0 <= i < n):
+            raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
@@ -38,7 +47,10 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"task {t!r}: choose from {', '.join(TASKS)}")
-    todo = [(t, m, s) for t in tasks for m in methods for s in range(seeds) if (t, m, s) not in done]
+    grid = [(t, m, s) for t in tasks for m in methods for s in range(seeds)]
+    if shard is not None:
+        grid = grid[shard[0] :: shard[1]]
+    todo = [c for c in grid if c not in done]
     try:
         from tqdm.auto import tqdm
 
@@ -92,14 +104,7 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
             with_ood = {m: (p, q) for m, (p, q, _) in sel.items() if q is not None}
             if with_ood:
                 plots.confidence_histogram(with_ood, out / f"confidence_{t}.png")
-    for t in tasks:  # shift curves over every seed in results.json
-        shifted = {}
-        for r in rows:
-            if r["task"] == t and r["method"] in methods and r.get("shift"):
-                for lv, v in r["shift"].items():
-                    shifted.setdefault(r["method"], {}).setdefault(float(lv), []).append(v)
-        if shifted and TASKS[t].shift is not None:
-            plots.shift_curves(shifted, out / f"shift_{t}.png", TASKS[t].shift[0])
+    _shift_plots(rows, tasks, methods, out)
     log(table)
     return rows
 
@@ -169,3 +174,39 @@ def _shift_table(sel, methods, task):
             cells.append(f"{100 * acc:.1f} / {nll:.2f} / {100 * ece:.1f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def merge(dirs, out, log=print):
+    """Combine the ``results.json`` of several bench directories (e.g. job-array shards) into
+    ``out``: rows deduplicated by (task, method, seed), then ``results.md`` and the shift curves."""
+    rows, seen = [], set()
+    for d in dirs:
+        path = Path(d) / "results.json"
+        if not path.exists():
+            raise ValueError(f"{path} does not exist")
+        for r in json.loads(path.read_text()):
+            key = (r["task"], r["method"], r["seed"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    table = report(rows, tasks, methods)
+    (out / "results.md").write_text(table + "\n")
+    _shift_plots(rows, tasks, methods, out)
+    log(table)
+    return rows
+
+
+def _shift_plots(rows, tasks, methods, out):
+    for t in tasks:  # shift curves over every seed in results.json
+        shifted = {}
+        for r in rows:
+            if r["task"] == t and r["method"] in methods and r.get("shift"):
+                for lv, v in r["shift"].items():
+                    shifted.setdefault(r["method"], {}).setdefault(float(lv), []).append(v)
+        if shifted and t in TASKS and TASKS[t].shift is not None:
+            plots.shift_curves(shifted, out / f"shift_{t}.png", TASKS[t].shift[0])
