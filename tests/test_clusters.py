@@ -44,8 +44,9 @@ def test_lightning_reads_the_lsf_and_slurm_variables_the_recipes_rely_on(tmp_pat
     assert (lsf.world_size(), lsf.global_rank(), lsf.local_rank(), lsf.node_rank()) == (4, 3, 1, 1)
     assert lsf.main_address == "node-0"
     # (Lightning insists on --ntasks-per-node, not --ntasks: the recipe uses it)
-    for k, v in dict(SLURM_NTASKS="8", SLURM_NTASKS_PER_NODE="4", SLURM_PROCID="5", SLURM_LOCALID="1",
-                     SLURM_NODEID="1", SLURM_JOB_NAME="train", SLURM_NODELIST="node-[1-2]").items():  # fmt: skip
+    slurm_vars = dict(SLURM_NTASKS="8", SLURM_NTASKS_PER_NODE="4", SLURM_PROCID="5", SLURM_LOCALID="1",
+                      SLURM_NODEID="1", SLURM_JOB_NAME="train", SLURM_NODELIST="node-[1-2]")  # fmt: skip
+    for k, v in slurm_vars.items():
         monkeypatch.setenv(k, v)
     assert envs.SLURMEnvironment.detect()
     slurm = envs.SLURMEnvironment()
