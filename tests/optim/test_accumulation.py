@@ -102,3 +102,40 @@ def test_bf16_autocast_trains_with_fp32_state():
     for p in model.parameters():
         assert p.dtype == torch.float32 and opt.state[p]["hess"].dtype == torch.float32
         assert bool(torch.isfinite(opt.state[p]["hess"]).all())
+
+
+def _scaled_run(init_scale, steps=5, enabled=True, poison=False):
+    x, y = _data(n=64)
+    if poison:  # an overflow, as fp16 gradients of a too-large loss scale would have
+        x[0, 0] = float("inf")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    opt = ef.BayesAdam(model.parameters(), n_data=64, generator=torch.Generator().manual_seed(0), fused=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, enabled=enabled)
+    for _ in range(steps):
+        opt.zero_grad()
+        with opt.sampled_params(train=True):
+            scaler.scale(F.cross_entropy(model(x.float()), y)).backward()
+            scaler.unscale_(opt)  # inside the sampling context, before the gradients are read
+        scaler.step(opt)
+        scaler.update()
+    return model, opt, scaler
+
+
+def test_grad_scaler_unscaled_inside_the_sample_is_exact():
+    """A power-of-two loss scale, unscaled inside sampled_params, gives bitwise the unscaled run."""
+    (m1, o1, _), (m2, o2, _) = _scaled_run(2.0**12, enabled=False), _scaled_run(2.0**12)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q) and torch.equal(o1.state[p]["hess"], o2.state[q]["hess"])
+
+
+def test_grad_scaler_overflow_skips_the_step_and_keeps_the_state():
+    model, opt, scaler = _scaled_run(2.0**12, steps=1, poison=True)
+    assert scaler.get_scale() == 2.0**11  # the scaler saw the overflow and backed off
+    for p in model.parameters():  # no step was taken: counters, curvature and momentum as initialised
+        st = opt.state[p]
+        assert st["step"] == 0 and bool((st["hess"] == 0.1).all()) and not st["exp_avg"].any()
+    torch.manual_seed(0)
+    fresh = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)  # means untouched
