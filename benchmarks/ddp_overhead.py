@@ -1,0 +1,128 @@
+"""BayesAdam's per-step overhead over Adam under DDP, against one process (issue #8 goal: on 2
+processes the overhead is no larger than on one, the curvature all-reduce being the only extra
+communication).
+
+Protocol: MLP 784-256-256-10, batch 128 per process, one thread per process, gloo. In each
+process two models (one DistributedDataParallel-wrapped model per optimizer, or plain models for
+the single-process run) take steps in turn, interleaved; the reported number is the median over
+repetitions of the paired ratio t(BayesAdam step) / t(Adam step), on rank 0. The 2-process run
+needs 2 free cores to mean anything.
+
+    python benchmarks/ddp_overhead.py --reps 200 --out runs/ddp_overhead
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import effortless as ef
+from effortless.models import MLP
+
+
+def _steps(world, reps, warmup):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(dist.get_rank() if world > 1 else 0)
+    x, y = torch.rand(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
+    runners = {}
+    for name in ("adam", "bayesadam"):
+        torch.manual_seed(0)
+        model = MLP(784, [256, 256], 10)
+        net = DDP(model) if world > 1 else model
+        if name == "adam":
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+            def it(net=net, opt=opt):
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+        else:
+            opt = ef.BayesAdam(model.parameters(), n_data=60000, generator=torch.Generator().manual_seed(0))
+
+            def it(net=net, opt=opt):
+                opt.zero_grad()
+                with opt.sampled_params(train=True):
+                    F.cross_entropy(net(x), y).backward()
+                opt.step()
+
+        runners[name] = it
+    for _ in range(warmup):
+        for it in runners.values():
+            it()
+    times = {k: [] for k in runners}
+    for _ in range(reps):
+        for k, it in runners.items():
+            if world > 1:
+                dist.barrier()  # both ranks start each timed step together
+            t0 = time.perf_counter()
+            it()
+            times[k].append(time.perf_counter() - t0)
+    ratios = [b / a for a, b in zip(times["adam"], times["bayesadam"])]
+    return {"adam_ms": 1000 * statistics.median(times["adam"]),
+            "bayesadam_ms": 1000 * statistics.median(times["bayesadam"]),
+            "ratio": statistics.median(ratios)}  # fmt: skip
+
+
+def _worker(rank, world, port, reps, warmup, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = _steps(world, reps, warmup)
+        if rank == 0:
+            Path(out).write_text(json.dumps(res))
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2, help="alternate 1- and 2-process runs this many times")
+    ap.add_argument("--out", default="runs/ddp_overhead")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for r in range(args.rounds):
+        one = _steps(1, args.reps, args.warmup)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "r0.json")
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            mp.spawn(_worker, args=(2, port, args.reps, args.warmup, path), nprocs=2, join=True)
+            two = json.loads(Path(path).read_text())
+        rows.append({"round": r, "one_process": one, "two_processes_ddp": two})
+        print(f"round {r}: BayesAdam/Adam per step: 1 process {one['ratio']:.3f}, "
+              f"2 processes (DDP) {two['ratio']:.3f}", flush=True)  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"reps": args.reps, "rows": rows}, indent=2))
+    lines = ["MLP 784-256-256-10, batch 128 per process, 1 thread per process, gloo; median paired ratio "
+             f"over {args.reps} interleaved steps.", "",
+             "| round | 1 process: Adam ms | BayesAdam ms | ratio | 2 processes DDP: Adam ms | BayesAdam ms "
+             "| ratio |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in rows:
+        o, t = row["one_process"], row["two_processes_ddp"]
+        lines.append(f"| {row['round']} | {o['adam_ms']:.2f} | {o['bayesadam_ms']:.2f} | {o['ratio']:.3f} | "
+                     f"{t['adam_ms']:.2f} | {t['bayesadam_ms']:.2f} | {t['ratio']:.3f} |")  # fmt: skip
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
