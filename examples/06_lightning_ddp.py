@@ -71,6 +71,8 @@ if __name__ == "__main__":
     ap.add_argument("--devices", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if "LOCAL_RANK" not in os.environ:  # the launching process: both ranks run on this machine
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
     split = data.mnist1d(n=1200 if args.quick else 5000)
     epochs = 2 if args.quick else 6
     # the same directory on every rank (the other rank re-runs this script)

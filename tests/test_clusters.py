@@ -33,6 +33,11 @@ def test_array_wrapper_refuses_bad_indices():
 
 def test_lightning_reads_the_lsf_and_slurm_variables_the_recipes_rely_on(tmp_path, monkeypatch):
     envs = pytest.importorskip("lightning.pytorch.plugins.environments")
+    for k in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "WORLD_SIZE", "LOCAL_RANK", "GLOBAL_RANK"):
+        # Lightning's environments write these into os.environ; have monkeypatch restore them so
+        # later tests (a real 2-process run) do not try to reach the fake nodes
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
     rankfile = tmp_path / "rankfile"
     here = socket.gethostname()  # Lightning finds this node's rank by its hostname in the rank file
     rankfile.write_text(f"batchhost\nnode-0\nnode-0\n{here}\n{here}\n")
