@@ -78,6 +78,8 @@ def test_adam_hessian_compare_measures_rank_and_scale():
     same = compare(ref, ref)
     assert same["spearman"] == pytest.approx(1) and same["pearson_log"] == pytest.approx(1)
     assert compare(3 * ref, ref)["median_ratio"] == pytest.approx(3)
+    assert compare(3 * ref, ref)["median_rel_error"] == pytest.approx(2)
+    assert compare(ref, ref)["median_rel_error"] == 0
     assert compare(ref.pow(3), ref)["spearman"] == pytest.approx(1)  # monotone: rank-perfect
     assert compare(1 / ref, ref)["spearman"] == pytest.approx(-1)
 

@@ -46,12 +46,14 @@ def _rank(x):
 
 
 def compare(est: torch.Tensor, ref: torch.Tensor) -> dict:
-    """Pearson / Spearman correlation of log values and the median ratio, over one tensor."""
+    """Pearson / Spearman correlation of log values, the median ratio and the median relative error
+    |est − ref| / ref, over one tensor."""
     e, r = est.double().reshape(-1).clamp_min(1e-12), ref.double().reshape(-1).clamp_min(1e-12)
     le, lr = e.log(), r.log()
     pearson = float(torch.corrcoef(torch.stack([le, lr]))[0, 1])
     spearman = float(torch.corrcoef(torch.stack([_rank(le), _rank(lr)]))[0, 1])
-    return {"pearson_log": pearson, "spearman": spearman, "median_ratio": float((e / r).median())}
+    return {"pearson_log": pearson, "spearman": spearman, "median_ratio": float((e / r).median()),
+            "median_rel_error": float(((e - r).abs() / r).median())}  # fmt: skip
 
 
 def _references(model, x, y, probes, gen):
