@@ -451,13 +451,28 @@ class BayesAdam(Optimizer):
         return first.device if backend != "gloo" else torch.device("cpu")
 
     def _reduce_curvature(self, mode: str, world: int) -> None:
-        """Make every rank's curvature estimate the same, in one flat all-reduce.
+        """Make every rank's curvature estimate the same, with one flat all-reduce.
 
-        Gradients are already averaged over ranks (DDP), so with per-rank samples the ``reparam``
-        estimate ḡ ε_r / σ is summed over ranks (E ḡ ε_r = E g_r ε_r / R); model-side estimates
-        are averaged (each rank saw its own data); ``gradsq`` scales by the global batch.
+        Gradients are already averaged over ranks (DDP). With per-rank samples, the single-sample
+        ``reparam`` estimate Σ_r ḡ ε_r / σ (E ḡ ε_r = E g_r ε_r / R, so the sum is unbiased) is
+        ḡ (Σ_r ε_r) / σ: the ranks' unit noise is summed — launched asynchronously when the sample
+        is drawn, so it overlaps forward and backward — and the fused update runs on the sum.
+        Otherwise the estimates themselves are reduced here: model-side estimates averaged (each
+        rank saw its own data), several-sample ``reparam`` sums summed; ``gradsq`` is scaled by
+        the global batch; a shared sample needs nothing.
         """
-        ests, op_sum = {}, None
+        if self._noise_sum is not None:  # per-rank single-sample reparam: wait for Σ_r ε_r
+            handle, flat, tensors = self._noise_sum
+            handle.wait()
+            flat = flat.to(next(iter(tensors.values())).device)
+            self._noise_summed = {}
+            i = 0
+            for p, t in tensors.items():
+                self._noise_summed[p] = flat[i : i + t.numel()].view_as(t)
+                i += t.numel()
+            self._noise_sum = None
+            return
+        ests, op_sum = {}, False
         for group, p in self._params():
             if p.grad is None:
                 continue
@@ -465,18 +480,12 @@ class BayesAdam(Optimizer):
                 if p in self._hess_acc:
                     ests[p] = self._hess_acc[p]
                 op_sum = self.hessian == "reparam" and not self.estimator.needs_model
+                self._reduced = True
             elif self.hessian == "gradsq":
                 self._hess_acc[p] = self._optimizer_side_estimate(group, p, p.grad, self._sign).mul_(world)
-            elif self.hessian == "reparam" and p in self._work:
-                est = self._optimizer_side_estimate(group, p, p.grad, self._sign)
-                if est is not None:
-                    self._hess_acc[p] = ests[p] = est
-                op_sum = True
-        self._reduced = True
-        if self.hessian == "gradsq" or (self.hessian == "reparam" and mode == "shared"):
-            return  # identical on every rank already
-        if not ests:
-            return
+                self._reduced = True
+        if not ests or (self.hessian == "reparam" and mode == "shared"):
+            return  # nothing to reduce, or identical on every rank already
         tensors = list(ests.values())
         flat = torch.cat([t.reshape(-1) for t in tensors]).to(self._comm_device())
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
@@ -487,6 +496,13 @@ class BayesAdam(Optimizer):
         for t in tensors:
             t.copy_(flat[i : i + t.numel()].view_as(t))
             i += t.numel()
+
+    def _start_noise_sum(self, noise: dict[torch.Tensor, torch.Tensor]) -> None:
+        """Per-rank single-sample reparam under DDP: start summing the ranks' unit noise now."""
+        self._drop_noise_sum()
+        flat = torch.cat([t.reshape(-1) for t in noise.values()]).to(self._comm_device())
+        handle = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True)
+        self._noise_sum = (handle, flat, noise)
 
     def _draw(self, todo, sign) -> list[torch.Tensor]:
         """θ = μ ± σ ⊙ ε for every (p, h, ε, group) in ``todo`` (fused when possible)."""
@@ -531,6 +547,10 @@ class BayesAdam(Optimizer):
         self._hess_acc: dict[torch.Tensor, torch.Tensor] = {}  # summed ĥ over samples
         self._batch = None
         self._reduced = False  # estimates all-reduced over ranks into _hess_acc this step
+        if getattr(self, "_noise_sum", None) is not None:  # a pending noise all-reduce must finish
+            self._noise_sum[0].wait()
+        self._noise_sum = None  # (handle, buffer, {p: unit noise}) of the in-flight Σ_r ε_r
+        self._noise_summed: dict[torch.Tensor, torch.Tensor] = {}
 
     def _params(self) -> Iterator[tuple[dict, torch.Tensor]]:
         for group in self.param_groups:
@@ -596,6 +616,9 @@ class BayesAdam(Optimizer):
                 for p, theta in zip([t[0] for t in todo], self._draw(todo, sign)):
                     means[p] = p.data
                     p.data = theta.view_as(p.data)
+                first = train and todo and self.hessian == "reparam" and self._n_samples == 0
+                if first and self._world()[0] == "per-rank":  # overlap Σ_r ε_r with fwd and bwd
+                    self._start_noise_sum({t[0]: t[2] for t in todo})
             yield
             completed = True
         finally:
@@ -613,8 +636,14 @@ class BayesAdam(Optimizer):
                 self._accumulate(sign)
             self._n_samples += 1
 
+    def _drop_noise_sum(self) -> None:
+        if self._noise_sum is not None:  # an in-flight collective must complete before it is dropped
+            self._noise_sum[0].wait()
+            self._noise_sum = None
+
     def _fold_pending(self):
         """Move the single pending sample into the accumulators (a second sample is coming)."""
+        self._drop_noise_sum()  # several samples: their estimates are reduced instead
         self._accumulate(self._sign)
         self._work = {}
 
@@ -717,7 +746,7 @@ class BayesAdam(Optimizer):
                     est = self._hess_acc.get(p)
                     est = None if est is None else est.div_(n)
                 elif self.hessian == "reparam" and work is not None:
-                    est, noise = None, st["noise"]
+                    est, noise = None, self._noise_summed.get(p, st["noise"])
                 else:
                     est = self._optimizer_side_estimate(group, p, p.grad, self._sign)
                 st["step"] += 1
