@@ -45,7 +45,16 @@ def _state(model, opt):
 def _train(model, opt, x, y, hessian, wrapped=None):
     net = wrapped or model
     for t in range(STEPS):
-        if hessian == "reparam":
+        if hessian == "closure":  # as Lightning does it: zero_grad inside the sampled closure
+
+            def closure(t=t):
+                loss = F.cross_entropy(net(x[t]), y[t])
+                opt.zero_grad()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        elif hessian == "reparam":
             opt.zero_grad()
             with opt.sampled_params(train=True):
                 F.cross_entropy(net(x[t]), y[t]).backward()
@@ -62,7 +71,8 @@ def _worker(rank, world, port, mode, hessian, out):
         model, x, y = _setup()
         ddp = DDP(model)
         gen = torch.Generator().manual_seed(7 if rank == 0 else 100 + rank)  # rank 0's state is broadcast
-        opt = ef.BayesAdam(model.parameters(), n_data=1000, hessian=hessian, distributed=mode,
+        key = "reparam" if hessian == "closure" else hessian
+        opt = ef.BayesAdam(model.parameters(), n_data=1000, hessian=key, distributed=mode,
                            generator=gen, fused=False)  # fmt: skip
         sl = slice(rank * B, (rank + 1) * B)
         _train(model, opt, x[:, sl], y[:, sl], hessian, wrapped=ddp)
@@ -76,7 +86,7 @@ def _run(tmp_path, mode, hessian):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-@pytest.mark.parametrize("hessian", ["reparam", "ggn-mc"])
+@pytest.mark.parametrize("hessian", ["reparam", "ggn-mc", "closure"])
 def test_per_rank_samples_keep_every_rank_identical(tmp_path, hessian):
     r0, r1 = _run(tmp_path, "per-rank", hessian)
     for k in r0:

@@ -572,9 +572,12 @@ class BayesAdam(Optimizer):
         return self._state(group, p)["hess"]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients and forget weight samples drawn since the last step."""
+        """Zero the gradients and forget weight samples drawn since the last step. Inside
+        :meth:`sampled_params` (Lightning's closure calls it there) it only zeroes the gradients:
+        the sample being drawn stays pending for :meth:`step`."""
         super().zero_grad(set_to_none=set_to_none)
-        self._clear_pending()
+        if not self._inside:
+            self._clear_pending()
 
     # -- sampling ------------------------------------------------------------------------------
     @contextlib.contextmanager
