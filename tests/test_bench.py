@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from effortless.experiments import bench
 
@@ -74,3 +75,34 @@ def test_shards_cover_the_grid_once_and_merge(tmp_path):
         bench.run(out=tmp_path / "x", shard=(3, 3), **kw)
     with pytest.raises(ValueError, match="does not exist"):
         bench.merge([tmp_path / "missing"], tmp_path / "all")
+
+
+def test_swag_posterior_moments_and_samples():
+    from effortless.baselines.swag import SWAG
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    swag = SWAG(model, rank=4)
+    snaps = []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        snaps.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double())
+        swag.collect()
+    W = torch.stack(snaps)
+    torch.testing.assert_close(swag.mean, W.mean(0))
+    torch.testing.assert_close(swag.diag, W.var(0, unbiased=False))
+    D = torch.stack(swag.deviations, 1)
+    assert D.shape == (8, 4)  # the last `rank` deviations
+    cov = torch.diag(swag.diag / 2) + D @ D.T / (2 * 3)
+    draws = torch.stack([swag.sample(g) for _ in range(40000)])
+    torch.testing.assert_close(draws.mean(0), swag.mean, atol=0.01, rtol=0)
+    torch.testing.assert_close(torch.cov(draws.T), cov, atol=0.004, rtol=0.05)
+
+
+def test_swag_runs_in_the_bench(tmp_path):
+    rows = bench.run(tasks=["mnist1d-mlp"], methods=["swag"], seeds=1, epochs=2, out=tmp_path, subset=400,
+                     progress=False, log=lambda s: None)  # fmt: skip
+    assert rows[0]["method"] == "swag" and 0 < rows[0]["accuracy"] <= 1 and rows[0]["nll"] > 0

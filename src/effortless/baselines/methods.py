@@ -1,5 +1,6 @@
 """Method implementations for the benchmark: MAP, BayesAdam (any Hessian key), MC dropout, deep
-ensembles, temperature scaling, post-hoc last-layer KFAC Laplace, adam-laplace, and IVON (peer)."""
+ensembles, temperature scaling, post-hoc last-layer KFAC Laplace, adam-laplace, SWAG
+(:mod:`.swag`), and IVON (peer)."""
 
 from __future__ import annotations
 
@@ -219,8 +220,15 @@ METHODS: dict[str, Callable] = {
     "temperature": fit_temperature,
     "laplace": fit_laplace,
     "adam-laplace": fit_adam_laplace,
+    "swag": lambda *a, **k: _swag().fit_swag(*a, **k),
     "ivon": fit_ivon,
 }
+
+
+def _swag():
+    from . import swag
+
+    return swag
 
 
 def available(name: str) -> str | None:
