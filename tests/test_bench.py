@@ -106,3 +106,29 @@ def test_swag_runs_in_the_bench(tmp_path):
     rows = bench.run(tasks=["mnist1d-mlp"], methods=["swag"], seeds=1, epochs=2, out=tmp_path, subset=400,
                      progress=False, log=lambda s: None)  # fmt: skip
     assert rows[0]["method"] == "swag" and 0 < rows[0]["accuracy"] <= 1 and rows[0]["nll"] > 0
+
+
+def test_laplace_torch_peer_agrees_with_ours(tmp_path):
+    """Same MAP, same last-layer KFAC Laplace with marglik and probit: the two libraries agree."""
+    pytest.importorskip("laplace")
+    rows = bench.run(tasks=["mnist1d-mlp"], methods=["laplace", "laplace-torch"], seeds=1, epochs=3,
+                     out=tmp_path, subset=1000, progress=False, log=lambda s: None)  # fmt: skip
+    ours, peer = rows
+    assert ours["nll"] == pytest.approx(peer["nll"], rel=1e-3)
+    assert ours["accuracy"] == peer["accuracy"]
+
+
+def test_peers_missing_are_refused_by_name(tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_peers(name, *a, **k):
+        if name in ("laplace", "ivon"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_peers)
+    for m, pkg in (("laplace-torch", "laplace-torch"), ("ivon", "ivon-opt")):
+        with pytest.raises(ValueError, match=pkg):
+            bench.run(tasks=["mnist1d-mlp"], methods=[m], out=tmp_path, progress=False)

@@ -170,6 +170,25 @@ def fit_adam_laplace(task, split, seed, epochs, progress):
     return Fitted(predict, run.train_seconds, run.step_ms, run.peak_mem_mb)
 
 
+def fit_laplace_torch(task, split, seed, epochs, progress):
+    """The peer: MAP, then laplace-torch's last-layer KFAC Laplace, marglik prior, probit GLM."""
+    from laplace import Laplace
+
+    run = _map_run(task, split, seed, epochs, progress)
+    t0 = time.perf_counter()
+    la = Laplace(run.model, "classification", subset_of_weights="last_layer", hessian_structure="kron")
+    la.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(split.x_train, split.y_train),
+                                       batch_size=512))  # fmt: skip
+    la.optimize_prior_precision(method="marglik")
+    extra = time.perf_counter() - t0
+
+    def predict(x):
+        with torch.no_grad():
+            return _chunked(lambda xb: la(xb, pred_type="glm", link_approx="probit"), x, 1000)
+
+    return Fitted(predict, run.train_seconds + extra, run.step_ms, run.peak_mem_mb)
+
+
 def fit_ivon(task, split, seed, epochs, progress, lr=0.1, hess_init=0.1, samples=30):
     import ivon
 
@@ -222,6 +241,7 @@ METHODS: dict[str, Callable] = {
     "adam-laplace": fit_adam_laplace,
     "swag": lambda *a, **k: _swag().fit_swag(*a, **k),
     "ivon": fit_ivon,
+    "laplace-torch": fit_laplace_torch,
 }
 
 
@@ -240,4 +260,9 @@ def available(name: str) -> str | None:
             import ivon  # noqa: F401
         except ImportError:
             return "ivon-opt is not installed (scripts/setup.sh --peers)"
+    if name == "laplace-torch":
+        try:
+            import laplace  # noqa: F401
+        except ImportError:
+            return "laplace-torch is not installed (scripts/setup.sh --peers)"
     return None
