@@ -111,7 +111,17 @@ def _bench(args) -> int:
 def _active(args) -> int:
     from .experiments import active
 
+    pairs = None
+    if args.pairs:
+        try:
+            pairs = [tuple(x.split(":")) for x in _csv(args.pairs)]
+            assert all(len(p) == 2 for p in pairs)
+        except AssertionError:
+            raise SystemExit(
+                f"--pairs must look like bayesadam:bald,mc-dropout:bald, got {args.pairs!r}"
+            ) from None
     _, md = active.run(
+        pairs=pairs,
         task=args.task,
         methods=_csv(args.method),
         acquisitions=_csv(args.acquisition),
@@ -270,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="mnist/fmnist: LeNet; mnist1d: 1-D CNN; mnist1d-mlp: MLP")  # fmt: skip
     al.add_argument("--method", default="bayesadam,mc-dropout", help="comma list of methods")
     al.add_argument("--acquisition", default="bald,random", help="comma list of acquisition functions")
+    al.add_argument("--pairs", default=None,
+                    help="instead of every method × acquisition: a comma list of method:acquisition "
+                    "pairs, e.g. bayesadam:bald,bayesadam:random,mc-dropout:bald")  # fmt: skip
     al.add_argument("--initial", type=int, default=20, help="balanced initial labelled set")
     al.add_argument("--query", type=int, default=10, help="labels acquired per round")
     al.add_argument("--budget", type=int, default=1000, help="stop at this many labels")

@@ -187,7 +187,14 @@ def run(
     progress=True,
     subset=None,
     log=print,
+    pairs=None,
 ):
+    """Run the grid (every method × acquisition, or the given ``pairs`` of (method, acquisition))
+    × ``repeats``; cells already checkpointed in ``out`` are read back, not rerun."""
+    if pairs is not None:
+        pairs = [tuple(p) for p in pairs]
+        methods = list(dict.fromkeys(m for m, _ in pairs))
+        acquisitions = list(dict.fromkeys(a for _, a in pairs))
     if task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     for m in methods:
@@ -204,7 +211,8 @@ def run(
     train = asdict(TrainConfig(epochs=epochs, min_steps=min_steps))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    grid = [(m, a, r) for m in methods for a in acquisitions for r in range(repeats)]
+    combos = pairs if pairs is not None else [(m, a) for m in methods for a in acquisitions]
+    grid = [(m, a, r) for m, a in combos for r in range(repeats)]
     t0 = time.perf_counter()
     cells = []
     if jobs == 1:
