@@ -132,3 +132,27 @@ def test_peers_missing_are_refused_by_name(tmp_path, monkeypatch):
     for m, pkg in (("laplace-torch", "laplace-torch"), ("ivon", "ivon-opt")):
         with pytest.raises(ValueError, match=pkg):
             bench.run(tasks=["mnist1d-mlp"], methods=[m], out=tmp_path, progress=False)
+
+
+def test_config_layers_profile_file_and_flags(tmp_path):
+    cfg = bench.resolve_config()
+    assert cfg["task"] == ["fmnist-mlp"] and cfg["seeds"] == 1
+    quick = bench.resolve_config("quick")
+    assert quick["task"] == ["fmnist-mlp", "mnist1d-mlp"] and "swag" in quick["methods"]
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"task": "mnist1d-mlp", "seeds": 3, "methods": ["map", "swag"]}))
+    got = bench.resolve_config("quick", f, seeds=2, out=str(tmp_path / "o"))
+    assert got["task"] == ["mnist1d-mlp"] and got["methods"] == ["map", "swag"]  # the file beats the profile
+    assert got["seeds"] == 2 and got["out"] == str(tmp_path / "o")  # flags beat the file
+    y = tmp_path / "c.yaml"
+    y.write_text("task: [mnist1d-mlp, wine]\nepochs: 2\n")
+    if pytest.importorskip("yaml"):
+        assert bench.resolve_config(config=y)["task"] == ["mnist1d-mlp", "wine"]
+    f.write_text(json.dumps({"task": "wine", "lr": 0.1}))
+    with pytest.raises(ValueError, match="unknown field"):
+        bench.resolve_config(config=f)
+    with pytest.raises(ValueError, match="profile"):
+        bench.resolve_config("huge")
+    assert set(bench.PROFILES["full"]["task"]) == set(bench.TASKS)
+    for p in bench.PROFILES.values():
+        assert all(bench.available(m) is None for m in p["methods"])

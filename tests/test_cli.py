@@ -123,3 +123,17 @@ def test_active_summary_numbers():
     assert labels_to_reach(hist, 0.9) == 20 and labels_to_reach(hist, 0.95) == 30
     assert labels_to_reach(hist, 0.99) is None
     assert area_under_curve(hist) == pytest.approx(((0.5 + 0.92) / 2 + (0.92 + 0.96) / 2) / 2)
+
+
+def test_bench_reads_a_config_file_and_flags_override(tmp_path):
+    cfg = tmp_path / "bench.json"
+    cfg.write_text(json.dumps({"task": "mnist1d-mlp", "methods": "map", "epochs": 1, "subset": 300,
+                               "out": str(tmp_path / "from-file")}))  # fmt: skip
+    assert cli.main(["bench", "--config", str(cfg), "--seeds", "2", "--out", str(tmp_path / "o"),
+                     "--no-progress"]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "o" / "results.json").read_text())
+    got = [(r["task"], r["method"], r["seed"]) for r in rows]
+    assert got == [("mnist1d-mlp", "map", 0), ("mnist1d-mlp", "map", 1)]
+    with pytest.raises(SystemExit, match="unknown field"):
+        cfg.write_text(json.dumps({"tasks": "wine"}))
+        cli.main(["bench", "--config", str(cfg)])

@@ -84,6 +84,7 @@ def _bench(args) -> int:
 
     torch.set_num_threads(args.threads) if args.threads else None
     if args.merge:
+        args.out = args.out or "runs/bench"
         bench.merge(args.merge, args.out)
         print(f"\nWrote {args.out}/results.json, results.md")
         return 0
@@ -94,16 +95,24 @@ def _bench(args) -> int:
         except ValueError:
             raise SystemExit(f"--shard must look like I/N (e.g. 0/4), got {args.shard!r}") from None
         shard = (i, n)
+    try:
+        cfg = bench.resolve_config(
+            args.profile, args.config, task=args.task, methods=args.methods, seeds=args.seeds,
+            epochs=args.epochs, subset=args.subset, out=args.out,
+        )  # fmt: skip
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"effortless bench: {err}") from None
     bench.run(
-        tasks=args.task.split(","),
-        methods=args.methods.split(","),
-        seeds=args.seeds,
-        epochs=args.epochs,
-        out=args.out,
-        subset=args.subset,
+        tasks=cfg["task"],
+        methods=cfg["methods"],
+        seeds=cfg["seeds"],
+        epochs=cfg["epochs"],
+        out=cfg["out"],
+        subset=cfg["subset"],
         progress=not args.no_progress,
         shard=shard,
     )
+    args.out = cfg["out"]
     print(f"\nWrote {args.out}/results.json, results.md and plots")
     return 0
 
@@ -211,12 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--task",
-        default="fmnist-mlp",
-        help="comma list: fmnist-mlp, fmnist-cnn, mnist1d-mlp, mnist1d-cnn, digits, breast_cancer, wine",
+        default=None,
+        help="comma list: fmnist-mlp, fmnist-cnn, mnist1d-mlp, mnist1d-cnn, digits, breast_cancer, wine "
+        "(default fmnist-mlp)",
     )
-    b.add_argument("--methods", default="map,bayesadam,mc-dropout,temperature,laplace,adam-laplace")
-    b.add_argument("--seeds", type=int, default=1)
+    b.add_argument("--methods", default=None,
+                   help="comma list (default map,bayesadam,mc-dropout,temperature,laplace,adam-laplace)")
+    b.add_argument("--seeds", type=int, default=None, help="seeds per task × method (default 1)")
     b.add_argument("--epochs", type=int, default=None, help="override the task's epochs")
+    b.add_argument("--profile", choices=["quick", "full"], default=None,
+                   help="quick: every method of ≤5x training cost on fmnist-mlp and mnist1d-mlp, 1 seed "
+                   "(~20 min on 2 cores); full: every task, 5 seeds. Flags given next to it win")
+    b.add_argument("--config", default=None,
+                   help="JSON (or YAML) file with any of task, methods, seeds, epochs, subset, out; "
+                   "command-line flags override it")
     b.add_argument(
         "--subset", type=int, default=None, help="first N training / N/5 test examples (quick runs)"
     )
@@ -227,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                    help="combine the results.json of these bench directories into --out (no training)")
     b.add_argument("--no-progress", action="store_true")
-    b.add_argument("--out", default="runs/bench")
+    b.add_argument("--out", default=None, help="output directory (default runs/bench)")
     b.set_defaults(func=_bench)
     a = sub.add_parser(
         "adam-hessian",

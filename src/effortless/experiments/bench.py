@@ -20,6 +20,57 @@ from ..baselines import METHODS, available
 from . import plots
 from .tasks import TASKS
 
+DEFAULTS = {
+    "task": ["fmnist-mlp"],
+    "methods": ["map", "bayesadam", "mc-dropout", "temperature", "laplace", "adam-laplace"],
+    "seeds": 1,
+    "epochs": None,
+    "subset": None,
+    "out": "runs/bench",
+}
+PROFILES = {
+    # every method of 1x-5x training cost on the two quick tasks: ~20 min on 2 CPU cores
+    "quick": {"task": ["fmnist-mlp", "mnist1d-mlp"], "seeds": 1,
+              "methods": ["map", "bayesadam", "bayesadam-ggn-mc", "mc-dropout", "ensemble",
+                          "temperature", "laplace", "adam-laplace", "swag"]},
+    # all tasks, more seeds: for a GPU machine or an overnight CPU run
+    "full": {"task": list(TASKS), "seeds": 5,
+             "methods": ["map", "bayesadam", "bayesadam-ggn-mc", "bayesadam-efisher", "mc-dropout",
+                         "ensemble", "temperature", "laplace", "adam-laplace", "swag"]},
+}  # fmt: skip
+
+
+def resolve_config(profile=None, config=None, **overrides) -> dict:
+    """The run's settings: defaults, then the ``profile``, then the ``config`` file (JSON, or YAML
+    when PyYAML is installed), then the non-None ``overrides`` (the command-line flags)."""
+    out = dict(DEFAULTS)
+    if profile is not None:
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+        out.update(PROFILES[profile])
+    if config is not None:
+        path = Path(config)
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); "
+                                 "or use JSON") from None  # fmt: skip
+            given = yaml.safe_load(text) or {}
+        else:
+            given = json.loads(text)
+        unknown = set(given) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        out.update(given)
+    out.update({k: v for k, v in overrides.items() if v is not None})
+    for k in ("task", "methods"):
+        if isinstance(out[k], str):
+            out[k] = [x.strip() for x in out[k].split(",") if x.strip()]
+    return out
+
+
 COLUMNS = ("accuracy", "nll", "ece", "brier", "ood_auroc", "train_seconds", "step_ms", "peak_mem_mb")
 LOWER_IS_BETTER = {"nll", "ece", "brier", "train_seconds", "step_ms", "peak_mem_mb"}
 
