@@ -103,9 +103,11 @@ def test_swag_posterior_moments_and_samples():
 
 
 def test_swag_runs_in_the_bench(tmp_path):
-    rows = bench.run(tasks=["mnist1d-mlp"], methods=["swag"], seeds=1, epochs=2, out=tmp_path, subset=400,
-                     progress=False, log=lambda s: None)  # fmt: skip
+    rows = bench.run(tasks=["mnist1d-mlp"], methods=["swag", "map"], seeds=1, epochs=2, out=tmp_path,
+                     subset=400, progress=False, log=lambda s: None)  # fmt: skip
     assert rows[0]["method"] == "swag" and 0 < rows[0]["accuracy"] <= 1 and rows[0]["nll"] > 0
+    for r in rows:  # per-epoch training curves in every row
+        assert len(r["train_loss_per_epoch"]) == 2 and all(v > 0 for v in r["train_loss_per_epoch"])
 
 
 def test_laplace_torch_peer_agrees_with_ours(tmp_path):

@@ -25,6 +25,7 @@ class Fitted:
     train_seconds: float
     step_ms: float
     peak_mem_mb: float | None = None  # all tensor memory during one training step (one member)
+    train_loss: list[float] | None = None  # mean training loss per epoch (first member)
 
 
 def _chunked(fn, x, chunk=2000):
@@ -55,7 +56,7 @@ def _map_run(task, split, seed, epochs, progress, dropout=0.0) -> RunResult:
 
 def fit_map(task, split, seed, epochs, progress):
     run = _map_run(task, split, seed, epochs, progress)
-    return Fitted(_softmax(run.model), run.train_seconds, run.step_ms, run.peak_mem_mb)
+    return Fitted(_softmax(run.model), run.train_seconds, run.step_ms, run.peak_mem_mb, run.history)
 
 
 def make_bayesadam(key):
@@ -78,7 +79,7 @@ def make_bayesadam(key):
                 lambda xb: api.predict(run.model, run.posterior, xb, n_samples=32, generator=gen), x
             )
 
-        return Fitted(predict, run.train_seconds, run.step_ms, run.peak_mem_mb)
+        return Fitted(predict, run.train_seconds, run.step_ms, run.peak_mem_mb, run.history)
 
     return fit
 
@@ -95,7 +96,7 @@ def fit_mc_dropout(task, split, seed, epochs, progress, p=0.2, samples=30):
         model.eval()
         return out
 
-    return Fitted(predict, run.train_seconds, run.step_ms, run.peak_mem_mb)
+    return Fitted(predict, run.train_seconds, run.step_ms, run.peak_mem_mb, run.history)
 
 
 def fit_ensemble(task, split, seed, epochs, progress, members=5):
@@ -105,7 +106,8 @@ def fit_ensemble(task, split, seed, epochs, progress, members=5):
         return torch.stack([_softmax(r.model)(x) for r in runs]).mean(0)
 
     return Fitted(
-        predict, sum(r.train_seconds for r in runs), sum(r.step_ms for r in runs), runs[0].peak_mem_mb
+        predict, sum(r.train_seconds for r in runs), sum(r.step_ms for r in runs), runs[0].peak_mem_mb,
+        runs[0].history,
     )
 
 
@@ -136,7 +138,8 @@ def fit_temperature(task, split, seed, epochs, progress, n_val=0.1):
         with torch.no_grad():
             return _chunked(lambda xb: (run.model(xb) / temp).softmax(-1), x)
 
-    return Fitted(predict, run.train_seconds + time.perf_counter() - t0, run.step_ms, run.peak_mem_mb)
+    return Fitted(predict, run.train_seconds + time.perf_counter() - t0, run.step_ms, run.peak_mem_mb,
+                  run.history)  # fmt: skip
 
 
 def fit_laplace(task, split, seed, epochs, progress):
@@ -156,6 +159,7 @@ def fit_laplace(task, split, seed, epochs, progress):
         run.train_seconds + extra,
         run.step_ms,
         run.peak_mem_mb,
+        run.history,
     )
 
 
@@ -167,7 +171,7 @@ def fit_adam_laplace(task, split, seed, epochs, progress):
     def predict(x):
         return _chunked(lambda xb: api.predict(run.model, post, xb, method="probit"), x, 500)
 
-    return Fitted(predict, run.train_seconds, run.step_ms, run.peak_mem_mb)
+    return Fitted(predict, run.train_seconds, run.step_ms, run.peak_mem_mb, run.history)
 
 
 def fit_laplace_torch(task, split, seed, epochs, progress):
@@ -186,7 +190,7 @@ def fit_laplace_torch(task, split, seed, epochs, progress):
         with torch.no_grad():
             return _chunked(lambda xb: la(xb, pred_type="glm", link_approx="probit"), x, 1000)
 
-    return Fitted(predict, run.train_seconds + extra, run.step_ms, run.peak_mem_mb)
+    return Fitted(predict, run.train_seconds + extra, run.step_ms, run.peak_mem_mb, run.history)
 
 
 def fit_ivon(task, split, seed, epochs, progress, lr=0.1, hess_init=0.1, samples=30):
@@ -205,17 +209,20 @@ def fit_ivon(task, split, seed, epochs, progress, lr=0.1, hess_init=0.1, samples
         opt.step()
         return loss
 
-    steps, peak, t0 = 0, None, time.perf_counter()
+    steps, peak, t0, history = 0, None, time.perf_counter(), []
     for _ in range(epochs):
+        total = 0.0
         for x, y in data:
             if steps == 3:
                 t1 = time.perf_counter()
-                _, peak = measure_step(lambda x=x, y=y: one_step(x, y), model, opt, (x, y))
+                loss, peak = measure_step(lambda x=x, y=y: one_step(x, y), model, opt, (x, y))
                 peak /= 2**20
                 t0 += time.perf_counter() - t1
             else:
-                one_step(x, y)
+                loss = one_step(x, y)
+            total += float(loss.detach()) * len(x)
             steps += 1
+        history.append(total / len(split.x_train))
     seconds = time.perf_counter() - t0
 
     def predict(x):
@@ -227,7 +234,7 @@ def fit_ivon(task, split, seed, epochs, progress, lr=0.1, hess_init=0.1, samples
                     outs.append(_chunked(lambda xb: model(xb).softmax(-1), x))
             return torch.stack(outs).mean(0)
 
-    return Fitted(predict, seconds, 1000 * seconds / max(steps, 1), peak)
+    return Fitted(predict, seconds, 1000 * seconds / max(steps, 1), peak, history)
 
 
 METHODS: dict[str, Callable] = {

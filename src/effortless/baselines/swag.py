@@ -77,16 +77,20 @@ def fit_swag(task, split, seed, epochs, progress, snapshots=20, rank=20, samples
     per_epoch = len(data)
     every = max(1, per_epoch // snapshots)
     swag = SWAG(model, rank=rank)
-    steps, t0 = 0, time.perf_counter()
+    steps, t0, history = 0, time.perf_counter(), []
     model.train()
     for epoch in range(epochs):
+        total = 0.0
         for i, (x, y) in enumerate(data):
             opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
             opt.step()
+            total += float(loss.detach()) * len(x)
             steps += 1
             if epoch == epochs - 1 and (i + 1) % every == 0:
                 swag.collect()
+        history.append(total / len(split.x_train))
     if swag.n < 2:  # a very short last epoch: take the final weights twice at least
         swag.collect()
         swag.collect()
@@ -104,4 +108,4 @@ def fit_swag(task, split, seed, epochs, progress, snapshots=20, rank=20, samples
             swag.load(final)
         return out / samples
 
-    return methods.Fitted(predict, seconds, 1000 * seconds / max(steps, 1), None)
+    return methods.Fitted(predict, seconds, 1000 * seconds / max(steps, 1), None, history)

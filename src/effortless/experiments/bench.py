@@ -138,6 +138,7 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
             train_seconds=fitted.train_seconds,
             step_ms=fitted.step_ms,
             peak_mem_mb=fitted.peak_mem_mb,
+            train_loss_per_epoch=fitted.train_loss,
         )
         rows.append(row)
         last[(t, m)] = (probs, probs_ood, split.y_test)
