@@ -143,6 +143,8 @@ def _active(args) -> int:
         warm_start=args.warm_start,
         epochs=args.epochs,
         min_steps=args.min_steps,
+        temperature=args.temperature,
+        prior_precision=args.prior_precision,
         out=args.out,
         jobs=args.jobs,
         threads=args.threads,
@@ -310,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--warm-start", action="store_true", help="start each round from the last weights")
     al.add_argument("--epochs", type=int, default=30, help="passes over the labelled set per round")
     al.add_argument("--min-steps", type=int, default=200, help="at least this many steps per round")
+    al.add_argument("--temperature", type=float, default=None,
+                    help="the bayesadam learner's temperature (default 1e-4, see effortless.active.learners)")
+    al.add_argument("--prior-precision", type=float, default=None,
+                    help="the bayesadam learner's prior precision (default 0.01)")
     al.add_argument("--jobs", type=int, default=1, help="grid cells run in parallel processes")
     al.add_argument("--threads", type=int, default=1, help="torch threads per job")
     al.add_argument("--subset", type=int, default=None, help="use only the first N training examples")

@@ -181,6 +181,8 @@ def run(
     warm_start=False,
     epochs=30,
     min_steps=200,
+    temperature=None,
+    prior_precision=None,
     out="runs/active",
     jobs=1,
     threads=1,
@@ -208,7 +210,9 @@ def run(
     config = asdict(ActiveConfig(initial, query, budget, pool_subset, n_samples, warm_start))
     config.pop("seed")
     ActiveConfig(**config).check(10**9, 1)  # argument errors now, not in a worker
-    train = asdict(TrainConfig(epochs=epochs, min_steps=min_steps))
+    extra = {k: v for k, v in (("temperature", temperature), ("prior_precision", prior_precision))
+             if v is not None}  # fmt: skip
+    train = asdict(TrainConfig(epochs=epochs, min_steps=min_steps, **extra))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     combos = pairs if pairs is not None else [(m, a) for m in methods for a in acquisitions]
