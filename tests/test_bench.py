@@ -38,12 +38,15 @@ def test_bench_rows_report_and_resume(tmp_path):
     assert "laplace" in md and "**" in md
     assert (tmp_path / "reliability_mnist1d-mlp.png").stat().st_size > 0
     # shift: every row is evaluated at each noise level (the data really change: NLL moves)
-    levels = bench.TASKS["mnist1d-mlp"].shift[1]
+    levels = bench.TASKS["mnist1d-mlp"].shifts["noise"][1]
     for r in saved:
-        assert [float(k) for k in r["shift"]] == list(levels)
-        assert r["shift"]["0.0"]["accuracy"] == r["accuracy"]
-        assert r["shift"][str(levels[-1])]["nll"] != pytest.approx(r["nll"], rel=1e-3)
-    assert "Under shift" in md and (tmp_path / "shift_mnist1d-mlp.png").stat().st_size > 0
+        got = r["shift"]["noise"]
+        assert [float(k) for k in got] == list(levels)
+        assert got["0.0"]["accuracy"] == r["accuracy"]
+        assert got[str(levels[-1])]["nll"] != pytest.approx(r["nll"], rel=1e-3)
+    assert "Under shift" in md and (tmp_path / "shift_mnist1d-mlp_noise.png").stat().st_size > 0
+    csv = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(csv) == 4 and csv[0].startswith("accuracy,") and "shift" not in csv[0]
 
 
 def test_unknown_method_or_task_is_refused(tmp_path):
@@ -158,3 +161,14 @@ def test_config_layers_profile_file_and_flags(tmp_path):
     assert set(bench.PROFILES["full"]["task"]) == set(bench.TASKS)
     for p in bench.PROFILES.values():
         assert all(bench.available(m) is None for m in p["methods"])
+
+
+def test_image_tasks_get_rotation_translation_and_a_noise_ood_set(tmp_path):
+    rows = bench.run(tasks=["fmnist-mlp"], methods=["map"], seeds=1, epochs=1, out=tmp_path, subset=500,
+                     progress=False, log=lambda s: None)  # fmt: skip
+    r = rows[0]
+    assert set(r["shift"]) == {"rotation", "translation"}
+    assert r["shift"]["translation"]["26.0"]["accuracy"] < r["accuracy"]  # nearly off the image
+    assert 0.5 < r["ood_auroc_uniform_noise"] <= 1.0
+    for name in ("rotation", "translation"):
+        assert (tmp_path / f"shift_fmnist-mlp_{name}.png").stat().st_size > 0

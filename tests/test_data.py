@@ -84,3 +84,11 @@ def test_noise_shift_scales_with_feature_std():
     out = data.add_noise(x, 0.5)
     assert abs(float((out - x).std()) / (0.5 * float(x.std(0).mean())) - 1) < 0.05
     torch.testing.assert_close(data.add_noise(x, 0.0), x)
+
+
+def test_translation_shifts_right_and_zero_fills():
+    img = torch.arange(784.0).reshape(1, 784)
+    out = data.translate(img, 3).view(28, 28)
+    torch.testing.assert_close(out[:, 3:], img.view(28, 28)[:, :-3])
+    assert bool((out[:, :3] == 0).all())
+    assert bool((data.translate(img, 28) == 0).all())

@@ -32,6 +32,7 @@ __all__ = [
     "tabular",
     "loader",
     "rotate",
+    "translate",
     "add_noise",
     "FMNIST_DIR",
     "DATASETS",
@@ -260,6 +261,24 @@ def rotate(x: torch.Tensor, degrees: float, side: int = 28) -> torch.Tensor:
     grid = torch.nn.functional.affine_grid(theta.expand(img.shape[0], 2, 3), list(img.shape),
                                            align_corners=False)  # fmt: skip
     return torch.nn.functional.grid_sample(img, grid, align_corners=False).reshape(x.shape)
+
+
+def translate(x: torch.Tensor, pixels: float, side: int = 28) -> torch.Tensor:
+    """Shift flat ``side``×``side`` images ``pixels`` to the right (whole pixels, zero fill).
+
+    Example:
+        >>> img = torch.zeros(1, 784); img[0, 5 * 28 + 3] = 1.0
+        >>> int(translate(img, 4).argmax()) == 5 * 28 + 7
+        True
+    """
+    if x.shape[-1] != side * side:
+        raise ValueError(f"translate: expects flat {side}x{side} images, got shape {tuple(x.shape)}")
+    k = int(round(pixels))
+    img = x.reshape(-1, side, side)
+    out = torch.zeros_like(img)
+    if k < side:
+        out[:, :, k:] = img[:, :, : side - k]
+    return out.reshape(x.shape)
 
 
 def add_noise(x: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:

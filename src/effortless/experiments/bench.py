@@ -15,6 +15,8 @@ import json
 import statistics
 from pathlib import Path
 
+import torch
+
 from .. import metrics
 from ..baselines import METHODS, available
 from . import plots
@@ -122,14 +124,24 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
         probs = fitted.predict(split.x_test)
         probs_ood = fitted.predict(ood) if ood is not None else None
         row = metrics.classification_report(probs, split.y_test, probs_ood)
-        if task.shift is not None:  # accuracy / NLL / ECE on shifted copies of the test set
-            _, levels, fn = task.shift
+        if task.ood_noise:  # a second OOD set: uniform noise in the inputs' range
+            g = torch.Generator().manual_seed(0)
+            lo, hi = float(split.x_test.min()), float(split.x_test.max())
+            shape = (min(1000, len(split.x_test)), *split.x_test.shape[1:])
+            noise = lo + (hi - lo) * torch.rand(shape, generator=g)
+            p_noise = fitted.predict(noise)
+            row["ood_auroc_uniform_noise"] = metrics.auroc(probs.max(-1).values, p_noise.max(-1).values)
+        if task.shifts:  # accuracy / NLL / ECE on shifted copies of the test set
             row["shift"] = {}
-            for lv in levels:
-                p = probs if lv == 0 else fitted.predict(fn(split.x_test, lv))
-                y = split.y_test
-                row["shift"][str(lv)] = {"accuracy": metrics.accuracy(p, y), "nll": metrics.nll(p, y),
-                                         "ece": metrics.ece(p, y)}  # fmt: skip
+            for name, (_, levels, fn) in task.shifts.items():
+                row["shift"][name] = {}
+                for lv in levels:
+                    p = probs if lv == 0 else fitted.predict(fn(split.x_test, lv))
+                    y = split.y_test
+                    row["shift"][name][str(lv)] = {
+                        "accuracy": metrics.accuracy(p, y), "nll": metrics.nll(p, y),
+                        "ece": metrics.ece(p, y),
+                    }  # fmt: skip
         row.update(
             task=t,
             method=m,
@@ -143,6 +155,7 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
         rows.append(row)
         last[(t, m)] = (probs, probs_ood, split.y_test)
         path.write_text(json.dumps(rows, indent=2))  # after every run: a killed run resumes here
+        _write_csv(rows, out / "results.csv")
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(task=t, method=m, acc=f"{row['accuracy']:.3f}", nll=f"{row['nll']:.3f}")
     table = report(rows, tasks, methods)
@@ -206,26 +219,28 @@ def report(rows, tasks, methods) -> str:
 def _shift_table(sel, methods, task):
     """Mean accuracy % / NLL / ECE % per shift intensity and method (over the seeds that have it)."""
     shifted = [r for r in sel if r.get("shift")]
-    if not shifted or TASKS[task].shift is None:
+    if not shifted or not TASKS[task].shifts:
         return []
-    label, levels, _ = TASKS[task].shift
-    lines = [f"Under shift — {label}: accuracy % / NLL / ECE %, mean over seeds", "",
-             "| method | " + " | ".join(f"{lv:g}" for lv in levels) + " |",
-             "|---|" + "---|" * len(levels)]  # fmt: skip
-    for m in methods:
-        rs = [r for r in shifted if r["method"] == m]
-        if not rs:
-            continue
-        cells = []
-        for lv in levels:
-            vals = [r["shift"][str(lv)] for r in rs if str(lv) in r["shift"]]
-            if not vals:
-                cells.append("–")
+    lines = []
+    for name, (label, levels, _) in TASKS[task].shifts.items():
+        lines += [f"Under shift — {label}: accuracy % / NLL / ECE %, mean over seeds", "",
+                  "| method | " + " | ".join(f"{lv:g}" for lv in levels) + " |",
+                  "|---|" + "---|" * len(levels)]  # fmt: skip
+        for m in methods:
+            rs = [r["shift"][name] for r in shifted if r["method"] == m and name in r["shift"]]
+            if not rs:
                 continue
-            acc, nll, ece = (statistics.fmean(v[k] for v in vals) for k in ("accuracy", "nll", "ece"))
-            cells.append(f"{100 * acc:.1f} / {nll:.2f} / {100 * ece:.1f}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
+            cells = []
+            for lv in levels:
+                vals = [r[str(lv)] for r in rs if str(lv) in r]
+                if not vals:
+                    cells.append("–")
+                    continue
+                acc, nll, ece = (statistics.fmean(v[k] for v in vals) for k in ("accuracy", "nll", "ece"))
+                cells.append(f"{100 * acc:.1f} / {nll:.2f} / {100 * ece:.1f}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def merge(dirs, out, log=print):
@@ -255,10 +270,24 @@ def merge(dirs, out, log=print):
 
 def _shift_plots(rows, tasks, methods, out):
     for t in tasks:  # shift curves over every seed in results.json
-        shifted = {}
-        for r in rows:
-            if r["task"] == t and r["method"] in methods and r.get("shift"):
-                for lv, v in r["shift"].items():
-                    shifted.setdefault(r["method"], {}).setdefault(float(lv), []).append(v)
-        if shifted and t in TASKS and TASKS[t].shift is not None:
-            plots.shift_curves(shifted, out / f"shift_{t}.png", TASKS[t].shift[0])
+        if t not in TASKS or not TASKS[t].shifts:
+            continue
+        for name, (label, _, _) in TASKS[t].shifts.items():
+            shifted = {}
+            for r in rows:
+                if r["task"] == t and r["method"] in methods and name in (r.get("shift") or {}):
+                    for lv, v in r["shift"][name].items():
+                        shifted.setdefault(r["method"], {}).setdefault(float(lv), []).append(v)
+            if shifted:
+                plots.shift_curves(shifted, out / f"shift_{t}_{name}.png", label)
+
+
+def _write_csv(rows, path):
+    """One line per row with its scalar fields (the nested shift results stay in results.json)."""
+    import csv
+
+    fields = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (dict, list))))
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)

@@ -23,8 +23,12 @@ class Task:
     ood: Callable[[data.Split], torch.Tensor] | None
     epochs: int
     batch_size: int = 128
-    # distribution shift for the bench's shift curves: (name, intensities, x -> shifted x)
-    shift: tuple[str, tuple[float, ...], Callable[[torch.Tensor, float], torch.Tensor]] | None = None
+    # distribution shifts for the bench's shift curves: name -> (axis label, intensities, x -> shifted x)
+    shifts: dict[str, tuple[str, tuple[float, ...], Callable[[torch.Tensor, float], torch.Tensor]]] | None = (
+        None
+    )
+    # a second out-of-distribution set: uniform noise shaped like the inputs
+    ood_noise: bool = False
 
 
 def _mnist_test(split):
@@ -36,13 +40,18 @@ def _noise(split):
     return torch.randn(1000, *split.x_test.shape[1:], generator=g)
 
 
-ROTATION = ("rotation (degrees)", (0.0, 15.0, 30.0, 45.0, 60.0, 90.0, 135.0, 180.0), data.rotate)
-NOISE = ("Gaussian noise (× feature std)", (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0), data.add_noise)
+# Ovadia et al. (2019): rotated (15°–180°) and translated (2–26 px) images
+IMAGES = {
+    "rotation": ("rotation (degrees)", (0.0, 15.0, 30.0, 45.0, 60.0, 90.0, 135.0, 180.0), data.rotate),
+    "translation": ("translation (pixels)", (0.0, 2.0, 4.0, 8.0, 12.0, 16.0, 20.0, 26.0), data.translate),
+}
+NOISE = {"noise": ("Gaussian noise (× feature std)", (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0), data.add_noise)}
 
 
 def _tabular(name, n_in, n_out):
     return Task(
-        name, lambda: data.tabular(name), lambda p: MLP(n_in, [64, 64], n_out, dropout=p), None, 50, 32, NOISE
+        name, lambda: data.tabular(name), lambda p: MLP(n_in, [64, 64], n_out, dropout=p), None, 50, 32,
+        shifts=NOISE,
     )
 
 
@@ -50,11 +59,12 @@ TASKS = {
     t.name: t
     for t in [
         Task("fmnist-mlp", data.fashion_mnist, lambda p: MLP(784, [512, 256], 10, dropout=p), _mnist_test, 5,
-             shift=ROTATION),
-        Task("fmnist-cnn", data.fashion_mnist, lambda p: LeNet(dropout=p), _mnist_test, 3, shift=ROTATION),
+             shifts=IMAGES, ood_noise=True),
+        Task("fmnist-cnn", data.fashion_mnist, lambda p: LeNet(dropout=p), _mnist_test, 3, shifts=IMAGES,
+             ood_noise=True),
         Task("mnist1d-mlp", data.mnist1d, lambda p: MLP(40, [256, 256], 10, dropout=p), _noise, 30,
-             shift=NOISE),
-        Task("mnist1d-cnn", data.mnist1d, lambda p: CNN1d(dropout=p), _noise, 30, shift=NOISE),
+             shifts=NOISE),
+        Task("mnist1d-cnn", data.mnist1d, lambda p: CNN1d(dropout=p), _noise, 30, shifts=NOISE),
         _tabular("digits", 64, 10),
         _tabular("breast_cancer", 30, 2),
         _tabular("wine", 13, 3),
