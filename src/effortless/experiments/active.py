@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -37,8 +38,9 @@ THRESHOLDS = (0.90, 0.95)
 
 
 def _cell(task, method, acquisition, repeat, config: dict, train: dict, out: str, threads: int,
-          progress: bool = False, subset: int | None = None):  # fmt: skip
-    """One learning curve (runs in a worker process when jobs > 1)."""
+          progress: bool = False, subset: int | None = None, parent: int | None = None):  # fmt: skip
+    """One learning curve (runs in a worker process when jobs > 1, which stops at the next round
+    when its ``parent`` process is gone: a killed run leaves no orphans writing checkpoints)."""
     torch.set_num_threads(threads)
     load, make_model = TASKS[task]
     split = load()
@@ -55,6 +57,8 @@ def _cell(task, method, acquisition, repeat, config: dict, train: dict, out: str
     t0 = time.perf_counter()
 
     def tick(row):
+        if parent is not None and os.getppid() != parent:
+            raise SystemExit(f"active: the parent process {parent} is gone; stopping {method}/{acquisition}")
         if bar is not None:
             bar.update(1)
             bar.set_postfix(labels=row["labels"], acc=f"{row['accuracy']:.3f}")
@@ -233,8 +237,8 @@ def run(
 
             bar = tqdm(total=len(grid), desc=f"active {task} ({jobs} jobs)")
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_cell, task, m, a, r, config, train, str(out), threads, False, subset)
-                       for m, a, r in grid]  # fmt: skip
+            futures = [pool.submit(_cell, task, m, a, r, config, train, str(out), threads, False, subset,
+                                   os.getpid()) for m, a, r in grid]  # fmt: skip
             for f in as_completed(futures):
                 cells.append(f.result())
                 if bar is not None:
