@@ -54,6 +54,25 @@ if [ ! -f "$FMNIST" ]; then
   fi
 fi
 
+# Boston housing (regression benchmark): the data file of the Debian package r-cran-mlbench,
+# extracted without installing R (the package would pull in R itself).
+BOSTON_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/effortless/BostonHousing.rda"
+if [ ! -f /usr/lib/R/site-library/mlbench/data/BostonHousing.rda ] && [ ! -f "$BOSTON_CACHE" ]; then
+  if command -v apt-get >/dev/null && command -v dpkg >/dev/null; then
+    echo "setup: fetching BostonHousing.rda from the Debian package r-cran-mlbench"
+    tmp=$(mktemp -d)
+    if (cd "$tmp" && apt-get download r-cran-mlbench >/dev/null 2>&1) \
+        || { [ "$(id -u)" = 0 ] && apt-get update -qq && (cd "$tmp" && apt-get download r-cran-mlbench >/dev/null 2>&1); }; then
+      dpkg -x "$tmp"/r-cran-mlbench_*.deb "$tmp/x"
+      mkdir -p "$(dirname "$BOSTON_CACHE")"
+      cp "$tmp/x/usr/lib/R/site-library/mlbench/data/BostonHousing.rda" "$BOSTON_CACHE"
+    else
+      echo "setup: could not download r-cran-mlbench; the boston task will be unavailable" >&2
+    fi
+    rm -rf "$tmp"
+  fi
+fi
+
 if [ "$peers" = 1 ]; then
   echo "setup: installing peers (ivon-opt, laplace-torch without torchvision)"
   pip install ivon-opt opt-einsum torchmetrics scipy tqdm einops

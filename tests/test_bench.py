@@ -1,10 +1,12 @@
 """effortless bench: same protocol for every method, resumable, clear errors."""
 
 import json
+import math
 
 import pytest
 import torch
 
+from effortless import metrics
 from effortless.experiments import bench
 
 FIELDS = {
@@ -172,3 +174,44 @@ def test_image_tasks_get_rotation_translation_and_a_noise_ood_set(tmp_path):
     assert 0.5 < r["ood_auroc_uniform_noise"] <= 1.0
     for name in ("rotation", "translation"):
         assert (tmp_path / f"shift_fmnist-mlp_{name}.png").stat().st_size > 0
+
+
+def test_regression_tasks_report_original_units_and_plot_the_band(tmp_path):
+    methods = ["map", "bayesadam", "laplace", "temperature"]
+    rows = bench.run(tasks=["toy-regression", "diabetes"], methods=methods, seeds=2, epochs=5, out=tmp_path,
+                     progress=False, log=lambda s: None)  # fmt: skip
+    assert {r["method"] for r in rows} == {"map", "bayesadam", "laplace"}  # no regression temperature scaling
+    diabetes = [r for r in rows if r["task"] == "diabetes"]
+    assert {r["seed"] for r in diabetes} == {0, 1}
+    for r in rows:
+        assert r["rmse"] > 0 and 0 <= r["picp"] <= 1 and math.isfinite(r["nll"])
+    # original units: the diabetes target's std is ~77, so RMSE is tens, not ~1
+    assert all(r["rmse"] > 20 for r in diabetes)
+    md = (tmp_path / "results.md").read_text()
+    assert "## diabetes (regression" in md and "| laplace | 2 |" in md
+    assert (tmp_path / "band_toy-regression.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="regression"):
+        bench.run(tasks=["diabetes"], methods=["temperature"], out=tmp_path / "x", progress=False)
+
+
+def test_regression_report_units():
+    mean = torch.zeros(1000, 1, dtype=torch.float64)
+    y = torch.randn(1000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    var = torch.ones_like(mean)
+    one, ten = metrics.regression_report(mean, var, y), metrics.regression_report(mean, var, y, y_scale=10.0)
+    assert ten["rmse"] == pytest.approx(10 * one["rmse"])
+    assert ten["nll"] == pytest.approx(one["nll"] + math.log(10.0))
+    assert ten["picp"] == one["picp"] and abs(one["picp"] - 0.95) < 0.03
+
+
+def test_boston_loader_when_the_data_is_there():
+    from effortless import data
+
+    try:
+        s = data.boston(seed=3)
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    assert s.x_train.shape == (455, 13) and s.x_test.shape == (51, 13) and s.n_classes == 0
+    assert abs(s.y_scale - 9.2) < 0.3  # the median value's std in $1000s
+    other = data.boston(seed=4)
+    assert not torch.equal(s.y_test, other.y_test)  # a different split per seed

@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -157,6 +159,18 @@ def classification_report(
         out["ood_aupr"] = aupr(s_in, s_out)
         out["ood_fpr95"] = fpr_at_tpr(s_in, s_out, 0.95)
     return out
+
+
+def regression_report(mean, var, y, y_scale: float = 1.0) -> dict[str, float]:
+    """RMSE and Gaussian NLL in the original target units (the inputs are standardised by
+    ``y_scale``: RMSE scales by it, the NLL per point shifts by log y_scale), 95 % interval
+    coverage (picp) and the quantile calibration error (qce)."""
+    return {
+        "rmse": rmse(mean, y) * y_scale,
+        "nll": gaussian_nll(mean, var, y) + math.log(y_scale),
+        "picp": picp(mean, var, y),
+        "qce": quantile_calibration_error(mean, var, y),
+    }
 
 
 def gaussian_nll(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> float:

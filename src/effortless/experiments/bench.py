@@ -19,7 +19,9 @@ import torch
 
 from .. import metrics
 from ..baselines import METHODS, available
+from ..baselines.regression import REGRESSION_METHODS
 from . import plots
+from .tasks import REGRESSION as REGRESSION_TASKS
 from .tasks import TASKS
 
 DEFAULTS = {
@@ -36,7 +38,7 @@ PROFILES = {
               "methods": ["map", "bayesadam", "bayesadam-ggn-mc", "mc-dropout", "ensemble",
                           "temperature", "laplace", "adam-laplace", "swag"]},
     # all tasks, more seeds: for a GPU machine or an overnight CPU run
-    "full": {"task": list(TASKS), "seeds": 5,
+    "full": {"task": list(TASKS), "seeds": 5,  # (methods without a regression version skip those tasks)
              "methods": ["map", "bayesadam", "bayesadam-ggn-mc", "bayesadam-efisher", "mc-dropout",
                          "ensemble", "temperature", "laplace", "adam-laplace", "swag"]},
 }  # fmt: skip
@@ -100,7 +102,13 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"task {t!r}: choose from {', '.join(TASKS)}")
-    grid = [(t, m, s) for t in tasks for m in methods for s in range(seeds)]
+        if t in REGRESSION_TASKS and not any(m in REGRESSION_METHODS for m in methods):
+            raise ValueError(f"task {t!r} is regression: none of {methods} supports it; "
+                             f"choose from {', '.join(REGRESSION_METHODS)}")  # fmt: skip
+    skipped = [(t, m) for t in tasks if t in REGRESSION_TASKS for m in methods if m not in REGRESSION_METHODS]
+    if skipped:
+        log(f"bench: skipping methods without a regression version on regression tasks: {skipped}")
+    grid = [(t, m, s) for t in tasks for m in methods for s in range(seeds) if (t, m) not in skipped]
     if shard is not None:
         grid = grid[shard[0] :: shard[1]]
     todo = [c for c in grid if c not in done]
@@ -110,13 +118,27 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
         bar = tqdm(todo, desc="bench", unit="run", disable=not progress)
     except ImportError:  # pragma: no cover
         bar = todo
-    splits, last = {}, {}
+    splits, last, bands = {}, {}, {}
     for t, m, s in bar:
         task = TASKS[t]
-        if t not in splits:
-            split = task.load()
-            splits[t] = split.subset(subset, subset // 5) if subset else split
-        split = splits[t]
+        key = (t, s) if task.split_per_seed else t
+        if key not in splits:
+            split = task.load(s) if task.split_per_seed else task.load()
+            splits[key] = split.subset(subset, subset // 5) if subset else split
+        split = splits[key]
+        if split.n_classes == 0:  # regression: predictive mean and variance, no OOD or shift
+            fitted = REGRESSION_METHODS[m](task, split, s, epochs or task.epochs, False)
+            mean, var = fitted.predict(split.x_test)
+            row = metrics.regression_report(mean, var, split.y_test, split.y_scale)
+            row.update(task=t, method=m, seed=s, epochs=epochs or task.epochs,
+                       train_seconds=fitted.train_seconds, step_ms=fitted.step_ms, peak_mem_mb=None,
+                       train_loss_per_epoch=fitted.train_loss)  # fmt: skip
+            rows.append(row)
+            if split.x_train.shape[1] == 1:
+                bands.setdefault(t, (split, {}))[1][m] = (mean, var.sqrt())
+            path.write_text(json.dumps(rows, indent=2))
+            _write_csv(rows, out / "results.csv")
+            continue
         ood = task.ood(split) if task.ood else None
         if subset and ood is not None:
             ood = ood[: subset // 5]
@@ -160,6 +182,9 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
             bar.set_postfix(task=t, method=m, acc=f"{row['accuracy']:.3f}", nll=f"{row['nll']:.3f}")
     table = report(rows, tasks, methods)
     (out / "results.md").write_text(table + "\n")
+    for t, (split, curves) in bands.items():
+        plots.regression_band(split.x_train, split.y_train, split.x_test, curves, out / f"band_{t}.png",
+                              truth=split.y_test)  # fmt: skip
     for t in tasks:
         sel = {m: v for (tt, m), v in last.items() if tt == t}
         if sel:
@@ -174,9 +199,38 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
     return rows
 
 
+REG_COLUMNS = ("rmse", "nll", "picp", "qce", "train_seconds")
+
+
+def _regression_table(sel, methods, t):
+    lines = [f"## {t} (regression; RMSE and NLL in the target's original units, repeated 90/10 splits)",
+             "", "| method | splits | RMSE | NLL | 95 % interval coverage % | quantile calibration error % "
+             "| train s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    stats = {m: [r for r in sel if r["method"] == m] for m in methods}
+    means = {m: statistics.fmean(r["nll"] for r in rs) for m, rs in stats.items() if rs}
+    best = min(means, key=means.get) if means else None
+    for m, rs in stats.items():
+        if not rs:
+            continue
+        cells = []
+        for c, scale in zip(REG_COLUMNS, (1, 1, 100, 100, 1)):
+            v = [scale * r[c] for r in rs]
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            mean = statistics.fmean(v)
+            cell = f"{mean:.3f} ± {sd:.3f}" if scale == 1 else f"{mean:.1f} ± {sd:.1f}"
+            cells.append(f"**{cell}**" if c == "nll" and m == best else cell)
+        lines.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def report(rows, tasks, methods) -> str:
     lines = []
     for t in tasks:
+        if t in REGRESSION_TASKS:
+            sel = [r for r in rows if r["task"] == t and r["method"] in methods]
+            if sel:
+                lines += _regression_table(sel, methods, t)
+            continue
         sel = [r for r in rows if r["task"] == t and r["method"] in methods]
         if not sel:
             continue

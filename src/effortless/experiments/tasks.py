@@ -29,6 +29,8 @@ class Task:
     )
     # a second out-of-distribution set: uniform noise shaped like the inputs
     ood_noise: bool = False
+    # a new random train/test split per seed (the regression benchmarks' repeated 90/10 splits)
+    split_per_seed: bool = False
 
 
 def _mnist_test(split):
@@ -65,8 +67,16 @@ TASKS = {
         Task("mnist1d-mlp", data.mnist1d, lambda p: MLP(40, [256, 256], 10, dropout=p), _noise, 30,
              shifts=NOISE),
         Task("mnist1d-cnn", data.mnist1d, lambda p: CNN1d(dropout=p), _noise, 30, shifts=NOISE),
+        Task("toy-regression", data.toy_regression, lambda p: MLP(1, [50, 50], 1, dropout=p), None, 400, 32),
+        Task("diabetes", lambda seed=0: data.tabular("diabetes", seed=seed),
+             lambda p: MLP(10, [50], 1, dropout=p), None, 100, 32, split_per_seed=True),
+        Task("boston", lambda seed=0: data.boston(seed), lambda p: MLP(13, [50], 1, dropout=p), None, 100, 32,
+             split_per_seed=True),
         _tabular("digits", 64, 10),
         _tabular("breast_cancer", 30, 2),
         _tabular("wine", 13, 3),
     ]
 }
+
+REGRESSION = tuple(name for name in ("toy-regression", "diabetes", "boston") if name in TASKS)
+CLASSIFICATION = tuple(name for name in TASKS if name not in REGRESSION)

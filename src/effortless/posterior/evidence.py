@@ -51,10 +51,20 @@ def log_marginal_likelihood(nll_sum, mean: dict, curvature: dict, prior_precisio
     delta = _as_dict(prior_precision, mean.keys(), mean)
     out = -torch.as_tensor(nll_sum, dtype=next(iter(mean.values())).dtype)
     for k, m in mean.items():
-        d = delta[k].expand_as(m)
-        out = out - 0.5 * (d * m.pow(2)).sum() + 0.5 * torch.log(d).sum()
+        d = delta[k]
+        if d.numel() == 1:  # one δ for the tensor: the prior terms need no elementwise log
+            out = out - 0.5 * d * m.pow(2).sum() + 0.5 * m.numel() * torch.log(d)
+        else:
+            d = d.expand_as(m)
+            out = out - 0.5 * (d * m.pow(2)).sum() + 0.5 * torch.log(d).sum()
         out = out - 0.5 * torch.log(curvature[k] + d).sum()
     return out
+
+
+def _flat(mean: dict, curvature: dict):
+    """One flat vector each (a scalar δ treats all tensors alike): one log per evaluation."""
+    return ({"_all": torch.cat([v.reshape(-1) for v in mean.values()])},
+            {"_all": torch.cat([curvature[k].reshape(-1) for k in mean])})  # fmt: skip
 
 
 def tune_prior_precision(
@@ -66,16 +76,15 @@ def tune_prior_precision(
     log_d = {k: torch.tensor(float(init), dtype=dtype).log().requires_grad_(True) for k in keys}
     mean = {k: v.detach() for k, v in mean.items()}
     curvature = {k: v.detach() for k, v in curvature.items()}
+    fm, fc = (mean, curvature) if per_tensor else _flat(mean, curvature)
 
     def delta():
-        return {k: log_d[k if per_tensor else "_all"].exp() for k in mean}
+        return {k: log_d[k if per_tensor else "_all"].exp() for k in fm}
 
-    maximise(
-        list(log_d.values()), lambda: log_marginal_likelihood(nll_sum, mean, curvature, delta()), steps, lr
-    )
+    maximise(list(log_d.values()), lambda: log_marginal_likelihood(nll_sum, fm, fc, delta()), steps, lr)
     with torch.no_grad():
         out = {k: v.detach() for k, v in delta().items()}
-    return out if per_tensor else float(next(iter(out.values())))
+    return out if per_tensor else float(out["_all"])
 
 
 def _gaussian_nll(rss, n_outputs, sigma):
@@ -112,6 +121,8 @@ def tune_prior_and_noise(
     curvature_unit = {k: v.detach() for k, v in curvature_unit.items()}
     tune = prior_precision in ("marglik", "marglik-layer")
     keys = list(mean) if per_tensor else ["_all"]
+    if not per_tensor and not isinstance(prior_precision, dict):
+        mean, curvature_unit = _flat(mean, curvature_unit)
     log_d = {k: torch.zeros((), dtype=dtype, requires_grad=True) for k in keys} if tune else {}
 
     def delta():
