@@ -103,3 +103,37 @@ def test_predict_samples_rejects_bad_input():
         ef.predict_samples(model, post, x, method="probit")
     with pytest.raises(ValueError, match="n_samples"):
         ef.predict_samples(model, post, x, n_samples=0)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "batchnorm", "layernorm"])
+def test_mc_predictive_batched_over_samples_equals_one_at_a_time(arch, monkeypatch):
+    from effortless import api
+
+    model = make_model(arch).eval()
+    x, _ = make_batch(arch, "classification")
+    post = _posterior(model)
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    batched = ef.predict(model, post, x, n_samples=12, generator=g())
+    monkeypatch.setattr(api, "MC_BATCH_NUMBERS", 1)  # chunks of one sample: the sequential path
+    sequential = ef.predict(model, post, x, n_samples=12, generator=g())
+    torch.testing.assert_close(batched, sequential, rtol=1e-12, atol=1e-12)
+
+
+def test_mc_batched_path_is_really_taken_and_dropout_falls_back(monkeypatch):
+    from effortless import api
+
+    model = make_model("mlp")
+    x, _ = make_batch("mlp", "classification")
+    post = _posterior(model)
+
+    def boom(*a, **k):
+        raise AssertionError("sequential path used")
+
+    monkeypatch.setattr(api._SampleLoader, "run", boom)
+    ef.predict(model, post, x, n_samples=8)  # vmap handles a plain MLP
+    monkeypatch.undo()
+    drop = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Dropout(0.5), torch.nn.Linear(6, 3)).double()
+    drop.train()  # random dropout masks: vmap refuses, the loop runs
+    post = _posterior(drop)
+    p = ef.predict(drop, post, x, n_samples=8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(p.sum(-1), torch.ones(x.shape[0], dtype=p.dtype))

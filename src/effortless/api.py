@@ -168,15 +168,62 @@ def predict(
         if method == "probit":
             return predictive.probit_probs(mean, cov)
         return predictive.glm_probs(mean, cov, n_samples, generator)
-    outs = []
-    for _ in range(n_samples):
-        with posterior.sampled(model, generator):
-            f = model(x)
-        outs.append(f.softmax(-1) if lik.name == "classification" else f)
-    stack = torch.stack(outs)  # (S, B, C)
+    f = _mc_outputs(model, posterior, x, n_samples, generator)  # (S, B, C)
     if lik.name == "classification":
-        return stack.mean(0)
-    return stack.mean(0), stack.var(0, unbiased=False) + lik.sigma_noise**2
+        return f.softmax(-1).mean(0)
+    return f.mean(0), f.var(0, unbiased=False) + lik.sigma_noise**2
+
+
+MC_BATCH_NUMBERS = 2**24  # weight-sample numbers held at once by the batched MC predictive
+
+
+def _mc_outputs(model, posterior, x, n_samples, generator=None):
+    """Network outputs at ``n_samples`` posterior weight samples, (S, B, ...): batched over the
+    samples with ``torch.func.vmap`` in chunks of at most ``MC_BATCH_NUMBERS`` sampled numbers,
+    or one sample at a time where vmap cannot run the model (the same draws either way)."""
+    params = posterior._match(model)  # posterior key -> parameter
+    names = {id(p): n for n, p in model.named_parameters()}
+    per_sample = sum(p.numel() for p in params.values())
+    chunk = max(1, min(n_samples, MC_BATCH_NUMBERS // max(per_sample, 1)))
+    outs, done = [], 0
+    with torch.no_grad():
+        while done < n_samples:
+            c = min(chunk, n_samples - done)
+            draws = [posterior.sample(generator) for _ in range(c)]
+            outs.append(_forward_samples(model, params, names, draws, x))
+            done += c
+    return torch.cat(outs)
+
+
+def _forward_samples(model, params, names, draws, x):
+    if len(draws) > 1:
+        from torch.func import functional_call, vmap
+
+        stacked = {names[id(p)]: torch.stack([d[k] for d in draws]).to(p.dtype) for k, p in params.items()}
+        fixed = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in stacked}
+        try:
+            return vmap(lambda th: functional_call(model, {**fixed, **th}, (x,)))(stacked)
+        except (RuntimeError, ValueError, NotImplementedError):  # e.g. dropout in train mode, in-place ops
+            pass
+    post = _SampleLoader(params)
+    return torch.stack([post.run(model, d, x) for d in draws])
+
+
+class _SampleLoader:
+    """Load one drawn sample into the model's parameters, run it, restore (the sequential path)."""
+
+    def __init__(self, params):
+        self.params = params
+
+    def run(self, model, draw, x):
+        saved = {k: p.detach().clone() for k, p in self.params.items()}
+        try:
+            for k, p in self.params.items():
+                p.copy_(draw[k])
+            return model(x)
+        finally:
+            for k, p in self.params.items():
+                p.copy_(saved[k])
 
 
 def predict_samples(
@@ -217,11 +264,7 @@ def predict_samples(
     else:
         if not isinstance(posterior, DiagGaussian):
             raise ValueError("method='mc' samples weights: it needs a DiagGaussian posterior (use 'glm')")
-        outs = []
-        for _ in range(n_samples):
-            with posterior.sampled(model, generator), torch.no_grad():
-                outs.append(model(x))
-        f = torch.stack(outs)
+        f = _mc_outputs(model, posterior, x, n_samples, generator)
     return f.log_softmax(-1).permute(1, 2, 0)
 
 
