@@ -87,6 +87,11 @@ if __name__ == "__main__":
                   if k.startswith("posterior/")}  # fmt: skip
         print(f"{args.devices} process(es), {epochs} epochs: {logged}")
         print(f"resumed from the epoch-{epochs // 2} checkpoint: weights identical to the uninterrupted run: "
-              f"{same}")  # fmt: skip
+              f"{same}", flush=True)  # fmt: skip
         if not same:
             raise SystemExit("resumed run differs from the uninterrupted one")
+    # tear the process group down before the interpreter exits: gloo's threads otherwise may abort
+    # the process at shutdown ("terminate called without an active exception")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
