@@ -80,9 +80,10 @@ def _worker(rank, world, port, reps, warmup, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        res = _steps(world, reps, warmup)
+        res = _steps(world, reps, warmup)  # its DDP models are freed when it returns
         if rank == 0:
             Path(out).write_text(json.dumps(res))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
 """BayesAdam under torch.distributed (2 CPU processes, gloo, DistributedDataParallel)."""
 
+import gc
 import os
 import socket
 
@@ -21,6 +22,24 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _spawned(rank, world, port, body, *args):
+    """Process-group life cycle around ``body`` (a function, so its DDP objects are freed before the
+    group is destroyed: a live DDP at teardown can abort the process in gloo's threads)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        body(rank, *args)
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(body, *args):
+    mp.spawn(_spawned, args=(2, _free_port(), body, *args), nprocs=2, join=True)
 
 
 def _setup():
@@ -63,26 +82,24 @@ def _train(model, opt, x, y, hessian, wrapped=None):
             opt.train_step(net, x[t], y[t])
 
 
-def _worker(rank, world, port, mode, hessian, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model, x, y = _setup()
-        ddp = DDP(model)
-        gen = torch.Generator().manual_seed(7 if rank == 0 else 100 + rank)  # rank 0's state is broadcast
-        key = "reparam" if hessian == "closure" else hessian
-        opt = ef.BayesAdam(model.parameters(), n_data=1000, hessian=key, distributed=mode,
-                           generator=gen, fused=False)  # fmt: skip
-        sl = slice(rank * B, (rank + 1) * B)
-        _train(model, opt, x[:, sl], y[:, sl], hessian, wrapped=ddp)
-        torch.save(_state(model, opt), os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, mode, hessian, out, local_noise_sum=True):
+    if not local_noise_sum:  # sum the ranks' noise by all-reduce instead of redrawing it
+        from effortless.optim import bayesadam
+
+        bayesadam.NOISE_SUM_LOCAL_MAX_WORLD = 0
+    model, x, y = _setup()
+    ddp = DDP(model)
+    gen = torch.Generator().manual_seed(7 if rank == 0 else 100 + rank)  # rank 0's state is broadcast
+    key = "reparam" if hessian == "closure" else hessian
+    opt = ef.BayesAdam(model.parameters(), n_data=1000, hessian=key, distributed=mode,
+                       generator=gen, fused=False)  # fmt: skip
+    sl = slice(rank * B, (rank + 1) * B)
+    _train(model, opt, x[:, sl], y[:, sl], hessian, wrapped=ddp)
+    torch.save(_state(model, opt), os.path.join(out, f"rank{rank}.pt"))
 
 
-def _run(tmp_path, mode, hessian):
-    mp.spawn(_worker, args=(2, _free_port(), mode, hessian, str(tmp_path)), nprocs=2, join=True)
+def _run(tmp_path, mode, hessian, local_noise_sum=True):
+    _spawn(_worker, mode, hessian, str(tmp_path), local_noise_sum)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -118,74 +135,62 @@ def test_per_rank_samples_differ_from_shared(tmp_path):
     assert not torch.equal(shared["param.0.weight"], per_rank["param.0.weight"])
 
 
-def _resume_worker(rank, world, port, out):
+def _resume_worker(rank, out):
     """Train 3 steps (mid antithetic pair), checkpoint rank 0's optimizer and weights, train 3 more;
     then every rank loads rank 0's checkpoint into a fresh model and optimizer and trains the same
     3 steps: the result must be bitwise the same as without the interruption."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model, x, y = _setup()
-        sl = slice(rank * B, (rank + 1) * B)
-        xs, ys = x[:, sl], y[:, sl]
+    model, x, y = _setup()
+    sl = slice(rank * B, (rank + 1) * B)
+    xs, ys = x[:, sl], y[:, sl]
 
-        def steps(model, opt, ts):
-            ddp = DDP(model)
-            for t in ts:
-                opt.zero_grad()
-                with opt.sampled_params(train=True):
-                    F.cross_entropy(ddp(xs[t]), ys[t]).backward()
-                opt.step()
+    def steps(model, opt, ts):
+        ddp = DDP(model)
+        for t in ts:
+            opt.zero_grad()
+            with opt.sampled_params(train=True):
+                F.cross_entropy(ddp(xs[t]), ys[t]).backward()
+            opt.step()
 
-        opt = ef.BayesAdam(model.parameters(), n_data=1000, generator=torch.Generator().manual_seed(7),
-                           fused=False)  # fmt: skip
-        steps(model, opt, range(3))
-        path = os.path.join(out, "ckpt.pt")
-        if rank == 0:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
-        dist.barrier()
-        ckpt = torch.load(path, weights_only=True)  # every rank reads rank 0's file
-        steps(model, opt, range(3, 6))
-        fresh, _, _ = _setup()
-        fresh.load_state_dict(ckpt["model"])
-        opt2 = ef.BayesAdam(fresh.parameters(), n_data=1000, generator=torch.Generator().manual_seed(99),
-                            fused=False)  # fmt: skip
-        opt2.load_state_dict(ckpt["opt"])
-        steps(fresh, opt2, range(3, 6))
-        a, b = _state(model, opt), _state(fresh, opt2)
-        torch.save({k: torch.equal(a[k], b[k]) for k in a}, os.path.join(out, f"resume{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    opt = ef.BayesAdam(model.parameters(), n_data=1000, generator=torch.Generator().manual_seed(7),
+                       fused=False)  # fmt: skip
+    steps(model, opt, range(3))
+    path = os.path.join(out, "ckpt.pt")
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+    dist.barrier()
+    ckpt = torch.load(path, weights_only=True)  # every rank reads rank 0's file
+    steps(model, opt, range(3, 6))
+    fresh, _, _ = _setup()
+    fresh.load_state_dict(ckpt["model"])
+    opt2 = ef.BayesAdam(fresh.parameters(), n_data=1000, generator=torch.Generator().manual_seed(99),
+                        fused=False)  # fmt: skip
+    opt2.load_state_dict(ckpt["opt"])
+    steps(fresh, opt2, range(3, 6))
+    a, b = _state(model, opt), _state(fresh, opt2)
+    torch.save({k: torch.equal(a[k], b[k]) for k in a}, os.path.join(out, f"resume{rank}.pt"))
 
 
 def test_per_rank_run_resumes_bitwise_from_rank_0_checkpoint(tmp_path):
-    mp.spawn(_resume_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    _spawn(_resume_worker, str(tmp_path))
     for r in range(2):
         same = torch.load(tmp_path / f"resume{r}.pt", weights_only=True)
         assert all(same.values()), (r, [k for k, v in same.items() if not v])
 
 
-def _laplace_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model, x, y = _setup()
-        xs, ys = x.reshape(-1, 5), y.reshape(-1)
-        ds = torch.utils.data.TensorDataset(xs, ys)
-        shard = torch.utils.data.DistributedSampler(ds, shuffle=False)
-        loader = torch.utils.data.DataLoader(ds, batch_size=20, sampler=shard)
-        post = ef.laplace(model, loader, hessian="ggn", prior_precision="marglik")
-        local = ef.laplace(model, loader, hessian="ggn", prior_precision=1.0, distributed=False)
-        torch.save({"precision": post.precision, "delta": post.prior_precision, "local": local.precision},
-                   os.path.join(out, f"laplace{rank}.pt"))  # fmt: skip
-    finally:
-        dist.destroy_process_group()
+def _laplace_worker(rank, out):
+    model, x, y = _setup()
+    xs, ys = x.reshape(-1, 5), y.reshape(-1)
+    ds = torch.utils.data.TensorDataset(xs, ys)
+    shard = torch.utils.data.DistributedSampler(ds, shuffle=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=20, sampler=shard)
+    post = ef.laplace(model, loader, hessian="ggn", prior_precision="marglik")
+    local = ef.laplace(model, loader, hessian="ggn", prior_precision=1.0, distributed=False)
+    torch.save({"precision": post.precision, "delta": post.prior_precision, "local": local.precision},
+               os.path.join(out, f"laplace{rank}.pt"))  # fmt: skip
 
 
 def test_laplace_on_a_distributed_loader_equals_the_whole_data(tmp_path):
-    mp.spawn(_laplace_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    _spawn(_laplace_worker, str(tmp_path))
     r = [torch.load(tmp_path / f"laplace{k}.pt", weights_only=True) for k in range(2)]
     model, x, y = _setup()
     data = [(x.reshape(-1, 5), y.reshape(-1))]
@@ -195,3 +200,11 @@ def test_laplace_on_a_distributed_loader_equals_the_whole_data(tmp_path):
         torch.testing.assert_close(r[0]["precision"][k], v, rtol=1e-10, atol=1e-10)
         assert torch.equal(r[0]["precision"][k], r[1]["precision"][k])
         assert not torch.allclose(r[0]["local"][k], r[1]["local"][k])  # the shards differ
+
+
+def test_redrawn_noise_sum_equals_the_all_reduced_one(tmp_path):
+    """Per-rank reparam: Σ_r ε_r redrawn locally from the ranks' generators is the all-reduced sum."""
+    local = _run(tmp_path, "per-rank", "reparam")[0]
+    reduced = _run(tmp_path, "per-rank", "reparam", local_noise_sum=False)[0]
+    for k in local:
+        torch.testing.assert_close(local[k], reduced[k], rtol=1e-12, atol=1e-14)

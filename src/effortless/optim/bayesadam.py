@@ -498,8 +498,22 @@ class BayesAdam(Optimizer):
             i += t.numel()
 
     def _start_noise_sum(self, noise: dict[torch.Tensor, torch.Tensor]) -> None:
-        """Per-rank single-sample reparam under DDP: start summing the ranks' unit noise now."""
+        """Per-rank single-sample reparam under DDP: Σ_r ε_r. Up to ``NOISE_SUM_LOCAL_MAX_WORLD``
+        ranks every rank redraws the others' noise from their generators (seeded from the shared
+        seed and the rank): no communication, R − 1 extra Gaussian fills. Beyond, an all-reduce
+        is started now, to overlap forward and backward."""
         self._drop_noise_sum()
+        _, world, rank = self._world()
+        if world <= NOISE_SUM_LOCAL_MAX_WORLD and self._noise_seed is not None:
+            sums = {p: t.clone() for p, t in noise.items()}
+            for q in range(world):
+                if q == rank:
+                    continue
+                gen = self._rank_generator(self._noise_seed, q)
+                for p, t in noise.items():  # the order rank q filled its noise in
+                    sums[p].add_(_fill_normal(torch.empty_like(t), gen))
+            self._noise_summed = sums
+            return
         flat = torch.cat([t.reshape(-1) for t in noise.values()]).to(self._comm_device())
         handle = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True)
         self._noise_sum = (handle, flat, noise)
@@ -643,6 +657,7 @@ class BayesAdam(Optimizer):
         if self._noise_sum is not None:  # an in-flight collective must complete before it is dropped
             self._noise_sum[0].wait()
             self._noise_sum = None
+        self._noise_summed = {}
 
     def _fold_pending(self):
         """Move the single pending sample into the accumulators (a second sample is coming)."""
@@ -1008,6 +1023,7 @@ class BayesAdam(Optimizer):
 
 _FAILED = object()
 FUSED_MIN_NUMEL = 2**17
+NOISE_SUM_LOCAL_MAX_WORLD = 8  # per-rank reparam under DDP: redraw the others' noise up to this many ranks
 
 
 def _fill_normal(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
