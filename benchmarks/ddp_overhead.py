@@ -37,7 +37,7 @@ def _steps(world, reps, warmup):
     g = torch.Generator().manual_seed(dist.get_rank() if world > 1 else 0)
     x, y = torch.rand(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
     runners = {}
-    for name in ("adam", "bayesadam"):
+    for name in ("adam", "bayesadam", "bayesadam-shared"):
         torch.manual_seed(0)
         model = MLP(784, [256, 256], 10)
         net = DDP(model) if world > 1 else model
@@ -49,7 +49,9 @@ def _steps(world, reps, warmup):
                 F.cross_entropy(net(x), y).backward()
                 opt.step()
         else:
-            opt = ef.BayesAdam(model.parameters(), n_data=60000, generator=torch.Generator().manual_seed(0))
+            mode = "shared" if name.endswith("shared") else "auto"  # auto = per-rank samples under DDP
+            opt = ef.BayesAdam(model.parameters(), n_data=60000, generator=torch.Generator().manual_seed(0),
+                               distributed=mode)  # fmt: skip
 
             def it(net=net, opt=opt):
                 opt.zero_grad()
@@ -69,10 +71,12 @@ def _steps(world, reps, warmup):
             t0 = time.perf_counter()
             it()
             times[k].append(time.perf_counter() - t0)
-    ratios = [b / a for a, b in zip(times["adam"], times["bayesadam"])]
-    return {"adam_ms": 1000 * statistics.median(times["adam"]),
-            "bayesadam_ms": 1000 * statistics.median(times["bayesadam"]),
-            "ratio": statistics.median(ratios)}  # fmt: skip
+    out = {"adam_ms": 1000 * statistics.median(times["adam"])}
+    for k in ("bayesadam", "bayesadam-shared"):
+        out[f"{k}_ms"] = 1000 * statistics.median(times[k])
+        out[f"{k}_ratio"] = statistics.median(b / a for a, b in zip(times["adam"], times[k]))
+    out["ratio"] = out["bayesadam_ratio"]
+    return out
 
 
 def _worker(rank, world, port, reps, warmup, out):
@@ -107,20 +111,22 @@ def main(argv=None):
             mp.spawn(_worker, args=(2, port, args.reps, args.warmup, path), nprocs=2, join=True)
             two = json.loads(Path(path).read_text())
         rows.append({"round": r, "one_process": one, "two_processes_ddp": two})
-        print(f"round {r}: BayesAdam/Adam per step: 1 process {one['ratio']:.3f}, "
-              f"2 processes (DDP) {two['ratio']:.3f}", flush=True)  # fmt: skip
+        print(f"round {r}: BayesAdam/Adam per step: 1 process {one['ratio']:.3f}, 2 processes (DDP): "
+              f"per-rank samples {two['ratio']:.3f}, shared sample {two['bayesadam-shared_ratio']:.3f}",
+              flush=True)  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"reps": args.reps, "rows": rows}, indent=2))
     lines = ["MLP 784-256-256-10, batch 128 per process, 1 thread per process, gloo; median paired ratio "
              f"over {args.reps} interleaved steps.", "",
-             "| round | 1 process: Adam ms | BayesAdam ms | ratio | 2 processes DDP: Adam ms | BayesAdam ms "
-             "| ratio |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| round | 1 process: Adam ms | BayesAdam ms | ratio | 2 processes DDP: Adam ms | BayesAdam "
+             "per-rank ms | ratio | BayesAdam shared ms | ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         o, t = row["one_process"], row["two_processes_ddp"]
         lines.append(f"| {row['round']} | {o['adam_ms']:.2f} | {o['bayesadam_ms']:.2f} | {o['ratio']:.3f} | "
-                     f"{t['adam_ms']:.2f} | {t['bayesadam_ms']:.2f} | {t['ratio']:.3f} |")  # fmt: skip
+                     f"{t['adam_ms']:.2f} | {t['bayesadam_ms']:.2f} | {t['ratio']:.3f} | "
+                     f"{t['bayesadam-shared_ms']:.2f} | {t['bayesadam-shared_ratio']:.3f} |")  # fmt: skip
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -82,11 +82,11 @@ def _train(model, opt, x, y, hessian, wrapped=None):
             opt.train_step(net, x[t], y[t])
 
 
-def _worker(rank, mode, hessian, out, local_noise_sum=True):
-    if not local_noise_sum:  # sum the ranks' noise by all-reduce instead of redrawing it
+def _worker(rank, mode, hessian, out, local_noise_sum=False):
+    if local_noise_sum:  # redraw the ranks' noise instead of all-reducing it
         from effortless.optim import bayesadam
 
-        bayesadam.NOISE_SUM_LOCAL_MAX_WORLD = 0
+        bayesadam.NOISE_SUM_LOCAL_MAX_WORLD = 8
     model, x, y = _setup()
     ddp = DDP(model)
     gen = torch.Generator().manual_seed(7 if rank == 0 else 100 + rank)  # rank 0's state is broadcast
@@ -98,7 +98,7 @@ def _worker(rank, mode, hessian, out, local_noise_sum=True):
     torch.save(_state(model, opt), os.path.join(out, f"rank{rank}.pt"))
 
 
-def _run(tmp_path, mode, hessian, local_noise_sum=True):
+def _run(tmp_path, mode, hessian, local_noise_sum=False):
     _spawn(_worker, mode, hessian, str(tmp_path), local_noise_sum)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
@@ -204,7 +204,7 @@ def test_laplace_on_a_distributed_loader_equals_the_whole_data(tmp_path):
 
 def test_redrawn_noise_sum_equals_the_all_reduced_one(tmp_path):
     """Per-rank reparam: Σ_r ε_r redrawn locally from the ranks' generators is the all-reduced sum."""
-    local = _run(tmp_path, "per-rank", "reparam")[0]
-    reduced = _run(tmp_path, "per-rank", "reparam", local_noise_sum=False)[0]
+    local = _run(tmp_path, "per-rank", "reparam", local_noise_sum=True)[0]
+    reduced = _run(tmp_path, "per-rank", "reparam")[0]
     for k in local:
         torch.testing.assert_close(local[k], reduced[k], rtol=1e-12, atol=1e-14)
