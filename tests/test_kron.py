@@ -86,3 +86,14 @@ def test_last_layer_diag_and_bad_subsets():
     with pytest.raises(ValueError, match="nn.Linear"):
         conv = nn.Sequential(nn.Conv1d(1, 1, 1), nn.Flatten())
         ef.laplace(conv, [(torch.randn(2, 1, 3), torch.zeros(2).long())], subset="last_layer")
+
+
+def test_predict_samples_draws_from_the_kronecker_posterior_too():
+    model, x, y, loader = _setup()
+    post = ef.laplace(model, loader, hessian="kfac", subset="last_layer", prior_precision=1.0)
+    x = x[:7]
+    g = torch.Generator().manual_seed(2)
+    lp = ef.predict_samples(model, post, x, n_samples=6, generator=g)
+    ref = ef.predict(model, post, x, n_samples=6, generator=torch.Generator().manual_seed(2))
+    assert lp.shape == (x.shape[0], ref.shape[1], 6)
+    torch.testing.assert_close(lp.exp().mean(-1), ref)

@@ -185,6 +185,13 @@ def _mc_outputs(model, posterior, x, n_samples, generator=None):
     samples with ``torch.func.vmap`` in chunks of at most ``MC_BATCH_NUMBERS`` sampled numbers
     (on CPU only up to ``MC_VMAP_MAX_CPU`` weights), else one sample at a time, as also where
     vmap cannot run the model; the same draws either way."""
+    if not isinstance(posterior, DiagGaussian):  # e.g. KronLastLayer: its own sampling context
+        with torch.no_grad():
+            outs = []
+            for _ in range(n_samples):
+                with posterior.sampled(model, generator):
+                    outs.append(model(x))
+            return torch.stack(outs)
     params = posterior._match(model)  # posterior key -> parameter
     names = {id(p): n for n, p in model.named_parameters()}
     per_sample = sum(p.numel() for p in params.values())
@@ -244,8 +251,8 @@ def predict_samples(
 
     The tensor acquisition functions (:mod:`effortless.active`), baal and batchbald_redux consume:
     ``log_probs[n, c, s] = log p(y = c | x_n, θ_s)``. ``method="mc"`` draws weights θ_s from the
-    posterior (``DiagGaussian``); ``method="glm"`` draws the linearised network's outputs from their
-    exact Gaussian (``DiagGaussian`` or ``KronLastLayer``). With the same ``generator`` state,
+    posterior, ``method="glm"`` the linearised network's outputs from their exact Gaussian (either
+    for a ``DiagGaussian`` or a ``KronLastLayer``). With the same ``generator`` state,
     ``predict_samples(...).exp().mean(-1)`` equals :func:`predict` with the same method.
 
     Example:
@@ -268,8 +275,6 @@ def predict_samples(
                 mean, cov = predictive.linearised_moments(model, posterior, x)
         f = predictive.glm_logits(mean.detach(), cov.detach(), n_samples, generator)
     else:
-        if not isinstance(posterior, DiagGaussian):
-            raise ValueError("method='mc' samples weights: it needs a DiagGaussian posterior (use 'glm')")
         f = _mc_outputs(model, posterior, x, n_samples, generator)
     return f.log_softmax(-1).permute(1, 2, 0)
 
