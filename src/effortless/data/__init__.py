@@ -218,21 +218,20 @@ def tabular(name: str, seed: int = 0, test_fraction: float = 0.1) -> Split:
     x, y = loaders[name](return_X_y=True)
     if name == "diabetes":
         return _standardised_split(name, x.astype(np.float64), y.astype(np.float64), seed, test_fraction)
+    x, tr, te = _standardised_inputs(x, seed, test_fraction)
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    yt = torch.as_tensor(y, dtype=torch.int64)
+    return Split(name, xt[tr], yt[tr], xt[te], yt[te], int(yt.max()) + 1)
+
+
+def _standardised_inputs(x, seed, test_fraction):
+    """A random ``test_fraction`` split by ``seed``; inputs standardised on its training part."""
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(x))
     n_test = max(1, int(round(test_fraction * len(x))))
     te, tr = perm[:n_test], perm[n_test:]
     mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-8
-    x = (x - mu) / sd
-    regression = name == "diabetes"
-    if regression:
-        y = (y - y[tr].mean()) / y[tr].std()
-        yt = torch.as_tensor(y, dtype=torch.float32)[:, None]
-    else:
-        yt = torch.as_tensor(y, dtype=torch.int64)
-    xt = torch.as_tensor(x, dtype=torch.float32)
-    n_classes = 0 if regression else int(yt.max()) + 1
-    return Split(name, xt[tr], yt[tr], xt[te], yt[te], n_classes)
+    return (x - mu) / sd, tr, te
 
 
 BOSTON_FILES = (
@@ -271,12 +270,8 @@ def boston(seed: int = 0, test_fraction: float = 0.1) -> Split:
 
 
 def _standardised_split(name, x, y, seed, test_fraction) -> Split:
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(x))
-    n_test = max(1, int(round(test_fraction * len(x))))
-    te, tr = perm[:n_test], perm[n_test:]
-    mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-8
-    x = (x - mu) / sd
+    """A regression split with inputs and target standardised on the training part."""
+    x, tr, te = _standardised_inputs(x, seed, test_fraction)
     y_mu, y_sd = y[tr].mean(), y[tr].std()
     y = (y - y_mu) / y_sd
     xt = torch.as_tensor(x, dtype=torch.float32)
