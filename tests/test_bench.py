@@ -215,3 +215,35 @@ def test_boston_loader_when_the_data_is_there():
     assert abs(s.y_scale - 9.2) < 0.3  # the median value's std in $1000s
     other = data.boston(seed=4)
     assert not torch.equal(s.y_test, other.y_test)  # a different split per seed
+
+
+def test_vi_layer_kl_and_local_reparameterisation():
+    from effortless.baselines.vi import BayesLinear, bayesianize, kl
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2).double()
+    b = BayesLinear(lin, sigma_init=0.3, prior_precision=2.0)
+    # KL against torch.distributions, summed over weights and biases
+    ref = 0.0
+    for mu in (lin.weight, lin.bias):
+        q = torch.distributions.Normal(mu.detach(), torch.full_like(mu, 0.3))
+        p = torch.distributions.Normal(torch.zeros_like(mu), torch.full_like(mu, 2.0**-0.5))
+        ref = ref + torch.distributions.kl_divergence(q, p).sum()
+    torch.testing.assert_close(b.kl().detach(), ref)
+    # pre-activation moments equal those of sampled weights
+    x = torch.randn(4, 3, dtype=torch.float64)
+    draws = torch.stack([b(x) for _ in range(40000)]).detach()
+    torch.testing.assert_close(draws.mean(0), lin(x).detach(), atol=0.01, rtol=0)
+    var = x.pow(2) @ torch.full((3, 2), 0.09, dtype=torch.float64) + 0.09
+    torch.testing.assert_close(draws.var(0), var, rtol=0.05, atol=0)
+    net = bayesianize(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)))
+    assert sum(isinstance(m, BayesLinear) for m in net.modules()) == 2 and float(kl(net)) > 0
+
+
+def test_vi_runs_in_the_bench_and_refuses_convolutions(tmp_path):
+    rows = bench.run(tasks=["mnist1d-mlp"], methods=["vi"], seeds=1, epochs=2, out=tmp_path, subset=400,
+                     progress=False, log=lambda s: None)  # fmt: skip
+    assert 0 < rows[0]["accuracy"] <= 1 and rows[0]["nll"] > 0
+    with pytest.raises(ValueError, match="Linear"):
+        bench.run(tasks=["mnist1d-cnn"], methods=["vi"], seeds=1, epochs=1, out=tmp_path / "c", subset=200,
+                  progress=False, log=lambda s: None)  # fmt: skip

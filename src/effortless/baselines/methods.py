@@ -1,6 +1,6 @@
 """Method implementations for the benchmark: MAP, BayesAdam (any Hessian key), MC dropout, deep
 ensembles, temperature scaling, post-hoc last-layer KFAC Laplace, adam-laplace, SWAG
-(:mod:`.swag`), and IVON (peer)."""
+(:mod:`.swag`), mean-field VI (:mod:`.vi`, Linear layers), and the peers IVON and laplace-torch."""
 
 from __future__ import annotations
 
@@ -247,6 +247,7 @@ METHODS: dict[str, Callable] = {
     "laplace": fit_laplace,
     "adam-laplace": fit_adam_laplace,
     "swag": lambda *a, **k: _swag().fit_swag(*a, **k),
+    "vi": lambda *a, **k: _vi().fit_vi(*a, **k),
     "ivon": fit_ivon,
     "laplace-torch": fit_laplace_torch,
 }
@@ -256,6 +257,12 @@ def _swag():
     from . import swag
 
     return swag
+
+
+def _vi():
+    from . import vi
+
+    return vi
 
 
 def available(name: str) -> str | None:
