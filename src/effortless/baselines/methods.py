@@ -41,17 +41,14 @@ def _softmax(model):
     return predict
 
 
+def _run(task, split, seed, epochs, progress, method="map", dropout=0.0, **kwargs) -> RunResult:
+    """The shared training run of the task's network (memory measured), MAP or BayesAdam."""
+    return train(method, lambda: task.model(dropout), split, epochs=epochs, batch_size=task.batch_size,
+                 seed=seed, progress=progress, measure_memory=True, **kwargs)  # fmt: skip
+
+
 def _map_run(task, split, seed, epochs, progress, dropout=0.0) -> RunResult:
-    return train(
-        "map",
-        lambda: task.model(dropout),
-        split,
-        epochs=epochs,
-        batch_size=task.batch_size,
-        seed=seed,
-        progress=progress,
-        measure_memory=True,
-    )
+    return _run(task, split, seed, epochs, progress, dropout=dropout)
 
 
 def fit_map(task, split, seed, epochs, progress):
@@ -61,17 +58,7 @@ def fit_map(task, split, seed, epochs, progress):
 
 def make_bayesadam(key):
     def fit(task, split, seed, epochs, progress):
-        run = train(
-            "bayesadam",
-            lambda: task.model(0.0),
-            split,
-            epochs=epochs,
-            batch_size=task.batch_size,
-            seed=seed,
-            progress=progress,
-            measure_memory=True,
-            hessian=key,
-        )
+        run = _run(task, split, seed, epochs, progress, method="bayesadam", hessian=key)
 
         def predict(x):
             gen = torch.Generator().manual_seed(seed)
