@@ -1,6 +1,12 @@
 """BayesAdam's per-step overhead over Adam under DDP, against one process (issue #8 goal: on 2
 processes the overhead is no larger than on one, the curvature all-reduce being the only extra
-communication).
+communication). Three DDP variants: the default per-rank samples by Flipout (no extra
+communication), independent per-rank samples (one extra all-reduce of Σ_r ε_r) and one shared
+sample.
+
+A third baseline separates communication from core contention: the single-process protocol run in
+two independent processes at once (no process group), so that both cores are busy as under DDP;
+without it the 1-process run has the second core to itself.
 
 Protocol: MLP 784-256-256-10, batch 128 per process, one thread per process, gloo. In each
 process two models (one DistributedDataParallel-wrapped model per optimizer, or plain models for
@@ -37,7 +43,7 @@ def _steps(world, reps, warmup):
     g = torch.Generator().manual_seed(dist.get_rank() if world > 1 else 0)
     x, y = torch.rand(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
     runners = {}
-    for name in ("adam", "bayesadam", "bayesadam-shared"):
+    for name in ("adam", "bayesadam", "bayesadam-per-rank", "bayesadam-shared"):
         torch.manual_seed(0)
         model = MLP(784, [256, 256], 10)
         net = DDP(model) if world > 1 else model
@@ -49,7 +55,7 @@ def _steps(world, reps, warmup):
                 F.cross_entropy(net(x), y).backward()
                 opt.step()
         else:
-            mode = "shared" if name.endswith("shared") else "auto"  # auto = per-rank samples under DDP
+            mode = {"bayesadam": "auto", "bayesadam-per-rank": "per-rank", "bayesadam-shared": "shared"}[name]
             opt = ef.BayesAdam(model.parameters(), n_data=60000, generator=torch.Generator().manual_seed(0),
                                distributed=mode)  # fmt: skip
 
@@ -72,11 +78,18 @@ def _steps(world, reps, warmup):
             it()
             times[k].append(time.perf_counter() - t0)
     out = {"adam_ms": 1000 * statistics.median(times["adam"])}
-    for k in ("bayesadam", "bayesadam-shared"):
+    for k in ("bayesadam", "bayesadam-per-rank", "bayesadam-shared"):
         out[f"{k}_ms"] = 1000 * statistics.median(times[k])
         out[f"{k}_ratio"] = statistics.median(b / a for a, b in zip(times["adam"], times[k]))
     out["ratio"] = out["bayesadam_ratio"]
     return out
+
+
+def _independent_worker(rank, reps, warmup, out):
+    torch.set_num_threads(1)
+    res = _steps(1, reps, warmup)
+    if rank == 0:
+        Path(out).write_text(json.dumps(res))
 
 
 def _worker(rank, world, port, reps, warmup, out):
@@ -110,22 +123,30 @@ def main(argv=None):
                 port = s.getsockname()[1]
             mp.spawn(_worker, args=(2, port, args.reps, args.warmup, path), nprocs=2, join=True)
             two = json.loads(Path(path).read_text())
-        rows.append({"round": r, "one_process": one, "two_processes_ddp": two})
-        print(f"round {r}: BayesAdam/Adam per step: 1 process {one['ratio']:.3f}, 2 processes (DDP): "
-              f"per-rank samples {two['ratio']:.3f}, shared sample {two['bayesadam-shared_ratio']:.3f}",
+            mp.spawn(_independent_worker, args=(args.reps, args.warmup, path), nprocs=2, join=True)
+            busy = json.loads(Path(path).read_text())
+        rows.append({"round": r, "one_process": one, "two_independent_processes": busy,
+                     "two_processes_ddp": two})  # fmt: skip
+        print(f"round {r}: BayesAdam/Adam per step: 1 process {one['ratio']:.3f}, 2 independent processes "
+              f"{busy['ratio']:.3f}, 2 processes (DDP): "
+              f"flipout (default) {two['ratio']:.3f}, independent per-rank "
+              f"{two['bayesadam-per-rank_ratio']:.3f}, shared sample {two['bayesadam-shared_ratio']:.3f}",
               flush=True)  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"reps": args.reps, "rows": rows}, indent=2))
     lines = ["MLP 784-256-256-10, batch 128 per process, 1 thread per process, gloo; median paired ratio "
              f"over {args.reps} interleaved steps.", "",
-             "| round | 1 process: Adam ms | BayesAdam ms | ratio | 2 processes DDP: Adam ms | BayesAdam "
-             "per-rank ms | ratio | BayesAdam shared ms | ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| round | 1 process: Adam ms | BayesAdam ms | ratio | 2 independent processes: ratio | "
+             "2 processes DDP: Adam ms | BayesAdam flipout (default) ms | ratio | independent per-rank ms "
+             "| ratio | shared ms | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
-        o, t = row["one_process"], row["two_processes_ddp"]
+        o, t, c = row["one_process"], row["two_processes_ddp"], row["two_independent_processes"]
         lines.append(f"| {row['round']} | {o['adam_ms']:.2f} | {o['bayesadam_ms']:.2f} | {o['ratio']:.3f} | "
+                     f"{c['ratio']:.3f} | "
                      f"{t['adam_ms']:.2f} | {t['bayesadam_ms']:.2f} | {t['ratio']:.3f} | "
+                     f"{t['bayesadam-per-rank_ms']:.2f} | {t['bayesadam-per-rank_ratio']:.3f} | "
                      f"{t['bayesadam-shared_ms']:.2f} | {t['bayesadam-shared_ratio']:.3f} |")  # fmt: skip
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -82,11 +82,7 @@ def _train(model, opt, x, y, hessian, wrapped=None):
             opt.train_step(net, x[t], y[t])
 
 
-def _worker(rank, mode, hessian, out, local_noise_sum=False):
-    if local_noise_sum:  # redraw the ranks' noise instead of all-reducing it
-        from effortless.optim import bayesadam
-
-        bayesadam.NOISE_SUM_LOCAL_MAX_WORLD = 8
+def _worker(rank, mode, hessian, out):
     model, x, y = _setup()
     ddp = DDP(model)
     gen = torch.Generator().manual_seed(7 if rank == 0 else 100 + rank)  # rank 0's state is broadcast
@@ -98,14 +94,18 @@ def _worker(rank, mode, hessian, out, local_noise_sum=False):
     torch.save(_state(model, opt), os.path.join(out, f"rank{rank}.pt"))
 
 
-def _run(tmp_path, mode, hessian, local_noise_sum=False):
-    _spawn(_worker, mode, hessian, str(tmp_path), local_noise_sum)
+def _run(tmp_path, mode, hessian):
+    _spawn(_worker, mode, hessian, str(tmp_path))
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-@pytest.mark.parametrize("hessian", ["reparam", "ggn-mc", "closure"])
-def test_per_rank_samples_keep_every_rank_identical(tmp_path, hessian):
-    r0, r1 = _run(tmp_path, "per-rank", hessian)
+@pytest.mark.parametrize(
+    "mode, hessian",
+    [("flipout", "reparam"), ("flipout", "ggn-mc"), ("flipout", "closure"), ("per-rank", "reparam"),
+     ("per-rank", "ggn-mc"), ("per-rank", "closure")],
+)  # fmt: skip
+def test_per_rank_samples_keep_every_rank_identical(tmp_path, mode, hessian):
+    r0, r1 = _run(tmp_path, mode, hessian)
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k  # bitwise: means, curvature, momentum, step counters
     model, x, y = _setup()
@@ -129,13 +129,14 @@ def test_shared_sample_equals_one_process_on_the_global_batch(tmp_path, hessian)
 
 
 def test_per_rank_samples_differ_from_shared(tmp_path):
-    """The per-rank mode really draws different samples (else the test above proves nothing new)."""
+    """The per-rank modes really draw different samples (else the test above proves nothing new)."""
     shared = _run(tmp_path, "shared", "reparam")[0]
-    per_rank = _run(tmp_path, "per-rank", "reparam")[0]
-    assert not torch.equal(shared["param.0.weight"], per_rank["param.0.weight"])
+    for mode in ("per-rank", "flipout"):
+        other = _run(tmp_path, mode, "reparam")[0]
+        assert not torch.equal(shared["param.0.weight"], other["param.0.weight"]), mode
 
 
-def _resume_worker(rank, out):
+def _resume_worker(rank, out, mode):
     """Train 3 steps (mid antithetic pair), checkpoint rank 0's optimizer and weights, train 3 more;
     then every rank loads rank 0's checkpoint into a fresh model and optimizer and trains the same
     3 steps: the result must be bitwise the same as without the interruption."""
@@ -152,7 +153,7 @@ def _resume_worker(rank, out):
             opt.step()
 
     opt = ef.BayesAdam(model.parameters(), n_data=1000, generator=torch.Generator().manual_seed(7),
-                       fused=False)  # fmt: skip
+                       fused=False, distributed=mode)  # fmt: skip
     steps(model, opt, range(3))
     path = os.path.join(out, "ckpt.pt")
     if rank == 0:
@@ -163,15 +164,16 @@ def _resume_worker(rank, out):
     fresh, _, _ = _setup()
     fresh.load_state_dict(ckpt["model"])
     opt2 = ef.BayesAdam(fresh.parameters(), n_data=1000, generator=torch.Generator().manual_seed(99),
-                        fused=False)  # fmt: skip
+                        fused=False, distributed=mode)  # fmt: skip
     opt2.load_state_dict(ckpt["opt"])
     steps(fresh, opt2, range(3, 6))
     a, b = _state(model, opt), _state(fresh, opt2)
     torch.save({k: torch.equal(a[k], b[k]) for k in a}, os.path.join(out, f"resume{rank}.pt"))
 
 
-def test_per_rank_run_resumes_bitwise_from_rank_0_checkpoint(tmp_path):
-    _spawn(_resume_worker, str(tmp_path))
+@pytest.mark.parametrize("mode", ["auto", "per-rank"])  # auto = flipout
+def test_per_rank_run_resumes_bitwise_from_rank_0_checkpoint(tmp_path, mode):
+    _spawn(_resume_worker, str(tmp_path), mode)
     for r in range(2):
         same = torch.load(tmp_path / f"resume{r}.pt", weights_only=True)
         assert all(same.values()), (r, [k for k, v in same.items() if not v])
@@ -202,9 +204,45 @@ def test_laplace_on_a_distributed_loader_equals_the_whole_data(tmp_path):
         assert not torch.allclose(r[0]["local"][k], r[1]["local"][k])  # the shards differ
 
 
-def test_redrawn_noise_sum_equals_the_all_reduced_one(tmp_path):
-    """Per-rank reparam: Σ_r ε_r redrawn locally from the ranks' generators is the all-reduced sum."""
-    local = _run(tmp_path, "per-rank", "reparam", local_noise_sum=True)[0]
-    reduced = _run(tmp_path, "per-rank", "reparam")[0]
-    for k in local:
-        torch.testing.assert_close(local[k], reduced[k], rtol=1e-12, atol=1e-14)
+def _flipout_worker(rank, out):
+    """Inside one flipout sample: this rank's unit noise (θ − μ)/σ, all-reduced over the ranks, must
+    equal the Σ_r ε_r every rank computed locally for the curvature estimate."""
+    model, x, y = _setup()
+    ddp = DDP(model)
+    opt = ef.BayesAdam(model.parameters(), n_data=1000, generator=torch.Generator().manual_seed(7),
+                       fused=False, temperature=1.0)  # fmt: skip
+    sl = slice(rank * B, (rank + 1) * B)
+    res = {}
+    for t in range(2):  # the second sample is the antithetic mirror of the first
+        opt.zero_grad()
+        means = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with opt.sampled_params(train=True):
+            F.cross_entropy(ddp(x[t, sl]), y[t, sl]).backward()
+            for n, p in model.named_parameters():
+                st = opt.state[p]
+                sigma = (st["hess"] * 1000 + 1.0).rsqrt()  # T = 1, δ = 1
+                own = (p.detach() - means[n]) / sigma
+                total = own.clone()
+                dist.all_reduce(total)
+                res[f"own{t}.{n}"] = own
+                res[f"reduced{t}.{n}"] = total
+                res[f"local{t}.{n}"] = opt._noise_summed[p].clone()
+        opt.step()
+    torch.save(res, os.path.join(out, f"flip{rank}.pt"))
+
+
+def test_flipout_noise_sum_is_the_sum_of_the_ranks_samples(tmp_path):
+    _spawn(_flipout_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"flip{r}.pt", weights_only=True) for r in range(2))
+    for k in r0:
+        if k.startswith(("reduced", "local")):  # every rank knows the same sum
+            torch.testing.assert_close(r0[k], r1[k], rtol=1e-10, atol=1e-10)
+    for n in ("0.weight", "2.bias"):
+        for t in range(2):
+            sign = -1.0 if t else 1.0  # the local sum is of the unit noise; the sample is ±σ ε
+            torch.testing.assert_close(r0[f"local{t}.{n}"] * sign, r0[f"reduced{t}.{n}"],
+                                       rtol=1e-10, atol=1e-10)  # fmt: skip
+        # two different samples, with the same magnitudes (one shared Gaussian, per-rank signs)
+        assert not torch.allclose(r0[f"own0.{n}"], r1[f"own0.{n}"])
+        torch.testing.assert_close(r0[f"own0.{n}"].abs(), r1[f"own0.{n}"].abs(), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(r0[f"own1.{n}"], -r0[f"own0.{n}"], rtol=1e-10, atol=1e-10)

@@ -57,7 +57,7 @@ from . import _fused
 __all__ = ["BayesAdam", "bayesadam_update", "hess_beta_at"]
 
 _NONFINITE = ("raise", "skip")
-_DISTRIBUTED = ("auto", "per-rank", "shared", "off")
+_DISTRIBUTED = ("auto", "flipout", "per-rank", "shared", "off")
 
 
 def hess_beta_at(beta: float | None, k: int, nonnegative: bool) -> float:
@@ -264,15 +264,27 @@ class BayesAdam(Optimizer):
             ``FUSED_MIN_NUMEL`` weights, where the one-time compilation (~15-30 s on CPU) pays off;
             if compilation fails it warns once and runs eager.
         distributed: under ``torch.distributed`` with more than one process (DDP computes the
-            gradients' all-reduce): ``"per-rank"`` draws a different weight sample on every rank
-            (free extra Monte-Carlo samples; the per-rank noise generator is seeded each step
-            from the shared generator and the rank), ``"shared"`` draws the same sample on every
-            rank (then the run equals one process on the global batch, up to float reduction
-            order). ``"auto"`` (default) is ``"per-rank"`` when a process group of size > 1 is
-            initialised, else off; ``"off"`` never communicates. Either way the curvature
-            estimates are all-reduced in one flat collective per step, rank 0's generator state
-            is broadcast once at the first sample, and the means, curvature and step counters
-            stay identical on every rank.
+            gradients' all-reduce), how the ranks' weight samples relate:
+
+            * ``"flipout"``: a different sample on every rank (free extra Monte-Carlo samples)
+              at no extra communication. One Gaussian draw ζ is shared by all ranks and rank r
+              flips its signs with its own random sign vector s_r (Flipout, Wen et al. 2018):
+              ε_r = ζ ⊙ s_r is exactly N(0, I) on every rank and uncorrelated across ranks (not
+              independent: |ε_r| is shared). The sign vectors are seeded each step from the
+              shared generator and the rank, so every rank knows Σ_r ε_r = ζ ⊙ Σ_r s_r, which
+              the ``reparam`` curvature needs, without a collective (R table lookups of P/8
+              random bytes instead).
+            * ``"per-rank"``: an independent Gaussian draw on every rank; the ``reparam``
+              curvature then needs Σ_r ε_r, one extra all-reduce of P floats per step (started
+              when the sample is drawn, to overlap forward and backward).
+            * ``"shared"``: the same sample on every rank (then the run equals one process on
+              the global batch, up to float reduction order).
+            * ``"auto"`` (default) is ``"flipout"`` when a process group of size > 1 is
+              initialised, else off; ``"off"`` never communicates.
+
+            Model-side curvature estimates (``ggn``, ``ggn-mc``, …) are all-reduced in one flat
+            collective per step; rank 0's generator state is broadcast once at the first
+            sample; the means, curvature and step counters stay identical on every rank.
         process_group: the process group for that (default: the world).
 
     Example:
@@ -348,6 +360,7 @@ class BayesAdam(Optimizer):
         self.process_group = process_group
         self._synced = False  # generator broadcast from rank 0 (distributed runs, once)
         self._noise_seed = None  # per-rank runs: the shared seed of the last training noise draw
+        self._flip_buffers: dict = {}  # flipout runs: workspace for the ranks' sign vectors
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         self.estimator = estimators.get(hessian)
@@ -402,7 +415,7 @@ class BayesAdam(Optimizer):
         world = dist.get_world_size(self.process_group)
         if world == 1:
             return "off", 1, 0
-        mode = "per-rank" if self.distributed == "auto" else self.distributed
+        mode = "flipout" if self.distributed == "auto" else self.distributed
         return mode, world, dist.get_rank(self.process_group)
 
     def _noise_generator(self, record: bool = False) -> torch.Generator:
@@ -424,6 +437,8 @@ class BayesAdam(Optimizer):
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
         if record:
             self._noise_seed = seed
+            if mode == "flipout":  # ζ from the shared generator; the ranks' signs from the seed
+                return self.generator
         return self._rank_generator(seed, rank)
 
     def _rank_generator(self, seed: int, rank: int) -> torch.Generator:
@@ -484,8 +499,8 @@ class BayesAdam(Optimizer):
             elif self.hessian == "gradsq":
                 self._hess_acc[p] = self._optimizer_side_estimate(group, p, p.grad, self._sign).mul_(world)
                 self._reduced = True
-        if not ests or (self.hessian == "reparam" and mode == "shared"):
-            return  # nothing to reduce, or identical on every rank already
+        if not ests or (self.hessian == "reparam" and mode in ("shared", "flipout")):
+            return  # nothing to reduce, or identical on every rank already (flipout: ḡ ⊙ Σ_r ε_r)
         tensors = list(ests.values())
         flat = torch.cat([t.reshape(-1) for t in tensors]).to(self._comm_device())
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
@@ -498,22 +513,9 @@ class BayesAdam(Optimizer):
             i += t.numel()
 
     def _start_noise_sum(self, noise: dict[torch.Tensor, torch.Tensor]) -> None:
-        """Per-rank single-sample reparam under DDP: Σ_r ε_r, by an all-reduce started now (to
-        overlap forward and backward), or, up to ``NOISE_SUM_LOCAL_MAX_WORLD`` ranks, redrawn by
-        every rank from the others' generators (seeded from the shared seed and the rank): no
-        communication, R − 1 extra Gaussian fills."""
+        """Independent per-rank single-sample reparam under DDP: Σ_r ε_r, by an all-reduce started
+        now, to overlap forward and backward."""
         self._drop_noise_sum()
-        _, world, rank = self._world()
-        if world <= NOISE_SUM_LOCAL_MAX_WORLD and self._noise_seed is not None:
-            sums = {p: t.clone() for p, t in noise.items()}
-            for q in range(world):
-                if q == rank:
-                    continue
-                gen = self._rank_generator(self._noise_seed, q)
-                for p, t in noise.items():  # the order rank q filled its noise in
-                    sums[p].add_(_fill_normal(torch.empty_like(t), gen))
-            self._noise_summed = sums
-            return
         flat = torch.cat([t.reshape(-1) for t in noise.values()]).to(self._comm_device())
         handle = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True)
         self._noise_sum = (handle, flat, noise)
@@ -630,6 +632,8 @@ class BayesAdam(Optimizer):
                     else:
                         unit = _fill_normal(torch.empty_like(p), gen)
                     todo.append((p, st["hess"], unit, group))
+                if train and todo and self._world()[0] == "flipout":
+                    todo = self._flipout(todo)
                 for p, theta in zip([t[0] for t in todo], self._draw(todo, sign)):
                     means[p] = p.data
                     p.data = theta.view_as(p.data)
@@ -653,6 +657,35 @@ class BayesAdam(Optimizer):
                 self._accumulate(sign)
             self._n_samples += 1
 
+    def _flipout(self, todo):
+        """Flipout under DDP: this rank's unit noise ζ ⊙ s_r for the draw, and Σ_r ε_r = ζ ⊙ Σ_q s_q
+        for the ``reparam`` estimate, from the step's recorded seed (the same s_r for both halves
+        of an antithetic pair, and after a resume)."""
+        _, world, rank = self._world()
+        kinds: dict[tuple, list[int]] = {}  # the signs are drawn per (device, dtype) of the weights
+        for j, (p, *_) in enumerate(todo):
+            kinds.setdefault((p.device, p.dtype), []).append(j)
+        out, summed = list(todo), {}
+        for k, ((device, dtype), idx) in enumerate(kinds.items()):
+            numel = sum(todo[j][0].numel() for j in idx)
+            shape = (3 if world > 2 else 2, _padded(numel))
+            buf = self._flip_buffers.get((device, dtype))
+            if buf is None or tuple(buf.shape) != shape:  # reused: no allocation per step
+                buf = self._flip_buffers[(device, dtype)] = torch.empty(shape, device=device, dtype=dtype)
+            seed = (self._noise_seed + 0x2545F4914F6CDD1D * k) % 2**62
+            own, total = flipout_signs(seed, rank, world, numel, self._rank_generator, device, dtype,
+                                       buffer=buf)  # fmt: skip
+            i = 0
+            for j in idx:  # in place: own → ε_r = ζ ⊙ s_r, total → Σ_r ε_r
+                p, h, zeta, group = todo[j]
+                n = p.numel()
+                out[j] = (p, h, own[i : i + n].view_as(zeta).mul_(zeta), group)
+                if self.hessian == "reparam":
+                    summed[p] = total[i : i + n].view_as(zeta).mul_(zeta)
+                i += n
+        self._noise_summed = summed
+        return out
+
     def _drop_noise_sum(self) -> None:
         if self._noise_sum is not None:  # an in-flight collective must complete before it is dropped
             self._noise_sum[0].wait()
@@ -661,8 +694,10 @@ class BayesAdam(Optimizer):
 
     def _fold_pending(self):
         """Move the single pending sample into the accumulators (a second sample is coming)."""
-        self._drop_noise_sum()  # several samples: their estimates are reduced instead
-        self._accumulate(self._sign)
+        if self._noise_sum is not None:  # independent per-rank: several samples' estimates are
+            self._drop_noise_sum()  # reduced instead of the noise
+        self._accumulate(self._sign)  # (a flipout sum Σ_r ε_r, local, is read here)
+        self._drop_noise_sum()
         self._work = {}
 
     def _accumulate(self, sign: float):
@@ -690,7 +725,8 @@ class BayesAdam(Optimizer):
             inv_sigma = _inv_sigma(
                 st["hess"], group["n_data"], group["prior_precision"], group["temperature"]
             )
-            return torch.mul(g, st["noise"]).mul_(inv_sigma).mul_(sign)  # g (θ − μ) / σ²
+            noise = self._noise_summed.get(p, st["noise"])  # flipout: Σ_r ε_r, known locally
+            return torch.mul(g, noise).mul_(inv_sigma).mul_(sign)  # g (θ − μ) / σ²
         if self.hessian == "gradsq":
             b = self._batch or self.batch_size
             if b is None:
@@ -1023,10 +1059,61 @@ class BayesAdam(Optimizer):
 
 _FAILED = object()
 FUSED_MIN_NUMEL = 2**17
-# Per-rank reparam under DDP: redraw the other ranks' noise locally (no communication) up to this
-# many ranks, else all-reduce it. Off by default: on CPU (2 gloo processes, MLP 784-256-256) the
-# extra Gaussian fill cost more than the all-reduce (BayesAdam/Adam 1.48-1.58 vs 1.35-1.40).
-NOISE_SUM_LOCAL_MAX_WORLD = 0
+_SIGN_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _sign_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(256, 8) table of ±1: row b holds the 8 bits of byte b as signs (set bit → +1)."""
+    key = (device, dtype)
+    if key not in _SIGN_TABLES:
+        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+        _SIGN_TABLES[key] = (2 * bits - 1).to(device=device, dtype=dtype)
+    return _SIGN_TABLES[key]
+
+
+def _padded(numel: int) -> int:
+    return 8 * ((numel + 7) // 8)
+
+
+def random_signs(numel: int, generator: torch.Generator, device=None, dtype=torch.float32,
+                 out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``numel`` independent uniform ±1 signs from ``generator``: 64 signs per random int64 (one
+    table lookup per 8), about 8× cheaper than a Gaussian fill of the same size on CPU. ``out``:
+    a buffer of at least ``_padded(numel)`` elements to write into (no allocation)."""
+    device = torch.device(device) if device is not None else generator.device
+    n_bytes = (numel + 7) // 8
+    words = torch.randint(-(2**63), 2**63 - 1, ((n_bytes + 7) // 8,), dtype=torch.int64,
+                          generator=generator, device=generator.device)  # fmt: skip
+    idx = words.view(torch.uint8)[:n_bytes].to(device=device, dtype=torch.int32)
+    table = _sign_table(device, dtype)
+    if out is None:
+        return torch.index_select(table, 0, idx).reshape(-1)[:numel]
+    torch.index_select(table, 0, idx, out=out[: 8 * n_bytes].view(n_bytes, 8))
+    return out[:numel]
+
+
+def flipout_signs(
+    seed: int, rank: int, world: int, numel: int, generator_for, device=None, dtype=torch.float32,
+    buffer: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s sign vector s_r and the sum Σ_q s_q over all ``world`` ranks, each rank
+    q's signs drawn from ``generator_for(seed, q)``. Every rank computes the same sum. ``buffer``:
+    (3, ≥ ``_padded(numel)``) workspace written into instead of allocating (row 2 only for
+    world > 2); the results are views of it."""
+    if buffer is None:
+        buffer = torch.empty(3 if world > 2 else 2, _padded(numel), device=device, dtype=dtype)
+    own, total = buffer[0], buffer[1]
+    first = True
+    for q in range(world):
+        if q == rank:
+            random_signs(numel, generator_for(seed, q), device, dtype, out=own)
+        elif first:
+            random_signs(numel, generator_for(seed, q), device, dtype, out=total)
+            first = False
+        else:
+            total.add_(random_signs(numel, generator_for(seed, q), device, dtype, out=buffer[2]))
+    total.add_(own)
+    return own[:numel], total[:numel]
 
 
 def _fill_normal(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
