@@ -247,3 +247,44 @@ def test_vi_runs_in_the_bench_and_refuses_convolutions(tmp_path):
     with pytest.raises(ValueError, match="Linear"):
         bench.run(tasks=["mnist1d-cnn"], methods=["vi"], seeds=1, epochs=1, out=tmp_path / "c", subset=200,
                   progress=False, log=lambda s: None)  # fmt: skip
+
+
+def test_tensorboard_logging_writes_the_rows_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = bench.run(tasks=["mnist1d-mlp"], methods=["map"], seeds=1, epochs=2, out=tmp_path, subset=300,
+                     progress=False, log=lambda s: None, tensorboard=True)  # fmt: skip
+    row = rows[0]
+    runs = list((tmp_path / "tensorboard" / "mnist1d-mlp" / "map" / "seed0").glob("events.out.tfevents.*"))
+    assert len(runs) == 1
+    acc = EventAccumulator(str(runs[0].parent))
+    acc.Reload()
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2]
+    assert [e.value for e in loss] == pytest.approx(row["train_loss_per_epoch"], rel=1e-6)
+    for k in ("accuracy", "nll", "ece"):
+        (ev,) = acc.Scalars(f"test/{k}")
+        assert ev.value == pytest.approx(row[k], rel=1e-6) and ev.step == 2
+    assert row["shift"]  # mnist1d-mlp has an input-noise suite: intensity as the step
+    levels = row["shift"]["noise"]  # fractional intensities (0.25, 0.5, …): step = 100 × intensity
+    events = acc.Scalars("shift/noise_x100/accuracy")
+    steps = [e.step for e in events]
+    assert steps == [round(100 * float(lv)) for lv in levels] == sorted(set(steps))
+    assert [e.value for e in events] == pytest.approx([v["accuracy"] for v in levels.values()], rel=1e-6)
+
+
+def test_tensorboard_missing_is_a_clear_error_before_training(tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("no tensorboard")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(ValueError, match="pip install"):
+        bench.run(tasks=["mnist1d-mlp"], methods=["map"], out=tmp_path, progress=False, tensorboard=True)
+    assert not (tmp_path / "results.json").exists()

@@ -102,16 +102,20 @@ def _bench(args) -> int:
         )  # fmt: skip
     except (ValueError, OSError) as err:
         raise SystemExit(f"effortless bench: {err}") from None
-    bench.run(
-        tasks=cfg["task"],
-        methods=cfg["methods"],
-        seeds=cfg["seeds"],
-        epochs=cfg["epochs"],
-        out=cfg["out"],
-        subset=cfg["subset"],
-        progress=not args.no_progress,
-        shard=shard,
-    )
+    try:
+        bench.run(
+            tasks=cfg["task"],
+            methods=cfg["methods"],
+            seeds=cfg["seeds"],
+            epochs=cfg["epochs"],
+            out=cfg["out"],
+            subset=cfg["subset"],
+            progress=not args.no_progress,
+            shard=shard,
+            tensorboard=args.tensorboard,
+        )
+    except ValueError as err:  # bad task/method names, a missing optional package
+        raise SystemExit(f"effortless bench: {err}") from None
     args.out = cfg["out"]
     print(f"\nWrote {args.out}/results.json, results.md and plots")
     return 0
@@ -246,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(job arrays: one --out per shard, then --merge)")  # fmt: skip
     b.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                    help="combine the results.json of these bench directories into --out (no training)")
+    b.add_argument("--tensorboard", action="store_true",
+                   help="also write each run's training curve and metrics as TensorBoard scalars under "
+                   "OUT/tensorboard (needs: pip install 'effortless-bayes[tensorboard]')")  # fmt: skip
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--out", default=None, help="output directory (default runs/bench)")
     b.set_defaults(func=_bench)

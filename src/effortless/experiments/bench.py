@@ -80,11 +80,13 @@ LOWER_IS_BETTER = {"nll", "ece", "brier", "train_seconds", "step_ms", "peak_mem_
 
 
 def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, progress=True, log=print,
-        shard=None):  # fmt: skip
+        shard=None, tensorboard=False):  # fmt: skip
     """Run every (task, method, seed) not already in ``out/results.json``; write the reports.
 
     ``shard=(i, n)`` runs only the i-th of n interleaved slices of the grid (0-based), for job
     arrays: give each array task its own ``out`` and combine them with :func:`merge`.
+    ``tensorboard=True`` also writes each run's curves and metrics as TensorBoard scalars under
+    ``out/tensorboard/<task>/<method>/seed<s>`` (needs the ``tensorboard`` package).
     """
     if shard is not None:
         i, n = shard
@@ -99,6 +101,8 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
         why = available(m)
         if why:
             raise ValueError(f"method {m!r}: {why}")
+    if tensorboard:
+        _tensorboard_writer_class()  # fail before any training when the package is missing
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"task {t!r}: choose from {', '.join(TASKS)}")
@@ -138,6 +142,8 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
                 bands.setdefault(t, (split, {}))[1][m] = (mean, var.sqrt())
             path.write_text(json.dumps(rows, indent=2))
             _write_csv(rows, out / "results.csv")
+            if tensorboard:
+                _log_tensorboard(row, out / "tensorboard")
             continue
         ood = task.ood(split) if task.ood else None
         if subset and ood is not None:
@@ -178,6 +184,8 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
         last[(t, m)] = (probs, probs_ood, split.y_test)
         path.write_text(json.dumps(rows, indent=2))  # after every run: a killed run resumes here
         _write_csv(rows, out / "results.csv")
+        if tensorboard:
+            _log_tensorboard(row, out / "tensorboard")
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(task=t, method=m, acc=f"{row['accuracy']:.3f}", nll=f"{row['nll']:.3f}")
     table = report(rows, tasks, methods)
@@ -334,6 +342,41 @@ def _shift_plots(rows, tasks, methods, out):
                         shifted.setdefault(r["method"], {}).setdefault(float(lv), []).append(v)
             if shifted:
                 plots.shift_curves(shifted, out / f"shift_{t}_{name}.png", label)
+
+
+def _tensorboard_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:  # torch's module needs the tensorboard package
+        raise ValueError(
+            "TensorBoard logging needs the tensorboard package: pip install 'effortless-bayes[tensorboard]'"
+        ) from err
+    return SummaryWriter
+
+
+def _log_tensorboard(row, root):
+    """One run as TensorBoard scalars: ``train/loss`` per epoch (step = epoch, from 1), every scalar
+    test metric under ``test/`` (at the last epoch), and the shift suites under
+    ``shift/<suite>/<metric>`` with the shift intensity as the step (``shift/<suite>_x100/<metric>``
+    and 100 × the intensity where intensities are fractional)."""
+    logdir = Path(root) / row["task"] / row["method"] / f"seed{row['seed']}"
+    writer = _tensorboard_writer_class()(log_dir=str(logdir))
+    try:
+        curve = row.get("train_loss_per_epoch") or []
+        for e, loss in enumerate(curve, start=1):
+            writer.add_scalar("train/loss", loss, e)
+        last = max(len(curve), 1)
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("seed", "epochs"):
+                writer.add_scalar(f"test/{k}", v, last)
+        for suite, levels in (row.get("shift") or {}).items():
+            whole = all(float(lv).is_integer() for lv in levels)  # degrees, pixels: the step itself
+            tag = f"shift/{suite}" if whole else f"shift/{suite}_x100"  # else 100 × intensity
+            for lv, vals in levels.items():
+                for k, v in vals.items():
+                    writer.add_scalar(f"{tag}/{k}", v, round(float(lv) * (1 if whole else 100)))
+    finally:
+        writer.close()
 
 
 def _write_csv(rows, path):
