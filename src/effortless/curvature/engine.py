@@ -307,8 +307,12 @@ def output_grads(f, saved, cotangents) -> dict[str, torch.Tensor]:
     names = list(saved)
     zs = [saved[n][1] for n in names]
     try:
-        grads = torch.autograd.grad(f, zs, cotangents, is_grads_batched=True, retain_graph=True,
-                                    allow_unused=True)  # fmt: skip
+        if cotangents.shape[0] == 1:  # one cotangent (MC GGN, empirical Fisher): no batching machinery
+            grads = torch.autograd.grad(f, zs, cotangents[0], retain_graph=True, allow_unused=True)
+            grads = [None if g is None else g.unsqueeze(0) for g in grads]
+        else:
+            grads = torch.autograd.grad(f, zs, cotangents, is_grads_batched=True, retain_graph=True,
+                                        allow_unused=True)  # fmt: skip
     except RuntimeError:  # an op without a batching rule: one backward per cotangent
         per_k = [
             torch.autograd.grad(f, zs, c, retain_graph=True, allow_unused=True) for c in cotangents.unbind(0)
