@@ -492,6 +492,26 @@ def test_foreach_path_matches_the_per_tensor_loop(key):
             torch.testing.assert_close(opts[0].state[p][k], opts[1].state[q][k], rtol=1e-13, atol=1e-16)
 
 
+@pytest.mark.parametrize("key", ["reparam", "ggn"])
+def test_large_tensors_updated_slice_by_slice_are_bitwise_the_whole_update(key, monkeypatch):
+    """The per-tensor update cuts tensors above FOREACH_CHUNK into flat slices (bounded
+    temporaries); an elementwise update must not notice."""
+    from effortless.optim import bayesadam as ba
+
+    x, y = _data(n=32)
+    models = [_mlp(), _mlp()]
+    opts = [ef.BayesAdam(m.parameters(), n_data=32, hessian=key, foreach=False, fused=False,
+                         generator=torch.Generator().manual_seed(1)) for m in models]  # fmt: skip
+    for chunk, m, o in zip((2**30, 7), models, opts):  # whole tensors, then slices of 7 elements
+        monkeypatch.setattr(ba, "FOREACH_CHUNK", chunk)
+        for _ in range(4):
+            o.train_step(m, x, y)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p, q)
+        for k in ("hess", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opts[0].state[p][k], opts[1].state[q][k])
+
+
 def test_antithetic_pairs_mirror_the_noise():
     x, y = _data()
     model = _mlp()

@@ -146,7 +146,8 @@ def bayesadam_update(
         kinds = {_kind(rows[i], temperature) for i in idx}
         if len(idx) == 1 or len(kinds) > 1 or len({(rows[i][0].device, rows[i][0].dtype) for i in idx}) > 1:
             for i in idx:
-                _single_tensor_update(*rows[i], **hp)
+                for part in _slices(rows[i], FOREACH_CHUNK):
+                    _single_tensor_update(*part, **hp)
         else:
             _multi_tensor_update([rows[i] for i in idx], kinds.pop(), **hp)
 
@@ -160,6 +161,19 @@ def _chunks(sizes: list[int], budget: int) -> list[list[int]]:
         cur.append(i)
         total += n
     return out + ([cur] if cur else [])
+
+
+def _slices(row, size: int):
+    """The row's tensors cut into flat slices of at most ``size`` elements (views: the update is
+    elementwise, so slice by slice is bitwise the same), so that the temporaries of one tensor's
+    update stay bounded by ``size`` however large the tensor. Tensors that are not all contiguous
+    are updated whole."""
+    n = row[0].numel()
+    tensors = [t for t in row if t is not None]
+    if n <= size or not all(t.is_contiguous() for t in tensors):
+        return [row]
+    flat = [None if t is None else t.view(-1) for t in row]
+    return [[None if t is None else t[a : a + size] for t in flat] for a in range(0, n, size)]
 
 
 def _kind(row, temperature) -> str:
