@@ -534,6 +534,71 @@ def test_antithetic_pairs_mirror_the_noise():
     assert not torch.allclose(first - mu[0], -(second - mu[0]))
 
 
+@pytest.mark.parametrize("how", ["exception", "zero_grad", "nonfinite"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_discarded_sample_still_has_its_antithetic_mirror(how, fused):
+    """The training sample θ is written over its unit noise (no separate buffer); when the sample
+    is discarded — an exception in the block, zero_grad() before step(), a rejected non-finite
+    step — ε must come back so that the next draw is still the mirror μ − σ ε, with μ, h, the
+    moments and the step counter untouched."""
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64, temperature=1.0, fused=fused, nonfinite="skip")
+    _loop_step(opt, model, x, y)
+    _loop_step(opt, model, x, y)  # a whole pair: the next draw is a fresh +ε
+    mu = [p.detach().clone() for p in model.parameters()]
+    before = opt.state_dict()["state"][0]
+    state = {k: v.clone() for k, v in before.items() if torch.is_tensor(v) and k != "noise"}
+    first = []
+    opt.zero_grad()
+    try:
+        with opt.sampled_params(train=True):
+            first = [p.detach() - m for p, m in zip(model.parameters(), mu)]
+            loss = F.cross_entropy(model(x), y)
+            if how == "exception":
+                raise KeyError("in the user's forward")
+            (loss * (float("nan") if how == "nonfinite" else 1.0)).backward()
+    except KeyError:
+        pass
+    if how == "zero_grad":
+        opt.zero_grad()
+    elif how == "nonfinite":
+        opt.step()  # skipped
+        assert opt.skipped_steps == 1
+    for p, m in zip(model.parameters(), mu):
+        assert torch.equal(p, m)
+    after = opt.state_dict()["state"][0]
+    for k, v in state.items():
+        assert torch.equal(after[k], v), k
+    with opt.sampled_params(train=True):
+        second = [p.detach() - m for p, m in zip(model.parameters(), mu)]
+    for a, b in zip(first, second):
+        assert a.abs().min() > 0
+        torch.testing.assert_close(b, -a, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_parameter_without_gradient_keeps_its_mirror_across_the_step(fused):
+    """A parameter the loss does not touch is skipped by the update; its sample (drawn over its
+    noise buffer) must still turn back into ε, so the mirror after the step is μ − σ ε."""
+    x, y = _data()
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"net": _mlp(), "unused": nn.Linear(3, 2).double()})
+    opt = ef.BayesAdam(model.parameters(), n_data=64, temperature=1.0, fused=fused)
+    w = model["unused"].weight
+    mu = w.detach().clone()
+    draws = []
+    for _ in range(2):
+        opt.zero_grad()
+        with opt.sampled_params(train=True):
+            draws.append(w.detach() - mu)
+            F.cross_entropy(model["net"](x), y).backward()
+        assert w.grad is None
+        opt.step()
+    assert torch.equal(w, mu) and draws[0].abs().min() > 0
+    torch.testing.assert_close(draws[1], -draws[0], rtol=1e-12, atol=1e-15)
+
+
 def test_samples_have_the_posterior_variance():
     """θ − μ over many training draws has variance T / (N·h + δ) per weight."""
     model = nn.Linear(3, 2).double()

@@ -36,8 +36,21 @@ def _reparam_step_math(mu, g, m, v, h, e, hp):
     h.copy_(h_new)
 
 
+def _reparam_step_theta_math(mu, g, m, v, h, th, hp):
+    # the sample θ sits in the noise buffer: sign · ε = (θ − μ)/σ from the old μ and h, used (with
+    # hp[0] = 1) and left in the buffer for an antithetic mirror
+    e = (th - mu) * torch.sqrt(h * hp[1] + hp[2])
+    _reparam_step_math(mu, g, m, v, h, e, hp)
+    th.copy_(e)
+
+
 def _sample_many(mus, hs, es, hp):
     return [_sample_math(mu, h, e, hp) for mu, h, e in zip(mus, hs, es)]
+
+
+def _sample_inplace_many(mus, hs, es, hp):
+    for mu, h, e in zip(mus, hs, es):  # θ written over the unit noise (one buffer for both)
+        e.copy_(_sample_math(mu, h, e, hp))
 
 
 def _reparam_step_many(mus, gs, ms, vs, hs, es, hp):
@@ -45,12 +58,22 @@ def _reparam_step_many(mus, gs, ms, vs, hs, es, hp):
         _reparam_step_math(*args, hp)
 
 
-_MATH = {"sample": _sample_many, "reparam_step": _reparam_step_many}
+def _reparam_step_theta_many(mus, gs, ms, vs, hs, ths, hp):
+    for args in zip(mus, gs, ms, vs, hs, ths):
+        _reparam_step_theta_math(*args, hp)
+
+
+_MATH = {
+    "sample": _sample_many,
+    "sample_inplace": _sample_inplace_many,
+    "reparam_step": _reparam_step_many,
+    "reparam_step_theta": _reparam_step_theta_many,
+}
 
 
 def kernel(name: str):
-    """The compiled kernel ``"sample"`` or ``"reparam_step"`` over lists of 1-D tensors (one call,
-    one guard check per step; compiled on first use)."""
+    """The compiled kernel ``"sample"``, ``"sample_inplace"`` or ``"reparam_step"`` over lists of
+    1-D tensors (one call, one guard check per step; compiled on first use)."""
     if name not in _CACHE:
         _CACHE[name] = torch.compile(_MATH[name], dynamic=True, fullgraph=True)
     return _CACHE[name]

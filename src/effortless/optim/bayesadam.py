@@ -107,6 +107,7 @@ def bayesadam_update(
     temperature: float,
     nonnegative: bool,
     foreach: bool = True,
+    noise_is_theta: bool = False,
 ) -> None:
     """One BayesAdam update, in place, on lists of tensors (the functional kernel).
 
@@ -119,6 +120,10 @@ def bayesadam_update(
 
     ``foreach=False`` runs the reference loop, one tensor at a time; ``foreach=True`` batches small
     tensors through ``torch._foreach_*`` ops (same arithmetic; tested equal in float64).
+
+    ``noise_is_theta``: the ``noises`` buffers hold the sample θ itself (drawn in place); the
+    reparameterisation estimate then uses sign · ε = (θ − μ)/σ, computed here from the old μ and h
+    (``noise_sign`` must be 1) and left in the buffers, for an antithetic mirror.
     """
     beta = hess_beta_at(hess_beta, hess_step, nonnegative)
     temp = temperature if temperature > 0 else 1.0
@@ -138,6 +143,7 @@ def bayesadam_update(
         temp=temp,
         nonnegative=nonnegative,
         sign=noise_sign,
+        theta=noise_is_theta,
     )
     rows = list(zip(params, grads, exp_avgs, exp_avg_sqs, hessians, hess_estimates, noises, workspaces))
     sizes = [p.numel() for p in params]
@@ -188,6 +194,8 @@ def _single_tensor_update(mu, g, m, v, h, hhat, noise, work, **hp):
     sign = 1.0
     if hhat is None and noise is not None and hp["temperature"] > 0:
         inv_sigma = _inv_sigma(h, hp["n_data"], hp["prior_precision"], hp["temperature"])
+        if hp["theta"]:  # the buffer holds θ: make it sign · ε = (θ − μ)/σ (kept for a mirror)
+            noise.sub_(mu).mul_(inv_sigma)
         hhat = torch.mul(g, noise, out=work).mul_(inv_sigma)  # sign · ĥ = g ε / σ
         sign = hp["sign"]
     elif hhat is not None and not hp["nonnegative"]:
@@ -222,6 +230,9 @@ def _multi_tensor_update(rows, kind, **hp):
             torch._foreach_add_(inv_sigma, hp["prior_precision"] / t)
             torch._foreach_sqrt_(inv_sigma)
         if kind == "reparam":
+            if hp["theta"]:  # θ → sign · ε in the buffers, as in the per-tensor loop
+                torch._foreach_sub_(noise, mu)
+                torch._foreach_mul_(noise, inv_sigma)
             hhat = torch._foreach_mul(g, noise)
             torch._foreach_mul_(hhat, inv_sigma)
         if hp["nonnegative"]:
@@ -534,6 +545,42 @@ class BayesAdam(Optimizer):
         handle = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True)
         self._noise_sum = (handle, flat, noise)
 
+    def _draw_inplace(self, todo, sign) -> list[torch.Tensor]:
+        """θ = μ ± σ ⊙ ε written over ε in each unit-noise buffer (the training sample needs no
+        buffer of its own: one parameter-sized tensor less at the backward pass, where the peak
+        is). ε comes back as (θ − μ)/σ in :meth:`_theta_to_noise` when it is needed again (the
+        estimate, an antithetic mirror). Returns the buffers."""
+        if self.fused and todo:
+            groups = {id(g) for *_, g in todo}
+            keys = {(p.dtype, p.device) for p, *_ in todo}
+            if len(groups) == 1 and len(keys) == 1:
+                g = todo[0][3]
+                n, d, t = g["n_data"], g["prior_precision"], g["temperature"]
+                hp = torch.tensor([sign, n / t, d / t], dtype=todo[0][0].dtype, device=todo[0][0].device)
+                flat = [[x.reshape(-1) for x in col] for col in list(zip(*todo))[:3]]
+                if self._run_fused("sample_inplace", flat[0], flat[1], flat[2], hp) is not _FAILED:
+                    return [unit for _, _, unit, _ in todo]
+        for p, h, unit, g in todo:
+            for mu_s, h_s, u_s in _slices([p.data, h, unit], FOREACH_CHUNK):  # bounded temporaries
+                inv_sigma = _inv_sigma(h_s, g["n_data"], g["prior_precision"], g["temperature"])
+                torch.addcdiv(mu_s, u_s, inv_sigma, value=sign, out=u_s)
+        return [unit for _, _, unit, _ in todo]
+
+    def _theta_to_noise(self, without_grad_only: bool = False) -> None:
+        """state["noise"] ← (θ − μ)/σ = sign · ε for every tensor whose buffer holds a sample θ
+        (drawn in place), or only for those without a gradient; μ and h must be those the
+        sample was drawn with."""
+        with torch.no_grad():
+            for group, p in self._params():
+                st = self.state.get(p)
+                if group["temperature"] == 0 or not st or "noise" not in st:
+                    continue
+                if without_grad_only and p.grad is not None:
+                    continue
+                for u_s, mu_s, h_s in _slices([st["noise"], p.data, st["hess"]], FOREACH_CHUNK):
+                    n, d, t = group["n_data"], group["prior_precision"], group["temperature"]
+                    u_s.sub_(mu_s).mul_(_inv_sigma(h_s, n, d, t))
+
     def _draw(self, todo, sign) -> list[torch.Tensor]:
         """θ = μ ± σ ⊙ ε for every (p, h, ε, group) in ``todo`` (fused when possible)."""
         if self.fused and todo:
@@ -570,6 +617,9 @@ class BayesAdam(Optimizer):
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _clear_pending(self):
+        if getattr(self, "_pending_theta", False):  # a discarded sample: its buffers hold θ, and an
+            self._theta_to_noise()  # antithetic mirror may still need ε (μ and h are unchanged)
+        self._pending_theta = False  # the pending sample's θ lives in state["noise"] (see _draw_inplace)
         self._n_samples = 0  # weight samples drawn for training since the last step
         self._sign = 1.0  # the single pending sample is θ = μ + sign · σ ⊙ state["noise"]
         self._work: dict[torch.Tensor, torch.Tensor] = {}  # its θ buffers, reused as workspace
@@ -646,9 +696,12 @@ class BayesAdam(Optimizer):
                     else:
                         unit = _fill_normal(torch.empty_like(p), gen)
                     todo.append((p, st["hess"], unit, group))
-                if train and todo and self._world()[0] == "flipout":
+                mode = self._world()[0] if train and todo else "off"
+                if mode == "flipout":
                     todo = self._flipout(todo)
-                for p, theta in zip([t[0] for t in todo], self._draw(todo, sign)):
+                inplace = bool(train and todo and mode in ("off", "shared"))
+                thetas_new = self._draw_inplace(todo, sign) if inplace else self._draw(todo, sign)
+                for p, theta in zip([t[0] for t in todo], thetas_new):
                     means[p] = p.data
                     p.data = theta.view_as(p.data)
                 first = train and todo and self.hessian == "reparam" and self._n_samples == 0
@@ -662,13 +715,17 @@ class BayesAdam(Optimizer):
                 for p, mu in means.items():
                     thetas[p] = p.data
                     p.data = mu
+                if means and inplace and not completed:  # the buffers hold θ: back to ±ε
+                    self._theta_to_noise()
             self._inside = False
         # only reached without an exception: record the sample
         if train and completed:
             if self._n_samples == 0:
-                self._sign, self._work = sign, thetas  # θ buffers become the step's workspace
+                self._sign = sign
+                self._work = {} if inplace else thetas  # separate θ buffers become the step's workspace
+                self._pending_theta = inplace
             else:
-                self._accumulate(sign)
+                self._accumulate(sign, theta_in_noise=inplace)
             self._n_samples += 1
 
     def _flipout(self, todo):
@@ -710,11 +767,15 @@ class BayesAdam(Optimizer):
         """Move the single pending sample into the accumulators (a second sample is coming)."""
         if self._noise_sum is not None:  # independent per-rank: several samples' estimates are
             self._drop_noise_sum()  # reduced instead of the noise
-        self._accumulate(self._sign)  # (a flipout sum Σ_r ε_r, local, is read here)
+        self._accumulate(self._sign, theta_in_noise=self._pending_theta)  # (a flipout sum Σ_r ε_r,
+        self._pending_theta = False  # local, is read here)
         self._drop_noise_sum()
         self._work = {}
 
-    def _accumulate(self, sign: float):
+    def _accumulate(self, sign: float, theta_in_noise: bool = False):
+        if theta_in_noise:  # the sample's θ is in state["noise"]: turn it into sign · ε first
+            self._theta_to_noise()
+            sign = 1.0
         for group, p in self._params():
             if p.grad is None:
                 continue
@@ -784,6 +845,16 @@ class BayesAdam(Optimizer):
                 f"hessian={self.hessian!r} needs the model's outputs: use "
                 "opt.train_step(model, x, y, likelihood=...) instead of step()"
             )
+        if self._pending_theta and not self._grad_acc:  # one sample, θ in the noise buffers: the
+            # estimate and an antithetic mirror need sign · ε = (θ − μ)/σ, from μ and h before the
+            # update; the fused reparam kernel computes it itself (and writes it back), the
+            # other paths convert first. Either way the estimate then uses sign 1.
+            if self.hessian != "reparam":
+                self._theta_to_noise()
+                self._pending_theta = False
+            else:  # tensors the update skips (no gradient) keep their ε too
+                self._theta_to_noise(without_grad_only=True)
+            self._sign = 1.0
         n = max(self._n_samples, 1)
         many = bool(self._grad_acc)
         if many:  # several samples: fold the last one, then average
@@ -813,7 +884,9 @@ class BayesAdam(Optimizer):
                 if many or self.estimator.needs_model or self._reduced:
                     est = self._hess_acc.get(p)
                     est = None if est is None else est.div_(n)
-                elif self.hessian == "reparam" and work is not None:
+                elif self.hessian == "reparam" and group["temperature"] > 0 and "noise" in st and (
+                    work is not None or self._n_samples == 1
+                ):  # the single sample: its noise (θ drawn in place: no workspace, slices' scratch)
                     est, noise = None, self._noise_summed.get(p, st["noise"])
                 else:
                     est = self._optimizer_side_estimate(group, p, p.grad, self._sign)
@@ -848,7 +921,9 @@ class BayesAdam(Optimizer):
                     temperature=group["temperature"],
                     nonnegative=self.estimator.nonnegative,
                     foreach=self.foreach,
+                    noise_is_theta=self._pending_theta,
                 )
+        self._pending_theta = False  # converted (and μ, h updated): nothing left to turn back
         self._clear_pending()
         if self.auto_prior:
             self._maybe_update_prior()
@@ -905,7 +980,8 @@ class BayesAdam(Optimizer):
                 [it[1]["hess"] for it in todo], [it[3] for it in todo],
             )
         ]  # fmt: skip
-        if self._run_fused("reparam_step", *cols, hp) is _FAILED:
+        name = "reparam_step_theta" if self._pending_theta else "reparam_step"
+        if self._run_fused(name, *cols, hp) is _FAILED:
             return rest + todo
         return rest
 
@@ -1067,6 +1143,7 @@ class BayesAdam(Optimizer):
         self.skipped_steps = int(extra.get("skipped_steps", 0))
         self.mc_samples = int(extra["mc_samples"])
         self._noise_seed = extra.get("noise_seed")
+        self._pending_theta = False  # the loaded buffers hold noise, whatever was pending before
         self._clear_pending()
         self._restore_rank_noise()
 
