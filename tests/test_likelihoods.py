@@ -59,3 +59,25 @@ def test_bad_inputs_raise():
         likelihoods.get("classification").nll(torch.randn(3, 2), torch.randn(3))
     with pytest.raises(ValueError, match="same shape"):
         likelihoods.get("regression").nll(torch.randn(3, 2), torch.randn(3, 3))
+
+
+@pytest.mark.parametrize("name", ["classification", "regression"])
+def test_closed_form_nll_gradient_matches_autograd(name):
+    lik = likelihoods.get(name, sigma_noise=0.7)
+    f = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,)) if name == "classification" else torch.randn(6, 4, dtype=torch.float64)
+    ref = likelihoods.Likelihood.nll_grad(lik, f, y)  # the generic autograd version
+    torch.testing.assert_close(lik.nll_grad(f, y), ref, rtol=1e-12, atol=1e-14)
+    assert not f.requires_grad
+
+
+def test_classification_samples_follow_softmax_row_by_row():
+    """Every row its own distribution (the inverse-CDF sampler must not mix rows up)."""
+    f = torch.tensor([[3.0, 0.0, -1.0], [-2.0, 0.5, 1.0]], dtype=torch.float64).repeat(10000, 1)
+    y = likelihoods.get("classification").sample(f, torch.Generator().manual_seed(2))
+    assert y.dtype == torch.int64 and int(y.min()) >= 0 and int(y.max()) <= 2
+    for r in range(2):
+        freq = torch.bincount(y[r::2], minlength=3).double() / 10000
+        p = f[r].softmax(-1)
+        se = (p * (1 - p) / 10000).sqrt()
+        assert ((freq - p).abs() < 5 * se).all(), (r, freq, p)

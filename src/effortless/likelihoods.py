@@ -51,6 +51,14 @@ class Likelihood:
         """Labels drawn from the predictive ``p(y | f)``, shaped like real labels."""
         raise NotImplementedError
 
+    def nll_grad(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample gradient of ``nll`` with respect to ``f`` (shaped like ``f``; by autograd
+        unless a likelihood has it in closed form)."""
+        fd = f.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.nll(fd, y).sum(), fd)
+        return g
+
     def check(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate and align shapes of outputs and targets."""
         return f, y
@@ -80,7 +88,16 @@ class Classification(Likelihood):
         return (eye[None] - p[:, :, None]) * p.sqrt()[:, None, :]  # (B, C, C)
 
     def sample(self, f, generator=None):
-        return torch.multinomial(f.softmax(-1), 1, generator=generator).squeeze(-1)
+        # inverse CDF: one uniform per row (several times faster than torch.multinomial here)
+        c = f.detach().softmax(-1).cumsum(-1)
+        u = torch.rand(f.shape[0], 1, generator=generator, dtype=c.dtype, device=c.device)
+        return (c < u * c[:, -1:]).sum(-1).clamp_max(f.shape[-1] - 1)
+
+    def nll_grad(self, f, y):
+        f, y = self.check(f, y)
+        g = f.detach().softmax(-1)
+        g[torch.arange(len(y), device=g.device), y] -= 1.0  # softmax(f) − onehot(y)
+        return g
 
 
 @dataclass
@@ -118,6 +135,10 @@ class Regression(Likelihood):
     def sample(self, f, generator=None):
         noise = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device)
         return f + self.sigma_noise * noise
+
+    def nll_grad(self, f, y):
+        f2, y2 = self.check(f, y)
+        return ((f2.detach() - y2) / self.sigma_noise**2).view_as(f)
 
 
 LIKELIHOODS = {"classification": Classification, "regression": Regression}

@@ -46,9 +46,9 @@ class Unsupported(RuntimeError):
 
 def _linear_sq(m: nn.Linear, a, delta):
     # a: (B, *, in); delta: (K, B, *, out)
-    if a.dim() == 2:
-        d2 = delta.pow(2).sum(0)  # (B, out): classes summed before the outer product
-        out = {"weight": d2.T @ a.pow(2)}
+    if a.dim() == 2:  # (B, out): classes summed before the outer product
+        d2 = delta[0].square() if delta.shape[0] == 1 else delta.square().sum(0)
+        out = {"weight": d2.T @ a.square()}
         if m.bias is not None:
             out["bias"] = d2.sum(0)
         return out

@@ -206,13 +206,7 @@ def _cotangents(kind, f, y, lik, n_samples, generator):
     # efisher: the true labels; ggn-mc: labels drawn from the model's own predictive
     samples = range(int(n_samples))
     labels = [y] if kind == "efisher" else [lik.sample(f.detach(), generator) for _ in samples]
-    out = []
-    for lab in labels:
-        fd = f.detach().requires_grad_(True)
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(lik.nll(fd, lab).sum(), fd)
-        out.append(g)
-    return torch.stack(out)
+    return torch.stack([lik.nll_grad(f.detach(), lab) for lab in labels])
 
 
 def _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, chunk_size):
