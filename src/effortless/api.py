@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from . import likelihoods
-from .curvature import estimators
 from .curvature import functional as cf
+from .curvature.data import DIAGONAL
+from .curvature.data import all_reduce_sums as _all_reduce_sums
 from .optim import BayesAdam
 from .posterior import DiagGaussian, evidence, kron, predictive
 
@@ -36,30 +37,6 @@ def _progress(iterable, enabled: bool, **kwargs):
     except ImportError:  # the core does not depend on tqdm
         return iterable
     return tqdm(iterable, **kwargs)
-
-
-def _all_reduce_sums(tensors: list[torch.Tensor], scalars: list[float], distributed) -> list[float]:
-    """Sum ``tensors`` (in place) and ``scalars`` over the ranks of an initialised process group, in
-    one flat collective, when ``distributed`` is True, or None and a group of size > 1 is up."""
-    import torch.distributed as dist
-
-    up = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if distributed is None:
-        distributed = up
-    if not distributed:
-        return scalars
-    if not up:
-        raise ValueError("distributed=True needs an initialised torch.distributed process group")
-    dev = tensors[0].device if dist.get_backend() != "gloo" else torch.device("cpu")
-    dtype = tensors[0].dtype
-    extra = torch.tensor(scalars, dtype=dtype, device=dev)
-    flat = torch.cat([*(t.reshape(-1).to(dev) for t in tensors), extra])
-    dist.all_reduce(flat)
-    i = 0
-    for t in tensors:
-        t.copy_(flat[i : i + t.numel()].view_as(t))
-        i += t.numel()
-    return [float(v) for v in flat[i:]]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -281,10 +258,7 @@ def predict_samples(
 
 # Curvature sources for the post-hoc Laplace fit: every model-side estimator, plus the exact
 # Hessian diagonal. Each returns a batch sum per parameter name.
-LAPLACE_HESSIANS = {k: e.fn for k, e in estimators.ESTIMATORS.items() if e.needs_model}
-LAPLACE_HESSIANS["hessian"] = lambda model, x, y, lik, gen, params: cf.diag_hessian(
-    model, x, y, lik, params=params
-)
+LAPLACE_HESSIANS = DIAGONAL  # hessian key -> per-batch diagonal estimator
 
 
 def _laplace_tune_noise(model, loader, hessian, prior_precision, generator, params, progress, distributed):
@@ -351,9 +325,9 @@ def laplace(
             returns a :class:`~effortless.posterior.kron.KronLastLayer` (Kronecker-factored
             precision, closed-form GLM predictive) instead of a ``DiagGaussian``.
         distributed: the loader is this rank's shard (e.g. with a ``DistributedSampler``): the
-            curvature and NLL sums are all-reduced (one collective), so every rank gets the
-            posterior of the whole data. ``None`` (default): when a process group of size > 1 is
-            initialised (diagonal posteriors).
+            curvature (diagonal sums, or the last-layer Kronecker factors) and NLL sums are
+            all-reduced (one collective), so every rank gets the posterior of the whole data.
+            ``None`` (default): when a process group of size > 1 is initialised.
     """
     if subset not in (None, "all", "last_layer"):
         raise ValueError(f"subset must be None, 'all' or 'last_layer', got {subset!r}")
@@ -361,16 +335,11 @@ def laplace(
         raise ValueError(f"hessian must be one of {sorted(LAPLACE_HESSIANS)}, got {hessian!r}")
     if subset == "last_layer":
         if hessian == "kfac":
-            import torch.distributed as dist
-
-            if distributed or (distributed is None and dist.is_available() and dist.is_initialized()
-                               and dist.get_world_size() > 1):  # fmt: skip
-                raise ValueError("the last-layer KFAC fit does not reduce across ranks: pass "
-                                 "distributed=False to fit on this rank's data only")  # fmt: skip
             lik = likelihoods.get(likelihood, sigma_noise)
             if not (prior_precision in ("marglik", "marglik-layer") or float(prior_precision) > 0):
                 raise ValueError(f"prior_precision must be a float > 0 or 'marglik', got {prior_precision!r}")
-            return kron.fit_last_layer(model, loader, lik, prior_precision, generator=generator)
+            return kron.fit_last_layer(model, loader, lik, prior_precision, generator=generator,
+                                       distributed=distributed)  # fmt: skip
         name, layer = kron.last_linear(model)
         params = [f"{name}.{a}" for a, _ in layer.named_parameters()]
     tune = prior_precision in ("marglik", "marglik-layer")

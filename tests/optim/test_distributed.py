@@ -191,6 +191,41 @@ def _laplace_worker(rank, out):
                os.path.join(out, f"laplace{rank}.pt"))  # fmt: skip
 
 
+def _accumulate_worker(rank, out):
+    model, x, y = _setup()
+    xs, ys = x.reshape(-1, 5), y.reshape(-1)
+    ds = torch.utils.data.TensorDataset(xs, ys)
+    shard = torch.utils.data.DistributedSampler(ds, shuffle=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=13, sampler=shard)  # uneven last batch
+    res = {
+        "ggn": ef.curvature.accumulate(model, loader, hessian="ggn"),
+        "kfac": {n: list(f) for n, f in ef.curvature.accumulate(model, loader, hessian="kfac").items()},
+    }
+    ll = ef.laplace(model, loader, hessian="kfac", subset="last_layer", prior_precision="marglik")
+    res["ll"] = {"A": ll.A, "G": ll.G, "delta": ll.prior_precision}
+    torch.save(res, os.path.join(out, f"acc{rank}.pt"))
+
+
+def test_curvature_and_last_layer_kfac_on_a_distributed_loader_equal_the_whole_data(tmp_path):
+    """issue #8: the curvature functions and the last-layer KFAC Laplace reduce across ranks."""
+    _spawn(_accumulate_worker, str(tmp_path))
+    r = [torch.load(tmp_path / f"acc{k}.pt", weights_only=True) for k in range(2)]
+    model, x, y = _setup()
+    xs, ys = x.reshape(-1, 5), y.reshape(-1)
+    ref_diag = ef.curvature.diag_ggn(model, xs, ys)
+    ref_kfac = ef.curvature.kfac(model, xs, ys)
+    ref_ll = ef.laplace(model, [(xs, ys)], hessian="kfac", subset="last_layer", prior_precision="marglik")
+    for k, v in ref_diag.items():
+        torch.testing.assert_close(r[0]["ggn"][k], v, rtol=1e-10, atol=1e-12)
+        assert torch.equal(r[0]["ggn"][k], r[1]["ggn"][k])
+    for k, (A, G) in ref_kfac.items():
+        torch.testing.assert_close(r[0]["kfac"][k][0], A, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(r[0]["kfac"][k][1], G, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(r[0]["ll"]["A"], ref_ll.A, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(r[0]["ll"]["G"], ref_ll.G, rtol=1e-10, atol=1e-12)
+    assert r[0]["ll"]["delta"] == r[1]["ll"]["delta"] == pytest.approx(ref_ll.prior_precision, rel=1e-6)
+
+
 def test_laplace_on_a_distributed_loader_equals_the_whole_data(tmp_path):
     _spawn(_laplace_worker, str(tmp_path))
     r = [torch.load(tmp_path / f"laplace{k}.pt", weights_only=True) for k in range(2)]

@@ -1,6 +1,7 @@
 """Curvature of the negative log-likelihood: estimators, dense references, the estimator table."""
 
 from . import engine, estimators, exact, operators
+from .data import accumulate
 from .engine import plan
 from .functional import (
     diag_efisher,
@@ -14,6 +15,7 @@ from .functional import (
 )
 
 __all__ = [
+    "accumulate",
     "diag_ggn",
     "diag_efisher",
     "diag_hessian",

@@ -119,8 +119,12 @@ class KronLastLayer:
         return self.mean + self.QG @ z @ self.QA.T
 
 
-def fit_last_layer(model, loader, lik, prior_precision, n_samples=1, generator=None, method="exact"):
-    """Accumulate last-layer KFAC factors over ``loader``; δ fixed or tuned by the evidence."""
+def fit_last_layer(model, loader, lik, prior_precision, n_samples=1, generator=None, method="exact",
+                   distributed=None):  # fmt: skip
+    """Accumulate last-layer KFAC factors over ``loader``; δ fixed or tuned by the evidence. With
+    ``distributed`` (default: when a process group of size > 1 is up) the loader is this rank's
+    shard and the factor sums, data count and NLL are all-reduced in one collective."""
+    from ..curvature.data import all_reduce_sums
     from ..curvature.functional import kfac
 
     name, layer = last_linear(model)
@@ -136,6 +140,9 @@ def fit_last_layer(model, loader, lik, prior_precision, n_samples=1, generator=N
         count += x.shape[0]
         with torch.no_grad():
             nll_sum += float(lik.nll(model(x), y).sum())
+    if A is None:
+        raise ValueError("fit_last_layer: the loader yielded no batches")
+    count, nll_sum = all_reduce_sums([A, G], [float(count), nll_sum], distributed)
     A = A / count
     W = layer.weight.detach()
     mean = torch.cat([W, layer.bias.detach()[:, None]], 1) if layer.bias is not None else W.clone()

@@ -1,0 +1,130 @@
+"""Curvature summed over a data loader, on one process or across the ranks of a process group.
+
+:func:`accumulate` runs one of the per-batch estimators over every batch of a loader and sums the
+results (for Kronecker factors: ``A`` averaged over all data points, ``G`` summed). With
+``distributed`` the loader is this rank's shard (e.g. a ``DistributedSampler``) and the sums are
+all-reduced in one flat collective, so every rank holds the curvature of the whole data set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .. import likelihoods
+from . import estimators
+from . import functional as cf
+
+__all__ = ["accumulate", "DIAGONAL", "all_reduce_sums"]
+
+# hessian key -> fn(model, x, y, likelihood, generator, param names) -> {name: batch sum}
+DIAGONAL = {k: e.fn for k, e in estimators.ESTIMATORS.items() if e.needs_model}
+DIAGONAL["hessian"] = lambda model, x, y, lik, gen, params: cf.diag_hessian(model, x, y, lik, params=params)
+KRONECKER = {"kfac": "exact", "kfac-mc": "mc"}
+
+
+def _group_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sums(tensors: list[torch.Tensor], scalars: list[float], distributed) -> list[float]:
+    """Sum ``tensors`` (in place) and ``scalars`` over the ranks of an initialised process group, in
+    one flat collective, when ``distributed`` is True, or None and a group of size > 1 is up.
+    Returns the (summed) scalars."""
+    import torch.distributed as dist
+
+    up = _group_size() > 1
+    if distributed is None:
+        distributed = up
+    if not distributed:
+        return scalars
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True needs an initialised torch.distributed process group")
+    if not tensors:
+        raise ValueError("nothing to reduce")
+    dev = tensors[0].device if dist.get_backend() != "gloo" else torch.device("cpu")
+    dtype = tensors[0].dtype
+    extra = torch.tensor(scalars, dtype=dtype, device=dev)
+    flat = torch.cat([*(t.reshape(-1).to(dev, dtype) for t in tensors), extra])
+    dist.all_reduce(flat)
+    i = 0
+    for t in tensors:
+        t.copy_(flat[i : i + t.numel()].view_as(t))
+        i += t.numel()
+    return [float(v) for v in flat[i:]]
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the core does not depend on tqdm
+        return iterable
+    return tqdm(iterable, **kwargs)
+
+
+def accumulate(
+    model: nn.Module,
+    loader: Iterable,
+    hessian: str = "ggn",
+    likelihood: str | likelihoods.Likelihood = "classification",
+    sigma_noise: float = 1.0,
+    generator: torch.Generator | None = None,
+    params: Iterable[str] | None = None,
+    distributed: bool | None = None,
+    progress: bool = False,
+) -> dict:
+    """The curvature of the summed negative log-likelihood over all of ``loader``'s data.
+
+    Args:
+        hessian: a diagonal estimator (``"ggn"``, ``"ggn-mc"``, ``"efisher"``, ``"hutchinson"``,
+            ``"hessian"``, ...: keys of :data:`DIAGONAL`) — returns ``{parameter name: sum}``; or
+            ``"kfac"`` / ``"kfac-mc"`` — returns ``{module name: (A, G)}`` with ``A`` the mean of
+            the (bias-augmented) inputs' outer products over all data points and ``G`` the sum
+            of the output-gradient outer products, so that ``G ⊗ A`` approximates the GGN block
+            of the summed loss (as :func:`~effortless.curvature.kfac` for one batch).
+        params: restrict to these parameter names.
+        distributed: the loader yields this rank's shard: all-reduce the sums (one collective)
+            so every rank returns the curvature of the whole data. ``None`` (default): when a
+            process group of size > 1 is initialised.
+    """
+    lik = likelihoods.get(likelihood, sigma_noise)
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    if hessian in KRONECKER:
+        sums: dict[str, list] = {}
+        count = 0
+        for x, y in _progress(loader, progress, desc=f"curvature ({hessian})", unit="batch"):
+            x, y = x.to(device), y.to(device)
+            factors = cf.kfac(model, x, y, lik, KRONECKER[hessian], 1, generator, sigma_noise, params)
+            for name, (A, G) in factors.items():
+                if name in sums:
+                    sums[name][0] += A * x.shape[0]
+                    sums[name][1] += G
+                else:
+                    sums[name] = [A * x.shape[0], G.clone()]
+            count += x.shape[0]
+        if not sums:
+            raise ValueError("accumulate: the loader yielded no batches")
+        tensors = [t for pair in sums.values() for t in pair]
+        (count,) = all_reduce_sums(tensors, [float(count)], distributed)
+        return {name: (A / count, G) for name, (A, G) in sums.items()}
+    if hessian not in DIAGONAL:
+        raise ValueError(f"hessian must be one of {sorted([*DIAGONAL, *KRONECKER])}, got {hessian!r}")
+    theta = cf.trainable(model, params)
+    total = {n: torch.zeros_like(p) for n, p in theta.items()}
+    batches = 0
+    for x, y in _progress(loader, progress, desc=f"curvature ({hessian})", unit="batch"):
+        est = DIAGONAL[hessian](model, x.to(device), y.to(device), lik, generator, list(theta))
+        for n in total:
+            total[n] += est[n]
+        batches += 1
+    if not batches and not (distributed or (distributed is None and _group_size() > 1)):
+        raise ValueError("accumulate: the loader yielded no batches")
+    all_reduce_sums(list(total.values()), [], distributed)
+    return total
