@@ -149,6 +149,7 @@ def _active(args) -> int:
         min_steps=args.min_steps,
         temperature=args.temperature,
         prior_precision=args.prior_precision,
+        hessian=args.hessian,
         out=args.out,
         jobs=args.jobs,
         threads=args.threads,
@@ -324,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the bayesadam learner's temperature (default 1e-4, see effortless.active.learners)")
     al.add_argument("--prior-precision", type=float, default=None,
                     help="the bayesadam learner's prior precision (default 0.01)")
+    al.add_argument("--hessian", default=None,
+                    help="the bayesadam learner's curvature estimator (default ggn-mc, see "
+                    "effortless.active.learners)")
     al.add_argument("--jobs", type=int, default=1, help="grid cells run in parallel processes")
     al.add_argument("--threads", type=int, default=1, help="torch threads per job")
     al.add_argument("--subset", type=int, default=None, help="use only the first N training examples")

@@ -187,6 +187,7 @@ def run(
     min_steps=200,
     temperature=None,
     prior_precision=None,
+    hessian=None,
     out="runs/active",
     jobs=1,
     threads=1,
@@ -209,13 +210,18 @@ def run(
     for a in acquisitions:
         if a not in ACQUISITIONS:
             raise ValueError(f"acquisition must be one of {sorted(ACQUISITIONS)}, got {a!r}")
+    if hessian is not None:
+        from ..curvature.estimators import ESTIMATORS
+
+        if hessian not in ESTIMATORS:
+            raise ValueError(f"hessian must be one of {sorted(ESTIMATORS)}, got {hessian!r}")
     if not (isinstance(repeats, int) and repeats >= 1) or not (isinstance(jobs, int) and jobs >= 1):
         raise ValueError(f"repeats and jobs must be positive ints, got {repeats!r}, {jobs!r}")
     config = asdict(ActiveConfig(initial, query, budget, pool_subset, n_samples, warm_start))
     config.pop("seed")
     ActiveConfig(**config).check(10**9, 1)  # argument errors now, not in a worker
-    extra = {k: v for k, v in (("temperature", temperature), ("prior_precision", prior_precision))
-             if v is not None}  # fmt: skip
+    extra = {k: v for k, v in (("temperature", temperature), ("prior_precision", prior_precision),
+                               ("hessian", hessian)) if v is not None}  # fmt: skip
     train = asdict(TrainConfig(epochs=epochs, min_steps=min_steps, **extra))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
