@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--prior-precision", type=float, default=None,
                     help="the bayesadam learner's prior precision (default 0.01)")
     al.add_argument("--hessian", default=None,
-                    help="the bayesadam learner's curvature estimator (default ggn-mc, see "
+                    help="the bayesadam learner's curvature estimator (default reparam, see "
                     "effortless.active.learners)")
     al.add_argument("--jobs", type=int, default=1, help="grid cells run in parallel processes")
     al.add_argument("--threads", type=int, default=1, help="torch threads per job")
