@@ -699,8 +699,10 @@ class BayesAdam(Optimizer):
                 mode = self._world()[0] if train and todo else "off"
                 if mode == "flipout":
                     todo = self._flipout(todo)
-                inplace = bool(train and todo and mode in ("off", "shared"))
-                thetas_new = self._draw_inplace(todo, sign) if inplace else self._draw(todo, sign)
+                inplace = bool(train and todo and mode in ("off", "shared"))  # θ over state["noise"]
+                # flipout: θ over this step's ε_r = ζ ⊙ s_r in the sign workspace (ζ stays intact)
+                over_units = inplace or bool(train and todo and mode == "flipout")
+                thetas_new = self._draw_inplace(todo, sign) if over_units else self._draw(todo, sign)
                 for p, theta in zip([t[0] for t in todo], thetas_new):
                     means[p] = p.data
                     p.data = theta.view_as(p.data)
