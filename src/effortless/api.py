@@ -21,22 +21,12 @@ from torch import nn
 
 from . import likelihoods
 from .curvature import functional as cf
-from .curvature.data import DIAGONAL
+from .curvature.data import DIAGONAL, _progress
 from .curvature.data import all_reduce_sums as _all_reduce_sums
 from .optim import BayesAdam
 from .posterior import DiagGaussian, evidence, kron, predictive
 
 __all__ = ["fit", "predict", "predict_samples", "laplace", "LAPLACE_HESSIANS"]
-
-
-def _progress(iterable, enabled: bool, **kwargs):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # the core does not depend on tqdm
-        return iterable
-    return tqdm(iterable, **kwargs)
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -545,21 +545,27 @@ class BayesAdam(Optimizer):
         handle = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True)
         self._noise_sum = (handle, flat, noise)
 
+    def _fused_sample(self, name: str, todo, sign):
+        """The compiled sampling kernel ``name`` on every (p, h, ε, group) in ``todo``, or
+        ``_FAILED`` when it cannot run (fused off, several groups, mixed dtypes/devices, a
+        compilation failure)."""
+        if not (self.fused and todo):
+            return _FAILED
+        if len({id(g) for *_, g in todo}) > 1 or len({(p.dtype, p.device) for p, *_ in todo}) > 1:
+            return _FAILED
+        g = todo[0][3]
+        n, d, t = g["n_data"], g["prior_precision"], g["temperature"]
+        hp = torch.tensor([sign, n / t, d / t], dtype=todo[0][0].dtype, device=todo[0][0].device)
+        flat = [[x.reshape(-1) for x in col] for col in list(zip(*todo))[:3]]
+        return self._run_fused(name, flat[0], flat[1], flat[2], hp)
+
     def _draw_inplace(self, todo, sign) -> list[torch.Tensor]:
         """θ = μ ± σ ⊙ ε written over ε in each unit-noise buffer (the training sample needs no
         buffer of its own: one parameter-sized tensor less at the backward pass, where the peak
         is). ε comes back as (θ − μ)/σ in :meth:`_theta_to_noise` when it is needed again (the
         estimate, an antithetic mirror). Returns the buffers."""
-        if self.fused and todo:
-            groups = {id(g) for *_, g in todo}
-            keys = {(p.dtype, p.device) for p, *_ in todo}
-            if len(groups) == 1 and len(keys) == 1:
-                g = todo[0][3]
-                n, d, t = g["n_data"], g["prior_precision"], g["temperature"]
-                hp = torch.tensor([sign, n / t, d / t], dtype=todo[0][0].dtype, device=todo[0][0].device)
-                flat = [[x.reshape(-1) for x in col] for col in list(zip(*todo))[:3]]
-                if self._run_fused("sample_inplace", flat[0], flat[1], flat[2], hp) is not _FAILED:
-                    return [unit for _, _, unit, _ in todo]
+        if self._fused_sample("sample_inplace", todo, sign) is not _FAILED:
+            return [unit for _, _, unit, _ in todo]
         for p, h, unit, g in todo:
             for mu_s, h_s, u_s in _slices([p.data, h, unit], FOREACH_CHUNK):  # bounded temporaries
                 inv_sigma = _inv_sigma(h_s, g["n_data"], g["prior_precision"], g["temperature"])
@@ -583,17 +589,9 @@ class BayesAdam(Optimizer):
 
     def _draw(self, todo, sign) -> list[torch.Tensor]:
         """θ = μ ± σ ⊙ ε for every (p, h, ε, group) in ``todo`` (fused when possible)."""
-        if self.fused and todo:
-            groups = {id(g) for *_, g in todo}
-            keys = {(p.dtype, p.device) for p, *_ in todo}
-            if len(groups) == 1 and len(keys) == 1:
-                g = todo[0][3]
-                n, d, t = g["n_data"], g["prior_precision"], g["temperature"]
-                hp = torch.tensor([sign, n / t, d / t], dtype=todo[0][0].dtype, device=todo[0][0].device)
-                flat = [[x.reshape(-1) for x in col] for col in list(zip(*todo))[:3]]
-                out = self._run_fused("sample", flat[0], flat[1], flat[2], hp)
-                if out is not _FAILED:
-                    return out
+        out = self._fused_sample("sample", todo, sign)
+        if out is not _FAILED:
+            return out
         out = []
         for p, h, unit, g in todo:
             inv_sigma = _inv_sigma(h, g["n_data"], g["prior_precision"], g["temperature"])
