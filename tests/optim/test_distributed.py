@@ -86,9 +86,9 @@ def _worker(rank, mode, hessian, out):
     model, x, y = _setup()
     ddp = DDP(model)
     gen = torch.Generator().manual_seed(7 if rank == 0 else 100 + rank)  # rank 0's state is broadcast
-    key = "reparam" if hessian == "closure" else hessian
-    opt = ef.BayesAdam(model.parameters(), n_data=1000, hessian=key, distributed=mode,
-                       generator=gen, fused=False)  # fmt: skip
+    key = {"closure": "reparam", "reparam-mc2": "reparam"}.get(hessian, hessian)
+    opt = ef.BayesAdam(model.parameters(), n_data=1000, hessian=key, distributed=mode, generator=gen,
+                       fused=False, mc_samples=2 if hessian == "reparam-mc2" else 1)  # fmt: skip
     sl = slice(rank * B, (rank + 1) * B)
     _train(model, opt, x[:, sl], y[:, sl], hessian, wrapped=ddp)
     torch.save(_state(model, opt), os.path.join(out, f"rank{rank}.pt"))
@@ -101,8 +101,8 @@ def _run(tmp_path, mode, hessian):
 
 @pytest.mark.parametrize(
     "mode, hessian",
-    [("flipout", "reparam"), ("flipout", "ggn-mc"), ("flipout", "closure"), ("per-rank", "reparam"),
-     ("per-rank", "ggn-mc"), ("per-rank", "closure")],
+    [("flipout", "reparam"), ("flipout", "ggn-mc"), ("flipout", "closure"), ("flipout", "reparam-mc2"),
+     ("per-rank", "reparam"), ("per-rank", "ggn-mc"), ("per-rank", "closure"), ("per-rank", "reparam-mc2")],
 )  # fmt: skip
 def test_per_rank_samples_keep_every_rank_identical(tmp_path, mode, hessian):
     r0, r1 = _run(tmp_path, mode, hessian)
