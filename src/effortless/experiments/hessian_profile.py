@@ -1,11 +1,14 @@
 """`effortless hessian-profile`: what each curvature quantity costs, against model size.
 
-For MLPs 784-w-w-10 (batch 128, one CPU thread by default), every quantity is timed interleaved
-with a plain forward+backward on the same inputs, and reported as the median over repetitions of
-the paired ratio t(quantity) / t(forward+backward). "+grad" quantities also produce the training
-gradient (what an optimizer step needs), so their ratio is the full cost of a curvature-aware step.
-Peak memory is counted at the dispatcher (all tensor bytes alive during the call). BackPACK rows
-are added when ``backpack-for-pytorch`` is installed.
+For MLPs 784-w-w-10 (batch 128, one CPU thread by default), every quantity is timed in its own
+steady state, alternating with a plain forward+backward on the same inputs (fwd+bwd, quantity,
+fwd+bwd, quantity, ... as a training loop would repeat it), and reported as the median over
+repetitions of the paired ratio t(quantity) / t(the forward+backward just before it). Timing
+all quantities in one cycle instead let each one's neighbours (the torch.func rows take hundreds
+of forward+backwards; BackPACK runs on a copy of the model) move the ratios by 10-15 %. "+grad"
+quantities also produce the training gradient (what an optimizer step needs), so their ratio is
+the full cost of a curvature-aware step. Peak memory is counted at the dispatcher (all tensor
+bytes alive during the call). BackPACK rows are added when ``backpack-for-pytorch`` is installed.
 """
 
 from __future__ import annotations
@@ -113,16 +116,21 @@ def profile(widths=(1, 8, 32, 128, 256, 512, 1024), batch=128, reps=30, warmup=3
         qs = quantities(model, x, y)
         n_params = sum(p.numel() for p in model.parameters())
         r = max(3, reps if n_params < 2e6 else reps // 3)
-        for _ in range(warmup):
-            for fn in qs.values():
-                fn()
         times = {k: [] for k in qs}
-        for _ in range(r):
-            for k, fn in qs.items():
-                t0 = time.perf_counter()
+        bases = {k: [] for k in qs}  # the forward+backward timed just before each quantity
+        fb = qs["fwd+bwd"]
+        for k, fn in qs.items():  # one quantity at a time, in its steady state
+            for _ in range(warmup):
+                fb()
                 fn()
-                times[k].append(time.perf_counter() - t0)
-        base = times["fwd+bwd"]
+            for _ in range(r):
+                t0 = time.perf_counter()
+                fb()
+                t1 = time.perf_counter()
+                fn()
+                t2 = time.perf_counter()
+                bases[k].append(t1 - t0)
+                times[k].append(t2 - t1)
         for k, fn in qs.items():
             baseline = list(model.parameters()) + [x, y]
             with PeakMemory(baseline) as mem:
@@ -134,7 +142,7 @@ def profile(widths=(1, 8, 32, 128, 256, 512, 1024), batch=128, reps=30, warmup=3
                     batch=batch,
                     quantity=k,
                     ms=1000 * statistics.median(times[k]),
-                    ratio=statistics.median([t / b for t, b in zip(times[k], base)]),
+                    ratio=statistics.median([t / b for t, b in zip(times[k], bases[k])]),
                     peak_mb=(mem.peak_bytes - 4 * (n_params + x.numel()) - 8 * y.numel()) / 2**20,
                 )
             )
@@ -151,8 +159,9 @@ def write(rows, out: Path):
     lines = [
         "# hessian-profile",
         "",
-        f"MLP 784-w-w-10, batch {rows[0]['batch']}; time as a multiple of one forward+backward "
-        "(median of interleaved paired ratios); peak extra memory in MiB beside it.",
+        f"MLP 784-w-w-10, batch {rows[0]['batch']}; time as a multiple of the forward+backward run "
+        "just before it, each quantity alternating with forward+backwards in its own steady state "
+        "(median of paired ratios); peak extra memory in MiB beside it.",
         "",
         "| quantity | " + " | ".join(f"w={w} ({n_params[w]:,} params)" for w in widths) + " |",
         "|---|" + "---|" * len(widths),
