@@ -1,0 +1,103 @@
+"""CUDA checks (issue #8: fp16 autocast with GradScaler on CUDA; the optimizer and predictives on a
+GPU). Skipped without a GPU: these have not run on the CPU-only machines this project is built on;
+they are here for a session that has a device (`python -m pytest tests/test_cuda.py`)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import effortless as ef
+from effortless.optim.bayesadam import random_signs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _problem(device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 20, generator=g)
+    y = (x @ torch.randn(20, 4, generator=g)).argmax(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4))
+    return model.to(device), x.to(device), y.to(device)
+
+
+def _train(model, x, y, opt, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        with opt.sampled_params(train=True):
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_cuda_run_matches_the_cpu_run(fused):
+    """Same CPU generator, so the same noise on both devices; float32 round-off apart."""
+    out = {}
+    for device in ("cpu", "cuda"):
+        model, x, y = _problem(device)
+        opt = ef.BayesAdam(model.parameters(), n_data=256, generator=torch.Generator().manual_seed(1),
+                           fused=fused)  # fmt: skip
+        _train(model, x, y, opt, 10)
+        out[device] = [t.detach().cpu() for p in model.parameters() for t in (p, opt.state[p]["hess"])]
+    for a, b in zip(out["cpu"], out["cuda"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _fp16_run(steps, poison=False):
+    model, x, y = _problem("cuda")
+    if poison:
+        x[0, 0] = float("inf")
+    opt = ef.BayesAdam(model.parameters(), n_data=256, generator=torch.Generator().manual_seed(0))
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        with opt.sampled_params(train=True):
+            with torch.autocast("cuda", dtype=torch.float16):
+                out = model(x)
+            assert out.dtype == torch.float16
+            loss = F.cross_entropy(out.float(), y)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)  # inside the sampling context, before the gradients are read
+        scaler.step(opt)
+        scaler.update()
+        losses.append(float(loss.detach()))
+    return model, opt, scaler, losses
+
+
+def test_fp16_autocast_with_grad_scaler_trains_and_keeps_the_state_in_fp32():
+    model, opt, scaler, losses = _fp16_run(60)
+    assert losses[-1] < 0.7 * losses[0]
+    for p in model.parameters():
+        st = opt.state[p]
+        assert p.dtype == st["hess"].dtype == st["exp_avg"].dtype == torch.float32
+        assert bool(torch.isfinite(st["hess"]).all()) and st["step"] == 60
+
+
+def test_fp16_overflow_is_skipped_by_the_scaler_and_leaves_the_state():
+    model, opt, scaler, _ = _fp16_run(1, poison=True)
+    assert scaler.get_scale() == 2.0**11
+    fresh, _, _ = _problem("cuda")
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+        assert opt.state[p]["step"] == 0 and not opt.state[p]["exp_avg"].any()
+
+
+def test_flipout_signs_from_a_cuda_generator():
+    s = random_signs(100_003, torch.Generator(device="cuda").manual_seed(0))
+    assert s.device.type == "cuda" and set(s.unique().tolist()) == {-1.0, 1.0}
+    assert abs(float(s.mean())) < 5 / 100_003**0.5
+
+
+@pytest.mark.parametrize("method", ["mc", "glm"])
+def test_predictives_on_cuda_match_cpu(method):
+    out = {}
+    for device in ("cpu", "cuda"):
+        model, x, y = _problem(device)
+        opt = ef.BayesAdam(model.named_parameters(), n_data=256, generator=torch.Generator().manual_seed(1))
+        _train(model, x, y, opt, 20)
+        probs = ef.predict(model, opt.posterior(), x[:32], n_samples=8, method=method,
+                           generator=torch.Generator().manual_seed(2))  # fmt: skip
+        out[device] = probs.cpu()
+    torch.testing.assert_close(out["cpu"], out["cuda"], rtol=1e-3, atol=1e-4)
