@@ -79,3 +79,29 @@ def test_kfac_refuses_unsupported_models():
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="LayerNorm"):
         curvature.kfac(model, torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+def test_diag_kfac_from_the_factor_diagonals_equals_the_diagonal_of_the_kronecker_product():
+    """diag_kfac (and BayesAdam's kfac key) never forms A or G, only their diagonals; on a batch of
+    many samples and positions it must equal diag(G ⊗ A) of the full factors (Linear and Conv)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 2)  # 3×3 input -> 4 positions
+            self.fc = nn.Linear(12, 4)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.conv(x.view(-1, 1, 3, 3))).flatten(1))
+
+    model = Net().double()
+    x = torch.randn(16, 9, dtype=torch.float64)
+    y = torch.randint(0, 4, (16,))
+    got = curvature.diag_kfac(model, x, y)
+    for name, m in (("conv", model.conv), ("fc", model.fc)):
+        A, G = curvature.kfac(model, x, y)[name]
+        d = torch.diagonal(torch.kron(G, A)).view(G.shape[0], A.shape[0])  # rows: outputs; bias last
+        weight = d[:, :-1].reshape(m.weight.shape)
+        torch.testing.assert_close(got[f"{name}.weight"], weight, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got[f"{name}.bias"], d[:, -1], rtol=1e-12, atol=1e-14)

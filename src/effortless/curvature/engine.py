@@ -179,11 +179,12 @@ def _layernorm_psg(m, a, delta):
 
 
 def _linear_kfac(m: nn.Linear, a, delta):
+    """KFAC rows: the (bias-augmented) inputs ā (n, in[+1]) and output gradients δ (K·n, out), so
+    that A = āᵀā / n and G = δᵀδ."""
     a2 = a.reshape(-1, a.shape[-1])
     if m.bias is not None:
         a2 = torch.cat([a2, a2.new_ones(a2.shape[0], 1)], 1)
-    d2 = delta.reshape(-1, delta.shape[-1])
-    return a2.T @ a2 / a2.shape[0], d2.T @ d2
+    return a2, delta.reshape(-1, delta.shape[-1])
 
 
 def _conv_kfac(m, a, delta):
@@ -191,14 +192,13 @@ def _conv_kfac(m, a, delta):
     if m.bias is not None:
         patches = torch.cat([patches, patches.new_ones(patches.shape[0], 1)], 1)
     d = delta.reshape(delta.shape[0], delta.shape[1], delta.shape[2], -1)  # (K, B, O, L)
-    d2 = d.permute(0, 1, 3, 2).reshape(-1, d.shape[2])
-    return patches.T @ patches / patches.shape[0], d2.T @ d2
+    return patches, d.permute(0, 1, 3, 2).reshape(-1, d.shape[2])
 
 
 @dataclass(frozen=True)
 class Rule:
     sq: object  # Σ_k Σ_b (per-sample gradient)²
-    kfac: object | None = None  # (A, G)
+    kfac: object | None = None  # the rows (ā, δ) of the Kronecker factors A = āᵀā / n, G = δᵀδ
     psg: object | None = None  # per-sample gradients (K, B, *shape)
     cov: object | None = None  # Σ_p var_p g_kp g_lp without per-sample gradients, or None
 
@@ -356,24 +356,34 @@ def output_covariance(p: Plan, saved, deltas, variance: dict[str, torch.Tensor])
 
 
 def kfac_diagonal(p: Plan, factors) -> dict[str, torch.Tensor]:
-    """The diagonal of ``G ⊗ A`` per parameter, keyed like the model's parameters."""
+    """The diagonal of ``G ⊗ A`` per parameter, keyed like the model's parameters, from the factors
+    (A, G) or from their diagonals alone (1-D, see ``kfac_factors(..., diagonal=True)``)."""
     out = {}
     for full, (mname, attr) in p.params.items():
         A, G = factors[mname]
+        dA = A if A.dim() == 1 else torch.diagonal(A)
+        dG = G if G.dim() == 1 else torch.diagonal(G)
         w = p.modules[mname].weight
         if attr == "weight":
-            out[full] = torch.outer(torch.diagonal(G), torch.diagonal(A)[: w[0].numel()]).view_as(w)
+            out[full] = torch.outer(dG, dA[: w[0].numel()]).view_as(w)
         else:
-            out[full] = torch.diagonal(G) * A[-1, -1]
+            out[full] = dG * dA[-1]
     return out
 
 
-def kfac_factors(p: Plan, saved, deltas) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Module name -> (A, G) for every planned Linear/Conv module."""
+def kfac_factors(
+    p: Plan, saved, deltas, diagonal: bool = False
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module name -> (A, G) for every planned Linear/Conv module; with ``diagonal`` only their
+    diagonals (1-D), which is all the diagonal of ``G ⊗ A`` needs — O(n·in) instead of O(n·in²)."""
     out = {}
     for n, m in p.modules.items():
         rule = RULES[type(m)]
         if rule.kfac is None:
             raise Unsupported(f"no Kronecker factors for {type(m).__name__} ({n})")
-        out[n] = rule.kfac(m, saved[n][0], deltas[n])
+        a, d = rule.kfac(m, saved[n][0], deltas[n])
+        if diagonal:
+            out[n] = (a.square().sum(0) / a.shape[0], d.square().sum(0))
+        else:
+            out[n] = (a.T @ a / a.shape[0], d.T @ d)
     return out

@@ -241,7 +241,8 @@ def _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, ch
     return {n: total[n].detach() * scale if scale != 1.0 else total[n].detach() for n in names}
 
 
-def training_pass(model, x, y, lik, plan, kind: str, generator=None, proceed=None, loss_scale: float = 1.0):
+def training_pass(model, x, y, lik, plan, kind: str, generator=None, proceed=None, loss_scale: float = 1.0,
+                  kfac_diagonal: bool = False):
     """One forward (with hooks) and the training backward of the mean loss (times ``loss_scale``,
     for gradient accumulation), sharing them with a curvature quantity from the hook engine.
 
@@ -249,7 +250,8 @@ def training_pass(model, x, y, lik, plan, kind: str, generator=None, proceed=Non
     batched backward of cotangents to the layer outputs first), ``"kfac"``, ``"kfac-mc"``. Returns
     ``(loss, result)``: per-parameter batch sums of squared per-sample gradients, or the KFAC
     factors per module for the ``kfac`` kinds. ``proceed(loss)`` may stop before the backward
-    (returns ``(loss, None)``), e.g. for a non-finite loss.
+    (returns ``(loss, None)``), e.g. for a non-finite loss. ``kfac_diagonal``: only the factors'
+    diagonals (all the diagonal of ``G ⊗ A`` needs).
     """
     with engine.capture(plan) as saved:
         f = model(x)
@@ -268,7 +270,7 @@ def training_pass(model, x, y, lik, plan, kind: str, generator=None, proceed=Non
         (loss * loss_scale).backward()
     with torch.no_grad():
         if kind.startswith("kfac"):
-            return loss, engine.kfac_factors(plan, saved, deltas)
+            return loss, engine.kfac_factors(plan, saved, deltas, diagonal=kfac_diagonal)
         return loss, engine.sq_sums(plan, saved, deltas)
 
 
@@ -291,18 +293,26 @@ def kfac(
     layer, summed over the batch, is approximated by ``G ⊗ A`` (rows: outputs; columns: flattened
     inputs, bias last); exact for one sample at one position.
     """
+    lik = likelihoods.get(likelihood, sigma_noise)
+    return _kfac(model, x, y, lik, _kfac_plan(model, params, method), method, n_samples, generator, False)
+
+
+def _kfac_plan(model, params, method):
     if method not in ("exact", "mc"):
         raise ValueError(f"method must be 'exact' or 'mc', got {method!r}")
-    lik = likelihoods.get(likelihood, sigma_noise)
     p = engine.plan(model, params)
     no_rule = [f"{n} ({type(m).__name__})" for n, m in p.modules.items() if not engine.RULES[type(m)].kfac]
     if p.backend != "hooks" or no_rule:
         why = f"no Kronecker factors for {', '.join(no_rule)}" if no_rule else str(p)
         raise ValueError(f"kfac needs every selected parameter in a Linear/Conv layer: {why}")
+    return p
+
+
+def _kfac(model, x, y, lik, p, method, n_samples, generator, diagonal):
     with torch.enable_grad(), engine.capture(p) as saved:
         f = model(x)
     V = _cotangents("ggn" if method == "exact" else "ggn-mc", f, y, lik, n_samples, generator)
-    out = engine.kfac_factors(p, saved, engine.output_grads(f, saved, V))
+    out = engine.kfac_factors(p, saved, engine.output_grads(f, saved, V), diagonal=diagonal)
     if method == "mc":
         out = {k: (A, G / n_samples) for k, (A, G) in out.items()}
     return {k: (A.detach(), G.detach()) for k, (A, G) in out.items()}
@@ -318,9 +328,11 @@ def diag_kfac(
     sigma_noise: float = 1.0,
     params: Iterable[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The diagonal of the Kronecker-factored GGN ``G ⊗ A`` per parameter (see :func:`kfac`)."""
-    factors = kfac(model, x, y, likelihood, method, 1, generator, sigma_noise, params)
-    return engine.kfac_diagonal(engine.plan(model, params), factors)
+    """The diagonal of the Kronecker-factored GGN ``G ⊗ A`` per parameter (see :func:`kfac`),
+    from the factors' diagonals alone (no in × in products)."""
+    lik = likelihoods.get(likelihood, sigma_noise)
+    p = _kfac_plan(model, params, method)
+    return engine.kfac_diagonal(p, _kfac(model, x, y, lik, p, method, 1, generator, diagonal=True))
 
 
 def _gradient_graph(model, x, y, lik, names):

@@ -1079,6 +1079,7 @@ class BayesAdam(Optimizer):
         loss, sums = cf.training_pass(
             model, x, y, lik, plan, kind, self.generator,
             proceed=lambda loss: distributed or bool(torch.isfinite(loss)), loss_scale=loss_scale,
+            kfac_diagonal=True,  # the step needs diag(G ⊗ A) only
         )  # fmt: skip
         if sums is None:
             return None, loss
