@@ -47,6 +47,8 @@ def make_runners(batch, n_data: int, methods: list[str], hidden=(256, 256)):
             opt = ef.BayesAdam(model.parameters(), n_data=n_data, hessian=key, batch_size=len(x), fused=fused)
 
             def it(model=model, opt=opt):
+                if opt.estimator.needs_model:  # model-side curvature (ggn, ggn-mc, kfac, ...)
+                    return opt.train_step(model, x, y)
                 opt.zero_grad()
                 with opt.sampled_params(train=True):
                     F.cross_entropy(model(x), y).backward()
