@@ -577,6 +577,34 @@ def test_a_discarded_sample_still_has_its_antithetic_mirror(how, fused):
         torch.testing.assert_close(b, -a, rtol=1e-12, atol=1e-15)
 
 
+def test_a_checkpoint_taken_between_a_sample_and_its_step_holds_the_noise():
+    """The pending sample's θ lives in the noise buffer; state_dict() must still save ε (without
+    touching the live state), so a resumed run draws the sample's exact mirror next."""
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64, temperature=1.0)
+    _loop_step(opt, model, x, y)
+    _loop_step(opt, model, x, y)  # a whole pair: the next draw is a fresh +ε
+    mu = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    with opt.sampled_params(train=True):
+        first = [p.detach() - m for p, m in zip(model.parameters(), mu)]
+        F.cross_entropy(model(x), y).backward()
+    live = [opt.state[p]["noise"].clone() for p in model.parameters()]
+    sd = opt.state_dict()
+    for p, before in zip(model.parameters(), live):
+        assert torch.equal(opt.state[p]["noise"], before)  # the live buffers still hold θ
+    fresh = _mlp()
+    fresh.load_state_dict(model.state_dict())
+    opt2 = ef.BayesAdam(fresh.parameters(), n_data=64, temperature=1.0)
+    opt2.load_state_dict(sd)
+    with opt2.sampled_params(train=True):
+        second = [p.detach() - m for p, m in zip(fresh.parameters(), mu)]
+    for a, b in zip(first, second):
+        assert a.abs().min() > 0
+        torch.testing.assert_close(b, -a, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_parameter_without_gradient_keeps_its_mirror_across_the_step(fused):
     """A parameter the loss does not touch is skipped by the update; its sample (drawn over its

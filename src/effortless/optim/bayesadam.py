@@ -1116,6 +1116,17 @@ class BayesAdam(Optimizer):
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         sd = super().state_dict()
+        if self._pending_theta:  # saved between a sample and its step: write the noise, not θ
+            index = 0  # torch numbers the parameters across groups in order
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        st = sd["state"].get(index)
+                        if st is not None and "noise" in st and p.requires_grad and group["temperature"] > 0:
+                            n, d, t = group["n_data"], group["prior_precision"], group["temperature"]
+                            st = dict(st, noise=(st["noise"] - p.data) * _inv_sigma(st["hess"], n, d, t))
+                            sd["state"][index] = st
+                        index += 1
         sd["bayesadam"] = {
             "hessian": self.hessian,
             "mc_samples": self.mc_samples,
