@@ -169,6 +169,14 @@ def _chunks(sizes: list[int], budget: int) -> list[list[int]]:
     return out + ([cur] if cur else [])
 
 
+def _noise_from_theta_(u, mu, h, group) -> torch.Tensor:
+    """u ← (u − μ)/σ in place (a sample θ back to sign · ε), slice by slice; returns u."""
+    n, d, t = group["n_data"], group["prior_precision"], group["temperature"]
+    for u_s, mu_s, h_s in _slices([u, mu, h], FOREACH_CHUNK):
+        u_s.sub_(mu_s).mul_(_inv_sigma(h_s, n, d, t))
+    return u
+
+
 def _slices(row, size: int):
     """The row's tensors cut into flat slices of at most ``size`` elements (views: the update is
     elementwise, so slice by slice is bitwise the same), so that the temporaries of one tensor's
@@ -583,9 +591,7 @@ class BayesAdam(Optimizer):
                     continue
                 if without_grad_only and p.grad is not None:
                     continue
-                for u_s, mu_s, h_s in _slices([st["noise"], p.data, st["hess"]], FOREACH_CHUNK):
-                    n, d, t = group["n_data"], group["prior_precision"], group["temperature"]
-                    u_s.sub_(mu_s).mul_(_inv_sigma(h_s, n, d, t))
+                _noise_from_theta_(st["noise"], p.data, st["hess"], group)
 
     def _draw(self, todo, sign) -> list[torch.Tensor]:
         """θ = μ ± σ ⊙ ε for every (p, h, ε, group) in ``todo`` (fused when possible)."""
@@ -705,7 +711,7 @@ class BayesAdam(Optimizer):
                     means[p] = p.data
                     p.data = theta.view_as(p.data)
                 first = train and todo and self.hessian == "reparam" and self._n_samples == 0
-                if first and self._world()[0] == "per-rank":  # overlap Σ_r ε_r with fwd and bwd
+                if first and mode == "per-rank":  # overlap Σ_r ε_r with fwd and bwd
                     self._start_noise_sum({t[0]: t[2] for t in todo})
             yield
             completed = True
@@ -1123,9 +1129,8 @@ class BayesAdam(Optimizer):
                     for p in group["params"]:
                         st = sd["state"].get(index)
                         if st is not None and "noise" in st and p.requires_grad and group["temperature"] > 0:
-                            n, d, t = group["n_data"], group["prior_precision"], group["temperature"]
-                            st = dict(st, noise=(st["noise"] - p.data) * _inv_sigma(st["hess"], n, d, t))
-                            sd["state"][index] = st
+                            noise = _noise_from_theta_(st["noise"].clone(), p.data, st["hess"], group)
+                            sd["state"][index] = dict(st, noise=noise)
                         index += 1
         sd["bayesadam"] = {
             "hessian": self.hessian,
