@@ -1,13 +1,15 @@
 """Flipout noise for per-rank samples under DDP (``distributed="flipout"``), without a process group:
-the sign draws, the marginals of the ranks' samples, and the unbiasedness of the curvature
-estimate ḡ ⊙ Σ_r ε_r / σ built from them, on a quadratic whose Hessian is known."""
+the sign draws, the marginals of the ranks' samples, the unbiasedness of the curvature estimate
+ḡ ⊙ Σ_r ε_r / σ built from rank-one sign matrices, on a quadratic whose Hessian is known, and the
+optimizer's draw (fused and eager) with its rank simulated."""
 
 import math
 
 import pytest
 import torch
 
-from effortless.optim.bayesadam import flipout_signs, random_signs
+import effortless as ef
+from effortless.optim.bayesadam import flipout_factors, random_signs
 
 
 def _gen_for(seed, q):
@@ -26,21 +28,21 @@ def test_random_signs_are_balanced_independent_and_reproducible():
     assert not torch.equal(s, random_signs(n, torch.Generator().manual_seed(1), dtype=torch.float64))
 
 
-def test_every_rank_computes_the_same_sum_of_signs():
-    outs = [flipout_signs(5, r, 3, 1000, _gen_for, dtype=torch.float64) for r in range(3)]
-    total = sum(own for own, _ in outs)
-    for _, t in outs:
-        assert torch.equal(t, total)
-    assert not torch.equal(outs[0][0], outs[1][0])
+def test_every_rank_draws_the_same_sign_factors():
+    f = [flipout_factors(5, 3, 1000, _gen_for, dtype=torch.float64) for _ in range(2)]
+    assert f[0].shape == (3, 1000) and torch.equal(f[0], f[1])
+    assert not torch.equal(f[0][0], f[0][1])  # the ranks' rows differ
+    assert torch.equal(f[0][1], random_signs(1000, _gen_for(5, 1), dtype=torch.float64))
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_flipout_curvature_estimate_is_unbiased_and_gradient_variance_matches_independent(world):
-    """K independent copies of a 4-d quadratic ½θᵀAθ − bᵀθ (A dense) in one draw. Each "rank"
-    takes the gradient at μ + σ ⊙ ζ ⊙ s_r; DDP averages them. Checks: ε_r ~ N(0, 1) marginally and
-    uncorrelated across ranks; E[ḡ ⊙ Σ_r ε_r / σ] = diag(A); Cov(ḡ) = A diag(σ²) A / R, what
-    independent per-rank draws give (a shared sample would give R times that)."""
-    d, K = 4, 50_000
+    """K independent copies of a 12-d quadratic ½θᵀAθ − bᵀθ (A dense) in one draw, θ seen as a 3 × 4
+    matrix. Each "rank" takes the gradient at μ + σ ⊙ ζ ⊙ a_r b_rᵀ; DDP averages them. Checks:
+    ε_r ~ N(0, 1) marginally and uncorrelated across ranks; E[ḡ ⊙ Σ_r ε_r / σ] = diag(A);
+    Cov(ḡ) = A diag(σ²) A / R, what independent per-rank draws give (a shared sample: R× that)."""
+    rows, cols = 3, 4  # one 3 × 4 weight matrix with rank-one sign matrices a_r b_rᵀ per rank
+    d, K = rows * cols, 20_000
     g = torch.Generator().manual_seed(0)
     m = torch.randn(d, d, generator=g, dtype=torch.float64)
     A = m @ m.T + d * torch.eye(d, dtype=torch.float64)
@@ -48,9 +50,10 @@ def test_flipout_curvature_estimate_is_unbiased_and_gradient_variance_matches_in
     mu = torch.randn(d, generator=g, dtype=torch.float64)
     sigma = torch.rand(d, generator=g, dtype=torch.float64) * 0.5 + 0.1
     zeta = torch.randn(K, d, generator=g, dtype=torch.float64)
-    signs = [flipout_signs(11, r, world, K * d, _gen_for, dtype=torch.float64) for r in range(world)]
-    eps = [zeta * own.view(K, d) for own, _ in signs]
-    total = signs[0][1].view(K, d)
+    f = flipout_factors(11, world, K * (rows + cols), _gen_for, dtype=torch.float64).view(world, K, -1)
+    s = [(f[r, :, :rows, None] * f[r, :, None, rows:]).reshape(K, d) for r in range(world)]  # a_r b_rᵀ
+    eps = [zeta * s_r for s_r in s]
+    total = sum(s)
     grads = [(mu + sigma * e) @ A - b for e in eps]  # A symmetric
     gbar = sum(grads) / world
     est = gbar * zeta * total / sigma
@@ -70,3 +73,71 @@ def test_flipout_curvature_estimate_is_unbiased_and_gradient_variance_matches_in
     assert rel < 0.05, rel
     shared = A @ torch.diag(sigma**2) @ A  # what one shared sample would give: R× larger
     assert float(torch.linalg.norm(cov - shared) / torch.linalg.norm(shared)) > 0.3
+
+
+def _as_rank(opt, monkeypatch, rank, world=2):
+    """Make ``opt`` behave as rank ``rank`` of a Flipout run of ``world`` processes (no process group:
+    the shared generator is the optimizer's own, as after rank 0's broadcast)."""
+    monkeypatch.setattr(opt, "_world", lambda: ("flipout", world, rank))
+    opt._synced = True
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_flipout_draw_gives_each_rank_its_sample_and_every_rank_their_sum(monkeypatch, fused):
+    """Two simulated ranks draw from the same generator state: ζ = |ε_r| is shared, ε_r / ζ is a
+    rank-one ±1 matrix per tensor (a conv kernel seen as out × in·k), the two ranks' samples differ,
+    and each rank's Σ_q ε_q (used by the reparam estimate) is the sum of the ranks' actual
+    (θ_q − μ)/σ. The fused kernel and the eager path give the same samples."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(2, 5, 3), torch.nn.Flatten(), torch.nn.Linear(5 * 6, 4))
+    model.double()
+    eps, summed, thetas = [], [], []
+    for rank in range(2):
+        opt = ef.BayesAdam(model.parameters(), n_data=100, hess_init=0.3, fused=fused,
+                           generator=torch.Generator().manual_seed(3))  # fmt: skip
+        _as_rank(opt, monkeypatch, rank)
+        with torch.no_grad():
+            for st_p in model.parameters():  # a spread of σ
+                opt._state(opt.param_groups[0], st_p)["hess"].uniform_(0.1, 2.0)
+        with opt.sampled_params(train=True):
+            thetas.append([p.detach().clone() for p in model.parameters()])
+        assert opt._phase == 1
+        g = opt.param_groups[0]
+        n, d, t = g["n_data"], g["prior_precision"], g["temperature"]
+        inv_sigma = [torch.sqrt((opt.state[p]["hess"] * n + d) / t) for p in model.parameters()]
+        eps.append([(t - p) * s for t, p, s in zip(thetas[-1], model.parameters(), inv_sigma)])
+        summed.append([opt._noise_summed[p].clone() for p in model.parameters()])
+        zeta = [opt.state[p]["noise"] for p in model.parameters()]
+    for j, (e0, e1) in enumerate(zip(eps[0], eps[1])):
+        torch.testing.assert_close(e0.abs(), zeta[j].abs(), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(e1.abs(), zeta[j].abs(), rtol=1e-9, atol=1e-9)
+        assert not torch.allclose(e0, e1)
+        for r in range(2):
+            torch.testing.assert_close(summed[r][j], e0 + e1, rtol=1e-9, atol=1e-9)
+            signs = (eps[r][j] / zeta[j]).reshape(e0.shape[0], -1).round()
+            assert set(signs.unique().tolist()) <= {-1.0, 1.0}
+            assert torch.linalg.matrix_rank(signs) == 1
+
+
+def test_flipout_fused_kernel_equals_eager_draw(monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    start, out = {k: v.clone() for k, v in model.state_dict().items()}, {}
+    for fused in (False, True):
+        model.load_state_dict(start)
+        gen = torch.Generator().manual_seed(1)
+        opt = ef.BayesAdam(model.parameters(), n_data=50, fused=fused, generator=gen)
+        _as_rank(opt, monkeypatch, 1, world=3)
+        draws = []
+        for _ in range(2):  # a fresh draw and its antithetic mirror (after a step)
+            opt.zero_grad()
+            with opt.sampled_params(train=True):
+                model(torch.randn(4, 6, generator=torch.Generator().manual_seed(2))).sum().backward()
+                draws.append([p.detach().clone() for p in model.parameters()])
+                draws.append([opt._noise_summed[p].clone() for p in model.parameters()])
+            opt.step()
+        assert opt.fused == fused  # the compiled kernel ran (a compilation failure turns it off)
+        out[fused] = draws
+    for a, b in zip(out[False], out[True]):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

@@ -303,10 +303,11 @@ class BayesAdam(Optimizer):
               at no extra communication. One Gaussian draw ζ is shared by all ranks and rank r
               flips its signs with its own random sign vector s_r (Flipout, Wen et al. 2018):
               ε_r = ζ ⊙ s_r is exactly N(0, I) on every rank and uncorrelated across ranks (not
-              independent: |ε_r| is shared). The sign vectors are seeded each step from the
-              shared generator and the rank, so every rank knows Σ_r ε_r = ζ ⊙ Σ_r s_r, which
-              the ``reparam`` curvature needs, without a collective (R table lookups of P/8
-              random bytes instead).
+              independent: |ε_r| is shared). As in Flipout, each weight tensor (seen as rows ×
+              the rest) gets a rank-one sign matrix s_r = a_r b_rᵀ, so a rank draws rows + cols
+              signs per tensor, not one per weight. The signs are seeded each step from the
+              shared generator, so every rank knows Σ_r ε_r = ζ ⊙ Σ_r a_r b_rᵀ, which the
+              ``reparam`` curvature needs, without a collective.
             * ``"per-rank"``: an independent Gaussian draw on every rank; the ``reparam``
               curvature then needs Σ_r ε_r, one extra all-reduce of P floats per step (started
               when the sample is drawn, to overlap forward and backward).
@@ -701,12 +702,11 @@ class BayesAdam(Optimizer):
                         unit = _fill_normal(torch.empty_like(p), gen)
                     todo.append((p, st["hess"], unit, group))
                 mode = self._world()[0] if train and todo else "off"
-                if mode == "flipout":
-                    todo = self._flipout(todo)
                 inplace = bool(train and todo and mode in ("off", "shared"))  # θ over state["noise"]
-                # flipout: θ over this step's ε_r = ζ ⊙ s_r in the sign workspace (ζ stays intact)
-                over_units = inplace or bool(train and todo and mode == "flipout")
-                thetas_new = self._draw_inplace(todo, sign) if over_units else self._draw(todo, sign)
+                if train and todo and mode == "flipout":  # θ in a workspace (ζ stays intact)
+                    thetas_new = self._flipout_draw(todo, sign)
+                else:
+                    thetas_new = self._draw_inplace(todo, sign) if inplace else self._draw(todo, sign)
                 for p, theta in zip([t[0] for t in todo], thetas_new):
                     means[p] = p.data
                     p.data = theta.view_as(p.data)
@@ -734,34 +734,69 @@ class BayesAdam(Optimizer):
                 self._accumulate(sign, theta_in_noise=inplace)
             self._n_samples += 1
 
-    def _flipout(self, todo):
-        """Flipout under DDP: this rank's unit noise ζ ⊙ s_r for the draw, and Σ_r ε_r = ζ ⊙ Σ_q s_q
-        for the ``reparam`` estimate, from the step's recorded seed (the same s_r for both halves
-        of an antithetic pair, and after a resume)."""
+    def _flipout_draw(self, todo, sign) -> list[torch.Tensor]:
+        """Flipout under DDP: rank r's sample θ = μ + sign · σ ⊙ ε_r with ε_r = ζ ⊙ a_r b_rᵀ
+        (every tensor seen as a matrix, rows × the rest; ζ the shared unit noise in
+        state["noise"]), written into a reused workspace, and Σ_q ε_q = ζ ⊙ Σ_q a_q b_qᵀ for the
+        ``reparam`` estimate (kept in ``_noise_summed``). The rank-one sign matrices (Wen et al.
+        2018) take rows + cols random signs per tensor and rank instead of rows · cols; they are
+        drawn from the step's recorded seed (the same for both halves of an antithetic pair, and
+        after a resume). Returns the samples."""
         _, world, rank = self._world()
         kinds: dict[tuple, list[int]] = {}  # the signs are drawn per (device, dtype) of the weights
         for j, (p, *_) in enumerate(todo):
             kinds.setdefault((p.device, p.dtype), []).append(j)
-        out, summed = list(todo), {}
+        thetas: list = [None] * len(todo)
+        summed = {}
         for k, ((device, dtype), idx) in enumerate(kinds.items()):
+            dims = [_matrix_dims(todo[j][0]) for j in idx]
             numel = sum(todo[j][0].numel() for j in idx)
-            shape = (3 if world > 2 else 2, _padded(numel))
             buf = self._flip_buffers.get((device, dtype))
-            if buf is None or tuple(buf.shape) != shape:  # reused: no allocation per step
-                buf = self._flip_buffers[(device, dtype)] = torch.empty(shape, device=device, dtype=dtype)
+            if buf is None or tuple(buf.shape) != (2, numel):  # reused: no allocation per step
+                buf = self._flip_buffers[(device, dtype)] = torch.empty(2, numel, device=device, dtype=dtype)
             seed = (self._noise_seed + 0x2545F4914F6CDD1D * k) % 2**62
-            own, total = flipout_signs(seed, rank, world, numel, self._rank_generator, device, dtype,
-                                       buffer=buf)  # fmt: skip
-            i = 0
-            for j in idx:  # in place: own → ε_r = ζ ⊙ s_r, total → Σ_r ε_r
+            signs = flipout_factors(seed, world, sum(r + c for r, c in dims), self._rank_generator,
+                                    device, dtype)  # fmt: skip
+            rows = []  # (p, h, ζ, group, A (R, rows), B (R, cols), θ slice, Σε slice)
+            i = o = 0
+            for j, (r, c) in zip(idx, dims):
                 p, h, zeta, group = todo[j]
                 n = p.numel()
-                out[j] = (p, h, own[i : i + n].view_as(zeta).mul_(zeta), group)
+                rows.append((p, h, zeta, group, signs[:, o : o + r], signs[:, o + r : o + r + c],
+                             buf[0, i : i + n].view(p.shape), buf[1, i : i + n].view(p.shape)))  # fmt: skip
+                i, o = i + n, o + r + c
+            if self._fused_flipout(rows, sign, rank) is _FAILED:
+                for p, h, zeta, g, A, B, theta, total in rows:
+                    shape_a, shape_b = _factor_shapes(p)
+                    torch.mul(zeta, A[rank].view(shape_a), out=theta).mul_(B[rank].view(shape_b))
+                    inv_sigma = _inv_sigma(h, g["n_data"], g["prior_precision"], g["temperature"])
+                    torch.addcdiv(p.data, theta, inv_sigma, value=sign, out=theta)
+                    torch.mm(A.T, B, out=total.view(A.shape[1], B.shape[1]))
+                    total.mul_(zeta)
+            for j, row in zip(idx, rows):
+                thetas[j] = row[6]
                 if self.hessian == "reparam":
-                    summed[p] = total[i : i + n].view_as(zeta).mul_(zeta)
-                i += n
+                    summed[row[0]] = row[7]
         self._noise_summed = summed
-        return out
+        return thetas
+
+    def _fused_flipout(self, rows, sign, rank):
+        """The compiled Flipout sampling kernel over ``rows`` (see :meth:`_flipout_draw`), or
+        ``_FAILED`` where it cannot run (fused off, several groups, a compilation failure)."""
+        if not self.fused or len({id(row[3]) for row in rows}) > 1:
+            return _FAILED
+        if not all(row[0].is_contiguous() and row[2].is_contiguous() for row in rows):
+            return _FAILED
+        g, first = rows[0][3], rows[0][0]
+        n, d, t = g["n_data"], g["prior_precision"], g["temperature"]
+        hp = torch.tensor([sign, n / t, d / t], dtype=first.dtype, device=first.device)
+        cols = [[], [], [], [], [], [], []]
+        for p, h, zeta, _, A, B, theta, total in rows:
+            r, c = A.shape[1], B.shape[1]
+            mats = [x.reshape(r, c) for x in (p.data, h, zeta)] + [A.unsqueeze(2), B.unsqueeze(1)]
+            for col, x in zip(cols, mats + [theta.view(r, c), total.view(r, c)]):
+                col.append(x)
+        return self._run_fused("flipout_sample", *cols, hp, rank)
 
     def _drop_noise_sum(self) -> None:
         if self._noise_sum is not None:  # an in-flight collective must complete before it is dropped
@@ -1200,28 +1235,27 @@ def random_signs(numel: int, generator: torch.Generator, device=None, dtype=torc
     return out[:numel]
 
 
-def flipout_signs(
-    seed: int, rank: int, world: int, numel: int, generator_for, device=None, dtype=torch.float32,
-    buffer: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank ``rank``'s sign vector s_r and the sum Σ_q s_q over all ``world`` ranks, each rank
-    q's signs drawn from ``generator_for(seed, q)``. Every rank computes the same sum. ``buffer``:
-    (3, ≥ ``_padded(numel)``) workspace written into instead of allocating (row 2 only for
-    world > 2); the results are views of it."""
-    if buffer is None:
-        buffer = torch.empty(3 if world > 2 else 2, _padded(numel), device=device, dtype=dtype)
-    own, total = buffer[0], buffer[1]
-    first = True
-    for q in range(world):
-        if q == rank:
-            random_signs(numel, generator_for(seed, q), device, dtype, out=own)
-        elif first:
-            random_signs(numel, generator_for(seed, q), device, dtype, out=total)
-            first = False
-        else:
-            total.add_(random_signs(numel, generator_for(seed, q), device, dtype, out=buffer[2]))
-    total.add_(own)
-    return own[:numel], total[:numel]
+def flipout_factors(seed: int, world: int, length: int, generator_for, device=None,
+                    dtype=torch.float32) -> torch.Tensor:  # fmt: skip
+    """(world, length) random signs, row q drawn from ``generator_for(seed, q)``: every rank draws
+    all ranks' sign factors (a few per weight-matrix row and column), so every rank knows both its
+    own rank-one sign matrices and their sum over ranks."""
+    return torch.stack([random_signs(length, generator_for(seed, q), device, dtype) for q in range(world)])
+
+
+def _matrix_dims(p: torch.Tensor) -> tuple[int, int]:
+    """A tensor seen as a matrix for Flipout's rank-one signs: (first dim, the rest); a 1-D
+    tensor is a column, a scalar 1 × 1."""
+    if p.dim() == 0:
+        return 1, 1
+    return p.shape[0], math.prod(p.shape[1:])
+
+
+def _factor_shapes(p: torch.Tensor) -> tuple[tuple, tuple]:
+    """Shapes that broadcast the row and column sign factors of ``p`` to its shape (any layout)."""
+    if p.dim() == 0:
+        return (), ()
+    return (p.shape[0],) + (1,) * (p.dim() - 1), (1,) + tuple(p.shape[1:])
 
 
 def _fill_normal(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
