@@ -394,7 +394,7 @@ class BayesAdam(Optimizer):
         self.process_group = process_group
         self._synced = False  # generator broadcast from rank 0 (distributed runs, once)
         self._noise_seed = None  # per-rank runs: the shared seed of the last training noise draw
-        self._flip_buffers: dict = {}  # flipout runs: workspace for the ranks' sign vectors
+        self._flip_buffers: dict = {}  # flipout runs: reused workspace per (device, dtype)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         self.estimator = estimators.get(hessian)
@@ -748,55 +748,68 @@ class BayesAdam(Optimizer):
             kinds.setdefault((p.device, p.dtype), []).append(j)
         thetas: list = [None] * len(todo)
         summed = {}
-        for k, ((device, dtype), idx) in enumerate(kinds.items()):
-            dims = [_matrix_dims(todo[j][0]) for j in idx]
-            numel = sum(todo[j][0].numel() for j in idx)
-            buf = self._flip_buffers.get((device, dtype))
-            if buf is None or tuple(buf.shape) != (2, numel):  # reused: no allocation per step
-                buf = self._flip_buffers[(device, dtype)] = torch.empty(2, numel, device=device, dtype=dtype)
+        for k, (kind, idx) in enumerate(kinds.items()):
+            plan = self._flipout_plan(kind, [todo[j] for j in idx], world)
             seed = (self._noise_seed + 0x2545F4914F6CDD1D * k) % 2**62
-            signs = flipout_factors(seed, world, sum(r + c for r, c in dims), self._rank_generator,
-                                    device, dtype)  # fmt: skip
-            rows = []  # (p, h, ζ, group, A (R, rows), B (R, cols), θ slice, Σε slice)
-            i = o = 0
-            for j, (r, c) in zip(idx, dims):
-                p, h, zeta, group = todo[j]
-                n = p.numel()
-                rows.append((p, h, zeta, group, signs[:, o : o + r], signs[:, o + r : o + r + c],
-                             buf[0, i : i + n].view(p.shape), buf[1, i : i + n].view(p.shape)))  # fmt: skip
-                i, o = i + n, o + r + c
-            if self._fused_flipout(rows, sign, rank) is _FAILED:
-                for p, h, zeta, g, A, B, theta, total in rows:
+            if plan["seed"] != seed:  # (an antithetic mirror reuses its pair's factors)
+                length = plan["signs"].shape[1]
+                for q in range(world):  # every rank draws every rank's factors, into the plan's buffer
+                    random_signs(length, self._rank_generator(seed, q), *kind, out=plan["signs"][q])
+                plan["seed"] = seed
+            if plan["fused"] is None or self._run_flipout_kernel(plan, sign, rank) is _FAILED:
+                for p, h, zeta, g, A, B, theta, total in plan["rows"]:
                     shape_a, shape_b = _factor_shapes(p)
                     torch.mul(zeta, A[rank].view(shape_a), out=theta).mul_(B[rank].view(shape_b))
                     inv_sigma = _inv_sigma(h, g["n_data"], g["prior_precision"], g["temperature"])
                     torch.addcdiv(p.data, theta, inv_sigma, value=sign, out=theta)
                     torch.mm(A.T, B, out=total.view(A.shape[1], B.shape[1]))
                     total.mul_(zeta)
-            for j, row in zip(idx, rows):
+            for j, row in zip(idx, plan["rows"]):
                 thetas[j] = row[6]
                 if self.hessian == "reparam":
                     summed[row[0]] = row[7]
         self._noise_summed = summed
         return thetas
 
-    def _fused_flipout(self, rows, sign, rank):
-        """The compiled Flipout sampling kernel over ``rows`` (see :meth:`_flipout_draw`), or
-        ``_FAILED`` where it cannot run (fused off, several groups, a compilation failure)."""
-        if not self.fused or len({id(row[3]) for row in rows}) > 1:
-            return _FAILED
-        if not all(row[0].is_contiguous() and row[2].is_contiguous() for row in rows):
-            return _FAILED
-        g, first = rows[0][3], rows[0][0]
+    def _flipout_plan(self, kind, todo, world) -> dict:
+        """The reused workspace of :meth:`_flipout_draw` for tensors of one (device, dtype): θ and
+        Σε buffers, the sign-factor buffer, and the per-tensor views (and the compiled kernel's
+        argument lists), rebuilt only when the tensors, their storage or the world change."""
+        key = (world, self.fused, tuple((id(p), p.data_ptr(), h.data_ptr(), z.data_ptr(), id(g))
+                                        for p, h, z, g in todo))  # fmt: skip
+        plan = self._flip_buffers.get(kind)
+        if plan is not None and plan["key"] == key:
+            return plan
+        device, dtype = kind
+        dims = [_matrix_dims(p) for p, *_ in todo]
+        numel = sum(p.numel() for p, *_ in todo)
+        length = sum(r + c for r, c in dims)
+        buf = torch.empty(2, numel, device=device, dtype=dtype)
+        signs = torch.empty(world, _padded(length), device=device, dtype=dtype)
+        rows = []  # (p, h, ζ, group, A (R, rows), B (R, cols), θ view, Σε view)
+        i = o = 0
+        for (p, h, zeta, group), (r, c) in zip(todo, dims):
+            n = p.numel()
+            rows.append((p, h, zeta, group, signs[:, o : o + r], signs[:, o + r : o + r + c],
+                         buf[0, i : i + n].view(p.shape), buf[1, i : i + n].view(p.shape)))  # fmt: skip
+            i, o = i + n, o + r + c
+        fused = None  # the compiled kernel's arguments: 2-D views, contiguous tensors, one group
+        one_group = len({id(row[3]) for row in rows}) == 1
+        if self.fused and one_group and all(r[0].is_contiguous() and r[2].is_contiguous() for r in rows):
+            fused = [[], [], [], [], [], [], []]
+            for p, h, zeta, _, A, B, theta, total in rows:
+                r, c = A.shape[1], B.shape[1]
+                mats = [x.view(r, c) for x in (p.data, h, zeta, theta, total)]
+                for col, x in zip(fused, mats[:3] + [A.unsqueeze(2), B.unsqueeze(1)] + mats[3:]):
+                    col.append(x)
+        plan = self._flip_buffers[kind] = dict(key=key, rows=rows, signs=signs, fused=fused, seed=None)
+        return plan
+
+    def _run_flipout_kernel(self, plan, sign, rank):
+        g, first = plan["rows"][0][3], plan["rows"][0][0]
         n, d, t = g["n_data"], g["prior_precision"], g["temperature"]
         hp = torch.tensor([sign, n / t, d / t], dtype=first.dtype, device=first.device)
-        cols = [[], [], [], [], [], [], []]
-        for p, h, zeta, _, A, B, theta, total in rows:
-            r, c = A.shape[1], B.shape[1]
-            mats = [x.reshape(r, c) for x in (p.data, h, zeta)] + [A.unsqueeze(2), B.unsqueeze(1)]
-            for col, x in zip(cols, mats + [theta.view(r, c), total.view(r, c)]):
-                col.append(x)
-        return self._run_fused("flipout_sample", *cols, hp, rank)
+        return self._run_fused("flipout_sample", *plan["fused"], hp, rank)
 
     def _drop_noise_sum(self) -> None:
         if self._noise_sum is not None:  # an in-flight collective must complete before it is dropped
