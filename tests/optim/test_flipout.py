@@ -3,6 +3,7 @@ the sign draws, the marginals of the ranks' samples, the unbiasedness of the cur
 ḡ ⊙ Σ_r ε_r / σ built from rank-one sign matrices, on a quadratic whose Hessian is known, and the
 optimizer's draw (fused and eager) with its rank simulated."""
 
+import copy
 import math
 
 import pytest
@@ -141,3 +142,36 @@ def test_flipout_fused_kernel_equals_eager_draw(monkeypatch):
     for a, b in zip(out[False], out[True]):
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_flipout_workspace_follows_a_state_reload_in_the_same_optimizer(monkeypatch):
+    """The draw reuses views of μ, h and ζ across steps; loading a checkpoint into the same
+    optimizer (new state tensors) or replacing a parameter's data must not leave it drawing from
+    the old tensors: the replayed steps equal the first run's bitwise."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    opt = ef.BayesAdam(model.parameters(), n_data=30, generator=torch.Generator().manual_seed(4))
+    _as_rank(opt, monkeypatch, 1)
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(5))
+
+    def run(steps):
+        seen = []
+        for _ in range(steps):
+            opt.zero_grad()
+            with opt.sampled_params(train=True):
+                model(x).square().mean().backward()
+                seen.append([p.detach().clone() for p in model.parameters()])
+            opt.step()
+        return seen
+
+    run(3)  # mid-pair: the next draw is an antithetic mirror
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt = copy.deepcopy(opt.state_dict())
+    first = run(3)
+    model[0].weight.data = model[0].weight.data.clone()  # new storage for one parameter
+    model.load_state_dict(weights)
+    opt.load_state_dict(ckpt)
+    again = run(3)
+    for a, b in zip(first, again):
+        for u, v in zip(a, b):
+            assert torch.equal(u, v)
