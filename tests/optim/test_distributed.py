@@ -261,7 +261,7 @@ def _flipout_worker(rank, out):
                 dist.all_reduce(total)
                 res[f"own{t}.{n}"] = own
                 res[f"reduced{t}.{n}"] = total
-                res[f"local{t}.{n}"] = opt._noise_summed[p].clone()
+                res[f"local{t}.{n}"] = opt._flipout_noise_sum()[p]
         opt.step()
     torch.save(res, os.path.join(out, f"flip{rank}.pt"))
 

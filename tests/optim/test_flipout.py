@@ -107,7 +107,7 @@ def test_flipout_draw_gives_each_rank_its_sample_and_every_rank_their_sum(monkey
         n, d, t = g["n_data"], g["prior_precision"], g["temperature"]
         inv_sigma = [torch.sqrt((opt.state[p]["hess"] * n + d) / t) for p in model.parameters()]
         eps.append([(t - p) * s for t, p, s in zip(thetas[-1], model.parameters(), inv_sigma)])
-        summed.append([opt._noise_summed[p].clone() for p in model.parameters()])
+        summed.append([opt._flipout_noise_sum()[p] for p in model.parameters()])
         zeta = [opt.state[p]["noise"] for p in model.parameters()]
     for j, (e0, e1) in enumerate(zip(eps[0], eps[1])):
         torch.testing.assert_close(e0.abs(), zeta[j].abs(), rtol=1e-9, atol=1e-9)
@@ -120,26 +120,34 @@ def test_flipout_draw_gives_each_rank_its_sample_and_every_rank_their_sum(monkey
             assert torch.linalg.matrix_rank(signs) == 1
 
 
-def test_flipout_fused_kernel_equals_eager_draw(monkeypatch):
+@pytest.mark.parametrize("mc", [1, 2])
+def test_flipout_fused_kernels_equal_the_eager_path(monkeypatch, mc):
+    """Compiled Flipout sampling and update (Σ_r ε_r formed inside the kernel) against the eager
+    path that materialises Σ_r ε_r: the same samples, sums, means and curvature over 4 steps,
+    with one sample per step (fused update) and two (the sums go through the accumulator)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
     start, out = {k: v.clone() for k, v in model.state_dict().items()}, {}
     for fused in (False, True):
         model.load_state_dict(start)
         gen = torch.Generator().manual_seed(1)
-        opt = ef.BayesAdam(model.parameters(), n_data=50, fused=fused, generator=gen)
+        opt = ef.BayesAdam(model.parameters(), n_data=50, fused=fused, generator=gen, mc_samples=mc)
         _as_rank(opt, monkeypatch, 1, world=3)
         draws = []
-        for _ in range(2):  # a fresh draw and its antithetic mirror (after a step)
+        for _ in range(4):  # fresh draws and their antithetic mirrors
             opt.zero_grad()
-            with opt.sampled_params(train=True):
-                model(torch.randn(4, 6, generator=torch.Generator().manual_seed(2))).sum().backward()
-                draws.append([p.detach().clone() for p in model.parameters()])
-                draws.append([opt._noise_summed[p].clone() for p in model.parameters()])
+            for _ in range(mc):
+                with opt.sampled_params(train=True):
+                    model(torch.randn(4, 6, generator=torch.Generator().manual_seed(2))).sum().backward()
+                    draws.append([p.detach().clone() for p in model.parameters()])
+                    draws.append(list(opt._flipout_noise_sum().values()))
             opt.step()
+        draws.append([opt.state[p]["hess"].clone() for p in model.parameters()])
+        draws.append([p.detach().clone() for p in model.parameters()])
         assert opt.fused == fused  # the compiled kernel ran (a compilation failure turns it off)
         out[fused] = draws
     for a, b in zip(out[False], out[True]):
+        assert len(a) == len(b) == 4
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 

@@ -44,16 +44,25 @@ def _reparam_step_theta_math(mu, g, m, v, h, th, hp):
     th.copy_(e)
 
 
-def _flipout_sample_many(mus, hs, zs, As, Bs, owns, tots, hp, rank):
+def _flip_sum(A, B):
+    # Σ_q a_q b_qᵀ for A (R, rows, 1) and B (R, 1, cols), the sum over ranks unrolled
+    s = A[0] * B[0]
+    for q in range(1, A.shape[0]):
+        s = s + A[q] * B[q]
+    return s
+
+
+def _flipout_sample_many(mus, hs, zs, As, Bs, owns, hp, rank):
     # 2-D views (rows, cols) of each tensor; A (R, rows, 1) and B (R, 1, cols) hold the ranks'
-    # sign factors: rank r's sample μ + sign · σ ⊙ ζ ⊙ a_r b_rᵀ goes into ``own``, and
-    # Σ_q ε_q = ζ ⊙ Σ_q a_q b_qᵀ into ``tot`` (one pass; the sum over ranks unrolled)
-    for mu, h, z, A, B, own, tot in zip(mus, hs, zs, As, Bs, owns, tots):
+    # sign factors: rank r's sample μ + sign · σ ⊙ ζ ⊙ a_r b_rᵀ goes into ``own``
+    for mu, h, z, A, B, own in zip(mus, hs, zs, As, Bs, owns):
         own.copy_(mu + hp[0] * (z * A[rank] * B[rank]) / torch.sqrt(h * hp[1] + hp[2]))
-        s = A[0] * B[0]
-        for q in range(1, A.shape[0]):
-            s = s + A[q] * B[q]
-        tot.copy_(z * s)
+
+
+def _reparam_step_flipout_many(mus, gs, ms, vs, hs, zs, As, Bs, hp):
+    # the reparam step on 2-D views with the noise Σ_q ε_q = ζ ⊙ Σ_q a_q b_qᵀ formed on the fly
+    for mu, g, m, v, h, z, A, B in zip(mus, gs, ms, vs, hs, zs, As, Bs):
+        _reparam_step_math(mu, g, m, v, h, z * _flip_sum(A, B), hp)
 
 
 def _sample_many(mus, hs, es, hp):
@@ -81,12 +90,13 @@ _MATH = {
     "flipout_sample": _flipout_sample_many,
     "reparam_step": _reparam_step_many,
     "reparam_step_theta": _reparam_step_theta_many,
+    "reparam_step_flipout": _reparam_step_flipout_many,
 }
 
 
 def kernel(name: str):
-    """The compiled kernel ``name`` (a key of ``_MATH``) over lists of 1-D tensors (2-D for
-    ``"flipout_sample"``): one call, one guard check per step; compiled on first use."""
+    """The compiled kernel ``name`` (a key of ``_MATH``) over lists of 1-D tensors (2-D for the
+    flipout ones): one call, one guard check per step; compiled on first use."""
     if name not in _CACHE:
         _CACHE[name] = torch.compile(_MATH[name], dynamic=True, fullgraph=True)
     return _CACHE[name]

@@ -636,6 +636,7 @@ class BayesAdam(Optimizer):
             self._noise_sum[0].wait()
         self._noise_sum = None  # (handle, buffer, {p: unit noise}) of the in-flight Σ_r ε_r
         self._noise_summed: dict[torch.Tensor, torch.Tensor] = {}
+        self._flip_pending = None  # Flipout plans of the pending sample whose Σ_r ε_r is implicit
 
     def _params(self) -> Iterator[tuple[dict, torch.Tensor]]:
         for group in self.param_groups:
@@ -737,17 +738,18 @@ class BayesAdam(Optimizer):
     def _flipout_draw(self, todo, sign) -> list[torch.Tensor]:
         """Flipout under DDP: rank r's sample θ = μ + sign · σ ⊙ ε_r with ε_r = ζ ⊙ a_r b_rᵀ
         (every tensor seen as a matrix, rows × the rest; ζ the shared unit noise in
-        state["noise"]), written into a reused workspace, and Σ_q ε_q = ζ ⊙ Σ_q a_q b_qᵀ for the
-        ``reparam`` estimate (kept in ``_noise_summed``). The rank-one sign matrices (Wen et al.
-        2018) take rows + cols random signs per tensor and rank instead of rows · cols; they are
-        drawn from the step's recorded seed (the same for both halves of an antithetic pair, and
-        after a resume). Returns the samples."""
+        state["noise"], left intact), written into a reused workspace. The rank-one sign matrices
+        (Wen et al. 2018) take rows + cols random signs per tensor and rank instead of rows · cols;
+        they are drawn from the step's recorded seed (the same for both halves of an antithetic
+        pair, and after a resume). Every rank knows Σ_q ε_q = ζ ⊙ Σ_q a_q b_qᵀ, which the
+        ``reparam`` estimate needs: the fused step forms it on the fly, other paths materialise it
+        (:meth:`_materialize_flipout_sums`). Returns the samples."""
         _, world, rank = self._world()
         kinds: dict[tuple, list[int]] = {}  # the signs are drawn per (device, dtype) of the weights
         for j, (p, *_) in enumerate(todo):
             kinds.setdefault((p.device, p.dtype), []).append(j)
         thetas: list = [None] * len(todo)
-        summed = {}
+        plans = []
         for k, (kind, idx) in enumerate(kinds.items()):
             plan = self._flipout_plan(kind, [todo[j] for j in idx], world)
             seed = (self._noise_seed + 0x2545F4914F6CDD1D * k) % 2**62
@@ -757,51 +759,50 @@ class BayesAdam(Optimizer):
                     random_signs(length, self._rank_generator(seed, q), *kind, out=plan["signs"][q])
                 plan["seed"] = seed
             if plan["fused"] is None or self._run_flipout_kernel(plan, sign, rank) is _FAILED:
-                for p, h, zeta, g, A, B, theta, total in plan["rows"]:
+                for p, h, zeta, g, A, B, theta in plan["rows"]:
                     shape_a, shape_b = _factor_shapes(p)
                     torch.mul(zeta, A[rank].view(shape_a), out=theta).mul_(B[rank].view(shape_b))
                     inv_sigma = _inv_sigma(h, g["n_data"], g["prior_precision"], g["temperature"])
                     torch.addcdiv(p.data, theta, inv_sigma, value=sign, out=theta)
-                    torch.mm(A.T, B, out=total.view(A.shape[1], B.shape[1]))
-                    total.mul_(zeta)
             for j, row in zip(idx, plan["rows"]):
                 thetas[j] = row[6]
-                if self.hessian == "reparam":
-                    summed[row[0]] = row[7]
-        self._noise_summed = summed
+            plans.append(plan)
+        self._flip_pending = plans if self.hessian == "reparam" else None
         return thetas
 
     def _flipout_plan(self, kind, todo, world) -> dict:
-        """The reused workspace of :meth:`_flipout_draw` for tensors of one (device, dtype): θ and
-        Σε buffers, the sign-factor buffer, and the per-tensor views (and the compiled kernel's
-        argument lists), rebuilt only when the tensors, their storage or the world change."""
-        key = (world, self.fused, tuple((id(p), p.data_ptr(), h.data_ptr(), z.data_ptr(), id(g))
-                                        for p, h, z, g in todo))  # fmt: skip
+        """The reused workspace of :meth:`_flipout_draw` for tensors of one (device, dtype): the θ
+        buffer, the sign-factor buffer, the per-tensor views and the compiled kernels' argument
+        lists, rebuilt only when the tensors, their storage or the world change."""
+        states = [self.state[p] for p, *_ in todo]
+        key = (world, self.fused, tuple(
+            (id(p), p.data_ptr(), h.data_ptr(), z.data_ptr(), st["exp_avg"].data_ptr(),
+             st["exp_avg_sq"].data_ptr(), id(g)) for (p, h, z, g), st in zip(todo, states)))  # fmt: skip
         plan = self._flip_buffers.get(kind)
         if plan is not None and plan["key"] == key:
             return plan
         device, dtype = kind
         dims = [_matrix_dims(p) for p, *_ in todo]
-        numel = sum(p.numel() for p, *_ in todo)
-        length = sum(r + c for r, c in dims)
-        buf = torch.empty(2, numel, device=device, dtype=dtype)
-        signs = torch.empty(world, _padded(length), device=device, dtype=dtype)
-        rows = []  # (p, h, ζ, group, A (R, rows), B (R, cols), θ view, Σε view)
+        buf = torch.empty(sum(p.numel() for p, *_ in todo), device=device, dtype=dtype)
+        signs = torch.empty(world, _padded(sum(r + c for r, c in dims)), device=device, dtype=dtype)
+        rows = []  # (p, h, ζ, group, A (R, rows), B (R, cols), θ view)
         i = o = 0
         for (p, h, zeta, group), (r, c) in zip(todo, dims):
             n = p.numel()
             rows.append((p, h, zeta, group, signs[:, o : o + r], signs[:, o + r : o + r + c],
-                         buf[0, i : i + n].view(p.shape), buf[1, i : i + n].view(p.shape)))  # fmt: skip
+                         buf[i : i + n].view(p.shape)))  # fmt: skip
             i, o = i + n, o + r + c
-        fused = None  # the compiled kernel's arguments: 2-D views, contiguous tensors, one group
+        fused = None  # the compiled kernels' arguments: 2-D views, contiguous tensors, one group
         one_group = len({id(row[3]) for row in rows}) == 1
         if self.fused and one_group and all(r[0].is_contiguous() and r[2].is_contiguous() for r in rows):
-            fused = [[], [], [], [], [], [], []]
-            for p, h, zeta, _, A, B, theta, total in rows:
+            fused = {k: [] for k in ("mu", "h", "z", "A", "B", "theta", "m", "v")}
+            for (p, h, zeta, _, A, B, theta), st in zip(rows, states):
                 r, c = A.shape[1], B.shape[1]
-                mats = [x.view(r, c) for x in (p.data, h, zeta, theta, total)]
-                for col, x in zip(fused, mats[:3] + [A.unsqueeze(2), B.unsqueeze(1)] + mats[3:]):
-                    col.append(x)
+                for k, x in zip(("mu", "h", "z", "theta", "m", "v"),
+                                (p.data, h, zeta, theta, st["exp_avg"], st["exp_avg_sq"])):  # fmt: skip
+                    fused[k].append(x.view(r, c))
+                fused["A"].append(A.unsqueeze(2))
+                fused["B"].append(B.unsqueeze(1))
         plan = self._flip_buffers[kind] = dict(key=key, rows=rows, signs=signs, fused=fused, seed=None)
         return plan
 
@@ -809,7 +810,28 @@ class BayesAdam(Optimizer):
         g, first = plan["rows"][0][3], plan["rows"][0][0]
         n, d, t = g["n_data"], g["prior_precision"], g["temperature"]
         hp = torch.tensor([sign, n / t, d / t], dtype=first.dtype, device=first.device)
-        return self._run_fused("flipout_sample", *plan["fused"], hp, rank)
+        f = plan["fused"]
+        args = [f[k] for k in ("mu", "h", "z", "A", "B", "theta")]
+        return self._run_fused("flipout_sample", *args, hp, rank)
+
+    def _flipout_noise_sum(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Σ_q ε_q of the pending Flipout sample, per parameter (new tensors; for inspection)."""
+        out = {}
+        for plan in self._flip_pending or []:
+            for p, _, zeta, _, A, B, _ in plan["rows"]:
+                out[p] = torch.mm(A.T, B).view(p.shape).mul_(zeta)
+        return out
+
+    def _materialize_flipout_sums(self) -> None:
+        """Write Σ_q ε_q of the pending Flipout sample into its θ workspace (free once the backward
+        has run) and record it in ``_noise_summed``, for the paths that read it as a tensor."""
+        for plan in self._flip_pending or []:
+            for p, _, zeta, _, A, B, theta in plan["rows"]:
+                torch.mm(A.T, B, out=theta.view(A.shape[1], B.shape[1]))
+                theta.mul_(zeta)
+                self._noise_summed[p] = theta
+                self._work.pop(p, None)  # (the workspace now holds the noise)
+        self._flip_pending = None
 
     def _drop_noise_sum(self) -> None:
         if self._noise_sum is not None:  # an in-flight collective must complete before it is dropped
@@ -827,6 +849,8 @@ class BayesAdam(Optimizer):
         self._work = {}
 
     def _accumulate(self, sign: float, theta_in_noise: bool = False):
+        if self._flip_pending is not None:  # the estimate reads Flipout's Σ_r ε_r as a tensor
+            self._materialize_flipout_sums()
         if theta_in_noise:  # the sample's θ is in state["noise"]: turn it into sign · ε first
             self._theta_to_noise()
             sign = 1.0
@@ -924,6 +948,8 @@ class BayesAdam(Optimizer):
         if bad:
             return self._reject(f"a {bad} is not finite", loss)
 
+        if self._flip_pending is not None and not self._flipout_step_fusable(many):
+            self._materialize_flipout_sums()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             # group parameters by their step counts (they agree unless parameters joined late)
@@ -1023,6 +1049,8 @@ class BayesAdam(Optimizer):
                 rest.append(item)
             else:
                 todo.append(item)
+        if self._flip_pending is not None:  # Flipout: Σ_r ε_r formed inside the kernel
+            return rest + self._fused_flipout_step(todo, hp_list)
         if not todo or len({(it[0].dtype, it[0].device) for it in todo}) > 1:
             return rest + todo
         hp = torch.tensor(hp_list, dtype=todo[0][0].dtype, device=todo[0][0].device)
@@ -1038,6 +1066,33 @@ class BayesAdam(Optimizer):
         if self._run_fused(name, *cols, hp) is _FAILED:
             return rest + todo
         return rest
+
+    def _flipout_step_fusable(self, many: bool) -> bool:
+        """Whether the pending Flipout sample's update can run as the compiled kernel that forms
+        Σ_r ε_r on the fly: one plan with kernel arguments, one sample, every tensor with a
+        gradient and the same step counts."""
+        plans = self._flip_pending
+        if not self.fused or many or self._reduced or len(plans) != 1 or plans[0]["fused"] is None:
+            return False
+        rows = plans[0]["rows"]
+        if any(p.grad is None or p.grad.is_sparse for p, *_ in rows) or rows[0][3]["temperature"] == 0:
+            return False
+        return len({(self.state[p]["step"], self.state[p]["hess_step"]) for p, *_ in rows}) == 1
+
+    def _fused_flipout_step(self, todo, hp_list):
+        """Run the compiled Flipout update over ``todo`` (the plan's tensors); on a mismatch or a
+        compilation failure materialise Σ_r ε_r and hand the items back for the eager update."""
+        plan = self._flip_pending[0]
+        f = plan["fused"]
+        if [it[0] for it in todo] == [row[0] for row in plan["rows"]]:
+            first = todo[0][0]
+            hp = torch.tensor(hp_list, dtype=first.dtype, device=first.device)
+            grads = [p.grad.reshape(m.shape) for (p, *_), m in zip(todo, f["m"])]
+            if self._run_fused("reparam_step_flipout", f["mu"], grads, f["m"], f["v"], f["h"], f["z"],
+                               f["A"], f["B"], hp) is not _FAILED:  # fmt: skip
+                return []
+        self._materialize_flipout_sums()
+        return [(p, st, est, self._noise_summed.get(p, noise), None) for p, st, est, noise, _ in todo]
 
     def _reject(self, what: str, loss):
         self._clear_pending()
