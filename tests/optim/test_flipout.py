@@ -5,6 +5,7 @@ optimizer's draw (fused and eager) with its rank simulated."""
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -183,3 +184,46 @@ def test_flipout_workspace_follows_a_state_reload_in_the_same_optimizer(monkeypa
     for a, b in zip(first, again):
         for u, v in zip(a, b):
             assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("failing", ["flipout_sample", "reparam_step_flipout", "two groups"])
+def test_flipout_falls_back_to_the_eager_path(monkeypatch, failing):
+    """A compilation failure of either Flipout kernel (or a model the kernels do not take: two
+    parameter groups) runs the eager path, which materialises Σ_r ε_r: same means and curvature
+    as a run with fused=False."""
+    from effortless.optim import _fused
+
+    real = _fused.kernel
+
+    def kernel(name):
+        if name != failing:
+            return real(name)
+
+        def fail(*args):
+            raise RuntimeError("no compiler here")
+
+        return fail
+
+    monkeypatch.setattr(_fused, "kernel", kernel)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    start, out = {k: v.clone() for k, v in model.state_dict().items()}, {}
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))
+    for fused in (False, True):
+        model.load_state_dict(start)
+        params = list(model.parameters())
+        groups = [{"params": params[:2]}, {"params": params[2:]}] if failing == "two groups" else params
+        opt = ef.BayesAdam(groups, n_data=20, fused=fused, generator=torch.Generator().manual_seed(1))
+        _as_rank(opt, monkeypatch, 0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                opt.zero_grad()
+                with opt.sampled_params(train=True):
+                    model(x).square().sum().backward()
+                opt.step()
+        failed = sum("torch.compile failed" in str(w.message) for w in caught)
+        assert failed == (fused and failing != "two groups")
+        out[fused] = [t.clone() for p in params for t in (p.detach(), opt.state[p]["hess"])]
+    for a, b in zip(out[False], out[True]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

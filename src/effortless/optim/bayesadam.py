@@ -1084,7 +1084,7 @@ class BayesAdam(Optimizer):
         compilation failure materialise Σ_r ε_r and hand the items back for the eager update."""
         plan = self._flip_pending[0]
         f = plan["fused"]
-        if [it[0] for it in todo] == [row[0] for row in plan["rows"]]:
+        if [id(it[0]) for it in todo] == [id(row[0]) for row in plan["rows"]]:
             first = todo[0][0]
             hp = torch.tensor(hp_list, dtype=first.dtype, device=first.device)
             grads = [p.grad.reshape(m.shape) for (p, *_), m in zip(todo, f["m"])]
