@@ -754,9 +754,8 @@ class BayesAdam(Optimizer):
             plan = self._flipout_plan(kind, [todo[j] for j in idx], world)
             seed = (self._noise_seed + 0x2545F4914F6CDD1D * k) % 2**62
             if plan["seed"] != seed:  # (an antithetic mirror reuses its pair's factors)
-                length = plan["signs"].shape[1]
-                for q in range(world):  # every rank draws every rank's factors, into the plan's buffer
-                    random_signs(length, self._rank_generator(seed, q), *kind, out=plan["signs"][q])
+                flipout_factors(seed, world, plan["signs"].shape[1], self._rank_generator, *kind,
+                                out=plan["signs"])  # fmt: skip
                 plan["seed"] = seed
             if plan["fused"] is None or self._run_flipout_kernel(plan, sign, rank) is _FAILED:
                 for p, h, zeta, g, A, B, theta in plan["rows"]:
@@ -814,23 +813,24 @@ class BayesAdam(Optimizer):
         args = [f[k] for k in ("mu", "h", "z", "A", "B", "theta")]
         return self._run_fused("flipout_sample", *args, hp, rank)
 
-    def _flipout_noise_sum(self) -> dict[torch.Tensor, torch.Tensor]:
-        """Σ_q ε_q of the pending Flipout sample, per parameter (new tensors; for inspection)."""
+    def _flipout_noise_sum(self, into_workspace: bool = False) -> dict[torch.Tensor, torch.Tensor]:
+        """Σ_q ε_q = ζ ⊙ Σ_q a_q b_qᵀ of the pending Flipout sample, per parameter: new tensors (for
+        inspection), or ``into_workspace`` written over the θ workspace (free once the backward has
+        run)."""
         out = {}
         for plan in self._flip_pending or []:
-            for p, _, zeta, _, A, B, _ in plan["rows"]:
-                out[p] = torch.mm(A.T, B).view(p.shape).mul_(zeta)
+            for p, _, zeta, _, A, B, theta in plan["rows"]:
+                dest = theta if into_workspace else torch.empty_like(theta)
+                torch.mm(A.T, B, out=dest.view(A.shape[1], B.shape[1]))
+                out[p] = dest.mul_(zeta)
         return out
 
     def _materialize_flipout_sums(self) -> None:
-        """Write Σ_q ε_q of the pending Flipout sample into its θ workspace (free once the backward
-        has run) and record it in ``_noise_summed``, for the paths that read it as a tensor."""
-        for plan in self._flip_pending or []:
-            for p, _, zeta, _, A, B, theta in plan["rows"]:
-                torch.mm(A.T, B, out=theta.view(A.shape[1], B.shape[1]))
-                theta.mul_(zeta)
-                self._noise_summed[p] = theta
-                self._work.pop(p, None)  # (the workspace now holds the noise)
+        """Σ_q ε_q of the pending Flipout sample into its θ workspace and ``_noise_summed``, for
+        the paths that read it as a tensor."""
+        for p, total in self._flipout_noise_sum(into_workspace=True).items():
+            self._noise_summed[p] = total
+            self._work.pop(p, None)  # (the workspace now holds the noise)
         self._flip_pending = None
 
     def _drop_noise_sum(self) -> None:
@@ -1304,11 +1304,16 @@ def random_signs(numel: int, generator: torch.Generator, device=None, dtype=torc
 
 
 def flipout_factors(seed: int, world: int, length: int, generator_for, device=None,
-                    dtype=torch.float32) -> torch.Tensor:  # fmt: skip
+                    dtype=torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """(world, length) random signs, row q drawn from ``generator_for(seed, q)``: every rank draws
     all ranks' sign factors (a few per weight-matrix row and column), so every rank knows both its
-    own rank-one sign matrices and their sum over ranks."""
-    return torch.stack([random_signs(length, generator_for(seed, q), device, dtype) for q in range(world)])
+    own rank-one sign matrices and their sum over ranks. ``out``: a (world, ≥ ``_padded(length)``)
+    buffer to write into (no allocation)."""
+    if out is None:
+        out = torch.empty(world, _padded(length), device=device, dtype=dtype)
+    for q in range(world):
+        random_signs(length, generator_for(seed, q), device, dtype, out=out[q])
+    return out[:, :length]
 
 
 def _matrix_dims(p: torch.Tensor) -> tuple[int, int]:
