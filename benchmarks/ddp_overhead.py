@@ -11,8 +11,11 @@ without it the 1-process run has the second core to itself.
 Protocol: MLP 784-256-256-10, batch 128 per process, one thread per process, gloo. In each
 process two models (one DistributedDataParallel-wrapped model per optimizer, or plain models for
 the single-process run) take steps in turn, interleaved; the reported number is the median over
-repetitions of the paired ratio t(BayesAdam step) / t(Adam step), on rank 0. The 2-process run
-needs 2 free cores to mean anything.
+repetitions of the paired ratio t(BayesAdam step) / t(Adam step), on rank 0: each DDP variant is
+its own run beside its own Adam model. ``--cycle`` runs Adam and all three variants in one cycle
+instead (four models per process, what this script did before): their extra state and DDP buckets
+then compete for the caches, which made the variants look slower under DDP than beside Adam
+alone. The 2-process run needs 2 free cores to mean anything.
 
     python benchmarks/ddp_overhead.py --reps 200 --out runs/ddp_overhead
 """
@@ -37,13 +40,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import effortless as ef
 from effortless.models import MLP
 
+VARIANTS = ("bayesadam", "bayesadam-per-rank", "bayesadam-shared")
 
-def _steps(world, reps, warmup):
+
+def _steps(world, reps, warmup, names=VARIANTS):
+    """Interleaved steps of Adam and the BayesAdam variants ``names``, each on its own model."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(dist.get_rank() if world > 1 else 0)
     x, y = torch.rand(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
     runners = {}
-    for name in ("adam", "bayesadam", "bayesadam-per-rank", "bayesadam-shared"):
+    for name in ("adam", *names):
         torch.manual_seed(0)
         model = MLP(784, [256, 256], 10)
         net = DDP(model) if world > 1 else model
@@ -78,26 +84,34 @@ def _steps(world, reps, warmup):
             it()
             times[k].append(time.perf_counter() - t0)
     out = {"adam_ms": 1000 * statistics.median(times["adam"])}
-    for k in ("bayesadam", "bayesadam-per-rank", "bayesadam-shared"):
+    for k in names:
         out[f"{k}_ms"] = 1000 * statistics.median(times[k])
         out[f"{k}_ratio"] = statistics.median(b / a for a, b in zip(times["adam"], times[k]))
+    return out
+
+
+def _merge(results):
+    """One row from the runs of several variant groups (Adam's time from the first, the default's)."""
+    out = {}
+    for res in reversed(results):
+        out.update(res)
     out["ratio"] = out["bayesadam_ratio"]
     return out
 
 
-def _independent_worker(rank, reps, warmup, out):
+def _independent_worker(rank, reps, warmup, out, names):
     torch.set_num_threads(1)
-    res = _steps(1, reps, warmup)
+    res = _steps(1, reps, warmup, names)
     if rank == 0:
         Path(out).write_text(json.dumps(res))
 
 
-def _worker(rank, world, port, reps, warmup, out):
+def _worker(rank, world, port, reps, warmup, out, names):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        res = _steps(world, reps, warmup)  # its DDP models are freed when it returns
+        res = _steps(world, reps, warmup, names)  # its DDP models are freed when it returns
         if rank == 0:
             Path(out).write_text(json.dumps(res))
         dist.barrier()
@@ -110,21 +124,31 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2, help="alternate 1- and 2-process runs this many times")
+    ap.add_argument("--cycle", action="store_true",
+                    help="interleave all variants in one cycle (four models per process) instead of "
+                    "each variant with its own Adam run")  # fmt: skip
     ap.add_argument("--out", default="runs/ddp_overhead")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
+    # pairs (default): each BayesAdam variant interleaved with its own Adam run, two models per
+    # process; --cycle: all in one cycle, four models per process (what this script did before)
+    groups = [list(VARIANTS)] if args.cycle else [[v] for v in VARIANTS]
     for r in range(args.rounds):
-        one = _steps(1, args.reps, args.warmup)
+        one = _merge([_steps(1, args.reps, args.warmup, ["bayesadam"])])  # the modes agree on 1 process
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "r0.json")
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            mp.spawn(_worker, args=(2, port, args.reps, args.warmup, path), nprocs=2, join=True)
-            two = json.loads(Path(path).read_text())
-            mp.spawn(_independent_worker, args=(args.reps, args.warmup, path), nprocs=2, join=True)
-            busy = json.loads(Path(path).read_text())
+            results = []
+            for names in groups:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                mp.spawn(_worker, args=(2, port, args.reps, args.warmup, path, names), nprocs=2, join=True)
+                results.append(json.loads(Path(path).read_text()))
+            two = _merge(results)
+            mp.spawn(_independent_worker, args=(args.reps, args.warmup, path, ["bayesadam"]), nprocs=2,
+                     join=True)  # fmt: skip
+            busy = _merge([json.loads(Path(path).read_text())])
         rows.append({"round": r, "one_process": one, "two_independent_processes": busy,
                      "two_processes_ddp": two})  # fmt: skip
         print(f"round {r}: BayesAdam/Adam per step: 1 process {one['ratio']:.3f}, 2 independent processes "
@@ -134,9 +158,12 @@ def main(argv=None):
               flush=True)  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"reps": args.reps, "rows": rows}, indent=2))
+    meta = {"reps": args.reps, "cycle": args.cycle}
+    (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    protocol = ("all variants in one cycle" if args.cycle
+                else "each BayesAdam variant interleaved with its own Adam run")  # fmt: skip
     lines = ["MLP 784-256-256-10, batch 128 per process, 1 thread per process, gloo; median paired ratio "
-             f"over {args.reps} interleaved steps.", "",
+             f"over {args.reps} interleaved steps; {protocol}.", "",
              "| round | 1 process: Adam ms | BayesAdam ms | ratio | 2 independent processes: ratio | "
              "2 processes DDP: Adam ms | BayesAdam flipout (default) ms | ratio | independent per-rank ms "
              "| ratio | shared ms | ratio |",
