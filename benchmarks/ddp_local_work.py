@@ -1,0 +1,110 @@
+"""Where BayesAdam's extra time under DDP goes: its purely local phases timed on rank 0 of 2 gloo
+processes, against the same code in 2 independent processes (both cores busy, no process group).
+
+Per iteration (a shared weight sample, so no extra communication): a Gaussian fill of parameter-
+sized buffers (local work that touches none of the training state), entering ``sampled_params``
+(zero_grad + the compiled sample kernel), forward + backward, BayesAdam's ``step``; then the same
+for an Adam model beside it. Medians over iterations, split into fresh draws and antithetic mirrors.
+MLP 784-256-256-10, batch 128 per process, one thread per process.
+
+    python benchmarks/ddp_local_work.py --iters 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import effortless as ef
+from effortless.models import MLP
+
+PHASES = ("gaussian fill", "enter sampled_params", "forward+backward", "BayesAdam step", "Adam fwd+bwd",
+          "Adam step")  # fmt: skip
+
+
+def _worker(rank, mode, port, iters, out):
+    torch.set_num_threads(1)
+    ddp = mode == "ddp"
+    if ddp:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+    g = torch.Generator().manual_seed(rank)
+    x, y = torch.rand(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
+    torch.manual_seed(0)
+    model, adam_model = MLP(784, [256, 256], 10), MLP(784, [256, 256], 10)
+    net, adam_net = (DDP(model), DDP(adam_model)) if ddp else (model, adam_model)
+    opt = ef.BayesAdam(model.parameters(), n_data=60000, generator=torch.Generator().manual_seed(0),
+                       distributed="shared")  # fmt: skip
+    adam = torch.optim.Adam(adam_model.parameters())
+    bufs = [torch.empty_like(p) for p in model.parameters()]
+    times = {k: [] for k in PHASES}
+    for i in range(iters + 20):
+        if ddp:
+            dist.barrier()
+        t = [time.perf_counter()]
+        for b in bufs:
+            b.normal_()
+        t.append(time.perf_counter())
+        opt.zero_grad()
+        ctx = opt.sampled_params(train=True)
+        ctx.__enter__()
+        t.append(time.perf_counter())
+        F.cross_entropy(net(x), y).backward()
+        t.append(time.perf_counter())
+        ctx.__exit__(None, None, None)
+        opt.step()
+        t.append(time.perf_counter())
+        if ddp:
+            dist.barrier()
+        t.append(time.perf_counter())
+        adam.zero_grad()
+        F.cross_entropy(adam_net(x), y).backward()
+        t.append(time.perf_counter())
+        adam.step()
+        t.append(time.perf_counter())
+        if i >= 20:
+            spans = [t[1] - t[0], t[2] - t[1], t[3] - t[2], t[4] - t[3], t[6] - t[5], t[7] - t[6]]
+            for k, v in zip(PHASES, spans):
+                times[k].append(1000 * v)
+    if rank == 0:
+        res = {k: (statistics.median(v[0::2]), statistics.median(v[1::2])) for k, v in times.items()}
+        Path(out).write_text(json.dumps(res))
+    if ddp:
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iters", type=int, default=300)
+    args = ap.parse_args(argv)
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("independent", "ddp"):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            path = os.path.join(tmp, f"{mode}.json")
+            mp.spawn(_worker, args=(mode, port, args.iters, path), nprocs=2, join=True)
+            res[mode] = json.loads(Path(path).read_text())
+    print("ms on rank 0, median over iterations (fresh draw / antithetic mirror)\n")
+    print("| phase | 2 independent processes | 2 processes, DDP |")
+    print("|---|---|---|")
+    for k in PHASES:
+        a, b = res["independent"][k], res["ddp"][k]
+        print(f"| {k} | {a[0]:.3f} / {a[1]:.3f} | {b[0]:.3f} / {b[1]:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
