@@ -4,9 +4,13 @@ communication). Three DDP variants: the default per-rank samples by Flipout (no 
 communication), independent per-rank samples (one extra all-reduce of Σ_r ε_r) and one shared
 sample.
 
-A third baseline separates communication from core contention: the single-process protocol run in
-two independent processes at once (no process group), so that both cores are busy as under DDP;
-without it the 1-process run has the second core to itself.
+Two more baselines separate communication from core contention. The single-process protocol run
+in two independent processes at once (no process group), so that both cores are busy as under DDP
+(without it the 1-process run has the second core to itself); and the same in lockstep: a gloo
+barrier before every timed step, as in the DDP runs, but plain models and no gradient
+communication, so that both processes run the same phase at the same time
+(``benchmarks/ddp_local_work.py`` shows that this alone slows the memory-bound sample and update
+kernels by about as much as DDP does).
 
 Protocol: MLP 784-256-256-10, batch 128 per process, one thread per process, gloo. In each
 process two models (one DistributedDataParallel-wrapped model per optimizer, or plain models for
@@ -43,8 +47,9 @@ from effortless.models import MLP
 VARIANTS = ("bayesadam", "bayesadam-per-rank", "bayesadam-shared")
 
 
-def _steps(world, reps, warmup, names=VARIANTS):
-    """Interleaved steps of Adam and the BayesAdam variants ``names``, each on its own model."""
+def _steps(world, reps, warmup, names=VARIANTS, ddp=True):
+    """Interleaved steps of Adam and the BayesAdam variants ``names``, each on its own model; with
+    ``world`` > 1 every timed step starts at a barrier, and the models are DDP-wrapped if ``ddp``."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(dist.get_rank() if world > 1 else 0)
     x, y = torch.rand(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
@@ -52,7 +57,7 @@ def _steps(world, reps, warmup, names=VARIANTS):
     for name in ("adam", *names):
         torch.manual_seed(0)
         model = MLP(784, [256, 256], 10)
-        net = DDP(model) if world > 1 else model
+        net = DDP(model) if world > 1 and ddp else model
         if name == "adam":
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
@@ -62,6 +67,7 @@ def _steps(world, reps, warmup, names=VARIANTS):
                 opt.step()
         else:
             mode = {"bayesadam": "auto", "bayesadam-per-rank": "per-rank", "bayesadam-shared": "shared"}[name]
+            mode = mode if ddp else "off"
             opt = ef.BayesAdam(model.parameters(), n_data=60000, generator=torch.Generator().manual_seed(0),
                                distributed=mode)  # fmt: skip
 
@@ -106,12 +112,12 @@ def _independent_worker(rank, reps, warmup, out, names):
         Path(out).write_text(json.dumps(res))
 
 
-def _worker(rank, world, port, reps, warmup, out, names):
+def _worker(rank, world, port, reps, warmup, out, names, ddp=True):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        res = _steps(world, reps, warmup, names)  # its DDP models are freed when it returns
+        res = _steps(world, reps, warmup, names, ddp)  # its DDP models are freed when it returns
         if rank == 0:
             Path(out).write_text(json.dumps(res))
         dist.barrier()
@@ -149,10 +155,16 @@ def main(argv=None):
             mp.spawn(_independent_worker, args=(args.reps, args.warmup, path, ["bayesadam"]), nprocs=2,
                      join=True)  # fmt: skip
             busy = _merge([json.loads(Path(path).read_text())])
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            mp.spawn(_worker, args=(2, port, args.reps, args.warmup, path, ["bayesadam"], False), nprocs=2,
+                     join=True)  # fmt: skip
+            lockstep = _merge([json.loads(Path(path).read_text())])
         rows.append({"round": r, "one_process": one, "two_independent_processes": busy,
-                     "two_processes_ddp": two})  # fmt: skip
+                     "two_processes_lockstep": lockstep, "two_processes_ddp": two})  # fmt: skip
         print(f"round {r}: BayesAdam/Adam per step: 1 process {one['ratio']:.3f}, 2 independent processes "
-              f"{busy['ratio']:.3f}, 2 processes (DDP): "
+              f"{busy['ratio']:.3f}, in lockstep {lockstep['ratio']:.3f}, 2 processes (DDP): "
               f"flipout (default) {two['ratio']:.3f}, independent per-rank "
               f"{two['bayesadam-per-rank_ratio']:.3f}, shared sample {two['bayesadam-shared_ratio']:.3f}",
               flush=True)  # fmt: skip
@@ -165,13 +177,15 @@ def main(argv=None):
     lines = ["MLP 784-256-256-10, batch 128 per process, 1 thread per process, gloo; median paired ratio "
              f"over {args.reps} interleaved steps; {protocol}.", "",
              "| round | 1 process: Adam ms | BayesAdam ms | ratio | 2 independent processes: ratio | "
+             "2 processes in lockstep, no DDP: ratio | "
              "2 processes DDP: Adam ms | BayesAdam flipout (default) ms | ratio | independent per-rank ms "
              "| ratio | shared ms | ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         o, t, c = row["one_process"], row["two_processes_ddp"], row["two_independent_processes"]
+        lk = row["two_processes_lockstep"]
         lines.append(f"| {row['round']} | {o['adam_ms']:.2f} | {o['bayesadam_ms']:.2f} | {o['ratio']:.3f} | "
-                     f"{c['ratio']:.3f} | "
+                     f"{c['ratio']:.3f} | {lk['ratio']:.3f} | "
                      f"{t['adam_ms']:.2f} | {t['bayesadam_ms']:.2f} | {t['ratio']:.3f} | "
                      f"{t['bayesadam-per-rank_ms']:.2f} | {t['bayesadam-per-rank_ratio']:.3f} | "
                      f"{t['bayesadam-shared_ms']:.2f} | {t['bayesadam-shared_ratio']:.3f} |")  # fmt: skip
