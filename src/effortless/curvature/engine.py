@@ -44,10 +44,20 @@ class Unsupported(RuntimeError):
 # -- layer rules --------------------------------------------------------------------------------
 
 
+def _square_sum(delta: torch.Tensor) -> torch.Tensor:
+    """``Σ_k δ_k²`` over the first dimension, accumulated in place: no K-times-larger temporary
+    (at K = 10 classes that is a fresh megabyte-sized allocation per layer and step, whose page
+    faults cost more than the arithmetic on CPU)."""
+    out = delta[0].square()
+    for k in range(1, delta.shape[0]):
+        out.addcmul_(delta[k], delta[k])
+    return out
+
+
 def _linear_sq(m: nn.Linear, a, delta):
     # a: (B, *, in); delta: (K, B, *, out)
     if a.dim() == 2:  # (B, out): classes summed before the outer product
-        d2 = delta[0].square() if delta.shape[0] == 1 else delta.square().sum(0)
+        d2 = _square_sum(delta)
         out = {"weight": d2.T @ a.square()}
         if m.bias is not None:
             out["bias"] = d2.sum(0)
@@ -385,5 +395,5 @@ def kfac_factors(
         if diagonal:
             out[n] = (a.square().sum(0) / a.shape[0], d.square().sum(0))
         else:
-            out[n] = (a.T @ a / a.shape[0], d.T @ d)
+            out[n] = (torch.mm(a.T, a).div_(a.shape[0]), torch.mm(d.T, d))  # in place: no second n×n
     return out
