@@ -11,9 +11,10 @@ import effortless as ef
 from effortless.optim import _fused, bayesadam
 
 
-def _run(fused, steps=5, dtype=torch.float64, mc=1):
+def _run(fused, steps=5, dtype=torch.float64, mc=1, depth=1):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3)).to(dtype)
+    hidden = [m for _ in range(depth) for m in (nn.Linear(6 if _ == 0 else 9, 9), nn.Tanh())]
+    model = nn.Sequential(*hidden, nn.Linear(9, 3)).to(dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 6, generator=g, dtype=dtype)
     y = torch.randint(0, 3, (40,), generator=g)
@@ -38,6 +39,50 @@ def test_fused_matches_eager_in_float64():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
         for k in ("hess", "exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(o1.state[p][k], o2.state[q][k], rtol=1e-11, atol=1e-15)
+
+
+def _assert_same_run(run1, run2):
+    (m1, o1), (m2, o2) = run1, run2
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+        for k in ("hess", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(o1.state[p][k], o2.state[q][k], rtol=1e-11, atol=1e-15)
+
+
+def test_deep_models_run_the_kernels_in_chunks_with_the_same_result(monkeypatch):
+    """12 parameter tensors: one compiled call per CHUNK tensors (8 + 4), equal to the eager path."""
+    calls = []
+    real = _fused._chunked
+    monkeypatch.setattr(_fused, "_chunked", lambda name, fn, args: calls.append(name) or real(name, fn, args))
+    monkeypatch.setattr(_fused, "_CACHE", {})
+    fused = _run(True, depth=5)
+    assert fused[1].fused and calls, "the fused path did not run"
+    _assert_same_run(_run(False, depth=5), fused)
+
+
+def test_a_compilation_failure_after_the_first_chunk_finishes_the_step_eagerly(monkeypatch):
+    """The first chunk is updated in place before the remainder's graph is compiled; if that
+    compilation fails, the step is finished with the same math (no chunk updated twice), and the
+    optimizer goes eager from then on: the run equals a fused=False run."""
+
+    def fake_compile(fn, **kwargs):
+        def run(*args):
+            n = max(len(a) for a in args if isinstance(a, list))
+            if n < _fused.CHUNK:
+                raise RuntimeError("no compiler for the remainder")
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(_fused, "_CACHE", {})
+    monkeypatch.setattr(_fused, "_BROKEN", set())
+    monkeypatch.setattr(_fused.torch, "compile", fake_compile)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = _run(True, depth=5)
+    assert not fused[1].fused
+    assert any("later chunk" in str(w.message) for w in caught)
+    _assert_same_run(_run(False, depth=5), fused)
 
 
 def test_compilation_failure_falls_back_to_eager_with_one_warning(monkeypatch):

@@ -4,15 +4,25 @@ reparameterisation step. Each is one pass over memory instead of ~4 and ~18 eage
 The math is the same as the eager kernel in :mod:`effortless.optim.bayesadam` (tested equal to
 float64 round-off); hyperparameters travel as a tensor so that changing the learning rate or the
 bias corrections does not recompile. Tensors are flattened to 1-D and compiled with dynamic
-shapes, so one compilation serves every parameter of a model. If compilation fails (no C++
-compiler, unsupported platform) the optimizer warns once and stays eager.
+shapes. The kernels take lists of tensors and loop over them inside one compiled graph, which
+costs one call per step but a compilation that grows with the list (a 60-tensor model: 46 s cold,
+6.5 s with a warm inductor cache). Lists longer than ``CHUNK`` are therefore cut into chunks of
+``CHUNK`` tensors: one compilation serves every full chunk and one more the remainder, whatever
+the model's depth. If compilation fails (no C++ compiler, unsupported platform) the optimizer
+warns once and stays eager.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 _CACHE: dict[str, object] = {}
+_BROKEN: set[str] = set()  # kernels whose compilation failed after a first chunk had run
+
+# tensors per compiled call: the MLPs and small CNNs here (≤ 10 tensors) take one or two calls
+CHUNK = 8
 
 
 def _sample_math(mu, h, e, hp):
@@ -96,10 +106,39 @@ _MATH = {
 
 def kernel(name: str):
     """The compiled kernel ``name`` (a key of ``_MATH``) over lists of 1-D tensors (2-D for the
-    flipout ones): one call, one guard check per step; compiled on first use."""
+    flipout ones), called on chunks of at most ``CHUNK`` tensors; compiled on first use. Its
+    list arguments are parallel (one entry per parameter), the others are passed to every call."""
+    if name in _BROKEN:
+        raise RuntimeError(f"compilation of the fused kernel {name!r} failed earlier")
     if name not in _CACHE:
-        _CACHE[name] = torch.compile(_MATH[name], dynamic=True, fullgraph=True)
+        compiled = torch.compile(_MATH[name], dynamic=True, fullgraph=True)
+        _CACHE[name] = lambda *args: _chunked(name, compiled, args)
     return _CACHE[name]
+
+
+def _chunked(name: str, compiled, args):
+    n = max((len(a) for a in args if isinstance(a, list)), default=0)
+    if n <= CHUNK:
+        return compiled(*args)
+    out, fn = [], compiled
+    for start in range(0, n, CHUNK):
+        part = [a[start : start + CHUNK] if isinstance(a, list) else a for a in args]
+        try:
+            res = fn(*part)
+        except Exception as err:
+            if start == 0:  # nothing has been written yet: the caller falls back to its eager path
+                raise
+            # earlier chunks are updated in place already: finish this step with the same math
+            # eagerly (never run a chunk twice), and fail fast from now on so the caller goes eager
+            warnings.warn(f"BayesAdam: torch.compile failed on a later chunk of {name!r} "
+                          f"({type(err).__name__}: {str(err)[:200]}); finishing eagerly",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
+            _BROKEN.add(name)
+            fn = _MATH[name]
+            res = fn(*part)
+        if res is not None:
+            out.extend(res)
+    return out or None
 
 
 def eager(name: str):
