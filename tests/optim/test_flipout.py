@@ -121,13 +121,15 @@ def test_flipout_draw_gives_each_rank_its_sample_and_every_rank_their_sum(monkey
             assert torch.linalg.matrix_rank(signs) == 1
 
 
-@pytest.mark.parametrize("mc", [1, 2])
-def test_flipout_fused_kernels_equal_the_eager_path(monkeypatch, mc):
+@pytest.mark.parametrize("mc, depth", [(1, 1), (2, 1), (1, 5)])
+def test_flipout_fused_kernels_equal_the_eager_path(monkeypatch, mc, depth):
     """Compiled Flipout sampling and update (Σ_r ε_r formed inside the kernel) against the eager
     path that materialises Σ_r ε_r: the same samples, sums, means and curvature over 4 steps,
-    with one sample per step (fused update) and two (the sums go through the accumulator)."""
+    with one sample per step (fused update) and two (the sums go through the accumulator); depth
+    5 has 12 parameter tensors, which the kernels take in two chunks."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    hidden = [m for i in range(depth) for m in (torch.nn.Linear(6 if i == 0 else 7, 7), torch.nn.Tanh())]
+    model = torch.nn.Sequential(*hidden, torch.nn.Linear(7, 3))
     start, out = {k: v.clone() for k, v in model.state_dict().items()}, {}
     for fused in (False, True):
         model.load_state_dict(start)
@@ -148,7 +150,7 @@ def test_flipout_fused_kernels_equal_the_eager_path(monkeypatch, mc):
         assert opt.fused == fused  # the compiled kernel ran (a compilation failure turns it off)
         out[fused] = draws
     for a, b in zip(out[False], out[True]):
-        assert len(a) == len(b) == 4
+        assert len(a) == len(b) == 2 * (depth + 1)
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 

@@ -111,3 +111,10 @@ def test_auto_choice_depends_on_model_size():
     assert not ef.BayesAdam(big.parameters(), n_data=10, fused=False).fused
     with pytest.raises(ValueError, match="fused"):
         ef.BayesAdam(small.parameters(), n_data=10, fused="yes")
+
+
+def test_chunked_kernels_refuse_lists_of_unequal_length():
+    """Chunks of unequal lists would pair one parameter's mean with another's curvature."""
+    a = [torch.zeros(3) for _ in range(_fused.CHUNK + 1)]
+    with pytest.raises(ValueError, match="differ in length"):
+        _fused.kernel("sample")(a, a[:-1], a, torch.zeros(3))

@@ -117,12 +117,15 @@ def kernel(name: str):
 
 
 def _chunked(name: str, compiled, args):
-    n = max((len(a) for a in args if isinstance(a, list)), default=0)
+    lengths = {len(a) for a in args if isinstance(a, (list, tuple))}
+    if len(lengths) > 1:  # chunks of unequal lists would pair the wrong tensors
+        raise ValueError(f"the list arguments of {name!r} differ in length: {sorted(lengths)}")
+    n = lengths.pop() if lengths else 0
     if n <= CHUNK:
         return compiled(*args)
     out, fn = [], compiled
     for start in range(0, n, CHUNK):
-        part = [a[start : start + CHUNK] if isinstance(a, list) else a for a in args]
+        part = [a[start : start + CHUNK] if isinstance(a, (list, tuple)) else a for a in args]
         try:
             res = fn(*part)
         except Exception as err:
