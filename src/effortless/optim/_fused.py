@@ -14,6 +14,7 @@ warns once and stays eager.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -116,18 +117,33 @@ def kernel(name: str):
     return _CACHE[name]
 
 
+def _sizes_apart():
+    """Trace without duck shaping: tensors that happen to have equal sizes in one chunk get
+    separate size symbols, so the next chunk (other equalities, e.g. a ResNet's 64- and 128-wide
+    BatchNorm vectors) reuses the graph instead of recompiling it. A private switch of
+    torch.fx; without it (another torch version) tracing is as usual."""
+    try:
+        from torch.fx.experimental import _config as fx_config
+
+        return fx_config.patch(use_duck_shape=False)
+    except (ImportError, AttributeError, TypeError):
+        return contextlib.nullcontext()
+
+
 def _chunked(name: str, compiled, args):
     lengths = {len(a) for a in args if isinstance(a, (list, tuple))}
     if len(lengths) > 1:  # chunks of unequal lists would pair the wrong tensors
         raise ValueError(f"the list arguments of {name!r} differ in length: {sorted(lengths)}")
     n = lengths.pop() if lengths else 0
     if n <= CHUNK:
-        return compiled(*args)
+        with _sizes_apart():
+            return compiled(*args)
     out, fn = [], compiled
     for start in range(0, n, CHUNK):
         part = [a[start : start + CHUNK] if isinstance(a, (list, tuple)) else a for a in args]
         try:
-            res = fn(*part)
+            with _sizes_apart():
+                res = fn(*part)
         except Exception as err:
             if start == 0:  # nothing has been written yet: the caller falls back to its eager path
                 raise
