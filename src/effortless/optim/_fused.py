@@ -130,11 +130,20 @@ def _sizes_apart():
         return contextlib.nullcontext()
 
 
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (same storage, sizes, strides and offset) as a tensor that is not a view. The kernels
+    get flattened views of parameters and state; a view makes torch.compile guard on its base's
+    shape (the 4-D convolution weight behind a 1-D view, a 1×1 kernel's unit dimensions), and a
+    chunk of other bases recompiles. Aliases look alike to the guards: one graph for all chunks."""
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
 def _chunked(name: str, compiled, args):
     lengths = {len(a) for a in args if isinstance(a, (list, tuple))}
     if len(lengths) > 1:  # chunks of unequal lists would pair the wrong tensors
         raise ValueError(f"the list arguments of {name!r} differ in length: {sorted(lengths)}")
     n = lengths.pop() if lengths else 0
+    args = [[_alias(t) for t in a] if isinstance(a, (list, tuple)) else a for a in args]
     if n <= CHUNK:
         with _sizes_apart():
             return compiled(*args)
