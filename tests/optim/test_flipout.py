@@ -126,7 +126,10 @@ def test_flipout_fused_kernels_equal_the_eager_path(monkeypatch, mc, depth):
     """Compiled Flipout sampling and update (Σ_r ε_r formed inside the kernel) against the eager
     path that materialises Σ_r ε_r: the same samples, sums, means and curvature over 4 steps,
     with one sample per step (fused update) and two (the sums go through the accumulator); depth
-    5 has 12 parameter tensors, which the kernels take in two chunks."""
+    5 has 12 parameter tensors, which the kernels take in two chunks (chunking from 4 on)."""
+    from effortless.optim import _fused
+
+    monkeypatch.setattr(_fused, "CHUNK_ABOVE", 4)
     torch.manual_seed(0)
     hidden = [m for i in range(depth) for m in (torch.nn.Linear(6 if i == 0 else 7, 7), torch.nn.Tanh())]
     model = torch.nn.Sequential(*hidden, torch.nn.Linear(7, 3))

@@ -50,7 +50,9 @@ def _assert_same_run(run1, run2):
 
 
 def test_deep_models_run_the_kernels_in_chunks_with_the_same_result(monkeypatch):
-    """12 parameter tensors: one compiled call per CHUNK tensors (8 + 4), equal to the eager path."""
+    """12 parameter tensors, chunked from 4 on: one compiled call per CHUNK tensors (8 + 4), equal
+    to the eager path."""
+    monkeypatch.setattr(_fused, "CHUNK_ABOVE", 4)
     calls = []
     real = _fused._chunked
     monkeypatch.setattr(_fused, "_chunked", lambda name, fn, args: calls.append(name) or real(name, fn, args))
@@ -74,6 +76,7 @@ def test_a_compilation_failure_after_the_first_chunk_finishes_the_step_eagerly(m
 
         return run
 
+    monkeypatch.setattr(_fused, "CHUNK_ABOVE", 4)
     monkeypatch.setattr(_fused, "_CACHE", {})
     monkeypatch.setattr(_fused, "_BROKEN", set())
     monkeypatch.setattr(_fused.torch, "compile", fake_compile)
@@ -115,6 +118,6 @@ def test_auto_choice_depends_on_model_size():
 
 def test_chunked_kernels_refuse_lists_of_unequal_length():
     """Chunks of unequal lists would pair one parameter's mean with another's curvature."""
-    a = [torch.zeros(3) for _ in range(_fused.CHUNK + 1)]
+    a = [torch.zeros(3) for _ in range(_fused.CHUNK_ABOVE + 1)]
     with pytest.raises(ValueError, match="differ in length"):
         _fused.kernel("sample")(a, a[:-1], a, torch.zeros(3))

@@ -6,7 +6,7 @@ float64 round-off); hyperparameters travel as a tensor so that changing the lear
 bias corrections does not recompile. Tensors are flattened to 1-D and compiled with dynamic
 shapes. The kernels take lists of tensors and loop over them inside one compiled graph, which
 costs one call per step but a compilation that grows with the list (ResNet-18, 62 tensors: 46 s
-cold, 7.7 s with a warm inductor cache). Lists longer than ``CHUNK`` are therefore cut into
+cold, 7.7 s with a warm inductor cache). Lists longer than ``CHUNK_ABOVE`` are therefore cut into
 chunks of ``CHUNK`` tensors, passed as storage aliases rather than views and traced without duck
 shaping, so that the chunks look alike to torch.compile's guards: one compilation serves every
 full chunk and one more the remainder, whatever the model's depth (ResNet-18: 17 s cold, 4.3 s
@@ -24,8 +24,12 @@ import torch
 _CACHE: dict[str, object] = {}
 _BROKEN: set[str] = set()  # kernels whose compilation failed after a first chunk had run
 
-# tensors per compiled call: the MLPs and small CNNs here (≤ 10 tensors) take one or two calls
+# Lists of more than CHUNK_ABOVE tensors run in chunks of CHUNK. Each extra call costs guard checks
+# (~0.2 ms a kernel for 20 tensors in 3 chunks, a 20-tensor MLP's step +0.6–1.0 ms on 8 ms), so
+# models below the threshold keep one call and one graph (≤ ~20 s cold compilation); above it the
+# one graph's compilation gets long (ResNet-18: 46 s) and the step is large anyway.
 CHUNK = 8
+CHUNK_ABOVE = 32
 
 
 def _sample_math(mu, h, e, hp):
@@ -133,11 +137,12 @@ def _sizes_apart():
 
 
 def _alias(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (same storage, sizes, strides and offset) as a tensor that is not a view. The kernels
-    get flattened views of parameters and state; a view makes torch.compile guard on its base's
-    shape (the 4-D convolution weight behind a 1-D view, a 1×1 kernel's unit dimensions), and a
-    chunk of other bases recompiles. Aliases look alike to the guards: one graph for all chunks."""
-    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+    """``t`` (same storage, sizes, strides, offset and version counter) as a tensor that is not a
+    view: ``detach`` drops the view's base. The kernels get flattened views of parameters and
+    state; a view makes torch.compile guard on its base's shape (the 4-D convolution weight behind
+    a 1-D view, a 1×1 kernel's unit dimensions), and a chunk of other bases recompiles. Aliases
+    look alike to the guards: one graph for all chunks."""
+    return t.detach()
 
 
 def _chunked(name: str, compiled, args):
@@ -145,7 +150,7 @@ def _chunked(name: str, compiled, args):
     if len(lengths) > 1:  # chunks of unequal lists would pair the wrong tensors
         raise ValueError(f"the list arguments of {name!r} differ in length: {sorted(lengths)}")
     n = lengths.pop() if lengths else 0
-    if n <= CHUNK:  # one call, one graph: as is (aliasing would cost ~1.5 µs a tensor per step)
+    if n <= CHUNK_ABOVE:  # one call, one graph
         return compiled(*args)
     args = [[_alias(t) for t in a] if isinstance(a, (list, tuple)) else a for a in args]
     out, fn = [], compiled
