@@ -59,7 +59,15 @@ def test_deep_models_run_the_kernels_in_chunks_with_the_same_result(monkeypatch)
     monkeypatch.setattr(_fused, "_CACHE", {})
     fused = _run(True, depth=5)
     assert fused[1].fused and calls, "the fused path did not run"
-    _assert_same_run(_run(False, depth=5), fused)
+    eager = _run(False, depth=5)
+    _assert_same_run(eager, fused)
+    draws = []
+    for model, opt in (eager, fused):  # an evaluation sample: the kernel that returns new tensors
+        with opt.sampled_params(train=False):
+            draws.append([p.detach().clone() for p in model.parameters()])
+    assert calls.count("sample") == 1
+    for p, q in zip(*draws):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
 
 
 def test_a_compilation_failure_after_the_first_chunk_finishes_the_step_eagerly(monkeypatch):
