@@ -91,7 +91,7 @@ def fit(
             if sched is not None:
                 sched.step()
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{total_loss / max(count, 1):.4f}")
+            bar.set_postfix(loss=f"{total_loss / max(count, 1):.4f}", refresh=False)  # tqdm rate-limits
     return optimizer.posterior()
 
 
