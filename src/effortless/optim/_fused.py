@@ -9,7 +9,7 @@ costs one call per step but a compilation that grows with the list (ResNet-18, 6
 cold, 7.7 s with a warm inductor cache). Lists longer than ``CHUNK_ABOVE`` are therefore cut into
 chunks of ``CHUNK`` tensors, passed as storage aliases rather than views and traced without duck
 shaping, so that the chunks look alike to torch.compile's guards: one compilation serves every
-full chunk and one more the remainder, whatever the model's depth (ResNet-18: 17 s cold, 4.3 s
+full chunk and one more the remainder, whatever the model's depth (ResNet-18: 17 s cold, 4.1 s
 warm; ``benchmarks/compile_time.py``). If compilation fails (no C++ compiler, unsupported
 platform) the optimizer warns once and stays eager.
 """
@@ -113,8 +113,9 @@ _MATH = {
 
 def kernel(name: str):
     """The compiled kernel ``name`` (a key of ``_MATH``) over lists of 1-D tensors (2-D for the
-    flipout ones), called on chunks of at most ``CHUNK`` tensors; compiled on first use. Its
-    list arguments are parallel (one entry per parameter), the others are passed to every call."""
+    flipout ones), compiled on first use: one call for up to ``CHUNK_ABOVE`` tensors, else one per
+    chunk of ``CHUNK``. Its list arguments are parallel (one entry per parameter), the others are
+    passed to every call."""
     if name in _BROKEN:
         raise RuntimeError(f"compilation of the fused kernel {name!r} failed earlier")
     if name not in _CACHE:
