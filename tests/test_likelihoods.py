@@ -81,3 +81,20 @@ def test_classification_samples_follow_softmax_row_by_row():
         p = f[r].softmax(-1)
         se = (p * (1 - p) / 10000).sqrt()
         assert ((freq - p).abs() < 5 * se).all(), (r, freq, p)
+
+
+@pytest.mark.parametrize("gap", [5.0, 15.0, 40.0, 80.0])
+def test_classification_factor_is_accurate_for_confident_predictions(gap):
+    """Logits ``gap`` apart in float32, so p_k rounds to 1 (from 40 on, in float64 too): the factor
+    squares to diag(p) − p pᵀ to float32 accuracy relative to each row's largest entry, against a
+    float64 reference whose diagonal p_i Σ_{j≠i} p_j has no cancellation."""
+    f = torch.tensor([[gap, 0, 0, 0, 0], [gap, gap - 1, 0, -1, 2], [0, 1, gap, 0.5, -3]])
+    S = likelihoods.get("classification").hessian_factor(f)
+    assert S.dtype == torch.float32 and torch.isfinite(S).all()
+    p = f.double().softmax(-1)
+    H = -p[:, :, None] * p[:, None, :]
+    others = torch.stack([torch.cat([p[:, :i], p[:, i + 1 :]], 1).sum(1) for i in range(5)], 1)
+    H.diagonal(dim1=1, dim2=2).copy_(p * others)  # p_i (1 − p_i), without forming 1 − p_i
+    got = (S @ S.transpose(1, 2)).double()
+    for b in range(3):
+        torch.testing.assert_close(got[b], H[b], atol=1e-6 * H[b].abs().max().item(), rtol=0)
