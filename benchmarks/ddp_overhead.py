@@ -96,6 +96,12 @@ def _steps(world, reps, warmup, names=VARIANTS, ddp=True):
     return out
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _merge(results):
     """One row from the runs of several variant groups (Adam's time from the first, the default's)."""
     out = {}
@@ -146,20 +152,15 @@ def main(argv=None):
             path = os.path.join(tmp, "r0.json")
             results = []
             for names in groups:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    port = s.getsockname()[1]
-                mp.spawn(_worker, args=(2, port, args.reps, args.warmup, path, names), nprocs=2, join=True)
+                mp.spawn(_worker, args=(2, _free_port(), args.reps, args.warmup, path, names), nprocs=2,
+                         join=True)  # fmt: skip
                 results.append(json.loads(Path(path).read_text()))
             two = _merge(results)
             mp.spawn(_independent_worker, args=(args.reps, args.warmup, path, ["bayesadam"]), nprocs=2,
                      join=True)  # fmt: skip
             busy = _merge([json.loads(Path(path).read_text())])
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            mp.spawn(_worker, args=(2, port, args.reps, args.warmup, path, ["bayesadam"], False), nprocs=2,
-                     join=True)  # fmt: skip
+            mp.spawn(_worker, args=(2, _free_port(), args.reps, args.warmup, path, ["bayesadam"], False),
+                     nprocs=2, join=True)  # fmt: skip
             lockstep = _merge([json.loads(Path(path).read_text())])
         rows.append({"round": r, "one_process": one, "two_independent_processes": busy,
                      "two_processes_lockstep": lockstep, "two_processes_ddp": two})  # fmt: skip
