@@ -7,10 +7,10 @@ Per iteration (a shared weight sample, so no extra communication): a Gaussian fi
 sized buffers (local work that touches none of the training state), entering ``sampled_params``
 (zero_grad + the compiled sample kernel), forward + backward, BayesAdam's ``step``; then the same
 for an Adam model beside it. Medians over iterations, split into fresh draws and antithetic mirrors.
-MLP 784-256-256-10, batch 128 per process, one thread per process. ``--barrier-before-forward``
-adds a barrier between entering ``sampled_params`` and the forward pass, so that the DDP
-forward+backward no longer includes waiting for the rank that was slower in the local phases
-before it (its all-reduce cannot finish before both ranks get there).
+MLP 784-256-256-10 (other widths with ``--hidden``), batch 128 per process, one thread per
+process. ``--barrier-before-forward`` adds a barrier between entering ``sampled_params`` and the
+forward pass, so that the DDP forward+backward no longer includes waiting for the rank that was
+slower in the local phases before it (its all-reduce cannot finish before both ranks get there).
 
     python benchmarks/ddp_local_work.py --iters 300
 """
@@ -41,7 +41,7 @@ PHASES = ("gaussian fill", "enter sampled_params", "forward+backward", "BayesAda
           "Adam step")  # fmt: skip
 
 
-def _worker(rank, mode, port, iters, out, barrier_before_forward=False):
+def _worker(rank, mode, port, iters, out, barrier_before_forward=False, hidden=(256, 256)):
     torch.set_num_threads(1)
     ddp, synced = mode == "ddp", mode in ("ddp", "lockstep")
     if synced:
@@ -50,7 +50,7 @@ def _worker(rank, mode, port, iters, out, barrier_before_forward=False):
     g = torch.Generator().manual_seed(rank)
     x, y = torch.rand(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
     torch.manual_seed(0)
-    model, adam_model = MLP(784, [256, 256], 10), MLP(784, [256, 256], 10)
+    model, adam_model = MLP(784, list(hidden), 10), MLP(784, list(hidden), 10)
     net, adam_net = (DDP(model), DDP(adam_model)) if ddp else (model, adam_model)
     opt = ef.BayesAdam(model.parameters(), n_data=60000, generator=torch.Generator().manual_seed(0),
                        distributed="shared")  # fmt: skip
@@ -97,10 +97,12 @@ def _worker(rank, mode, port, iters, out, barrier_before_forward=False):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--hidden", default="256,256", help="hidden widths of the MLP 784-…-10")
     ap.add_argument("--barrier-before-forward", action="store_true",
                     help="a barrier between the sample and the forward pass (its wait counts in "
                     "'enter sampled_params')")  # fmt: skip
     args = ap.parse_args(argv)
+    hidden = tuple(int(w) for w in args.hidden.split(","))
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in MODES:
@@ -108,8 +110,8 @@ def main(argv=None):
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             path = os.path.join(tmp, f"{mode}.json")
-            mp.spawn(_worker, args=(mode, port, args.iters, path, args.barrier_before_forward), nprocs=2,
-                     join=True)  # fmt: skip
+            mp.spawn(_worker, args=(mode, port, args.iters, path, args.barrier_before_forward, hidden),
+                     nprocs=2, join=True)  # fmt: skip
             res[mode] = json.loads(Path(path).read_text())
     print("ms on rank 0, median over iterations (fresh draw / antithetic mirror)\n")
     print("| phase | " + " | ".join(MODES.values()) + " |")
