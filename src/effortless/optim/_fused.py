@@ -131,10 +131,11 @@ def _sizes_apart():
     torch.fx; without it (another torch version) tracing is as usual."""
     try:
         from torch.fx.experimental import _config as fx_config
-
-        return fx_config.patch(use_duck_shape=False)
-    except (ImportError, AttributeError, TypeError):
+    except ImportError:
         return contextlib.nullcontext()
+    if not hasattr(fx_config, "use_duck_shape") or not hasattr(fx_config, "patch"):
+        return contextlib.nullcontext()
+    return fx_config.patch(use_duck_shape=False)
 
 
 def _alias(t: torch.Tensor) -> torch.Tensor:
