@@ -129,3 +129,28 @@ def test_chunked_kernels_refuse_lists_of_unequal_length():
     a = [torch.zeros(3) for _ in range(_fused.CHUNK_ABOVE + 1)]
     with pytest.raises(ValueError, match="differ in length"):
         _fused.kernel("sample")(a, a[:-1], a, torch.zeros(3))
+
+
+def test_chunks_of_different_bases_and_sizes_share_one_graph(monkeypatch):
+    """Chunked lists whose tensors are views of bases of different rank and whose sizes repeat
+    differently per chunk compile one graph for the full chunks and one for the remainder (a
+    graph per chunk pattern without the aliases and the duck-shape switch)."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    real_compile = torch.compile
+    monkeypatch.setattr(_fused.torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, **kw))
+    monkeypatch.setattr(_fused, "_CACHE", {})
+    monkeypatch.setattr(_fused, "CHUNK", 2)
+    monkeypatch.setattr(_fused, "CHUNK_ABOVE", 2)
+    torch._dynamo.reset()
+    bases = [torch.rand(3, 4), torch.rand(12), torch.rand(5), torch.rand(2, 3), torch.rand(7), torch.rand(7),
+             torch.rand(2, 2, 2)]  # fmt: skip
+    mus = [b.reshape(-1) for b in bases]  # views of 1-, 2- and 3-D bases; equal sizes in some chunks
+    hs = [torch.rand_like(m) for m in mus]
+    es = [torch.randn_like(m) for m in mus]
+    hp = torch.tensor([1.0, 2.0, 3.0])
+    out = _fused.kernel("sample")(mus, hs, es, hp)
+    for o, m, h, e in zip(out, mus, hs, es):
+        torch.testing.assert_close(o, _fused._sample_math(m, h, e, hp))
+    assert counter.frame_count == 2  # chunks of 2 (three of them) and the remainder of 1
