@@ -102,6 +102,8 @@ def test_active_runs_writes_reports_and_resumes(tmp_path):
     assert cli.main(args) == 0  # rerun: every cell is finished, read back from its checkpoint
     after = json.loads((tmp_path / "results.json").read_text())
     assert {(c["method"], c["acquisition"], c["repeat"]): c["history"] for c in after["cells"]} == before
+    with pytest.raises(ValueError, match="learner settings differ in temperature"):
+        cli.main([*args, "--temperature", "0.005"])  # finished cells trained otherwise: not read back
     # explicit pairs: a sub-grid read back from the same checkpoints
     sub = [*args[:4], "bayesadam", "--pairs", "bayesadam:bald,map:random", *args[7:]]
     assert cli.main(sub) == 0

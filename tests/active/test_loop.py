@@ -89,6 +89,20 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
         run_loop(Spy(), "random", x, y, xt, yt, C, cfg, checkpoint=ckpt)
 
 
+def test_resume_refuses_other_learner_settings(tmp_path):
+    """Rounds trained with one learning rate are never continued (or read back) with another."""
+    x, y, xt, yt = _data()
+    cfg = ActiveConfig(initial=6, query=5, budget=40, pool_subset=60, n_samples=4, seed=3)
+    ckpt = tmp_path / "ck.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(Spy(fail_at=3), "bald", x, y, xt, yt, C, cfg, checkpoint=ckpt, learner_settings={"lr": 1e-3})
+    with pytest.raises(ValueError, match="learner settings differ in lr"):
+        run_loop(Spy(), "bald", x, y, xt, yt, C, cfg, checkpoint=ckpt, learner_settings={"lr": 2e-3})
+    assert len(torch.load(ckpt, weights_only=True)["history"]) == 3  # the checkpoint is untouched
+    done = run_loop(Spy(), "bald", x, y, xt, yt, C, cfg, checkpoint=ckpt, learner_settings={"lr": 1e-3})
+    assert done.labelled == run_loop(Spy(), "bald", x, y, xt, yt, C, cfg).labelled
+
+
 def test_config_validation():
     x, y, xt, yt = _data()
     for bad, match in [

@@ -101,11 +101,14 @@ def run_loop(
     config: ActiveConfig = ActiveConfig(),
     checkpoint: str | Path | None = None,
     progress: Callable[[dict], None] | None = None,
+    learner_settings: dict | None = None,
 ) -> ActiveState:
     """Run (or resume from ``checkpoint``) one active-learning experiment; return its state.
 
     ``learner(x, y, seed, warm)`` is a :mod:`effortless.active.learners` learner; ``progress`` is
-    called with each round's history row.
+    called with each round's history row. ``learner_settings`` (e.g. the learner's
+    :class:`TrainConfig` as a dict) is stored in the checkpoint beside ``config``: resuming with
+    other settings raises instead of mixing rounds trained two ways.
     """
     if acquisition not in ACQUISITIONS:
         raise ValueError(f"acquisition must be one of {sorted(ACQUISITIONS)}, got {acquisition!r}")
@@ -113,7 +116,8 @@ def run_loop(
         raise ValueError(f"x_pool and y_pool differ in length ({len(x_pool)} vs {len(y_pool)})")
     config.check(len(x_pool), n_classes)
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    state = _load(ckpt, config, acquisition) if ckpt is not None and ckpt.exists() else None
+    settings = dict(learner_settings or {})
+    state = _load(ckpt, config, acquisition, settings) if ckpt is not None and ckpt.exists() else None
     if state is None:
         state = ActiveState(balanced_initial(y_pool, config.initial, n_classes, _gen(config.seed, 0, 0)))
     if state.history and state.history[-1]["labels"] == len(state.labelled) >= config.budget:
@@ -129,7 +133,7 @@ def run_loop(
         if progress is not None:
             progress(row)
         if len(state.labelled) >= config.budget:
-            _save(ckpt, state, config, acquisition)
+            _save(ckpt, state, config, acquisition, settings)
             return state
         k = min(config.query, config.budget - len(state.labelled))
         taken = set(state.labelled)
@@ -142,23 +146,27 @@ def run_loop(
         state.labelled += picked
         state.queried.append(picked)
         warm = trained
-        _save(ckpt, state, config, acquisition)
+        _save(ckpt, state, config, acquisition, settings)
 
 
-def _save(ckpt, state, config, acquisition):
+def _save(ckpt, state, config, acquisition, settings):
     if ckpt is None:
         return
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     tmp = ckpt.with_suffix(ckpt.suffix + ".tmp")
-    torch.save({"config": dataclasses.asdict(config), "acquisition": acquisition, **state.to_dict()}, tmp)
+    torch.save({"config": dataclasses.asdict(config), "acquisition": acquisition, "learner": settings,
+                **state.to_dict()}, tmp)  # fmt: skip
     tmp.replace(ckpt)  # atomic: an interrupted save never leaves a corrupt checkpoint
 
 
-def _load(ckpt, config, acquisition):
+def _load(ckpt, config, acquisition, settings):
     d = torch.load(ckpt, weights_only=True)
-    if d["config"] != dataclasses.asdict(config) or d["acquisition"] != acquisition:
+    old = d.get("learner", {})  # checkpoints written before the settings were stored have none
+    if d["config"] != dataclasses.asdict(config) or d["acquisition"] != acquisition or old != settings:
+        changed = sorted(k for k in {**old, **settings} if old.get(k) != settings.get(k))
         raise ValueError(
-            f"{ckpt} was written by a different experiment ({d['acquisition']}, {d['config']}); "
-            "use another output directory or delete it"
+            f"{ckpt} was written by a different experiment ({d['acquisition']}, {d['config']}"
+            + (f"; learner settings differ in {', '.join(changed)}" if changed else "")
+            + "); use another output directory or delete it"
         )
     return ActiveState(d["labelled"], d["history"], d["queried"])

@@ -65,7 +65,8 @@ def _cell(task, method, acquisition, repeat, config: dict, train: dict, out: str
 
     ckpt = Path(out) / "checkpoints" / f"{method}__{acquisition}__{repeat}.pt"
     state = run_loop(learner, acquisition, split.x_train, split.y_train, split.x_test, split.y_test,
-                     split.n_classes, cfg, checkpoint=ckpt, progress=tick)  # fmt: skip
+                     split.n_classes, cfg, checkpoint=ckpt, progress=tick,
+                     learner_settings=train)  # fmt: skip
     if bar is not None:
         bar.close()
     return {
