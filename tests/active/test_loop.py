@@ -1,5 +1,7 @@
 """The active-learning loop: no repeats, no test leakage, balanced start, exact resume; learners."""
 
+import time
+
 import pytest
 import torch
 
@@ -87,6 +89,28 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     assert again.fits == []  # finished: nothing to do
     with pytest.raises(ValueError, match="different experiment"):
         run_loop(Spy(), "random", x, y, xt, yt, C, cfg, checkpoint=ckpt)
+
+
+class SlowSpy(Spy):
+    def __call__(self, *args, **kw):
+        time.sleep(0.05)
+        return super().__call__(*args, **kw)
+
+
+def test_wall_time_adds_up_over_resumed_runs(tmp_path):
+    x, y, xt, yt = _data()
+    cfg = ActiveConfig(initial=6, query=5, budget=40, pool_subset=60, n_samples=4, seed=3)
+    ckpt = tmp_path / "ck.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(SlowSpy(fail_at=3), "bald", x, y, xt, yt, C, cfg, checkpoint=ckpt)
+    before = torch.load(ckpt, weights_only=True)["seconds"]
+    assert before >= 3 * 0.05  # the three finished rounds
+    t0 = time.perf_counter()
+    resumed = run_loop(SlowSpy(), "bald", x, y, xt, yt, C, cfg, checkpoint=ckpt)
+    wall = time.perf_counter() - t0
+    assert resumed.seconds > wall  # the interrupted run's rounds count too
+    assert resumed.seconds <= before + wall
+    assert run_loop(Spy(), "bald", x, y, xt, yt, C, cfg, checkpoint=ckpt).seconds == resumed.seconds
 
 
 def test_resume_refuses_other_learner_settings(tmp_path):

@@ -15,6 +15,7 @@ training split.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,9 +56,11 @@ class ActiveState:
     labelled: list[int]
     history: list[dict] = field(default_factory=list)  # one row per evaluated round
     queried: list[list[int]] = field(default_factory=list)  # the indices added by each round
+    seconds: float | None = 0.0  # wall time of all rounds, over resumed runs (None: not recorded)
 
     def to_dict(self):
-        return {"labelled": list(self.labelled), "history": self.history, "queried": self.queried}
+        return {"labelled": list(self.labelled), "history": self.history, "queried": self.queried,
+                "seconds": self.seconds}  # fmt: skip
 
 
 def balanced_initial(y: torch.Tensor, n: int, n_classes: int, generator: torch.Generator) -> list[int]:
@@ -123,6 +126,15 @@ def run_loop(
     if state.history and state.history[-1]["labels"] == len(state.labelled) >= config.budget:
         return state  # finished before
     warm = None  # (models are not checkpointed: a resumed warm-start run fits its first round cold)
+    t0 = time.perf_counter()
+
+    def clock():  # wall time so far, kept in the checkpoint so a resumed run reports all of it
+        nonlocal t0
+        now = time.perf_counter()
+        if state.seconds is not None:
+            state.seconds += now - t0
+        t0 = now
+
     while True:
         r = len(state.history)
         lab = torch.tensor(state.labelled)
@@ -133,6 +145,7 @@ def run_loop(
         if progress is not None:
             progress(row)
         if len(state.labelled) >= config.budget:
+            clock()
             _save(ckpt, state, config, acquisition, settings)
             return state
         k = min(config.query, config.budget - len(state.labelled))
@@ -146,6 +159,7 @@ def run_loop(
         state.labelled += picked
         state.queried.append(picked)
         warm = trained
+        clock()
         _save(ckpt, state, config, acquisition, settings)
 
 
@@ -169,4 +183,4 @@ def _load(ckpt, config, acquisition, settings):
             + (f"; learner settings differ in {', '.join(changed)}" if changed else "")
             + "); use another output directory or delete it"
         )
-    return ActiveState(d["labelled"], d["history"], d["queried"])
+    return ActiveState(d["labelled"], d["history"], d["queried"], d.get("seconds"))

@@ -54,7 +54,6 @@ def _cell(task, method, acquisition, repeat, config: dict, train: dict, out: str
 
         rounds = 1 + math.ceil((cfg.budget - cfg.initial) / cfg.query)
         bar = tqdm(total=rounds, desc=f"{method}/{acquisition}/{repeat}", leave=False)
-    t0 = time.perf_counter()
 
     def tick(row):
         if parent is not None and os.getppid() != parent:
@@ -75,7 +74,7 @@ def _cell(task, method, acquisition, repeat, config: dict, train: dict, out: str
         "repeat": repeat,
         "history": state.history,
         "labelled": state.labelled,
-        "seconds": time.perf_counter() - t0,
+        "seconds": state.seconds,  # all rounds, also those of earlier (resumed) runs; None: unknown
     }
 
 
@@ -101,7 +100,8 @@ def summarise(cells):
     rows = []
     for (method, acq), cs in groups.items():
         row = {"method": method, "acquisition": acq, "repeats": len(cs),
-               "seconds": sum(c["seconds"] for c in cs)}  # fmt: skip
+               "seconds": None if any(c["seconds"] is None for c in cs)
+               else sum(c["seconds"] for c in cs)}  # fmt: skip
         for t in THRESHOLDS:
             got = [v for v in (labels_to_reach(c["history"], t) for c in cs) if v is not None]
             row[f"labels@{t:.2f}"] = got
@@ -109,6 +109,10 @@ def summarise(cells):
         row["final_accuracy"] = [c["history"][-1]["accuracy"] for c in cs]
         rows.append(row)
     return rows
+
+
+def _secs(seconds):
+    return "time not recorded" if seconds is None else f"{seconds:.0f} s"
 
 
 def _mean_std(v, fmt="{:.0f}"):
@@ -138,9 +142,10 @@ def table(rows, task, config, budget):
                 s += f" ({len(got)}/{r['repeats']} reached)"
             cells.append(s)
         acc = [100 * a for a in r["final_accuracy"]]
+        minutes = "–" if r["seconds"] is None else f"{r['seconds'] / 60:.1f}"
         lines.append(
             f"| {r['method']} | {r['acquisition']} | {cells[0]} | {cells[1]} | "
-            f"{_mean_std(r['alc'], '{:.4f}')} | {_mean_std(acc, '{:.2f}')} | {r['seconds'] / 60:.1f} |"
+            f"{_mean_std(r['alc'], '{:.4f}')} | {_mean_std(acc, '{:.2f}')} | {minutes} |"
         )
     return "\n".join(lines)
 
@@ -234,7 +239,7 @@ def run(
         for m, a, r in grid:
             cells.append(_cell(task, m, a, r, config, train, str(out), threads, progress, subset))
             log(f"{m} · {a} · repeat {r}: final accuracy {cells[-1]['history'][-1]['accuracy']:.4f}, "
-                f"{cells[-1]['seconds']:.0f} s")  # fmt: skip
+                f"{_secs(cells[-1]['seconds'])}")  # fmt: skip
     else:
         import multiprocessing as mp
 
@@ -252,7 +257,7 @@ def run(
                     bar.update(1)
                 c = cells[-1]
                 log(f"{c['method']} · {c['acquisition']} · repeat {c['repeat']}: final accuracy "
-                    f"{c['history'][-1]['accuracy']:.4f}, {c['seconds']:.0f} s")  # fmt: skip
+                    f"{c['history'][-1]['accuracy']:.4f}, {_secs(c['seconds'])}")  # fmt: skip
         if bar is not None:
             bar.close()
     cells.sort(key=lambda c: (c["method"], c["acquisition"], c["repeat"]))
