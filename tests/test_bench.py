@@ -49,6 +49,11 @@ def test_bench_rows_report_and_resume(tmp_path):
     assert "Under shift" in md and (tmp_path / "shift_mnist1d-mlp_noise.png").stat().st_size > 0
     csv = (tmp_path / "results.csv").read_text().splitlines()
     assert len(csv) == 4 and csv[0].startswith("accuracy,") and "shift" not in csv[0]
+    # rows run another way are never read back as done (nor overwritten)
+    for other in ({"epochs": 2}, {"subset": 300}, {"subset": None}):
+        with pytest.raises(ValueError, match="already holds mnist1d-mlp / map / seed 0"):
+            bench.run(methods=["map"], **{**kw, **other})
+    assert json.loads((tmp_path / "results.json").read_text()) == saved
 
 
 def test_unknown_method_or_task_is_refused(tmp_path):
@@ -80,6 +85,9 @@ def test_shards_cover_the_grid_once_and_merge(tmp_path):
         bench.run(out=tmp_path / "x", shard=(3, 3), **kw)
     with pytest.raises(ValueError, match="does not exist"):
         bench.merge([tmp_path / "missing"], tmp_path / "all")
+    bench.run(out=tmp_path / "e2", **{**kw, "epochs": 2, "seeds": 1, "methods": ["map"]})
+    with pytest.raises(ValueError, match="merge only shards of the same run"):
+        bench.merge([tmp_path / "s0", tmp_path / "e2"], tmp_path / "mixed")
 
 
 def test_swag_posterior_moments_and_samples():

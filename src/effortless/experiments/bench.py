@@ -115,6 +115,15 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
     grid = [(t, m, s) for t in tasks for m in methods for s in range(seeds) if (t, m) not in skipped]
     if shard is not None:
         grid = grid[shard[0] :: shard[1]]
+    for r in rows:  # rows already there count as done only if they were run the same way
+        if (r["task"], r["method"], r["seed"]) in grid and r["task"] in TASKS:
+            want = {"epochs": epochs or TASKS[r["task"]].epochs, "subset": subset}
+            have = {k: r.get(k) for k in want}
+            if have != want:
+                raise ValueError(
+                    f"{path} already holds {r['task']} / {r['method']} / seed {r['seed']} run with "
+                    f"{have}, but this run asks for {want}; use another --out or delete that file"
+                )
     todo = [c for c in grid if c not in done]
     try:
         from tqdm.auto import tqdm
@@ -175,6 +184,7 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
             method=m,
             seed=s,
             epochs=epochs or task.epochs,
+            subset=subset,
             train_seconds=fitted.train_seconds,
             step_ms=fitted.step_ms,
             peak_mem_mb=fitted.peak_mem_mb,
@@ -308,13 +318,18 @@ def _shift_table(sel, methods, task):
 def merge(dirs, out, log=print):
     """Combine the ``results.json`` of several bench directories (e.g. job-array shards) into
     ``out``: rows deduplicated by (task, method, seed), then ``results.md`` and the shift curves."""
-    rows, seen = [], set()
+    rows, seen, protocol = [], set(), {}
     for d in dirs:
         path = Path(d) / "results.json"
         if not path.exists():
             raise ValueError(f"{path} does not exist")
         for r in json.loads(path.read_text()):
             key = (r["task"], r["method"], r["seed"])
+            how = {"epochs": r.get("epochs"), "subset": r.get("subset")}
+            first = protocol.setdefault(r["task"], (how, path))
+            if how != first[0]:  # one table, one protocol per task
+                raise ValueError(f"{r['task']}: {first[1]} has rows run with {first[0]}, {path} with {how}; "
+                                 "merge only shards of the same run")  # fmt: skip
             if key not in seen:
                 seen.add(key)
                 rows.append(r)
