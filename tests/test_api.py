@@ -78,3 +78,9 @@ def test_bad_arguments_raise_value_errors():
         ef.predict(model, post, x, n_samples=0)
     with pytest.raises(ValueError, match="method"):
         ef.predict(model, post, x, method="laplace")
+    # an empty loader would leave the prior alone as the "posterior": refused on every path
+    for kw in ({}, {"prior_precision": "marglik"}, {"subset": "last_layer", "hessian": "kfac"}):
+        with pytest.raises(ValueError, match="no batches"):
+            ef.laplace(model, [], **kw)
+    with pytest.raises(ValueError, match="no data"):
+        ef.laplace(model, [], likelihood="regression", sigma_noise="marglik")

@@ -271,6 +271,8 @@ def _laplace_tune_noise(model, loader, hessian, prior_precision, generator, para
             n_out += f.numel()
     rss, n_out = _all_reduce_sums(list(total.values()), [rss, float(n_out)], distributed)
     n_out = int(round(n_out))
+    if n_out == 0:
+        raise ValueError("laplace: the loader yielded no data (on any rank)")
     mean = {n: p.detach().clone() for n, p in theta.items()}
     power = 4 if hessian == "efisher" else 2
     delta, sigma = evidence.tune_prior_and_noise(
@@ -348,17 +350,21 @@ def laplace(
     theta = cf.trainable(model, params)
     total = {n: torch.zeros_like(p) for n, p in theta.items()}
     device = _device(model)
+    batches = 0
     for x, y in _progress(loader, progress, desc="laplace", unit="batch"):
         est = LAPLACE_HESSIANS[hessian](model, x.to(device), y.to(device), lik, generator, list(theta))
         for n in total:
             total[n] += est[n]
+        batches += 1
     mean = {n: p.detach().clone() for n, p in theta.items()}
     nll_sum = 0.0
     if tune:
         with torch.no_grad():
             for x, y in loader:
                 nll_sum += float(lik.nll(model(x.to(device)), y.to(device)).sum())
-    nll_sum = _all_reduce_sums(list(total.values()), [nll_sum], distributed)[0]
+    nll_sum, batches = _all_reduce_sums(list(total.values()), [nll_sum, float(batches)], distributed)
+    if batches == 0:  # the precision would be the prior's alone, silently
+        raise ValueError("laplace: the loader yielded no batches (on any rank)")
     if tune:
         per_tensor = prior_precision == "marglik-layer"
         delta = evidence.tune_prior_precision(nll_sum, mean, total, per_tensor=per_tensor)

@@ -275,6 +275,27 @@ def test_load_state_dict_rejects_other_estimators_and_plain_adam():
         other.load_state_dict(torch.optim.Adam(model.parameters()).state_dict())
 
 
+def test_load_state_dict_rejects_a_model_of_other_shapes():
+    """As many tensors but other shapes: torch's own check passes; the state must not load."""
+    x, y = _data()
+    small = nn.Sequential(nn.Linear(5, 8), nn.Linear(8, 3)).double()
+    wide = nn.Sequential(nn.Linear(5, 9), nn.Linear(9, 3)).double()
+    opt = ef.BayesAdam(small.named_parameters(), n_data=64)
+    opt.train_step(small, x, y)
+    other = ef.BayesAdam(wide.named_parameters(), n_data=64)
+    other.train_step(wide, x, y)
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=r"parameter '0.weight' has shape \(9, 5\).*\(8, 5\)"):
+        other.load_state_dict(opt.state_dict())
+    after = other.state_dict()
+    for i, st in before["state"].items():  # nothing was loaded
+        assert all(torch.equal(v, after["state"][i][k]) if torch.is_tensor(v) else v == after["state"][i][k]
+                   for k, v in st.items())  # fmt: skip
+    plain = ef.BayesAdam(small.parameters(), n_data=64)
+    plain.train_step(small, x, y)
+    with pytest.raises(ValueError, match="parameter #0 has shape"):
+        ef.BayesAdam(wide.parameters(), n_data=64).load_state_dict(plain.state_dict())
+
 def test_exception_inside_context_restores_weights_exactly():
     x, y = _data()
     model = _mlp()

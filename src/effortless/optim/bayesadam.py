@@ -1256,6 +1256,7 @@ class BayesAdam(Optimizer):
                 f"load_state_dict: saved with hessian={extra['hessian']!r}, this optimizer uses "
                 f"hessian={self.hessian!r}"
             )
+        self._check_shapes(state_dict)
         super().load_state_dict(state_dict)
         self.generator.set_state(extra["rng_state"])
         self._phase = int(extra["antithetic_phase"])
@@ -1266,6 +1267,29 @@ class BayesAdam(Optimizer):
         self._pending_theta = False  # the loaded buffers hold noise, whatever was pending before
         self._clear_pending()
         self._restore_rank_noise()
+
+
+    _PER_PARAM = ("exp_avg", "exp_avg_sq", "hess", "noise")  # state buffers shaped like the parameter
+
+    def _check_shapes(self, state_dict: dict) -> None:
+        """Every saved per-parameter buffer has its parameter's shape (torch only checks the group
+        sizes: a state dict of a differently shaped model with as many tensors would load, and the
+        next step fail or broadcast)."""
+        saved = state_dict.get("param_groups", [])
+        if len(saved) != len(self.param_groups):
+            return  # torch's own check names the mismatch
+        for gs, g in zip(saved, self.param_groups):
+            if len(gs["params"]) != len(g["params"]):
+                return
+            names = g.get("param_names") or [None] * len(g["params"])
+            for idx, p, name in zip(gs["params"], g["params"], names):
+                for key, buf in state_dict["state"].get(idx, {}).items():
+                    if key in self._PER_PARAM and torch.is_tensor(buf) and buf.shape != p.shape:
+                        which = f"parameter {name!r}" if name else f"parameter #{idx}"
+                        raise ValueError(
+                            f"load_state_dict: {which} has shape {tuple(p.shape)}, the saved "
+                            f"{key!r} has shape {tuple(buf.shape)}: the state dict is from another model"
+                        )
 
 
 _FAILED = object()
