@@ -54,17 +54,32 @@ def _square_sum(delta: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _linear_sq(m: nn.Linear, a, delta):
+def _in(t: torch.Tensor, dtype) -> torch.Tensor:
+    return t if dtype is None else t.to(dtype)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype=None) -> torch.Tensor:
+    """``a @ b`` with both operands rounded to ``dtype`` (the product's precision; None: as they
+    are), returned in ``a``'s dtype. bf16 products run 3–4× faster than float32 on CPUs with
+    AVX512-BF16/AMX and on GPUs; with non-negative operands (squares) every entry keeps a relative
+    error below three bf16 roundings (≈ 1.2 %)."""
+    if dtype is None or dtype == a.dtype:
+        return a @ b
+    return (a.to(dtype) @ b.to(dtype)).to(a.dtype)
+
+
+def _linear_sq(m: nn.Linear, a, delta, dtype=None):
     # a: (B, *, in); delta: (K, B, *, out)
     if a.dim() == 2:  # (B, out): classes summed before the outer product
         d2 = _square_sum(delta)
-        out = {"weight": d2.T @ a.square()}
+        out = {"weight": _mm(d2.T, a.square(), dtype)}
         if m.bias is not None:
             out["bias"] = d2.sum(0)
         return out
     a3 = a.reshape(a.shape[0], -1, a.shape[-1])  # (B, T, in)
     d4 = delta.reshape(delta.shape[0], delta.shape[1], -1, delta.shape[-1])  # (K, B, T, out)
-    out = {"weight": torch.einsum("kbto,bti->kboi", d4, a3).pow(2).sum((0, 1))}
+    g = torch.einsum("kbto,bti->kboi", _in(d4, dtype), _in(a3, dtype)).to(a.dtype)
+    out = {"weight": g.pow(2).sum((0, 1))}
     if m.bias is not None:
         out["bias"] = d4.sum(2).pow(2).sum((0, 1))
     return out
@@ -80,18 +95,18 @@ def _unfold(m, a):
     return F.unfold(a, ks, dilation=dil, padding=pad, stride=st)
 
 
-def _conv_sq(m, a, delta):
+def _conv_sq(m, a, delta, dtype=None):
     patches = _unfold(m, a)  # (B, I·k, L)
     d = delta.flatten(3) if delta.dim() > 3 else delta  # (K, B, O, L)
     d = d.reshape(d.shape[0], d.shape[1], d.shape[2], -1)
-    g = torch.einsum("kbol,bil->kboi", d, patches)  # per-sample weight gradients
+    g = torch.einsum("kbol,bil->kboi", _in(d, dtype), _in(patches, dtype)).to(a.dtype)  # per-sample grads
     out = {"weight": g.pow(2).sum((0, 1)).view_as(m.weight)}
     if m.bias is not None:
         out["bias"] = d.sum(3).pow(2).sum((0, 1))
     return out
 
 
-def _bn_sq(m, a, delta):
+def _bn_sq(m, a, delta, dtype=None):  # elementwise products: dtype is not used
     shape = (1, -1) + (1,) * (a.dim() - 2)
     xhat = (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
     dims = tuple(range(3, delta.dim()))
@@ -105,7 +120,7 @@ def _bn_sq(m, a, delta):
     return out
 
 
-def _layernorm_sq(m: nn.LayerNorm, a, delta):
+def _layernorm_sq(m: nn.LayerNorm, a, delta, dtype=None):  # elementwise: dtype is not used
     dims = tuple(range(a.dim() - len(m.normalized_shape), a.dim()))
     mean = a.mean(dims, keepdim=True)
     var = a.var(dims, unbiased=False, keepdim=True)
@@ -121,7 +136,7 @@ def _layernorm_sq(m: nn.LayerNorm, a, delta):
     return out
 
 
-def _embedding_sq(m: nn.Embedding, idx, delta):
+def _embedding_sq(m: nn.Embedding, idx, delta, dtype=None):  # scatter-adds: dtype is not used
     # per-sample gradient rows: Σ over a sample's positions holding the same index, then squared
     k, b = delta.shape[:2]
     dim = delta.shape[-1]
@@ -335,9 +350,10 @@ def output_grads(f, saved, cotangents) -> dict[str, torch.Tensor]:
     return out
 
 
-def sq_sums(p: Plan, saved, deltas) -> dict[str, torch.Tensor]:
-    """Per-parameter ``Σ_k Σ_b g²`` from saved inputs and output gradients, keyed like the model."""
-    per_module = {n: RULES[type(m)].sq(m, saved[n][0], deltas[n]) for n, m in p.modules.items()}
+def sq_sums(p: Plan, saved, deltas, dtype=None) -> dict[str, torch.Tensor]:
+    """Per-parameter ``Σ_k Σ_b g²`` from saved inputs and output gradients, keyed like the model.
+    ``dtype``: the precision of the Linear/Conv products (e.g. ``torch.bfloat16``; None: exact)."""
+    per_module = {n: RULES[type(m)].sq(m, saved[n][0], deltas[n], dtype) for n, m in p.modules.items()}
     return {full: per_module[mname][attr] for full, (mname, attr) in p.params.items()}
 
 
@@ -382,10 +398,12 @@ def kfac_diagonal(p: Plan, factors) -> dict[str, torch.Tensor]:
 
 
 def kfac_factors(
-    p: Plan, saved, deltas, diagonal: bool = False
+    p: Plan, saved, deltas, diagonal: bool = False, dtype=None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Module name -> (A, G) for every planned Linear/Conv module; with ``diagonal`` only their
-    diagonals (1-D), which is all the diagonal of ``G ⊗ A`` needs — O(n·in) instead of O(n·in²)."""
+    diagonals (1-D), which is all the diagonal of ``G ⊗ A`` needs — O(n·in) instead of O(n·in²).
+    ``dtype``: the precision of the products āᵀā and δᵀδ (None: exact; bf16 keeps each factor
+    within about 1 % of its Frobenius norm)."""
     out = {}
     for n, m in p.modules.items():
         rule = RULES[type(m)]
@@ -395,5 +413,5 @@ def kfac_factors(
         if diagonal:
             out[n] = (a.square().sum(0) / a.shape[0], d.square().sum(0))
         else:
-            out[n] = (torch.mm(a.T, a).div_(a.shape[0]), torch.mm(d.T, d))  # in place: no second n×n
+            out[n] = (_mm(a.T, a, dtype).div_(a.shape[0]), _mm(d.T, d, dtype))  # in place: no second n×n
     return out

@@ -105,6 +105,7 @@ def diag_ggn(
     params: Iterable[str] | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
+    product_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal of the generalised Gauss-Newton matrix of the summed NLL.
 
@@ -122,14 +123,20 @@ def diag_ggn(
             of at most max(2·P, 2¹⁶) numbers at once).
         backend: ``"auto"`` (the hook engine when :func:`plan` allows, else ``torch.func``),
             ``"hooks"`` (error if not possible) or ``"func"``.
+        product_dtype: precision of the hook engine's squared-gradient products for Linear/Conv
+            layers, e.g. ``torch.bfloat16``: 3–4× faster products on hardware with bf16 units,
+            every entry within about 1.2 % of the exact value (all terms are non-negative).
+            ``None`` (default): the model's dtype, exact to round-off. Not used by the
+            ``torch.func`` path.
     """
+    _check_product_dtype(product_dtype)
     if method not in ("exact", "mc"):
         raise ValueError(f"method must be 'exact' or 'mc', got {method!r}")
     if method == "mc" and int(n_samples) < 1:
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     lik = likelihoods.get(likelihood, sigma_noise)
     kind = "ggn" if method == "exact" else "ggn-mc"
-    out = _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, chunk_size)
+    out = _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, chunk_size, product_dtype)
     if out is not None:
         return out
     if method == "mc":
@@ -171,13 +178,15 @@ def diag_efisher(
     params: Iterable[str] | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
+    product_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher ``Σ_b g_b ⊙ g_b`` from per-sample gradients of the NLL.
 
-    ``backend`` as in :func:`diag_ggn`.
+    ``backend`` and ``product_dtype`` as in :func:`diag_ggn`.
     """
+    _check_product_dtype(product_dtype)
     lik = likelihoods.get(likelihood, sigma_noise)
-    out = _via_hooks(model, x, y, lik, params, backend, "efisher", 1, None, chunk_size)
+    out = _via_hooks(model, x, y, lik, params, backend, "efisher", 1, None, chunk_size, product_dtype)
     if out is not None:
         return out
     theta = {n: p.detach() for n, p in trainable(model, params).items()}
@@ -197,6 +206,11 @@ def diag_efisher(
 _BACKENDS = ("auto", "hooks", "func")
 
 
+def _check_product_dtype(dtype) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"product_dtype must be None or a floating torch.dtype, got {dtype!r}")
+
+
 def _cotangents(kind, f, y, lik, n_samples, generator):
     """(K, *f.shape) output-space vectors whose per-sample gradients square-sum to the quantity."""
     f2 = f if f.dim() == 2 else f[:, None]
@@ -209,7 +223,7 @@ def _cotangents(kind, f, y, lik, n_samples, generator):
     return torch.stack([lik.nll_grad(f.detach(), lab) for lab in labels])
 
 
-def _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, chunk_size):
+def _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, chunk_size, product_dtype=None):
     """The quantity from the hook engine, or None when the generic path must run."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -229,7 +243,7 @@ def _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, ch
                 f = model(x[sl])
             V = _cotangents(kind, f, y[sl], lik, n_samples, generator)
             deltas = engine.output_grads(f, saved, V)
-            part = engine.sq_sums(p, saved, deltas)
+            part = engine.sq_sums(p, saved, deltas, product_dtype)
             total = part if total is None else {n: total[n] + part[n] for n in total}
     except engine.Unsupported as err:
         if backend == "hooks":
@@ -242,7 +256,7 @@ def _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, ch
 
 
 def training_pass(model, x, y, lik, plan, kind: str, generator=None, proceed=None, loss_scale: float = 1.0,
-                  kfac_diagonal: bool = False):
+                  kfac_diagonal: bool = False, product_dtype: torch.dtype | None = None):
     """One forward (with hooks) and the training backward of the mean loss (times ``loss_scale``,
     for gradient accumulation), sharing them with a curvature quantity from the hook engine.
 
@@ -251,7 +265,8 @@ def training_pass(model, x, y, lik, plan, kind: str, generator=None, proceed=Non
     ``(loss, result)``: per-parameter batch sums of squared per-sample gradients, or the KFAC
     factors per module for the ``kfac`` kinds. ``proceed(loss)`` may stop before the backward
     (returns ``(loss, None)``), e.g. for a non-finite loss. ``kfac_diagonal``: only the factors'
-    diagonals (all the diagonal of ``G ⊗ A`` needs).
+    diagonals (all the diagonal of ``G ⊗ A`` needs). ``product_dtype``: as in :func:`diag_ggn`
+    (the curvature's products only; the gradient is exact).
     """
     with engine.capture(plan) as saved:
         f = model(x)
@@ -270,8 +285,8 @@ def training_pass(model, x, y, lik, plan, kind: str, generator=None, proceed=Non
         (loss * loss_scale).backward()
     with torch.no_grad():
         if kind.startswith("kfac"):
-            return loss, engine.kfac_factors(plan, saved, deltas, diagonal=kfac_diagonal)
-        return loss, engine.sq_sums(plan, saved, deltas)
+            return loss, engine.kfac_factors(plan, saved, deltas, diagonal=kfac_diagonal, dtype=product_dtype)
+        return loss, engine.sq_sums(plan, saved, deltas, product_dtype)
 
 
 def kfac(
@@ -284,6 +299,7 @@ def kfac(
     generator: torch.Generator | None = None,
     sigma_noise: float = 1.0,
     params: Iterable[str] | None = None,
+    product_dtype: torch.dtype | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Kronecker factors ``(A, G)`` of the GGN of the summed NLL per Linear/Conv module.
 
@@ -291,10 +307,14 @@ def kfac(
     module has a bias; ``G = Σ δ δᵀ`` of the output gradients for the exact output-Hessian factor
     (``method="exact"``) or ``n_samples`` sampled labels (``"mc"``, averaged). The GGN block of the
     layer, summed over the batch, is approximated by ``G ⊗ A`` (rows: outputs; columns: flattened
-    inputs, bias last); exact for one sample at one position.
+    inputs, bias last); exact for one sample at one position. ``product_dtype``: precision of the
+    products ``āᵀā`` and ``δᵀδ`` (e.g. ``torch.bfloat16``, see :func:`diag_ggn`; each factor then
+    within about 1 % of its Frobenius norm).
     """
+    _check_product_dtype(product_dtype)
     lik = likelihoods.get(likelihood, sigma_noise)
-    return _kfac(model, x, y, lik, _kfac_plan(model, params, method), method, n_samples, generator, False)
+    p = _kfac_plan(model, params, method)
+    return _kfac(model, x, y, lik, p, method, n_samples, generator, False, product_dtype)
 
 
 def _kfac_plan(model, params, method):
@@ -308,11 +328,12 @@ def _kfac_plan(model, params, method):
     return p
 
 
-def _kfac(model, x, y, lik, p, method, n_samples, generator, diagonal):
+def _kfac(model, x, y, lik, p, method, n_samples, generator, diagonal, product_dtype=None):
     with torch.enable_grad(), engine.capture(p) as saved:
         f = model(x)
     V = _cotangents("ggn" if method == "exact" else "ggn-mc", f, y, lik, n_samples, generator)
-    out = engine.kfac_factors(p, saved, engine.output_grads(f, saved, V), diagonal=diagonal)
+    deltas = engine.output_grads(f, saved, V)
+    out = engine.kfac_factors(p, saved, deltas, diagonal=diagonal, dtype=product_dtype)
     if method == "mc":
         out = {k: (A, G / n_samples) for k, (A, G) in out.items()}
     return {k: (A.detach(), G.detach()) for k, (A, G) in out.items()}

@@ -1,0 +1,105 @@
+"""bf16 products in the hook engine: every entry close to the float64 reference, the gradient exact."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import effortless as ef
+from effortless import curvature, likelihoods
+from effortless.curvature import engine, exact, functional
+from tests.conftest import make_batch, make_model
+
+BF16 = torch.bfloat16
+# three bf16 roundings of non-negative terms (two operands, the result): below 3 · 2⁻⁸ ≈ 1.2 %
+RTOL = 1.5e-2
+
+
+def _float32(arch, lik):
+    model = make_model(arch).float()
+    x, y = make_batch(arch, lik, n=16)
+    return model, x.float(), (y.float() if y.is_floating_point() else y)
+
+
+def _assert_entrywise_close(got, ref):
+    assert list(got) == list(ref)
+    for k in ref:
+        err = (got[k].double() - ref[k]).abs()
+        bound = RTOL * ref[k].abs() + 1e-6 * float(ref[k].abs().max())  # (float32 round-off at 0)
+        worst = float((err / ref[k].abs()).max())
+        assert bool((err <= bound).all()), f"{k}: worst relative error {worst:.3g}"
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "residual", "conv1d", "sequence", "batchnorm"])
+@pytest.mark.parametrize("lik", ["classification", "regression"])
+@pytest.mark.parametrize("kind", ["ggn", "efisher"])
+def test_bf16_products_stay_within_three_roundings_of_the_reference(arch, lik, kind):
+    model, x, y = _float32(arch, lik)
+    fn = curvature.diag_ggn if kind == "ggn" else curvature.diag_efisher
+    got = fn(model, x, y, lik, backend="hooks", product_dtype=BF16)
+    ref = exact.diag(model.double(), x.double(), y.double() if y.is_floating_point() else y, kind, lik)
+    _assert_entrywise_close(got, ref)
+    if arch != "batchnorm":  # the option is used: some entry differs from the float32 products
+        model.float()
+        exact32 = fn(model, x, y, lik, backend="hooks")
+        assert any(not torch.equal(got[k], exact32[k]) for k in got)
+
+
+def test_mc_ggn_with_bf16_products_uses_the_same_labels():
+    model, x, y = _float32("mlp", "classification")
+    a = curvature.diag_ggn(model, x, y, method="mc", generator=torch.Generator().manual_seed(3))
+    b = curvature.diag_ggn(model, x, y, method="mc", generator=torch.Generator().manual_seed(3),
+                           product_dtype=BF16)  # fmt: skip
+    _assert_entrywise_close(b, {k: v.double() for k, v in a.items()})
+
+
+def test_bf16_kronecker_factors_are_close_in_norm():
+    model, x, y = _float32("cnn", "classification")
+    ref = curvature.kfac(model.double(), x.double(), y)
+    got = curvature.kfac(model.float(), x, y, product_dtype=BF16)
+    for k, (A, G) in ref.items():
+        for approx, exact_ in zip(got[k], (A, G)):
+            assert approx.dtype == torch.float32
+            rel = float(torch.linalg.matrix_norm(approx.double() - exact_) / torch.linalg.matrix_norm(exact_))
+            assert 0 < rel < 1e-2, (k, rel)  # 0 would mean the products did not run in bf16
+
+
+def test_training_pass_gradient_is_untouched_by_the_product_dtype():
+    model, x, y = _float32("mlp", "classification")
+    plan, lik = engine.plan(model), likelihoods.get("classification")
+    out = {}
+    for dt in (None, BF16):
+        model.zero_grad(set_to_none=True)
+        loss, sums = functional.training_pass(model, x, y, lik, plan, "efisher", product_dtype=dt)
+        out[dt] = (loss.detach(), [p.grad.clone() for p in model.parameters()], sums)
+    assert torch.equal(out[None][0], out[BF16][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[None][1], out[BF16][1]))
+    _assert_entrywise_close(out[BF16][2], {k: v.double() for k, v in out[None][2].items()})
+
+
+@pytest.mark.parametrize("hessian", ["ggn", "efisher", "ggn-mc"])
+def test_bayesadam_with_bf16_products(hessian):
+    """Same means after a step (the update reads the gradient, not the curvature); curvature close."""
+    model, x, y = _float32("mlp", "classification")
+    runs = []
+    for dt in (None, BF16):
+        m = make_model("mlp").float()
+        m.load_state_dict(model.state_dict())
+        opt = ef.BayesAdam(m.parameters(), n_data=16, hessian=hessian, hess_beta=0.0, fused=False,
+                           generator=torch.Generator().manual_seed(0), product_dtype=dt)  # fmt: skip
+        opt.train_step(m, x, y)
+        runs.append((m, opt))
+    (m0, o0), (m1, o1) = runs
+    for p0, p1 in zip(m0.parameters(), m1.parameters()):
+        assert torch.equal(p0, p1)
+        h0, h1 = o0.state[p0]["hess"].double(), o1.state[p1]["hess"].double()
+        assert bool(((h1 - h0).abs() <= RTOL * h0.abs() + 1e-9).all())
+    assert F.cross_entropy(m1(x), y).isfinite()
+
+
+def test_product_dtype_is_validated():
+    model, x, y = _float32("mlp", "classification")
+    for bad in ("bf16", torch.int32):
+        with pytest.raises(ValueError, match="product_dtype"):
+            curvature.diag_ggn(model, x, y, product_dtype=bad)
+        with pytest.raises(ValueError, match="product_dtype"):
+            ef.BayesAdam(model.parameters(), n_data=16, product_dtype=bad)
