@@ -38,6 +38,7 @@ def test_hessian_profile_writes_table_json_and_plot(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())
     quantities = {r["quantity"] for r in rows}
     assert {"fwd+bwd", "ggn+grad", "ggn-mc+grad", "efisher+grad", "kfac-mc+grad", "hvp", "gvp"} <= quantities
+    assert "ggn+grad, bf16 products" in quantities
     assert all(r["ratio"] > 0 and r["ms"] > 0 for r in rows)
     assert {r["width"] for r in rows} == {1, 4}
     assert (tmp_path / "profile.png").stat().st_size > 0
