@@ -45,10 +45,16 @@ def make_runners(batch, n_data: int, methods: list[str], hidden=(256, 256)):
                 opt.step()
 
         elif name.startswith("bayesadam"):
-            # bayesadam, bayesadam:KEY, bayesadam-eager (fused=False), bayesadam-fused (fused=True)
-            key = name.split(":", 1)[1] if ":" in name else "reparam"
-            fused = {"bayesadam-eager": False, "bayesadam-fused": True}.get(name.split(":")[0])
-            opt = ef.BayesAdam(model.parameters(), n_data=n_data, hessian=key, batch_size=len(x), fused=fused)
+            # bayesadam, bayesadam:KEY, bayesadam:KEY:bf16 (bf16 curvature products),
+            # bayesadam-eager (fused=False), bayesadam-fused (fused=True)
+            parts = name.split(":")
+            key = parts[1] if len(parts) > 1 else "reparam"
+            product_dtype = torch.bfloat16 if parts[2:] == ["bf16"] else None
+            if parts[2:] not in ([], ["bf16"]):
+                raise ValueError(f"unknown method {name!r}")
+            fused = {"bayesadam-eager": False, "bayesadam-fused": True}.get(parts[0])
+            opt = ef.BayesAdam(model.parameters(), n_data=n_data, hessian=key, batch_size=len(x), fused=fused,
+                               product_dtype=product_dtype)  # fmt: skip
 
             def it(model=model, opt=opt):
                 if opt.estimator.needs_model:  # model-side curvature (ggn, ggn-mc, kfac, ...)
@@ -97,7 +103,8 @@ def main(argv=None):
     ap.add_argument("--hidden", default="256,256", help="hidden widths of the MLP (default 256,256)")
     ap.add_argument("--methods", default="adam,bayesadam,bayesadam-eager,ivon",
                     help="comma list; bayesadam (defaults), bayesadam-eager, bayesadam-fused, "
-                    "bayesadam:KEY for another Hessian estimator, ivon (if installed)")  # fmt: skip
+                    "bayesadam:KEY for another Hessian estimator (bayesadam:KEY:bf16 with bf16 curvature "
+                    "products), ivon (if installed)")  # fmt: skip
     ap.add_argument("--cycle", action="store_true",
                     help="time all methods in one interleaved cycle instead of each paired with Adam")
     ap.add_argument("--out", default="runs/step_cost")
