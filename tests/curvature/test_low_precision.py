@@ -1,5 +1,7 @@
 """bf16 products in the hook engine: every entry close to the float64 reference, the gradient exact."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,3 +105,19 @@ def test_product_dtype_is_validated():
             curvature.diag_ggn(model, x, y, product_dtype=bad)
         with pytest.raises(ValueError, match="product_dtype"):
             ef.BayesAdam(model.parameters(), n_data=16, product_dtype=bad)
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns_once(monkeypatch):
+    model, x, y = _float32("mlp", "classification")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    functional._warn_without_bf16_units.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="emulated"):
+            curvature.diag_efisher(model, x, y, product_dtype=BF16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            curvature.diag_efisher(model, x, y, product_dtype=BF16)  # once per process
+            curvature.diag_efisher(model, x, y)
+    finally:
+        functional._warn_without_bf16_units.cache_clear()

@@ -27,7 +27,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -129,7 +131,7 @@ def diag_ggn(
             ``None`` (default): the model's dtype, exact to round-off. Not used by the
             ``torch.func`` path.
     """
-    _check_product_dtype(product_dtype)
+    _check_product_dtype(product_dtype, x.device)
     if method not in ("exact", "mc"):
         raise ValueError(f"method must be 'exact' or 'mc', got {method!r}")
     if method == "mc" and int(n_samples) < 1:
@@ -184,7 +186,7 @@ def diag_efisher(
 
     ``backend`` and ``product_dtype`` as in :func:`diag_ggn`.
     """
-    _check_product_dtype(product_dtype)
+    _check_product_dtype(product_dtype, x.device)
     lik = likelihoods.get(likelihood, sigma_noise)
     out = _via_hooks(model, x, y, lik, params, backend, "efisher", 1, None, chunk_size, product_dtype)
     if out is not None:
@@ -206,9 +208,25 @@ def diag_efisher(
 _BACKENDS = ("auto", "hooks", "func")
 
 
-def _check_product_dtype(dtype) -> None:
+def _check_product_dtype(dtype, device=None) -> None:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"product_dtype must be None or a floating torch.dtype, got {dtype!r}")
+    if dtype == torch.bfloat16 and device is not None and torch.device(device).type == "cpu":
+        _warn_without_bf16_units()
+
+
+@functools.cache
+def _warn_without_bf16_units() -> None:
+    """Once per process: bf16 products on a CPU without bf16 units are emulated (can be slower)."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    if probe is not None and not (probe() or amx()):
+        warnings.warn(
+            "product_dtype=torch.bfloat16 on a CPU without AVX512-BF16 or AMX: the products are "
+            "emulated and may be slower than float32 (effortless hessian-profile measures it)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _cotangents(kind, f, y, lik, n_samples, generator):
@@ -311,7 +329,7 @@ def kfac(
     products ``āᵀā`` and ``δᵀδ`` (e.g. ``torch.bfloat16``, see :func:`diag_ggn`; each factor then
     within about 1 % of its Frobenius norm).
     """
-    _check_product_dtype(product_dtype)
+    _check_product_dtype(product_dtype, x.device)
     lik = likelihoods.get(likelihood, sigma_noise)
     p = _kfac_plan(model, params, method)
     return _kfac(model, x, y, lik, p, method, n_samples, generator, False, product_dtype)

@@ -367,7 +367,6 @@ class BayesAdam(Optimizer):
         process_group=None,
         product_dtype: torch.dtype | None = None,
     ):
-        cf._check_product_dtype(product_dtype)
         self.product_dtype = product_dtype
         self.auto_prior = prior_precision == "auto"
         if self.auto_prior:
@@ -426,6 +425,8 @@ class BayesAdam(Optimizer):
             temperature=float(temperature),
         )
         super().__init__(params, defaults)
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        cf._check_product_dtype(product_dtype, next(iter(devices)) if len(devices) == 1 else None)
         first = next((p for g in self.param_groups for p in g["params"]), None)
         if first is None:
             raise ValueError("params: the optimizer got no parameters")
