@@ -125,9 +125,12 @@ def diag_ggn(
             of at most max(2·P, 2¹⁶) numbers at once).
         backend: ``"auto"`` (the hook engine when :func:`plan` allows, else ``torch.func``),
             ``"hooks"`` (error if not possible) or ``"func"``.
-        product_dtype: precision of the hook engine's squared-gradient products for Linear/Conv
-            layers, e.g. ``torch.bfloat16``: 3–4× faster products on hardware with bf16 units,
-            every entry within about 1.2 % of the exact value (all terms are non-negative).
+        product_dtype: precision of the hook engine's products for Linear/Conv layers, e.g.
+            ``torch.bfloat16``: 3–4× faster on hardware with bf16 units. For Linear layers on
+            (batch, features) inputs the product sums non-negative squares, so every entry stays
+            within about 1.2 % (three bf16 roundings) of the exact value; for convolutions and
+            sequence inputs the per-sample gradients are formed in bf16, so an entry whose
+            per-sample gradients cancel can be off by more (tested within 1.5 % on small CNNs).
             ``None`` (default): the model's dtype, exact to round-off. Not used by the
             ``torch.func`` path.
     """
