@@ -16,6 +16,12 @@ BF16 = torch.bfloat16
 RTOL = 1.5e-2
 
 
+@pytest.fixture(autouse=True)
+def _every_product_in_bf16(monkeypatch):
+    """These networks are tiny: let every product, however small, take the low-precision path."""
+    monkeypatch.setattr(engine, "LOWP_MIN_MACS", 0)
+
+
 def _float32(arch, lik):
     model = make_model(arch).float()
     x, y = make_batch(arch, lik, n=16)
@@ -121,3 +127,13 @@ def test_bf16_on_a_cpu_without_bf16_units_warns_once(monkeypatch):
             curvature.diag_efisher(model, x, y)
     finally:
         functional._warn_without_bf16_units.cache_clear()
+
+
+def test_products_below_the_size_threshold_stay_exact(monkeypatch):
+    model, x, y = _float32("cnn", "classification")
+    monkeypatch.setattr(engine, "LOWP_MIN_MACS", 10**9)
+    for fn in (curvature.diag_ggn, curvature.diag_efisher):
+        a, b = fn(model, x, y, product_dtype=BF16), fn(model, x, y)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    ka, kb = curvature.kfac(model, x, y, product_dtype=BF16), curvature.kfac(model, x, y)
+    assert all(torch.equal(u, v) for k in ka for u, v in zip(ka[k], kb[k]))
