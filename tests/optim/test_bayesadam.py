@@ -265,6 +265,43 @@ def test_resume_is_bit_identical(key, mc):
         assert ref[1].state[p]["step"] == b[1].state[q]["step"] == 10
 
 
+def test_resume_keeps_the_product_dtype(monkeypatch):
+    """bf16 curvature products change the numbers; a checkpoint restores them into an optimizer
+    built without the option, and the resumed run is bitwise the uninterrupted one."""
+    from effortless.curvature import engine
+
+    monkeypatch.setattr(engine, "LOWP_MIN_MACS", 0)  # the tiny MLP's products take the bf16 path
+    x, y = _data(n=96)
+    x = x.float()
+
+    def make(**kw):
+        model = _mlp().float()
+        return model, ef.BayesAdam(model.parameters(), n_data=96, hessian="ggn", fused=False,
+                                   generator=torch.Generator().manual_seed(5), **kw)  # fmt: skip
+
+    def run(model, opt, steps):
+        for _ in range(steps):
+            opt.train_step(model, x[:32], y[:32])
+
+    ref, exact32 = make(product_dtype=torch.bfloat16), make()
+    run(*ref, 6)
+    run(*exact32, 6)
+    assert not all(torch.equal(p, q) for p, q in zip(ref[0].parameters(), exact32[0].parameters()))
+    a = make(product_dtype=torch.bfloat16)
+    run(*a, 3)
+    buf = io.BytesIO()
+    torch.save({"model": a[0].state_dict(), "opt": a[1].state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    b = make()  # no product_dtype given: the checkpoint's comes back
+    b[0].load_state_dict(ckpt["model"])
+    b[1].load_state_dict(ckpt["opt"])
+    assert b[1].product_dtype == torch.bfloat16
+    run(*b, 3)
+    for p, q in zip(ref[0].parameters(), b[0].parameters()):
+        assert torch.equal(p, q)
+
+
 def test_load_state_dict_rejects_other_estimators_and_plain_adam():
     model = _mlp()
     opt = ef.BayesAdam(model.parameters(), n_data=10, hessian="ggn")

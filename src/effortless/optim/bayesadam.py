@@ -1253,6 +1253,8 @@ class BayesAdam(Optimizer):
             "auto_prior": self.auto_prior,
             "skipped_steps": self.skipped_steps,
             "noise_seed": self._noise_seed,
+            # the curvature's product precision changes the numbers: a resumed run keeps it
+            "product_dtype": None if self.product_dtype is None else str(self.product_dtype).split(".")[-1],
         }
         return sd
 
@@ -1274,6 +1276,9 @@ class BayesAdam(Optimizer):
         self.skipped_steps = int(extra.get("skipped_steps", 0))
         self.mc_samples = int(extra["mc_samples"])
         self._noise_seed = extra.get("noise_seed")
+        if "product_dtype" in extra:  # (checkpoints from before it was saved keep the constructor's)
+            pd = extra["product_dtype"]
+            self.product_dtype = None if pd is None else getattr(torch, pd)
         self._pending_theta = False  # the loaded buffers hold noise, whatever was pending before
         self._clear_pending()
         self._restore_rank_noise()
