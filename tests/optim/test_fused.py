@@ -154,3 +154,58 @@ def test_chunks_of_different_bases_and_sizes_share_one_graph(monkeypatch):
     for o, m, h, e in zip(out, mus, hs, es):
         torch.testing.assert_close(o, _fused._sample_math(m, h, e, hp))
     assert counter.frame_count == 2  # chunks of 2 (three of them) and the remainder of 1
+
+
+def _run_model_side(fused, hessian, steps=5, mc=1):
+    """train_step with a model-side curvature key (antithetic pairs: the mirror reads the ε the
+    update left in the noise buffers)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=g)
+    opt = ef.BayesAdam(model.parameters(), n_data=40, fused=fused, lr=1e-2, temperature=0.5, hessian=hessian,
+                       mc_samples=mc, hess_beta=0.9, generator=torch.Generator().manual_seed(1))  # fmt: skip
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    for _ in range(steps):
+        opt.train_step(model, x, y)
+        sched.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("hessian,mc", [("ggn-mc", 1), ("efisher", 1), ("kfac", 1), ("ggn", 2),
+                                        ("hutchinson", 1)])  # fmt: skip
+def test_model_side_keys_fused_match_eager_in_float64(hessian, mc, monkeypatch):
+    calls = []
+    real = _fused.kernel
+    monkeypatch.setattr(_fused, "kernel", lambda name: calls.append(name) or real(name))
+    fused = _run_model_side(True, hessian, mc=mc)
+    assert fused[1].fused
+    if hessian == "hutchinson":  # signed: the eager positivity-preserving update, no given kernel
+        assert not any(c.startswith("given") for c in calls)
+    else:
+        assert ("given_step_theta" if mc == 1 else "given_step") in calls
+    (m1, o1), (m2, o2) = _run_model_side(False, hessian, mc=mc), fused
+    _assert_same_run((m1, o1), (m2, o2))
+    for p, q in zip(m1.parameters(), m2.parameters()):  # the same ε left for the mirror sample
+        torch.testing.assert_close(o1.state[p]["noise"], o2.state[q]["noise"], rtol=1e-10, atol=1e-13)
+
+
+def test_model_side_kernel_failure_converts_the_sample_and_goes_eager(monkeypatch):
+    real = _fused.kernel
+
+    def broken(name):
+        if name.startswith("given"):
+            def fail(*args):
+                raise RuntimeError("no compiler here")
+
+            return fail
+        return real(name)
+
+    monkeypatch.setattr(_fused, "kernel", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = _run_model_side(True, "ggn-mc")
+    assert not fused[1].fused
+    assert sum("torch.compile failed" in str(w.message) for w in caught) == 1
+    _assert_same_run(_run_model_side(False, "ggn-mc"), fused)

@@ -1,5 +1,7 @@
-"""Fused (``torch.compile``d) kernels for the two hot paths of BayesAdam: drawing θ and the
-reparameterisation step. Each is one pass over memory instead of ~4 and ~18 eager passes.
+"""Fused (``torch.compile``d) kernels for the hot paths of BayesAdam: drawing θ, the
+reparameterisation step and the step with a model-side curvature estimate (``train_step`` with
+``ggn``, ``ggn-mc``, ``efisher``, ``kfac``). Each is one pass over memory instead of ~4, ~18 and
+~12 eager passes.
 
 The math is the same as the eager kernel in :mod:`effortless.optim.bayesadam` (tested equal to
 float64 round-off); hyperparameters travel as a tensor so that changing the learning rate or the
@@ -61,6 +63,27 @@ def _reparam_step_theta_math(mu, g, m, v, h, th, hp):
     th.copy_(e)
 
 
+def _given_step_math(mu, g, m, v, h, hhat, hp):
+    # a model-side estimate ĥ (non-negative keys): h ← lerp(h, ĥ, 1−β), then Adam on μ
+    # hp = [N/T, δ/T, 1−β, wd, 1−β₁, β₂, 1−β₂, √bc₂, eps, −lr/bc₁]
+    h_new = torch.lerp(h, hhat, hp[2])
+    g_tot = g + hp[3] * mu
+    m_new = m + hp[4] * (g_tot - m)
+    v_new = hp[5] * v + hp[6] * (g_tot * g_tot)
+    mu_new = mu + hp[9] * m_new / (torch.sqrt(v_new) / hp[7] + hp[8])
+    mu.copy_(mu_new)
+    m.copy_(m_new)
+    v.copy_(v_new)
+    h.copy_(h_new)
+
+
+def _given_step_theta_math(mu, g, m, v, h, hhat, th, hp):
+    # the sample θ sits in the noise buffer: it becomes sign · ε = (θ − μ)/σ (old μ and h), kept
+    # for an antithetic mirror, in the same pass as the update
+    th.copy_((th - mu) * torch.sqrt(h * hp[0] + hp[1]))
+    _given_step_math(mu, g, m, v, h, hhat, hp)
+
+
 def _flip_sum(A, B):
     # Σ_q a_q b_qᵀ for A (R, rows, 1) and B (R, 1, cols), the sum over ranks unrolled
     s = A[0] * B[0]
@@ -101,6 +124,16 @@ def _reparam_step_theta_many(mus, gs, ms, vs, hs, ths, hp):
         _reparam_step_theta_math(*args, hp)
 
 
+def _given_step_many(mus, gs, ms, vs, hs, hhats, hp):
+    for args in zip(mus, gs, ms, vs, hs, hhats):
+        _given_step_math(*args, hp)
+
+
+def _given_step_theta_many(mus, gs, ms, vs, hs, hhats, ths, hp):
+    for args in zip(mus, gs, ms, vs, hs, hhats, ths):
+        _given_step_theta_math(*args, hp)
+
+
 _MATH = {
     "sample": _sample_many,
     "sample_inplace": _sample_inplace_many,
@@ -108,6 +141,8 @@ _MATH = {
     "reparam_step": _reparam_step_many,
     "reparam_step_theta": _reparam_step_theta_many,
     "reparam_step_flipout": _reparam_step_flipout_many,
+    "given_step": _given_step_many,
+    "given_step_theta": _given_step_theta_many,
 }
 
 

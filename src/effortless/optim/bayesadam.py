@@ -936,10 +936,11 @@ class BayesAdam(Optimizer):
             # estimate and an antithetic mirror need sign · ε = (θ − μ)/σ, from μ and h before the
             # update; the fused reparam kernel computes it itself (and writes it back), the
             # other paths convert first. Either way the estimate then uses sign 1.
-            if self.hessian != "reparam":
+            if self.hessian != "reparam" and not self._given_fusable():
                 self._theta_to_noise()
                 self._pending_theta = False
-            else:  # tensors the update skips (no gradient) keep their ε too
+            else:  # tensors the update skips (no gradient) keep their ε too; the others are
+                # converted by the fused kernels or just before the eager update
                 self._theta_to_noise(without_grad_only=True)
             self._sign = 1.0
         n = max(self._n_samples, 1)
@@ -986,6 +987,12 @@ class BayesAdam(Optimizer):
             for (step, hess_step), items in buckets.items():
                 if self.fused and group["temperature"] > 0:
                     items = self._fused_reparam(group, items, step, hess_step)
+                    if self._given_fusable():
+                        items = self._fused_given(group, items, step, hess_step)
+                if self._pending_theta and self.hessian != "reparam" and group["temperature"] > 0:
+                    for p, st, *_ in items:  # θ still in these buffers: ε first, from the old μ, h
+                        if "noise" in st:
+                            _noise_from_theta_(st["noise"], p.data, st["hess"], group)
                 if not items:
                     continue
                 bayesadam_update(
@@ -1072,6 +1079,41 @@ class BayesAdam(Optimizer):
             )
         ]  # fmt: skip
         name = "reparam_step_theta" if self._pending_theta else "reparam_step"
+        if self._run_fused(name, *cols, hp) is _FAILED:
+            return rest + todo
+        return rest
+
+    def _given_fusable(self) -> bool:
+        """Whether model-side estimates can be applied by the compiled kernel (non-negative keys;
+        the signed ones, e.g. hutchinson, keep the eager positivity-preserving update)."""
+        return bool(self.fused and self.estimator.needs_model and self.estimator.nonnegative)
+
+    def _fused_given(self, group, items, step, hess_step):
+        """Update the tensors with a model-side estimate with the compiled kernel (turning a
+        pending θ back into ε in the same pass); return the rest."""
+        beta1, beta2 = group["betas"]
+        n, d, t = group["n_data"], group["prior_precision"], group["temperature"]
+        beta = hess_beta_at(group["hess_beta"], hess_step, True)
+        rest, todo = [], []
+        for item in items:
+            p, st, est, noise, _ = item
+            usable = est is not None and noise is None and (not self._pending_theta or "noise" in st)
+            (todo if usable else rest).append(item)
+        if not todo or len({(it[0].dtype, it[0].device) for it in todo}) > 1:
+            return rest + todo
+        hp_list = [
+            n / t, d / t, 1.0 - beta, d / n, 1.0 - beta1, beta2, 1.0 - beta2,
+            math.sqrt(1.0 - beta2**step), group["eps"], -group["lr"] / (1.0 - beta1**step),
+        ]  # fmt: skip
+        hp = torch.tensor(hp_list, dtype=todo[0][0].dtype, device=todo[0][0].device)
+        cols = [
+            [it[0].data for it in todo], [it[0].grad for it in todo], [it[1]["exp_avg"] for it in todo],
+            [it[1]["exp_avg_sq"] for it in todo], [it[1]["hess"] for it in todo], [it[2] for it in todo],
+        ]  # fmt: skip
+        if self._pending_theta:
+            cols.append([it[1]["noise"] for it in todo])
+        cols = [[t_.reshape(-1) for t_ in col] for col in cols]
+        name = "given_step_theta" if self._pending_theta else "given_step"
         if self._run_fused(name, *cols, hp) is _FAILED:
             return rest + todo
         return rest
