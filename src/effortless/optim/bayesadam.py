@@ -292,8 +292,9 @@ class BayesAdam(Optimizer):
             sample costs a Gaussian draw (the slowest part of a step on CPU).
         foreach: batch the many small tensors through ``torch._foreach_*`` ops (same arithmetic as
             the per-tensor loop, which ``foreach=False`` selects).
-        fused: run the sampling and the ``reparam`` update as ``torch.compile``d kernels (one pass
-            over memory instead of ~20). ``None`` (default) turns it on for models with at least
+        fused: run the sampling and the update (``reparam``, and the non-negative model-side keys
+            through :meth:`train_step`) as ``torch.compile``d kernels (one pass over memory
+            instead of ~12-20). ``None`` (default) turns it on for models with at least
             ``FUSED_MIN_NUMEL`` weights, where the one-time compilation (~15-30 s on CPU) pays off;
             if compilation fails it warns once and runs eager.
         distributed: under ``torch.distributed`` with more than one process (DDP computes the
