@@ -101,3 +101,42 @@ def test_predictives_on_cuda_match_cpu(method):
                            generator=torch.Generator().manual_seed(2))  # fmt: skip
         out[device] = probs.cpu()
     torch.testing.assert_close(out["cpu"], out["cuda"], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("product_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("fused", [False, True])
+def test_model_side_key_on_cuda_matches_the_cpu_run(fused, product_dtype, monkeypatch):
+    """train_step with ggn-mc (the fused model-side update; bf16 curvature products on both
+    devices): the same sampled labels from the CPU-seeded generator, round-off apart."""
+    from effortless.curvature import engine
+
+    monkeypatch.setattr(engine, "LOWP_MIN_MACS", 0)  # the small network's products take bf16 too
+    out = {}
+    for device in ("cpu", "cuda"):
+        model, x, y = _problem(device)
+        gen = torch.Generator().manual_seed(1)  # on the CPU for both runs: the labels are drawn there
+        opt = ef.BayesAdam(model.parameters(), n_data=256, hessian="ggn-mc", fused=fused,
+                           product_dtype=product_dtype, generator=gen)  # fmt: skip
+        for _ in range(5):
+            opt.train_step(model, x, y)
+        out[device] = [t.detach().cpu() for p in model.parameters() for t in (p, opt.state[p]["hess"])]
+    tol = dict(rtol=1e-4, atol=1e-5) if product_dtype is None else dict(rtol=3e-2, atol=1e-4)
+    for a, b in zip(out["cpu"], out["cuda"]):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_cpu_generators_drive_every_draw_on_cuda():
+    """Hutchinson probes, MC-GGN labels, posterior and predictive draws with a CPU generator on a
+    CUDA model give the CPU run's numbers."""
+    out = {}
+    for device in ("cpu", "cuda"):
+        model, x, y = _problem(device)
+        g = torch.Generator().manual_seed(0)
+        hutch = ef.curvature.diag_hutchinson(model, x, y, generator=g)
+        mc = ef.curvature.diag_ggn(model, x, y, method="mc", generator=g)
+        post = ef.DiagGaussian.from_model(model, 100.0)
+        draw = post.sample(g)
+        probs = ef.predict(model, post, x, n_samples=4, method="glm", generator=g)
+        out[device] = [t.cpu() for t in (*hutch.values(), *mc.values(), *draw.values(), probs)]
+    for a, b in zip(out["cpu"], out["cuda"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

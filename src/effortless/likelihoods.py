@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import _rng
+
 __all__ = ["Likelihood", "Classification", "Regression", "get", "LIKELIHOODS"]
 
 
@@ -90,7 +92,7 @@ class Classification(Likelihood):
     def sample(self, f, generator=None):
         # inverse CDF: one uniform per row (several times faster than torch.multinomial here)
         c = f.detach().softmax(-1).cumsum(-1)
-        u = torch.rand(f.shape[0], 1, generator=generator, dtype=c.dtype, device=c.device)
+        u = _rng.rand((f.shape[0], 1), generator, c)
         return (c < u * c[:, -1:]).sum(-1).clamp_max(f.shape[-1] - 1)
 
     def nll_grad(self, f, y):
@@ -133,7 +135,7 @@ class Regression(Likelihood):
         return eye.expand(f.shape[0], -1, -1)
 
     def sample(self, f, generator=None):
-        noise = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device)
+        noise = _rng.randn(f.shape, generator, f)
         return f + self.sigma_noise * noise
 
     def nll_grad(self, f, y):

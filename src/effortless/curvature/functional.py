@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
-from .. import likelihoods
+from .. import _rng, likelihoods
 from . import engine
 
 __all__ = [
@@ -456,7 +456,7 @@ def diag_hutchinson(
     out = _zeros_like(leaves)
     for _ in range(int(n_probes)):
         v = [
-            torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
+            _rng.signs(p.shape, generator, p)
             for p in leaves.values()
         ]
         hv = torch.autograd.grad(grads, list(leaves.values()), v, retain_graph=True)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp
 
-from .. import likelihoods
+from .. import _rng, likelihoods
 from .functional import _frozen, trainable
 
 __all__ = ["gvp", "cg", "sample_precision"]
@@ -117,11 +117,11 @@ def sample_precision(
         out = f(theta, x)
     out2 = out if out.dim() == 2 else out[:, None]
     S = lik.hessian_factor(out2)  # (B, C, K)
-    xi1 = torch.randn(S.shape[0], S.shape[2], generator=generator, dtype=S.dtype, device=S.device)
+    xi1 = _rng.randn((S.shape[0], S.shape[2]), generator, S)
     _, pullback = vjp(lambda th: f(th, x), theta)
     r = pullback(torch.einsum("bck,bk->bc", S, xi1).reshape(out.shape))[0]
     for k, t in r.items():
-        xi2 = torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device)
+        xi2 = _rng.randn(t.shape, generator, t)
         r[k] = t + prior_precision**0.5 * xi2
 
     def matvec(v):

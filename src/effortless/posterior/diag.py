@@ -24,6 +24,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from .. import _rng
+
 __all__ = ["DiagGaussian"]
 
 
@@ -74,8 +76,7 @@ class DiagGaussian:
         """One draw ``μ + ε / √λ`` with ``ε ~ N(0, I)`` from ``generator``."""
         out = {}
         for k, m in self.mean.items():
-            eps = torch.randn(m.shape, generator=generator, dtype=m.dtype, device=_gen_device(generator, m))
-            out[k] = m + eps.to(m.device) * self.precision[k].rsqrt()
+            out[k] = m + _rng.randn(m.shape, generator, m) * self.precision[k].rsqrt()
         return out
 
     @contextlib.contextmanager
@@ -138,6 +139,3 @@ class DiagGaussian:
     def __repr__(self) -> str:
         return f"DiagGaussian({len(self.mean)} tensors, {self.numel()} weights)"
 
-
-def _gen_device(generator, like):
-    return generator.device if generator is not None else like.device

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import _rng
 from .evidence import maximise
 
 __all__ = ["KronLastLayer", "fit_last_layer"]
@@ -114,7 +115,7 @@ class KronLastLayer:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """One draw of W̄ (C, in + 1)."""
-        z = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype)
+        z = _rng.randn(self.mean.shape, generator, self.mean)
         z = z / self.eigenvalues().sqrt()
         return self.mean + self.QG @ z @ self.QA.T
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from .. import _rng
 from ..curvature import engine
 from ..curvature.functional import _chunks, _frozen, _single
 from .diag import DiagGaussian
@@ -86,9 +87,7 @@ def glm_logits(mean, cov, n_samples: int = 32, generator: torch.Generator | None
     c = mean.shape[-1]
     jitter = 1e-10 * cov.diagonal(dim1=-2, dim2=-1).mean().clamp_min(1e-30)
     L = torch.linalg.cholesky(cov + jitter * torch.eye(c, dtype=cov.dtype, device=cov.device))
-    device = generator.device if generator is not None else mean.device
-    xi = torch.randn(n_samples, *mean.shape, generator=generator, dtype=mean.dtype, device=device)
-    xi = xi.to(mean.device)
+    xi = _rng.randn((n_samples, *mean.shape), generator, mean)
     return mean + torch.einsum("bcd,sbd->sbc", L, xi)
 
 
