@@ -156,3 +156,27 @@ def test_bad_arguments():
         curvature.diag_ggn(model, x, y, method="mc", n_samples=0)
     with pytest.raises(ValueError, match="n_probes"):
         curvature.diag_hutchinson(model, x, y, n_probes=0)
+
+
+def test_a_module_that_does_not_run_gets_zero_curvature():
+    """Conditional computation: a planned module skipped by this forward. Its parameters get zero
+    curvature on the hook path (it raised KeyError before), as the dense reference says."""
+    from torch import nn
+
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.skipped = make_model("mlp"), nn.Linear(4, 3).double()
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Skips()
+    x, y = make_batch("mlp", "classification")
+    for kind in ("ggn", "efisher"):
+        got = (curvature.diag_ggn if kind == "ggn" else curvature.diag_efisher)(model, x, y, backend="hooks")
+        ref = exact.diag(model, x, y, kind, "classification")
+        _assert_dict_close(got, ref)
+        assert not got["skipped.weight"].any()
+    diag = curvature.diag_kfac(model, x, y)
+    assert not diag["skipped.weight"].any() and diag["used.0.weight"].any()

@@ -413,6 +413,79 @@ def test_nonfinite_skip_drops_the_step():
     _loop_step(opt, model, x, y)  # and training continues
 
 
+@pytest.mark.parametrize("hessian,fused", [("reparam", False), ("efisher", True)])
+def test_a_rejected_step_leaves_every_noise_buffer_holding_its_noise(hessian, fused):
+    """An unused tensor (no gradient) beside one whose gradient is NaN: after the dropped step each
+    buffer holds ε = (θ − μ)/σ of the sample just drawn, converted once (an antithetic mirror draws
+    μ − σε from it next)."""
+    from effortless.optim.bayesadam import _inv_sigma
+
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.unused = _mlp(), nn.Linear(2, 2).double()
+
+        def forward(self, x):
+            return self.body(x)
+
+    x, y = _data()
+    model = WithUnused()
+    params = list(model.parameters())
+    opt = ef.BayesAdam(params, n_data=64, hessian=hessian, nonfinite="skip", fused=fused, temperature=0.5,
+                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    opt.train_step(model, x, y)
+    mu = [p.detach().clone() for p in params]
+    inv_sigma = [_inv_sigma(opt.state[p]["hess"], 64, 1.0, 0.5) for p in params]
+    seen = []
+    model.register_forward_pre_hook(lambda *_: seen.append([p.detach().clone() for p in params]))
+    model.body[0].weight.register_hook(lambda g: g * float("nan"))
+    opt.train_step(model, x, y)
+    assert opt.skipped_steps == 1
+    for p, m, s, theta in zip(params, mu, inv_sigma, seen[-1]):
+        assert not torch.equal(theta, m)  # a sample was drawn
+        torch.testing.assert_close(opt.state[p]["noise"], (theta - m) * s, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_two_antithetic_samples_average_their_reparam_estimates(fused):
+    """mc_samples=2 against a reference built from what each sample saw: θ_i, g_i and
+    ĥ = ½ Σ_i g_i (θ_i − μ) / σ², applied by the functional kernel."""
+    from effortless.optim.bayesadam import _inv_sigma, bayesadam_update
+
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64, mc_samples=2, temperature=0.5, fused=fused,
+                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    opt.train_step(model, x, y)  # one step first: h is no longer uniform
+    params = list(model.parameters())
+    before = {p: {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)} for p in params}
+    step = opt.state[params[0]]["step"] + 1
+    mu = [p.detach().clone() for p in params]
+    thetas, grads = [], []
+    model.register_forward_pre_hook(lambda *_: thetas.append([p.detach().clone() for p in params]))
+    for p in params:
+        p.register_hook(lambda g, p=p: grads.append((p, g.detach().clone())))
+    opt.train_step(model, x, y)
+    assert len(thetas) == 2
+    per_sample = [{p: g for p, g in grads[i * len(params) : (i + 1) * len(params)]} for i in range(2)]
+    for i, p in enumerate(params):
+        st = before[p]
+        inv_var = _inv_sigma(st["hess"], 64, 1.0, 0.5) ** 2
+        gs = [per_sample[k][p] for k in range(2)]
+        hhat = sum(g * (thetas[k][i] - mu[i]) for k, g in enumerate(gs)) * inv_var / 2
+        ref_mu, ref = mu[i].clone(), {k: v.clone() for k, v in st.items()}
+        gbar = (gs[0] + gs[1]) / 2
+        bayesadam_update([ref_mu], [gbar], [ref["exp_avg"]], [ref["exp_avg_sq"]], [ref["hess"]],
+                         [hhat], [None], [None], noise_sign=1.0, step=step, hess_step=step, lr=1e-3,
+                         beta1=0.9, beta2=0.999, eps=1e-8, hess_beta=0.999, n_data=64.0, prior_precision=1.0,
+                         temperature=0.5, nonnegative=False)  # fmt: skip
+        torch.testing.assert_close(opt.state[p]["hess"], ref["hess"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(p.detach(), ref_mu, rtol=1e-12, atol=1e-14)
+    # the pair is antithetic: θ_2 − μ = −(θ_1 − μ)
+    for i in range(len(params)):
+        torch.testing.assert_close(thetas[1][i] - mu[i], -(thetas[0][i] - mu[i]), rtol=1e-10, atol=1e-12)
+
+
 # -- PyTorch conventions ---------------------------------------------------------------------------
 
 

@@ -371,8 +371,16 @@ def output_grads(f, saved, cotangents) -> dict[str, torch.Tensor]:
 def sq_sums(p: Plan, saved, deltas, dtype=None) -> dict[str, torch.Tensor]:
     """Per-parameter ``Σ_k Σ_b g²`` from saved inputs and output gradients, keyed like the model.
     ``dtype``: the precision of the Linear/Conv products (e.g. ``torch.bfloat16``; None: exact)."""
-    per_module = {n: RULES[type(m)].sq(m, saved[n][0], deltas[n], dtype) for n, m in p.modules.items()}
-    return {full: per_module[mname][attr] for full, (mname, attr) in p.params.items()}
+    per_module = {n: RULES[type(m)].sq(m, saved[n][0], deltas[n], dtype) for n, m in p.modules.items()
+                  if n in saved}  # fmt: skip
+    return {full: per_module[mname][attr] if mname in per_module else _unused(p, mname, attr)
+            for full, (mname, attr) in p.params.items()}  # fmt: skip
+
+
+def _unused(p: Plan, mname: str, attr: str) -> torch.Tensor:
+    """Zero curvature for a parameter whose module did not run in this forward (conditional
+    computation): the outputs do not depend on it."""
+    return torch.zeros_like(getattr(p.modules[mname], attr)).detach()
 
 
 def output_covariance(p: Plan, saved, deltas, variance: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -404,6 +412,9 @@ def kfac_diagonal(p: Plan, factors) -> dict[str, torch.Tensor]:
     (A, G) or from their diagonals alone (1-D, see ``kfac_factors(..., diagonal=True)``)."""
     out = {}
     for full, (mname, attr) in p.params.items():
+        if mname not in factors:  # the module did not run in this forward
+            out[full] = _unused(p, mname, attr)
+            continue
         A, G = factors[mname]
         dA = A if A.dim() == 1 else torch.diagonal(A)
         dG = G if G.dim() == 1 else torch.diagonal(G)
@@ -427,6 +438,8 @@ def kfac_factors(
         rule = RULES[type(m)]
         if rule.kfac is None:
             raise Unsupported(f"no Kronecker factors for {type(m).__name__} ({n})")
+        if n not in saved:  # did not run in this forward: no factors (its curvature is zero)
+            continue
         a, d = rule.kfac(m, saved[n][0], deltas[n])
         if diagonal:
             out[n] = (a.square().sum(0) / a.shape[0], d.square().sum(0))

@@ -595,14 +595,16 @@ class BayesAdam(Optimizer):
         """state["noise"] ← (θ − μ)/σ = sign · ε for every tensor whose buffer holds a sample θ
         (drawn in place), or only for those without a gradient; μ and h must be those the
         sample was drawn with."""
+        done = self.__dict__.setdefault("_converted", set())  # buffers already holding ε again
         with torch.no_grad():
             for group, p in self._params():
                 st = self.state.get(p)
-                if group["temperature"] == 0 or not st or "noise" not in st:
+                if group["temperature"] == 0 or not st or "noise" not in st or p in done:
                     continue
                 if without_grad_only and p.grad is not None:
                     continue
                 _noise_from_theta_(st["noise"], p.data, st["hess"], group)
+                done.add(p)
 
     def _draw(self, todo, sign) -> list[torch.Tensor]:
         """θ = μ ± σ ⊙ ε for every (p, h, ε, group) in ``todo`` (fused when possible)."""
@@ -634,6 +636,7 @@ class BayesAdam(Optimizer):
     def _clear_pending(self):
         if getattr(self, "_pending_theta", False):  # a discarded sample: its buffers hold θ, and an
             self._theta_to_noise()  # antithetic mirror may still need ε (μ and h are unchanged)
+        self._converted: set = set()  # (only those converted before a rejection are skipped above)
         self._pending_theta = False  # the pending sample's θ lives in state["noise"] (see _draw_inplace)
         self._n_samples = 0  # weight samples drawn for training since the last step
         self._sign = 1.0  # the single pending sample is θ = μ + sign · σ ⊙ state["noise"]
@@ -718,6 +721,8 @@ class BayesAdam(Optimizer):
                     thetas_new = self._flipout_draw(todo, sign)
                 else:
                     thetas_new = self._draw_inplace(todo, sign) if inplace else self._draw(todo, sign)
+                    if inplace:  # fresh θ in every buffer: none holds ε yet
+                        self._converted = set()
                 for p, theta in zip([t[0] for t in todo], thetas_new):
                     means[p] = p.data
                     p.data = theta.view_as(p.data)
