@@ -446,16 +446,16 @@ def test_a_rejected_step_leaves_every_noise_buffer_holding_its_noise(hessian, fu
         torch.testing.assert_close(opt.state[p]["noise"], (theta - m) * s, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_two_antithetic_samples_average_their_reparam_estimates(fused):
-    """mc_samples=2 against a reference built from what each sample saw: θ_i, g_i and
-    ĥ = ½ Σ_i g_i (θ_i − μ) / σ², applied by the functional kernel."""
+@pytest.mark.parametrize("fused,mc", [(False, 2), (True, 2), (False, 3), (True, 3)])
+def test_antithetic_samples_average_their_reparam_estimates(fused, mc):
+    """mc_samples=2 and 3 against a reference built from what each sample saw: θ_i, g_i and
+    ĥ = (1/S) Σ_i g_i (θ_i − μ) / σ², applied by the functional kernel."""
     from effortless.optim.bayesadam import _inv_sigma, bayesadam_update
 
     x, y = _data()
     model = _mlp()
-    opt = ef.BayesAdam(model.parameters(), n_data=64, mc_samples=2, temperature=0.5, fused=fused,
-                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    opt = ef.BayesAdam(model.parameters(), n_data=64, mc_samples=mc, temperature=0.5, fused=fused,
+                       generator=torch.Generator().manual_seed(0), antithetic=True)  # fmt: skip
     opt.train_step(model, x, y)  # one step first: h is no longer uniform
     params = list(model.parameters())
     before = {p: {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)} for p in params}
@@ -466,24 +466,26 @@ def test_two_antithetic_samples_average_their_reparam_estimates(fused):
     for p in params:
         p.register_hook(lambda g, p=p: grads.append((p, g.detach().clone())))
     opt.train_step(model, x, y)
-    assert len(thetas) == 2
-    per_sample = [{p: g for p, g in grads[i * len(params) : (i + 1) * len(params)]} for i in range(2)]
+    assert len(thetas) == mc
+    per_sample = [{p: g for p, g in grads[i * len(params) : (i + 1) * len(params)]} for i in range(mc)]
     for i, p in enumerate(params):
         st = before[p]
         inv_var = _inv_sigma(st["hess"], 64, 1.0, 0.5) ** 2
-        gs = [per_sample[k][p] for k in range(2)]
-        hhat = sum(g * (thetas[k][i] - mu[i]) for k, g in enumerate(gs)) * inv_var / 2
+        gs = [per_sample[k][p] for k in range(mc)]
+        hhat = sum(g * (thetas[k][i] - mu[i]) for k, g in enumerate(gs)) * inv_var / mc
         ref_mu, ref = mu[i].clone(), {k: v.clone() for k, v in st.items()}
-        gbar = (gs[0] + gs[1]) / 2
+        gbar = sum(gs) / mc
         bayesadam_update([ref_mu], [gbar], [ref["exp_avg"]], [ref["exp_avg_sq"]], [ref["hess"]],
                          [hhat], [None], [None], noise_sign=1.0, step=step, hess_step=step, lr=1e-3,
                          beta1=0.9, beta2=0.999, eps=1e-8, hess_beta=0.999, n_data=64.0, prior_precision=1.0,
                          temperature=0.5, nonnegative=False)  # fmt: skip
         torch.testing.assert_close(opt.state[p]["hess"], ref["hess"], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(p.detach(), ref_mu, rtol=1e-12, atol=1e-14)
-    # the pair is antithetic: θ_2 − μ = −(θ_1 − μ)
+    # a pair is antithetic: θ_b − μ = −(θ_a − μ). The phase runs on across steps: after a first step
+    # of three samples (+, −, +) the second starts with a mirror, so its pair is samples 1 and 2
+    a = 0 if mc == 2 else 1
     for i in range(len(params)):
-        torch.testing.assert_close(thetas[1][i] - mu[i], -(thetas[0][i] - mu[i]), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(thetas[a + 1][i] - mu[i], -(thetas[a][i] - mu[i]), rtol=1e-10, atol=1e-12)
 
 
 # -- PyTorch conventions ---------------------------------------------------------------------------
