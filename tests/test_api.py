@@ -84,3 +84,19 @@ def test_bad_arguments_raise_value_errors():
             ef.laplace(model, [], **kw)
     with pytest.raises(ValueError, match="no data"):
         ef.laplace(model, [], likelihood="regression", sigma_noise="marglik")
+
+
+def test_a_one_output_model_is_refused_as_a_classifier():
+    """softmax over one logit is 1 for every input: predictive, samples and training refuse it."""
+    x = torch.randn(16, 4)
+    model = nn.Linear(4, 1)
+    post = ef.DiagGaussian.from_model(model, 10.0)
+    for method in ("mc", "glm", "probit"):
+        with pytest.raises(ValueError, match="at least 2 outputs"):
+            ef.predict(model, post, x, method=method)
+    with pytest.raises(ValueError, match="at least 2 outputs"):
+        ef.predict_samples(model, post, x, n_samples=2)
+    with pytest.raises(ValueError, match="at least 2 outputs"):
+        ef.BayesAdam(model.parameters(), n_data=16).train_step(model, x, torch.zeros(16, dtype=torch.long))
+    mean, var = ef.predict(model, post, x, likelihood="regression")  # as regression it is fine
+    assert mean.shape == var.shape == (16, 1)

@@ -132,11 +132,13 @@ def predict(
         if lik.name != "classification":
             var = torch.diagonal(cov, dim1=-2, dim2=-1) + lik.sigma_noise**2
             return mean.reshape(x.shape[0], -1), var.reshape(x.shape[0], -1)
+        likelihoods._check_logits(mean)
         if method == "probit":
             return predictive.probit_probs(mean, cov)
         return predictive.glm_probs(mean, cov, n_samples, generator)
     f = _mc_outputs(model, posterior, x, n_samples, generator)  # (S, B, C)
     if lik.name == "classification":
+        likelihoods._check_logits(f[0])
         return f.softmax(-1).mean(0)
     return f.mean(0), f.var(0, unbiased=False) + lik.sigma_noise**2
 
@@ -243,6 +245,7 @@ def predict_samples(
         f = predictive.glm_logits(mean.detach(), cov.detach(), n_samples, generator)
     else:
         f = _mc_outputs(model, posterior, x, n_samples, generator)
+    likelihoods._check_logits(f[0])
     return f.log_softmax(-1).permute(1, 2, 0)
 
 

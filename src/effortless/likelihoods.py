@@ -66,12 +66,21 @@ class Likelihood:
         return f, y
 
 
+def _check_logits(f: torch.Tensor) -> None:
+    if f.dim() != 2:
+        raise ValueError(f"classification expects logits of shape (B, C), got {tuple(f.shape)}")
+    if f.shape[1] < 2:  # a softmax over one logit is 1 whatever the input: a silent non-answer
+        raise ValueError(
+            f"classification needs at least 2 outputs (one logit per class), got {f.shape[1]}; "
+            "for a real-valued output use likelihood='regression'"
+        )
+
+
 class Classification(Likelihood):
     name = "classification"
 
     def check(self, f, y):
-        if f.dim() != 2:
-            raise ValueError(f"classification expects logits of shape (B, C), got {tuple(f.shape)}")
+        _check_logits(f)
         if y.shape != f.shape[:1] or y.dtype not in (torch.int64, torch.int32, torch.uint8):
             raise ValueError(
                 f"classification expects integer labels of shape ({f.shape[0]},), got "
