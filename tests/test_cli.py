@@ -103,7 +103,7 @@ def test_active_runs_writes_reports_and_resumes(tmp_path):
     assert cli.main(args) == 0  # rerun: every cell is finished, read back from its checkpoint
     after = json.loads((tmp_path / "results.json").read_text())
     assert {(c["method"], c["acquisition"], c["repeat"]): c["history"] for c in after["cells"]} == before
-    with pytest.raises(ValueError, match="learner settings differ in temperature"):
+    with pytest.raises(SystemExit, match="learner settings differ in temperature"):
         cli.main([*args, "--temperature", "0.005"])  # finished cells trained otherwise: not read back
     # explicit pairs: a sub-grid read back from the same checkpoints
     sub = [*args[:4], "bayesadam", "--pairs", "bayesadam:bald,map:random", *args[7:]]
@@ -114,8 +114,10 @@ def test_active_runs_writes_reports_and_resumes(tmp_path):
     assert again.items() <= before.items()
     with pytest.raises(SystemExit):
         cli.main(["active", "--task", "cifar"])
-    with pytest.raises(ValueError, match="acquisition"):
+    with pytest.raises(SystemExit, match="acquisition"):
         cli.main([*args[:6], "bald,nope", *args[7:]])
+    with pytest.raises(SystemExit, match=r"budget must be an int in \[initial=10\], got 5"):
+        cli.main([*args[:12], "5", *args[13:]])
 
 
 def test_active_summary_numbers():
@@ -140,3 +142,25 @@ def test_bench_reads_a_config_file_and_flags_override(tmp_path):
     with pytest.raises(SystemExit, match="unknown field"):
         cfg.write_text(json.dumps({"tasks": "wine"}))
         cli.main(["bench", "--config", str(cfg)])
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "--task", "mnist1d-mlp", "--methods", "map", "--seeds", "0"],
+    ["bench", "--task", "mnist1d-mlp", "--methods", "map", "--epochs", "0"],
+    ["demo", "--epochs", "0"],
+    ["hessian-profile", "--widths", "4,0"],
+    ["hessian-profile", "--batch", "0"],
+    ["hessian-profile", "--reps", "-3"],
+    ["active", "--query", "0"],
+    ["adam-hessian", "--every", "0"],
+])
+def test_zero_or_negative_counts_are_refused_before_running(argv, capsys):
+    """0 epochs or seeds used to run the default (0 is falsy) or nothing at all, silently."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
+
+
+def test_bench_with_no_methods_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="nothing to run"):
+        cli.main(["bench", "--task", "mnist1d-mlp", "--methods", ",", "--out", str(tmp_path)])

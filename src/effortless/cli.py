@@ -23,6 +23,22 @@ Commands:
 Run `effortless COMMAND --help` for a command's options."""
 
 
+def _positive(text: str) -> int:
+    """argparse type: an int ≥ 1 (0 epochs, seeds or widths would run nothing, or a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_list(text: str) -> list[int]:
+    """argparse type: a comma list of ints ≥ 1."""
+    return [_positive(v) for v in text.split(",") if v.strip()] or [_positive("")]
+
+
 def _demo(args) -> int:
     import torch
 
@@ -47,8 +63,7 @@ def _hessian_profile(args) -> int:
     from .experiments import hessian_profile as hp
 
     torch.set_num_threads(args.threads)
-    widths = [int(w) for w in args.widths.split(",")]
-    rows = hp.profile(widths=widths, batch=args.batch, reps=args.reps, progress=not args.no_progress)
+    rows = hp.profile(widths=args.widths, batch=args.batch, reps=args.reps, progress=not args.no_progress)
     print(hp.write(rows, Path(args.out)))
     print(f"\nWrote {args.out}/results.json, results.md, profile.png")
     return 0
@@ -133,7 +148,17 @@ def _active(args) -> int:
             raise SystemExit(
                 f"--pairs must look like bayesadam:bald,mc-dropout:bald, got {args.pairs!r}"
             ) from None
-    _, md = active.run(
+    try:
+        _, md = _run_active(active, args, pairs)
+    except ValueError as err:  # bad names or sizes: a message, not a traceback
+        raise SystemExit(f"effortless active: {err}") from None
+    print(md)
+    print(f"\nWrote {args.out}/results.json, results.md, learning_curves.png")
+    return 0
+
+
+def _run_active(active, args, pairs):
+    return active.run(
         pairs=pairs,
         task=args.task,
         methods=_csv(args.method),
@@ -156,9 +181,6 @@ def _active(args) -> int:
         progress=not args.no_progress,
         subset=args.subset,
     )
-    print(md)
-    print(f"\nWrote {args.out}/results.json, results.md, learning_curves.png")
-    return 0
 
 
 def _csv(s: str) -> list[str]:
@@ -183,10 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    d.add_argument("--epochs", type=int, default=None, help="epochs (default 5; 30 for MNIST-1D)")
-    d.add_argument("--samples", type=int, default=32, help="posterior samples per prediction (default 32)")
+    d.add_argument("--epochs", type=_positive, default=None, help="epochs (default 5; 30 for MNIST-1D)")
+    d.add_argument("--samples", type=_positive, default=32,
+                   help="posterior samples per prediction (default 32)")  # fmt: skip
     d.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order, noise")
-    d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    d.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's)")
     d.add_argument("--quick", action="store_true", help="tiny run (1 epoch, 3,000 examples) to check setup")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo)
@@ -204,12 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--out", default="runs/hessian-profile", help="output directory")
     h.add_argument(
         "--widths",
+        type=_positive_list,
         default="1,8,32,128,256,512,1024",
         help="hidden widths (default 1,8,32,128,256,512,1024: ~800 to 1.9M weights)",
     )
-    h.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
-    h.add_argument("--reps", type=int, default=30, help="interleaved repetitions per width (default 30)")
-    h.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    h.add_argument("--batch", type=_positive, default=128, help="batch size (default 128)")
+    h.add_argument("--reps", type=_positive, default=30,
+                   help="interleaved repetitions per width (default 30)")  # fmt: skip
+    h.add_argument("--threads", type=_positive, default=1, help="torch CPU threads (default 1)")
     h.add_argument("--no-progress", action="store_true", help="no progress bar")
     h.set_defaults(func=_hessian_profile)
     b = sub.add_parser(
@@ -234,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--methods", default=None,
                    help="comma list (default map,bayesadam,mc-dropout,temperature,laplace,adam-laplace)")
-    b.add_argument("--seeds", type=int, default=None, help="seeds per task × method (default 1)")
-    b.add_argument("--epochs", type=int, default=None, help="override the task's epochs")
+    b.add_argument("--seeds", type=_positive, default=None, help="seeds per task × method (default 1)")
+    b.add_argument("--epochs", type=_positive, default=None, help="override the task's epochs")
     b.add_argument("--profile", choices=["quick", "full"], default=None,
                    help="quick: every method of ≤5x training cost on fmnist-mlp and mnist1d-mlp, 1 seed "
                    "(~20 min on 2 cores); full: every task, 5 seeds. Flags given next to it win")
@@ -243,9 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON (or YAML) file with any of task, methods, seeds, epochs, subset, out; "
                    "command-line flags override it")
     b.add_argument(
-        "--subset", type=int, default=None, help="first N training / N/5 test examples (quick runs)"
+        "--subset", type=_positive, default=None, help="first N training / N/5 test examples (quick runs)"
     )
-    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--threads", type=_positive, default=None)
     b.add_argument("--shard", default=None,
                    help="I/N: run only the I-th of N interleaved slices of the task × method × seed grid "
                    "(job arrays: one --out per shard, then --merge)")  # fmt: skip
@@ -272,16 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     a.add_argument("--task", default="fmnist-mlp", choices=["fmnist-mlp", "fmnist-cnn", "mnist1d-mlp"])
-    a.add_argument("--epochs", type=int, default=2)
-    a.add_argument("--every", type=int, default=200, help="steps between comparisons")
-    a.add_argument("--probe", type=int, default=512, help="training examples in the probe set")
-    a.add_argument("--probes", type=int, default=32, help="Hutchinson probes for the Hessian diagonal")
-    a.add_argument("--subset", type=int, default=None, help="use only the first N training examples")
+    a.add_argument("--epochs", type=_positive, default=2)
+    a.add_argument("--every", type=_positive, default=200, help="steps between comparisons")
+    a.add_argument("--probe", type=_positive, default=512, help="training examples in the probe set")
+    a.add_argument("--probes", type=_positive, default=32, help="Hutchinson probes for the Hessian diagonal")
+    a.add_argument("--subset", type=_positive, default=None, help="use only the first N training examples")
     a.add_argument("--keys", default="reparam,ggn-mc",
                    help="comma list of BayesAdam Hessian keys to train side by side, one run each "
                    "(reparam, gradsq, efisher, ggn-mc, ggn, hutchinson, kfac; default reparam,ggn-mc)")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--threads", type=int, default=None)
+    a.add_argument("--threads", type=_positive, default=None)
     a.add_argument("--out", default="runs/adam-hessian")
     a.set_defaults(func=_adam_hessian)
 
@@ -311,15 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--pairs", default=None,
                     help="instead of every method × acquisition: a comma list of method:acquisition "
                     "pairs, e.g. bayesadam:bald,bayesadam:random,mc-dropout:bald")  # fmt: skip
-    al.add_argument("--initial", type=int, default=20, help="balanced initial labelled set")
-    al.add_argument("--query", type=int, default=10, help="labels acquired per round")
-    al.add_argument("--budget", type=int, default=1000, help="stop at this many labels")
-    al.add_argument("--repeats", type=int, default=3, help="repeats (seeds) per method × acquisition")
+    al.add_argument("--initial", type=_positive, default=20, help="balanced initial labelled set")
+    al.add_argument("--query", type=_positive, default=10, help="labels acquired per round")
+    al.add_argument("--budget", type=_positive, default=1000, help="stop at this many labels")
+    al.add_argument("--repeats", type=_positive, default=3, help="repeats (seeds) per method × acquisition")
     al.add_argument("--pool-subset", type=int, default=2000,
                     help="score a random subset of this many pool points per round (0: all)")  # fmt: skip
-    al.add_argument("--samples", type=int, default=20, help="predictive samples S per pool point")
+    al.add_argument("--samples", type=_positive, default=20, help="predictive samples S per pool point")
     al.add_argument("--warm-start", action="store_true", help="start each round from the last weights")
-    al.add_argument("--epochs", type=int, default=30, help="passes over the labelled set per round")
+    al.add_argument("--epochs", type=_positive, default=30, help="passes over the labelled set per round")
     al.add_argument("--min-steps", type=int, default=200, help="at least this many steps per round")
     al.add_argument("--temperature", type=float, default=None,
                     help="the bayesadam learner's temperature (default 1e-3, see effortless.active.learners)")
@@ -328,9 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--hessian", default=None,
                     help="the bayesadam learner's curvature estimator (default reparam, see "
                     "effortless.active.learners)")
-    al.add_argument("--jobs", type=int, default=1, help="grid cells run in parallel processes")
-    al.add_argument("--threads", type=int, default=1, help="torch threads per job")
-    al.add_argument("--subset", type=int, default=None, help="use only the first N training examples")
+    al.add_argument("--jobs", type=_positive, default=1, help="grid cells run in parallel processes")
+    al.add_argument("--threads", type=_positive, default=1, help="torch threads per job")
+    al.add_argument("--subset", type=_positive, default=None, help="use only the first N training examples")
     al.add_argument("--no-progress", action="store_true")
     al.add_argument("--out", default="runs/active")
     al.set_defaults(func=_active)

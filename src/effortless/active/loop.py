@@ -36,15 +36,17 @@ class ActiveConfig:
     warm_start: bool = False
     seed: int = 0
 
-    def check(self, n_pool: int, n_classes: int):
+    def check(self, n_pool: int | None, n_classes: int):
+        """Raise ValueError for a bad setting; ``n_pool`` None when the pool is not known yet."""
         if not (isinstance(self.initial, int) and self.initial >= n_classes):
             raise ValueError(f"initial must be an int >= the number of classes ({n_classes}) for a balanced "
                              f"start, got {self.initial!r}")  # fmt: skip
         if not (isinstance(self.query, int) and self.query >= 1):
             raise ValueError(f"query must be a positive int, got {self.query!r}")
-        if not (isinstance(self.budget, int) and self.initial <= self.budget <= n_pool):
-            raise ValueError(f"budget must be an int in [initial={self.initial}, pool size={n_pool}], "
-                             f"got {self.budget!r}")  # fmt: skip
+        top = float("inf") if n_pool is None else n_pool
+        if not (isinstance(self.budget, int) and self.initial <= self.budget <= top):
+            bound = "" if n_pool is None else f", pool size={n_pool}"
+            raise ValueError(f"budget must be an int in [initial={self.initial}{bound}], got {self.budget!r}")
         if self.pool_subset is not None and not (isinstance(self.pool_subset, int) and self.pool_subset >= 1):
             raise ValueError(f"pool_subset must be None or a positive int, got {self.pool_subset!r}")
         if not (isinstance(self.n_samples, int) and self.n_samples >= 1):

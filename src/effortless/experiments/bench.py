@@ -88,6 +88,12 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
     ``tensorboard=True`` also writes each run's curves and metrics as TensorBoard scalars under
     ``out/tensorboard/<task>/<method>/seed<s>`` (needs the ``tensorboard`` package).
     """
+    if not tasks or not methods:
+        raise ValueError(f"nothing to run: tasks {list(tasks)}, methods {list(methods)}")
+    if not (isinstance(seeds, int) and seeds >= 1):
+        raise ValueError(f"seeds must be a positive int, got {seeds!r}")
+    if epochs is not None and not (isinstance(epochs, int) and epochs >= 1):
+        raise ValueError(f"epochs must be a positive int or None (the task's), got {epochs!r}")
     if shard is not None:
         i, n = shard
         if not (isinstance(n, int) and n >= 1 and isinstance(i, int) and 0 <= i < n):

@@ -58,6 +58,9 @@ def run(
     log=print,
 ) -> list[dict]:
     """Run the demo and write results.json, results.md and PNG plots into ``out``."""
+    for name, v in (("epochs", epochs), ("n_samples", n_samples)):
+        if v is not None and not (isinstance(v, int) and v >= 1):
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     split, ood, ood_name, make, default_epochs = _classification_task(quick, log)

@@ -104,6 +104,9 @@ def _backpack_quantities(model, x, y):
 
 
 def profile(widths=(1, 8, 32, 128, 256, 512, 1024), batch=128, reps=30, warmup=3, progress=True, log=print):
+    for name, v in (("batch", batch), ("reps", reps), *(("widths", w) for w in widths)):
+        if not (isinstance(v, int) and v >= 1):
+            raise ValueError(f"{name} must be positive ints, got {v!r}")
     rows = []
     try:
         from tqdm.auto import tqdm
