@@ -39,19 +39,24 @@ def _sample_math(mu, h, e, hp):
     return mu + hp[0] * e / torch.sqrt(h * hp[1] + hp[2])
 
 
+def _adam_mean_math(mu, g, m, v, hp):
+    # Adam on the per-sample negative log joint (the prior's pull wd · μ added to the gradient)
+    # hp = [wd, 1−β₁, β₂, 1−β₂, √bc₂, eps, −lr/bc₁]
+    g_tot = g + hp[0] * mu
+    m_new = m + hp[1] * (g_tot - m)
+    v_new = hp[2] * v + hp[3] * (g_tot * g_tot)
+    mu.copy_(mu + hp[6] * m_new / (torch.sqrt(v_new) / hp[4] + hp[5]))
+    m.copy_(m_new)
+    v.copy_(v_new)
+
+
 def _reparam_step_math(mu, g, m, v, h, e, hp):
     # hp = [sign, N/T, δ/T, 1−β, riemann, wd, 1−β₁, β₂, 1−β₂, √bc₂, eps, −lr/bc₁]
     inv_sigma = torch.sqrt(h * hp[1] + hp[2])
     d = h - hp[0] * (g * e * inv_sigma)
     q = d / inv_sigma
     h_new = h - hp[3] * d + hp[4] * (q * q)
-    g_tot = g + hp[5] * mu
-    m_new = m + hp[6] * (g_tot - m)
-    v_new = hp[7] * v + hp[8] * (g_tot * g_tot)
-    mu_new = mu + hp[11] * m_new / (torch.sqrt(v_new) / hp[9] + hp[10])
-    mu.copy_(mu_new)
-    m.copy_(m_new)
-    v.copy_(v_new)
+    _adam_mean_math(mu, g, m, v, hp[5:])
     h.copy_(h_new)
 
 
@@ -67,13 +72,7 @@ def _given_step_math(mu, g, m, v, h, hhat, hp):
     # a model-side estimate ĥ (non-negative keys): h ← lerp(h, ĥ, 1−β), then Adam on μ
     # hp = [N/T, δ/T, 1−β, wd, 1−β₁, β₂, 1−β₂, √bc₂, eps, −lr/bc₁]
     h_new = torch.lerp(h, hhat, hp[2])
-    g_tot = g + hp[3] * mu
-    m_new = m + hp[4] * (g_tot - m)
-    v_new = hp[5] * v + hp[6] * (g_tot * g_tot)
-    mu_new = mu + hp[9] * m_new / (torch.sqrt(v_new) / hp[7] + hp[8])
-    mu.copy_(mu_new)
-    m.copy_(m_new)
-    v.copy_(v_new)
+    _adam_mean_math(mu, g, m, v, hp[3:])
     h.copy_(h_new)
 
 
