@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from .. import likelihoods
+from .. import _rng, likelihoods
 from ..curvature import engine, estimators
 from ..curvature import functional as cf
 from ..posterior.diag import DiagGaussian
@@ -595,7 +595,7 @@ class BayesAdam(Optimizer):
         """state["noise"] ← (θ − μ)/σ = sign · ε for every tensor whose buffer holds a sample θ
         (drawn in place), or only for those without a gradient; μ and h must be those the
         sample was drawn with."""
-        done = self.__dict__.setdefault("_converted", set())  # buffers already holding ε again
+        done = self._converted  # buffers already holding ε again (reset by _clear_pending, draws)
         with torch.no_grad():
             for group, p in self._params():
                 st = self.state.get(p)
@@ -1422,7 +1422,7 @@ def _fill_normal(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Fill ``t`` with N(0, 1) draws from ``generator`` (drawn on the generator's device)."""
     if t.device == generator.device:
         return t.normal_(generator=generator)
-    return t.copy_(torch.randn(t.shape, dtype=t.dtype, device=generator.device, generator=generator))
+    return t.copy_(_rng.randn(t.shape, generator, t))
 
 
 def _check_positive(name, value, allow_zero=False):
