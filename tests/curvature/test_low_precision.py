@@ -137,3 +137,66 @@ def test_products_below_the_size_threshold_stay_exact(monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a)
     ka, kb = curvature.kfac(model, x, y, product_dtype=BF16), curvature.kfac(model, x, y)
     assert all(torch.equal(u, v) for k in ka for u, v in zip(ka[k], kb[k]))
+
+
+@pytest.mark.parametrize("hessian", ["ggn", "efisher", "ggn-mc"])
+def test_laplace_with_bf16_products_is_close_to_the_float64_fit(hessian):
+    """ef.laplace(product_dtype=...) and curvature.accumulate pass the option through: the summed
+    curvature over two batches within the three-rounding bound of the float64 fit (MC-GGN: of
+    the float32 fit, whose label draws are the same; float64 probabilities can flip a draw at an
+    inverse-CDF boundary), and not the float32 fit itself."""
+    model, x, y = _float32("mlp", "classification")
+    loader = [(x[:8], y[:8]), (x[8:], y[8:])]
+    delta = 0.5
+
+    def fit(m, xs, **kw):
+        return ef.laplace(m, [(a, b) for a, (_, b) in zip(xs, loader)], hessian=hessian,
+                          prior_precision=delta, generator=torch.Generator().manual_seed(5), **kw)  # fmt: skip
+
+    ref = fit(model.double(), [a.double() for a, _ in loader])
+    model.float()
+    got = fit(model, [a for a, _ in loader], product_dtype=BF16)
+    f32 = fit(model, [a for a, _ in loader])
+    if hessian == "ggn-mc":
+        ref = f32
+    _assert_entrywise_close({n: p - delta for n, p in got.precision.items()},
+                            {n: p.double() - delta for n, p in ref.precision.items()})  # fmt: skip
+    assert any(not torch.equal(got.precision[n], f32.precision[n]) for n in got.precision)
+    acc = curvature.accumulate(model, loader, hessian=hessian, product_dtype=BF16,
+                               generator=torch.Generator().manual_seed(5))  # fmt: skip
+    assert all(torch.equal(acc[n] + delta, got.precision[n]) for n in acc)
+
+
+def test_laplace_bf16_products_in_the_noise_tuned_regression_fit():
+    model, x, y = _float32("mlp", "regression")
+    ref = ef.laplace(model.double(), [(x.double(), y.double())], likelihood="regression", sigma_noise="marglik")
+    got = ef.laplace(model.float(), [(x, y)], likelihood="regression", sigma_noise="marglik",
+                     product_dtype=BF16)  # fmt: skip
+    f32 = ef.laplace(model, [(x, y)], likelihood="regression", sigma_noise="marglik")
+    assert any(not torch.equal(got.precision[n], f32.precision[n]) for n in got.precision)
+    assert got.sigma_noise == pytest.approx(ref.sigma_noise, rel=2e-2)
+    for n in ref.precision:  # σ and δ are chosen from the curvature: compare the whole precision
+        err = (got.precision[n].double() - ref.precision[n]).abs() / ref.precision[n]
+        assert float(err.max()) < 3e-2, n
+
+
+def test_bf16_kronecker_factors_accumulated_over_a_loader():
+    model, x, y = _float32("cnn", "classification")
+    loader = [(x[:8], y[:8]), (x[8:], y[8:])]
+    ref = curvature.accumulate(model.double(), [(a.double(), b) for a, b in loader], hessian="kfac")
+    got = curvature.accumulate(model.float(), loader, hessian="kfac", product_dtype=BF16)
+    for k, (A, G) in ref.items():
+        for approx, exact_ in zip(got[k], (A, G)):
+            rel = float(torch.linalg.matrix_norm(approx.double() - exact_) / torch.linalg.matrix_norm(exact_))
+            assert 0 < rel < 1e-2, (k, rel)
+
+
+def test_laplace_refuses_product_dtype_where_it_has_no_products():
+    model, x, y = _float32("mlp", "classification")
+    for hessian in ("hutchinson", "hessian", "kfac"):
+        with pytest.raises(ValueError, match="product_dtype"):
+            ef.laplace(model, [(x, y)], hessian=hessian, product_dtype=BF16)
+    with pytest.raises(ValueError, match="product_dtype"):
+        ef.laplace(model, [(x, y)], hessian="kfac", subset="last_layer", product_dtype=BF16)
+    with pytest.raises(ValueError, match="product_dtype"):
+        curvature.accumulate(model, [(x, y)], hessian="ggn", product_dtype="bf16")

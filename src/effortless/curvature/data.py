@@ -17,12 +17,34 @@ from .. import likelihoods
 from . import estimators
 from . import functional as cf
 
-__all__ = ["accumulate", "DIAGONAL", "all_reduce_sums"]
+__all__ = ["accumulate", "DIAGONAL", "all_reduce_sums", "diagonal_estimator"]
 
 # hessian key -> fn(model, x, y, likelihood, generator, param names) -> {name: batch sum}
 DIAGONAL = {k: e.fn for k, e in estimators.ESTIMATORS.items() if e.needs_model}
 DIAGONAL["hessian"] = lambda model, x, y, lik, gen, params: cf.diag_hessian(model, x, y, lik, params=params)
 KRONECKER = {"kfac": "exact", "kfac-mc": "mc"}
+
+
+def diagonal_estimator(hessian: str, product_dtype: torch.dtype | None = None):
+    """The per-batch estimator of :data:`DIAGONAL` for ``hessian``, with ``product_dtype`` bound
+    (the hook engine's low-precision products; only the keys of
+    :data:`~effortless.curvature.estimators.LOW_PRECISION` have them)."""
+    if hessian not in DIAGONAL:
+        raise ValueError(f"hessian must be one of {sorted(DIAGONAL)}, got {hessian!r}")
+    fn = DIAGONAL[hessian]
+    if product_dtype is None:
+        return fn
+    if hessian not in estimators.LOW_PRECISION:
+        raise ValueError(
+            f"product_dtype is for hessian in {sorted(estimators.LOW_PRECISION)}; "
+            f"{hessian!r} has no low-precision products"
+        )
+    cf._check_product_dtype(product_dtype)
+
+    def bound(model, x, y, lik, gen, params):
+        return fn(model, x, y, lik, gen, params, product_dtype=product_dtype)
+
+    return bound
 
 
 def _group_size() -> int:
@@ -78,6 +100,7 @@ def accumulate(
     params: Iterable[str] | None = None,
     distributed: bool | None = None,
     progress: bool = False,
+    product_dtype: torch.dtype | None = None,
 ) -> dict:
     """The curvature of the summed negative log-likelihood over all of ``loader``'s data.
 
@@ -92,16 +115,21 @@ def accumulate(
         distributed: the loader yields this rank's shard: all-reduce the sums (one collective)
             so every rank returns the curvature of the whole data. ``None`` (default): when a
             process group of size > 1 is initialised.
+        product_dtype: precision of the hook engine's products (e.g. ``torch.bfloat16``; see
+            :func:`~effortless.curvature.diag_ggn`), for ``"ggn"``, ``"ggn-mc"``, ``"efisher"``,
+            ``"kfac"`` and ``"kfac-mc"``; None (default) keeps them exact.
     """
     lik = likelihoods.get(likelihood, sigma_noise)
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     if hessian in KRONECKER:
+        cf._check_product_dtype(product_dtype)
         sums: dict[str, list] = {}
         count = 0
         for x, y in _progress(loader, progress, desc=f"curvature ({hessian})", unit="batch"):
             x, y = x.to(device), y.to(device)
-            factors = cf.kfac(model, x, y, lik, KRONECKER[hessian], 1, generator, sigma_noise, params)
+            factors = cf.kfac(model, x, y, lik, KRONECKER[hessian], 1, generator, sigma_noise, params,
+                              product_dtype=product_dtype)  # fmt: skip
             for name, (A, G) in factors.items():
                 if name in sums:
                     sums[name][0] += A * x.shape[0]
@@ -116,11 +144,12 @@ def accumulate(
         return {name: (A / count, G) for name, (A, G) in sums.items()}
     if hessian not in DIAGONAL:
         raise ValueError(f"hessian must be one of {sorted([*DIAGONAL, *KRONECKER])}, got {hessian!r}")
+    estimate = diagonal_estimator(hessian, product_dtype)
     theta = cf.trainable(model, params)
     total = {n: torch.zeros_like(p) for n, p in theta.items()}
     batches = 0
     for x, y in _progress(loader, progress, desc=f"curvature ({hessian})", unit="batch"):
-        est = DIAGONAL[hessian](model, x.to(device), y.to(device), lik, generator, list(theta))
+        est = estimate(model, x.to(device), y.to(device), lik, generator, list(theta))
         for n in total:
             total[n] += est[n]
         batches += 1

@@ -13,7 +13,8 @@ Two kinds:
       per-sample empirical Fisher when the mean gradient is small; Adam/Vadam).
 * model-side (``needs_model=True``): need the model's outputs, so they run through
   :meth:`BayesAdam.train_step`; ``fn(model, x, y, lik, generator, params)`` returns a batch *sum*
-  per parameter name:
+  per parameter name (``efisher``, ``ggn-mc`` and ``ggn`` also take
+  ``product_dtype=``, see :func:`~effortless.curvature.diag_ggn`; :data:`LOW_PRECISION` lists them):
     - ``efisher``: squared per-sample gradients (VOGN);
     - ``ggn-mc``: squared gradients at one label drawn from the model's predictive;
     - ``ggn``: exact GGN diagonal;
@@ -53,7 +54,9 @@ ESTIMATORS: dict[str, Estimator] = {
         "efisher",
         True,
         True,
-        lambda model, x, y, lik, gen, params: cf.diag_efisher(model, x, y, lik, params=params),
+        lambda model, x, y, lik, gen, params, product_dtype=None: cf.diag_efisher(
+            model, x, y, lik, params=params, product_dtype=product_dtype
+        ),
         "per-sample squared gradients",
         "efisher",
     ),
@@ -61,8 +64,8 @@ ESTIMATORS: dict[str, Estimator] = {
         "ggn-mc",
         True,
         True,
-        lambda model, x, y, lik, gen, params: cf.diag_ggn(
-            model, x, y, lik, method="mc", generator=gen, params=params
+        lambda model, x, y, lik, gen, params, product_dtype=None: cf.diag_ggn(
+            model, x, y, lik, method="mc", generator=gen, params=params, product_dtype=product_dtype
         ),
         "GGN diagonal from one sampled label",
         "ggn-mc",
@@ -71,7 +74,9 @@ ESTIMATORS: dict[str, Estimator] = {
         "ggn",
         True,
         True,
-        lambda model, x, y, lik, gen, params: cf.diag_ggn(model, x, y, lik, method="exact", params=params),
+        lambda model, x, y, lik, gen, params, product_dtype=None: cf.diag_ggn(
+            model, x, y, lik, method="exact", params=params, product_dtype=product_dtype
+        ),
         "exact GGN diagonal",
         "ggn",
     ),
@@ -93,6 +98,11 @@ ESTIMATORS: dict[str, Estimator] = {
         "Hessian diagonal, one Rademacher probe",
     ),
 }
+
+
+# model-side keys whose ``fn`` takes ``product_dtype=`` (the hook engine's low-precision products)
+# (the diagonal of KFAC needs no products: it sums squares)
+LOW_PRECISION = frozenset({"efisher", "ggn-mc", "ggn"})
 
 
 def get(key: str) -> Estimator:
