@@ -150,8 +150,9 @@ def test_laplace_with_bf16_products_is_close_to_the_float64_fit(hessian):
     delta = 0.5
 
     def fit(m, xs, **kw):
-        return ef.laplace(m, [(a, b) for a, (_, b) in zip(xs, loader)], hessian=hessian,
-                          prior_precision=delta, generator=torch.Generator().manual_seed(5), **kw)  # fmt: skip
+        batches = [(a, b) for a, (_, b) in zip(xs, loader)]
+        gen = torch.Generator().manual_seed(5)
+        return ef.laplace(m, batches, hessian=hessian, prior_precision=delta, generator=gen, **kw)
 
     ref = fit(model.double(), [a.double() for a, _ in loader])
     model.float()
@@ -169,7 +170,8 @@ def test_laplace_with_bf16_products_is_close_to_the_float64_fit(hessian):
 
 def test_laplace_bf16_products_in_the_noise_tuned_regression_fit():
     model, x, y = _float32("mlp", "regression")
-    ref = ef.laplace(model.double(), [(x.double(), y.double())], likelihood="regression", sigma_noise="marglik")
+    data64 = [(x.double(), y.double())]
+    ref = ef.laplace(model.double(), data64, likelihood="regression", sigma_noise="marglik")
     got = ef.laplace(model.float(), [(x, y)], likelihood="regression", sigma_noise="marglik",
                      product_dtype=BF16)  # fmt: skip
     f32 = ef.laplace(model, [(x, y)], likelihood="regression", sigma_noise="marglik")

@@ -567,6 +567,49 @@ def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
         ef.BayesAdam(_mlp().parameters(), **kwargs)
 
 
+@pytest.mark.parametrize(
+    "key,value",
+    [("n_data", -5.0), ("n_data", 0), ("prior_precision", 0.0), ("lr", float("nan")), ("lr", -1e-3),
+     ("temperature", -1.0), ("eps", float("inf")), ("betas", (0.9, 1.5)), ("hess_beta", 1.0)],
+)
+@pytest.mark.parametrize("entry", ["sampled_params", "step", "train_step", "zero_grad", "posterior"])
+def test_group_values_changed_after_construction_are_checked_before_anything_moves(key, value, entry):
+    """A scheduler or a user edits ``param_groups``; a value the constructor would refuse is
+    refused at the next sample or step, naming the group and key, with weights and state as they
+    were (n_data -5 was taken silently and gave a wrong posterior; NaN read as a bad gradient)."""
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64, generator=torch.Generator().manual_seed(0))
+    opt.train_step(model, x, y)
+    with opt.sampled_params():
+        F.cross_entropy(model(x), y).backward()
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = io.BytesIO()
+    torch.save(opt.state_dict(), state)
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]: {key}"):
+        if entry == "sampled_params":
+            with opt.sampled_params():
+                pass
+        elif entry == "step":
+            opt.step()
+        elif entry == "zero_grad":  # discards the pending sample, whose ε is recovered with σ
+            opt.zero_grad()
+        elif entry == "posterior":
+            opt.posterior()
+        else:
+            opt.train_step(model, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    opt.param_groups[0][key] = torch.load(io.BytesIO(state.getvalue()))["param_groups"][0][key]
+    after = io.BytesIO()
+    torch.save(opt.state_dict(), after)
+    before = torch.load(io.BytesIO(state.getvalue()))
+    now = torch.load(io.BytesIO(after.getvalue()))
+    for i, st in before["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, now["state"][i][k]) if torch.is_tensor(v) else v == now["state"][i][k], k
+
+
 def test_prior_precision_auto_recovers_the_true_prior():
     """Online evidence tuning (no extra data pass) on linear regression with an orthogonal design,
     where the diagonal Laplace evidence is exact: δ ends within 20 % of the prior that made w."""

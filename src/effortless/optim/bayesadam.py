@@ -441,6 +441,27 @@ class BayesAdam(Optimizer):
         self._inside = False
         self._clear_pending()
 
+    def _check_groups(self) -> None:
+        """The hyperparameters in ``param_groups`` are read at every sample and step, and a
+        scheduler or a user may have changed them since the constructor checked: refuse values
+        that would give a wrong posterior silently (n_data ≤ 0 flips the curvature's sign, a
+        negative lr ascends) or a misleading error later (NaN surfaces as a non-finite estimate),
+        before anything is drawn or updated."""
+        for i, g in enumerate(self.param_groups):
+            try:
+                _check_positive("n_data", g["n_data"])
+                _check_positive("prior_precision", g["prior_precision"])
+                for key in ("lr", "eps", "hess_init", "temperature"):
+                    _check_positive(key, g[key], allow_zero=True)
+            except ValueError as e:
+                raise ValueError(f"param_groups[{i}]: {e}") from None
+            b = g["betas"]
+            if not (len(b) == 2 and all(isinstance(v, (int, float)) and 0 <= v < 1 for v in b)):
+                raise ValueError(f"param_groups[{i}]: betas must be two floats in [0, 1), got {b!r}")
+            hb = g["hess_beta"]
+            if hb is not None and not (isinstance(hb, (int, float)) and 0 <= hb < 1):
+                raise ValueError(f"param_groups[{i}]: hess_beta must be in [0, 1) or None, got {hb!r}")
+
     def _choose_fused(self, fused: bool | None) -> bool:
         params = [p for _, p in self._params()]
         floats = (torch.float32, torch.float64)
@@ -635,6 +656,7 @@ class BayesAdam(Optimizer):
     # -- bookkeeping ---------------------------------------------------------------------------
     def _clear_pending(self):
         if getattr(self, "_pending_theta", False):  # a discarded sample: its buffers hold θ, and an
+            self._check_groups()  # (σ from the groups' values: refuse bad ones before converting)
             self._theta_to_noise()  # antithetic mirror may still need ε (μ and h are unchanged)
         self._converted: set = set()  # (only those converted before a rejection are skipped above)
         self._pending_theta = False  # the pending sample's θ lives in state["noise"] (see _draw_inplace)
@@ -689,6 +711,7 @@ class BayesAdam(Optimizer):
         """
         if self._inside:
             raise RuntimeError("sampled_params() contexts cannot be nested")
+        self._check_groups()
         if train and self._n_samples == 1:
             self._fold_pending()
         sign = 1.0
@@ -922,6 +945,7 @@ class BayesAdam(Optimizer):
         :meth:`sampled_params` and its loss is returned.
         """
         loss = None
+        self._check_groups()
         if closure is not None:
             with torch.enable_grad(), self.sampled_params(train=True):
                 loss = closure()
@@ -1180,6 +1204,7 @@ class BayesAdam(Optimizer):
         """
         if not (isinstance(accumulate, int) and 1 <= accumulate <= max(int(x.shape[0]), 1)):
             raise ValueError(f"accumulate must be an int in [1, batch size], got {accumulate!r}")
+        self._check_groups()
         lik = likelihoods.get(likelihood, sigma_noise)
         names = self._names_in(model)
         self.zero_grad()
@@ -1265,6 +1290,7 @@ class BayesAdam(Optimizer):
     # -- posterior -----------------------------------------------------------------------------
     def posterior(self) -> DiagGaussian:
         """``N(μ, diag(T / (N·h + δ)))`` over the trainable parameters (T = 1 if trained at T = 0)."""
+        self._check_groups()
         mean, prec = {}, {}
         i = 0
         for group in self.param_groups:
