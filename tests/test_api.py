@@ -64,6 +64,22 @@ def test_laplace_sums_the_curvature_over_the_loader():
     assert list(last.mean) == ["2.weight", "2.bias"]
 
 
+@pytest.mark.parametrize("fit", ["classification", "regression-marglik-noise"])
+def test_laplace_names_a_non_finite_curvature(fit):
+    """NaN in the data (or the weights) made a NaN precision, which DiagGaussian then refused as
+    "must be positive everywhere", hiding the cause."""
+    x, y = _cls_data(n=32)
+    x[5, 2] = float("nan")
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2 if fit == "classification" else 1))
+    if fit == "classification":
+        call = lambda: ef.laplace(model, _loader(x, y), hessian="ggn")  # noqa: E731
+    else:
+        yr = y.float()[:, None]
+        call = lambda: ef.laplace(model, _loader(x, yr), likelihood="regression", sigma_noise="marglik")  # noqa: E731
+    with pytest.raises(FloatingPointError, match=r"not finite for '0.weight' and \d+ more"):
+        call()
+
+
 def test_bad_arguments_raise_value_errors():
     x, y = _cls_data(n=8)
     model = nn.Linear(4, 2)

@@ -254,6 +254,16 @@ def predict_samples(
 LAPLACE_HESSIANS = DIAGONAL  # hessian key -> per-batch diagonal estimator
 
 
+def _check_finite(total: dict) -> None:
+    bad = [n for n, t in total.items() if not bool(torch.isfinite(t).all())]
+    if bad:  # (DiagGaussian would say "precision must be positive", which hides the cause)
+        raise FloatingPointError(
+            f"laplace: the curvature summed over the loader is not finite for {bad[0]!r}"
+            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}: NaN or inf in the model's "
+            "weights, the inputs or the outputs"
+        )
+
+
 def _laplace_tune_noise(model, loader, hessian, prior_precision, generator, params, progress, distributed,
                         product_dtype=None):  # fmt: skip
     """Diagonal Laplace for Gaussian regression with σ (and δ if "marglik") chosen by the evidence:
@@ -278,6 +288,7 @@ def _laplace_tune_noise(model, loader, hessian, prior_precision, generator, para
     n_out = int(round(n_out))
     if n_out == 0:
         raise ValueError("laplace: the loader yielded no data (on any rank)")
+    _check_finite(total)
     mean = {n: p.detach().clone() for n, p in theta.items()}
     power = 4 if hessian == "efisher" else 2
     delta, sigma = evidence.tune_prior_and_noise(
@@ -379,6 +390,7 @@ def laplace(
     nll_sum, batches = _all_reduce_sums(list(total.values()), [nll_sum, float(batches)], distributed)
     if batches == 0:  # the precision would be the prior's alone, silently
         raise ValueError("laplace: the loader yielded no batches (on any rank)")
+    _check_finite(total)
     if tune:
         per_tensor = prior_precision == "marglik-layer"
         delta = evidence.tune_prior_precision(nll_sum, mean, total, per_tensor=per_tensor)

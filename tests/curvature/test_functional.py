@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from effortless import curvature
-from effortless.curvature import exact
+from effortless.curvature import exact, operators
 from tests.conftest import ARCHS, make_batch, make_model
 
 LIKS = ["classification", "regression"]
@@ -180,3 +180,36 @@ def test_a_module_that_does_not_run_gets_zero_curvature():
         assert not got["skipped.weight"].any()
     diag = curvature.diag_kfac(model, x, y)
     assert not diag["skipped.weight"].any() and diag["used.0.weight"].any()
+
+
+_ESTIMATORS = {
+    "diag_ggn": lambda m, x, y: curvature.diag_ggn(m, x, y),
+    "diag_ggn_mc": lambda m, x, y: curvature.diag_ggn(m, x, y, method="mc"),
+    "diag_efisher": lambda m, x, y: curvature.diag_efisher(m, x, y),
+    "kfac": lambda m, x, y: curvature.kfac(m, x, y),
+    "diag_kfac": lambda m, x, y: curvature.diag_kfac(m, x, y),
+    "diag_hessian": lambda m, x, y: curvature.diag_hessian(m, x, y),
+    "diag_hutchinson": lambda m, x, y: curvature.diag_hutchinson(m, x, y),
+    "gvp": lambda m, x, y: operators.gvp(m, x, y, {n: torch.ones_like(p) for n, p in m.named_parameters()}),
+}
+
+
+@pytest.mark.parametrize("name", list(_ESTIMATORS))
+@pytest.mark.parametrize("arch", ["mlp", "layernorm"])
+def test_misaligned_wrong_kind_or_empty_batches_are_refused(name, arch):
+    """The GGN keys and KFAC never read the labels, so a loader that yields half the labels, or
+    float labels for a classifier, used to pass unnoticed; an empty batch failed deep inside
+    (``range() arg 3 must not be zero``) or gave NaN factors."""
+    if arch == "layernorm" and "kfac" in name:
+        pytest.skip("kfac needs Linear/Conv layers only")
+    model = make_model(arch).float()
+    x, y = make_batch(arch, "classification", n=8)
+    x = x.float()
+    fn = _ESTIMATORS[name]
+    fn(model, x, y)  # the well-formed batch runs
+    with pytest.raises(ValueError, match="one label or target row per input"):
+        fn(model, x, y[:4])
+    with pytest.raises(ValueError, match="integer labels"):
+        fn(model, x, y.float())
+    with pytest.raises(ValueError, match="empty batch"):
+        fn(model, x[:0], y[:0])

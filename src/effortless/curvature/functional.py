@@ -91,6 +91,16 @@ def _chunk_size(params: dict, chunk_size: int | None) -> int:
     return max(1, max(2 * n_params, _MIN_CHUNK_ELEMENTS) // max(1, n_params))
 
 
+def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+    """One label (row of targets) per input, and at least one of each: the estimators that do not
+    read the labels (exact and MC GGN, KFAC) would otherwise take a misaligned batch silently."""
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch (0 samples): its curvature sum is zero; skip it")
+    if y.dim() == 0 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y must have one label or target row per input: x has {x.shape[0]} samples, "
+                         f"y has shape {tuple(y.shape)}")  # fmt: skip
+
+
 def _zeros_like(params):
     return {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in params.items()}
 
@@ -140,6 +150,7 @@ def diag_ggn(
     if method == "mc" and int(n_samples) < 1:
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     lik = likelihoods.get(likelihood, sigma_noise)
+    _check_batch(x, y)
     kind = "ggn" if method == "exact" else "ggn-mc"
     out = _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, chunk_size, product_dtype)
     if out is not None:
@@ -191,6 +202,7 @@ def diag_efisher(
     """
     _check_product_dtype(product_dtype, x.device)
     lik = likelihoods.get(likelihood, sigma_noise)
+    _check_batch(x, y)
     out = _via_hooks(model, x, y, lik, params, backend, "efisher", 1, None, chunk_size, product_dtype)
     if out is not None:
         return out
@@ -235,6 +247,7 @@ def _warn_without_bf16_units() -> None:
 def _cotangents(kind, f, y, lik, n_samples, generator):
     """(K, *f.shape) output-space vectors whose per-sample gradients square-sum to the quantity."""
     f2 = f if f.dim() == 2 else f[:, None]
+    lik.check(f, y)  # the GGN keys do not read y, but a wrong kind of target is a caller's bug
     if kind == "ggn":
         S = lik.hessian_factor(f2.detach()).to(f2.dtype)  # (B, C, K)
         return S.permute(2, 0, 1).reshape(S.shape[2], *f.shape)
@@ -334,6 +347,7 @@ def kfac(
     """
     _check_product_dtype(product_dtype, x.device)
     lik = likelihoods.get(likelihood, sigma_noise)
+    _check_batch(x, y)
     p = _kfac_plan(model, params, method)
     return _kfac(model, x, y, lik, p, method, n_samples, generator, False, product_dtype)
 
@@ -373,6 +387,7 @@ def diag_kfac(
     """The diagonal of the Kronecker-factored GGN ``G ⊗ A`` per parameter (see :func:`kfac`),
     from the factors' diagonals alone (no in × in products)."""
     lik = likelihoods.get(likelihood, sigma_noise)
+    _check_batch(x, y)
     p = _kfac_plan(model, params, method)
     return engine.kfac_diagonal(p, _kfac(model, x, y, lik, p, method, 1, generator, diagonal=True))
 
@@ -402,6 +417,7 @@ def hvp(
 ) -> dict[str, torch.Tensor]:
     """Hessian-vector product of the summed NLL with ``v`` (dict keyed like the parameters)."""
     lik = likelihoods.get(likelihood, sigma_noise)
+    _check_batch(x, y)
     leaves, grads = _gradient_graph(model, x, y, lik, v.keys())
     hv = torch.autograd.grad(grads, list(leaves.values()), [v[n] for n in leaves])
     return dict(zip(leaves, hv))
@@ -421,6 +437,7 @@ def diag_hessian(
     Costs one HVP per parameter: meant for small models, tests and the last layer.
     """
     lik = likelihoods.get(likelihood, sigma_noise)
+    _check_batch(x, y)
     leaves, grads = _gradient_graph(model, x, y, lik, params)
     names = list(leaves)
     sizes = [leaves[n].numel() for n in names]
@@ -452,6 +469,7 @@ def diag_hutchinson(
     if int(n_probes) < 1:
         raise ValueError(f"n_probes must be a positive int, got {n_probes!r}")
     lik = likelihoods.get(likelihood, sigma_noise)
+    _check_batch(x, y)
     leaves, grads = _gradient_graph(model, x, y, lik, params)
     out = _zeros_like(leaves)
     for _ in range(int(n_probes)):

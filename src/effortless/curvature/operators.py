@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 
 from .. import _rng, likelihoods
-from .functional import _frozen, trainable
+from .functional import _check_batch, _frozen, trainable
 
 __all__ = ["gvp", "cg", "sample_precision"]
 
@@ -47,8 +47,10 @@ def _model_fn(model, names):
 def gvp(model: nn.Module, x, y, v: Vec, likelihood="classification", sigma_noise: float = 1.0) -> Vec:
     """GGN-vector product ``Σ_b J_bᵀ (∇²_f nll_b) J_b v`` (one JVP, one VJP)."""
     lik = likelihoods.get(likelihood, sigma_noise)
+    _check_batch(x, y)
     theta, f = _model_fn(model, v.keys())
     out, jv = jvp(lambda th: f(th, x), (theta,), ({n: v[n] for n in theta},))  # (B, C)
+    lik.check(out, y)  # y is not read, but a wrong kind of target is a caller's bug
     out2 = out if out.dim() == 2 else out[:, None]
     jv2 = jv if jv.dim() == 2 else jv[:, None]
     S = lik.hessian_factor(out2.detach())  # (B, C, K)
@@ -112,9 +114,11 @@ def sample_precision(
     if not prior_precision > 0:
         raise ValueError(f"prior_precision must be > 0, got {prior_precision!r}")
     lik = likelihoods.get(likelihood, sigma_noise)
+    _check_batch(x, y)
     theta, f = _model_fn(model, params)
     with torch.no_grad():
         out = f(theta, x)
+    lik.check(out, y)
     out2 = out if out.dim() == 2 else out[:, None]
     S = lik.hessian_factor(out2)  # (B, C, K)
     xi1 = _rng.randn((S.shape[0], S.shape[2]), generator, S)
