@@ -45,6 +45,48 @@ __all__ = [
 
 _log = logging.getLogger("effortless.curvature")
 
+
+def _compiled_modules_eager():
+    """A context in which ``torch.compile``d modules run their original forward eagerly.
+
+    The hook engine needs each layer's output as a node of the autograd graph, and the
+    ``torch.func`` path transforms the forward; a compiled forward is one opaque graph (layer
+    outputs are not separate autograd nodes, double backward is unsupported), which gave wrong
+    curvature for every layer but the last, or errors. torch ≥ 2.6 has the stance; before it a
+    compiled module is refused (:func:`_refuse_compiled`)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else _NoStance()
+
+
+class _NoStance:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _refuse_compiled(model: nn.Module) -> None:
+    if getattr(torch.compiler, "set_stance", None) is None and any(
+        hasattr(m, "_orig_mod") for m in model.modules()
+    ):
+        raise ValueError(
+            "this torch has no torch.compiler.set_stance (torch >= 2.6) to run a torch.compile'd "
+            "model eagerly, which the curvature needs: pass the uncompiled module"
+        )
+
+
+def eager_forward(fn):
+    """Decorator: ``fn(model, ...)`` runs with the model's compiled parts executing eagerly."""
+
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        _refuse_compiled(model)
+        with _compiled_modules_eager():
+            return fn(model, *args, **kwargs)
+
+    return run
+
 # The generic path holds per-sample gradients for a chunk of samples at once: at most
 # max(2·P, _MIN_CHUNK_ELEMENTS) numbers, so its memory stays within a small multiple of a training
 # step (parameters, gradients, activations) however large the batch.
@@ -105,6 +147,7 @@ def _zeros_like(params):
     return {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in params.items()}
 
 
+@eager_forward
 def diag_ggn(
     model: nn.Module,
     x: torch.Tensor,
@@ -185,6 +228,7 @@ def diag_ggn(
     return out
 
 
+@eager_forward
 def diag_efisher(
     model: nn.Module,
     x: torch.Tensor,
@@ -289,6 +333,7 @@ def _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, ch
     return {n: total[n].detach() * scale if scale != 1.0 else total[n].detach() for n in names}
 
 
+@eager_forward
 def training_pass(model, x, y, lik, plan, kind: str, generator=None, proceed=None, loss_scale: float = 1.0,
                   kfac_diagonal: bool = False, product_dtype: torch.dtype | None = None):
     """One forward (with hooks) and the training backward of the mean loss (times ``loss_scale``,
@@ -323,6 +368,7 @@ def training_pass(model, x, y, lik, plan, kind: str, generator=None, proceed=Non
         return loss, engine.sq_sums(plan, saved, deltas, product_dtype)
 
 
+@eager_forward
 def kfac(
     model: nn.Module,
     x: torch.Tensor,
@@ -374,6 +420,7 @@ def _kfac(model, x, y, lik, p, method, n_samples, generator, diagonal, product_d
     return {k: (A.detach(), G.detach()) for k, (A, G) in out.items()}
 
 
+@eager_forward
 def diag_kfac(
     model: nn.Module,
     x: torch.Tensor,
@@ -407,6 +454,7 @@ def _gradient_graph(model, x, y, lik, names):
     return leaves, grads
 
 
+@eager_forward
 def hvp(
     model: nn.Module,
     x: torch.Tensor,
@@ -423,6 +471,7 @@ def hvp(
     return dict(zip(leaves, hv))
 
 
+@eager_forward
 def diag_hessian(
     model: nn.Module,
     x: torch.Tensor,
@@ -455,6 +504,7 @@ def diag_hessian(
     return {n: t.view_as(leaves[n]).clone() for n, t in zip(names, diag.split(sizes))}
 
 
+@eager_forward
 def diag_hutchinson(
     model: nn.Module,
     x: torch.Tensor,

@@ -1261,6 +1261,14 @@ class BayesAdam(Optimizer):
         if id(model) not in self._plans:
             p = engine.plan(model, list(names))
             self._plans[id(model)] = p if p.backend == "hooks" else None
+            if any(hasattr(m, "_orig_mod") for m in model.modules()):
+                warnings.warn(
+                    f"BayesAdam.train_step with hessian={self.hessian!r} runs the torch.compile'd "
+                    "model eagerly: the curvature needs each layer's output, which a compiled "
+                    "forward does not expose ('reparam' and 'gradsq' keep the compiled forward)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         return self._plans[id(model)]
 
     def _engine_sample(self, model, x, y, lik, plan, distributed=False, loss_scale=1.0):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import _rng
+from ..curvature.functional import _compiled_modules_eager, _refuse_compiled
 from .evidence import maximise
 
 __all__ = ["KronLastLayer", "fit_last_layer"]
@@ -67,12 +68,15 @@ class KronLastLayer:
         return self.eigenvalues(prior_precision).log().sum()
 
     def features(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(f(x) at the mean, φ̄ (B, in + 1)) from one forward pass."""
+        """(f(x) at the mean, φ̄ (B, in + 1)) from one forward pass (a ``torch.compile``d model
+        runs eagerly here: a compiled forward does not call a hook registered after it was
+        compiled, and φ̄ was missing)."""
         module = dict(model.named_modules())[self.layer]
         saved = {}
+        _refuse_compiled(model)
         handle = module.register_forward_hook(lambda m, i, o: saved.__setitem__("phi", i[0].detach()))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _compiled_modules_eager():
                 f = model(x)
         finally:
             handle.remove()
