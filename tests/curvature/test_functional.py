@@ -213,3 +213,51 @@ def test_misaligned_wrong_kind_or_empty_batches_are_refused(name, arch):
         fn(model, x, y.float())
     with pytest.raises(ValueError, match="empty batch"):
         fn(model, x[:0], y[:0])
+
+
+def _bn_net(mode):
+    torch.manual_seed(0)
+    track = mode != "eval-no-running-stats"
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=track), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(16, 3),
+    )  # fmt: skip
+    net.train(mode == "train")
+    return net.double(), torch.randn(6, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+
+
+def _buffers(model):
+    return [b.clone() for b in model.buffers()]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval-no-running-stats"])
+@pytest.mark.parametrize("name", ["diag_ggn", "diag_ggn_mc", "diag_efisher", "kfac", "diag_kfac"])
+def test_per_sample_curvature_refuses_batch_coupled_batchnorm(mode, name):
+    """Training-mode BatchNorm failed inside torch.func with a message about in-place operations,
+    after updating the running statistics; BatchNorm without running statistics in eval mode
+    gave per-sample values 40 % off the batch's GGN, silently."""
+    model, x, y = _bn_net(mode)
+    before = _buffers(model)
+    with pytest.raises(ValueError, match="BatchNorm '1' normalising with batch statistics"):
+        _ESTIMATORS[name](model, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+
+
+@pytest.mark.parametrize("name", ["diag_hessian", "diag_hutchinson", "gvp"])
+def test_batch_level_curvature_leaves_the_running_statistics_alone(name):
+    """The Hessian of the batch loss is defined through batch statistics; its forward passes (one
+    per probe for Hutchinson) must not move BatchNorm's running statistics."""
+    model, x, y = _bn_net("train")
+    before = _buffers(model)
+    _ESTIMATORS[name](model, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    model.eval()  # the same function with running statistics is a per-sample one, and allowed
+    curvature.diag_ggn(model, x, y)
+
+
+def test_hessian_diagonal_through_training_mode_batchnorm_matches_dense():
+    """Batch statistics, as in the training loss (the dense reference differentiates the whole
+    batch; it too failed on the running-statistics update before)."""
+    model, x, y = _bn_net("train")
+    _assert_dict_close(curvature.diag_hessian(model, x, y), exact.diag(model, x, y, "hessian"))
+    assert model.training and model[1].num_batches_tracked == 0

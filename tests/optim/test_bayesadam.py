@@ -866,3 +866,34 @@ def test_train_step_curvature_from_the_engine_or_the_fallback(key, arch):
             torch.testing.assert_close(opt.state[p]["hess"], ref[n] / 8, rtol=1e-10, atol=1e-15)
         else:
             assert torch.isfinite(opt.state[p]["hess"]).all() and (opt.state[p]["hess"] >= 0).all()
+
+
+def _bn_cnn():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                        nn.Flatten(), nn.Linear(16, 3))  # fmt: skip
+    return net, torch.randn(8, 2, 6, 6), torch.randint(0, 3, (8,))
+
+
+@pytest.mark.parametrize("hessian", ["ggn", "ggn-mc", "efisher", "kfac"])
+def test_per_sample_keys_refuse_training_mode_batchnorm_before_anything_moves(hessian):
+    model, x, y = _bn_cnn()
+    opt = ef.BayesAdam(model.parameters(), n_data=8, hessian=hessian)
+    weights = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    with pytest.raises(ValueError, match="couples the samples"):
+        opt.train_step(model, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert not opt.state and opt._n_samples == 0
+
+
+@pytest.mark.parametrize("hessian", ["hutchinson", "reparam"])
+def test_batch_level_keys_train_through_batchnorm_updating_its_statistics_once(hessian):
+    """Like a plain training step: one update of the running statistics per step (Hutchinson's
+    extra forwards made eight)."""
+    model, x, y = _bn_cnn()
+    opt = ef.BayesAdam(model.parameters(), n_data=8, hessian=hessian)
+    opt.train_step(model, x, y)
+    opt.train_step(model, x, y)
+    assert int(model[1].num_batches_tracked) == 2

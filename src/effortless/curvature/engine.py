@@ -273,6 +273,17 @@ def _module_ok(m: nn.Module) -> str | None:
     return None
 
 
+def coupled_modules(model: nn.Module) -> list[str]:
+    """Names of the modules whose output for one sample depends on the other samples of the
+    batch: BatchNorm normalising with batch statistics (training mode, or no running statistics).
+    Per-sample curvature (GGN, MC-GGN, empirical Fisher, KFAC) is not defined through them."""
+    return [
+        n or type(m).__name__
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+    ]
+
+
 # -- planning -----------------------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from .. import likelihoods
-from .functional import eager_forward
+from .functional import stateless
 
 __all__ = ["flatten", "unflatten_diag", "hessian_matrix", "ggn", "efisher", "diag"]
 
@@ -62,7 +62,7 @@ def _outputs(model):
     return vec, f
 
 
-@eager_forward
+@stateless
 def hessian_matrix(model, x, y, likelihood="classification", sigma_noise=1.0) -> torch.Tensor:
     """Full Hessian of the summed NLL with respect to the flattened parameters.
 
@@ -74,7 +74,7 @@ def hessian_matrix(model, x, y, likelihood="classification", sigma_noise=1.0) ->
     return torch.autograd.functional.hessian(lambda th: lik.nll(f(th, x), y).sum(), vec)
 
 
-@eager_forward
+@stateless
 def ggn(model, x, y, likelihood="classification", sigma_noise=1.0) -> torch.Tensor:
     """Full GGN ``Σ_b J_bᵀ (∇²_f nll_b) J_b`` with the output Hessian from autodiff."""
     lik = likelihoods.get(likelihood, sigma_noise)
@@ -89,7 +89,7 @@ def ggn(model, x, y, likelihood="classification", sigma_noise=1.0) -> torch.Tens
     return G
 
 
-@eager_forward
+@stateless
 def efisher(model, x, y, likelihood="classification", sigma_noise=1.0) -> torch.Tensor:
     """Full empirical Fisher ``Σ_b g_b g_bᵀ`` from the per-sample gradient matrix."""
     lik = likelihoods.get(likelihood, sigma_noise)
@@ -98,7 +98,7 @@ def efisher(model, x, y, likelihood="classification", sigma_noise=1.0) -> torch.
     return G.T @ G
 
 
-@eager_forward
+@stateless
 def diag(model, x, y, kind: str, likelihood="classification", sigma_noise=1.0):
     """Dense reference diagonal as a dict: ``kind`` in {"hessian", "ggn", "efisher"}."""
     table = {"hessian": hessian_matrix, "ggn": ggn, "efisher": efisher}

@@ -87,6 +87,49 @@ def eager_forward(fn):
 
     return run
 
+
+def stateless(fn):
+    """Decorator for the public curvature functions: compiled parts run eagerly, and the model's
+    buffers are as they were afterwards — a forward in training mode updates BatchNorm's running
+    statistics (once per extra forward: eight times in one Hutchinson step) and spectral norm's
+    power-iteration vectors, and a curvature call must not move the model (nor leave it moved
+    when it fails half-way). Training-mode BatchNorm still normalises with the batch's statistics:
+    the batch-level quantities (Hessian, Hutchinson, GVP) are those of the training loss."""
+    eager = eager_forward(fn)
+
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        buffers = [(b, b.clone()) for b in model.buffers()]
+        # training-mode BatchNorm: normalise with the batch's statistics as in training, without
+        # updating the running ones (an in-place update inside a torch.func transform also fails)
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        quiet = [m for m in bns if m.training and m.track_running_stats]
+        for m in quiet:
+            m.track_running_stats = False
+        try:
+            return eager(model, *args, **kwargs)
+        finally:
+            for m in quiet:
+                m.track_running_stats = True
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+
+    return run
+
+
+def refuse_coupled(model: nn.Module, what: str) -> None:
+    """Per-sample curvature needs each sample's output to depend on that sample alone."""
+    coupled = engine.coupled_modules(model)
+    if coupled:
+        raise ValueError(
+            f"{what} needs per-sample curvature, which is not defined through BatchNorm "
+            f"{coupled[0]!r}{f' (and {len(coupled) - 1} more)' if len(coupled) > 1 else ''} normalising "
+            "with batch statistics (training mode, or no running statistics): it couples the samples "
+            "of a batch. Call model.eval() first (with running statistics), or use a batch-level "
+            "estimator (diag_hessian, diag_hutchinson; BayesAdam's 'reparam' or 'gradsq')"
+        )
+
 # The generic path holds per-sample gradients for a chunk of samples at once: at most
 # max(2·P, _MIN_CHUNK_ELEMENTS) numbers, so its memory stays within a small multiple of a training
 # step (parameters, gradients, activations) however large the batch.
@@ -147,7 +190,7 @@ def _zeros_like(params):
     return {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in params.items()}
 
 
-@eager_forward
+@stateless
 def diag_ggn(
     model: nn.Module,
     x: torch.Tensor,
@@ -194,6 +237,7 @@ def diag_ggn(
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     lik = likelihoods.get(likelihood, sigma_noise)
     _check_batch(x, y)
+    refuse_coupled(model, 'diag_ggn')
     kind = "ggn" if method == "exact" else "ggn-mc"
     out = _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, chunk_size, product_dtype)
     if out is not None:
@@ -228,7 +272,7 @@ def diag_ggn(
     return out
 
 
-@eager_forward
+@stateless
 def diag_efisher(
     model: nn.Module,
     x: torch.Tensor,
@@ -247,6 +291,7 @@ def diag_efisher(
     _check_product_dtype(product_dtype, x.device)
     lik = likelihoods.get(likelihood, sigma_noise)
     _check_batch(x, y)
+    refuse_coupled(model, 'diag_efisher')
     out = _via_hooks(model, x, y, lik, params, backend, "efisher", 1, None, chunk_size, product_dtype)
     if out is not None:
         return out
@@ -368,7 +413,7 @@ def training_pass(model, x, y, lik, plan, kind: str, generator=None, proceed=Non
         return loss, engine.sq_sums(plan, saved, deltas, product_dtype)
 
 
-@eager_forward
+@stateless
 def kfac(
     model: nn.Module,
     x: torch.Tensor,
@@ -394,6 +439,7 @@ def kfac(
     _check_product_dtype(product_dtype, x.device)
     lik = likelihoods.get(likelihood, sigma_noise)
     _check_batch(x, y)
+    refuse_coupled(model, 'kfac')
     p = _kfac_plan(model, params, method)
     return _kfac(model, x, y, lik, p, method, n_samples, generator, False, product_dtype)
 
@@ -420,7 +466,7 @@ def _kfac(model, x, y, lik, p, method, n_samples, generator, diagonal, product_d
     return {k: (A.detach(), G.detach()) for k, (A, G) in out.items()}
 
 
-@eager_forward
+@stateless
 def diag_kfac(
     model: nn.Module,
     x: torch.Tensor,
@@ -435,6 +481,7 @@ def diag_kfac(
     from the factors' diagonals alone (no in × in products)."""
     lik = likelihoods.get(likelihood, sigma_noise)
     _check_batch(x, y)
+    refuse_coupled(model, 'diag_kfac')
     p = _kfac_plan(model, params, method)
     return engine.kfac_diagonal(p, _kfac(model, x, y, lik, p, method, 1, generator, diagonal=True))
 
@@ -454,7 +501,7 @@ def _gradient_graph(model, x, y, lik, names):
     return leaves, grads
 
 
-@eager_forward
+@stateless
 def hvp(
     model: nn.Module,
     x: torch.Tensor,
@@ -471,7 +518,7 @@ def hvp(
     return dict(zip(leaves, hv))
 
 
-@eager_forward
+@stateless
 def diag_hessian(
     model: nn.Module,
     x: torch.Tensor,
@@ -504,7 +551,7 @@ def diag_hessian(
     return {n: t.view_as(leaves[n]).clone() for n, t in zip(names, diag.split(sizes))}
 
 
-@eager_forward
+@stateless
 def diag_hutchinson(
     model: nn.Module,
     x: torch.Tensor,

@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 
 from .. import _rng, likelihoods
-from .functional import _check_batch, _frozen, eager_forward, trainable
+from .functional import _check_batch, _frozen, stateless, trainable
 
 __all__ = ["gvp", "cg", "sample_precision"]
 
@@ -44,7 +44,7 @@ def _model_fn(model, names):
     return {n: p.detach() for n, p in theta.items()}, f
 
 
-@eager_forward
+@stateless
 def gvp(model: nn.Module, x, y, v: Vec, likelihood="classification", sigma_noise: float = 1.0) -> Vec:
     """GGN-vector product ``Σ_b J_bᵀ (∇²_f nll_b) J_b v`` (one JVP, one VJP)."""
     lik = likelihoods.get(likelihood, sigma_noise)
@@ -95,7 +95,7 @@ def cg(matvec: Callable[[Vec], Vec], b: Vec, tol: float = 1e-6, maxiter: int = 2
     return x, {"iterations": it, "residual": float(rs.sqrt() / bnorm)}
 
 
-@eager_forward
+@stateless
 def sample_precision(
     model: nn.Module,
     x,

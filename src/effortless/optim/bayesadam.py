@@ -58,6 +58,8 @@ __all__ = ["BayesAdam", "bayesadam_update", "hess_beta_at"]
 
 _NONFINITE = ("raise", "skip")
 _DISTRIBUTED = ("auto", "flipout", "per-rank", "shared", "off")
+# keys whose estimate sums per-sample quantities (undefined through batch-coupled modules)
+_PER_SAMPLE = frozenset({"efisher", "ggn-mc", "ggn", "kfac"})
 
 
 def hess_beta_at(beta: float | None, k: int, nonnegative: bool) -> float:
@@ -1205,6 +1207,8 @@ class BayesAdam(Optimizer):
         if not (isinstance(accumulate, int) and 1 <= accumulate <= max(int(x.shape[0]), 1)):
             raise ValueError(f"accumulate must be an int in [1, batch size], got {accumulate!r}")
         self._check_groups()
+        if self.hessian in _PER_SAMPLE:  # before anything is drawn
+            cf.refuse_coupled(model, f"hessian={self.hessian!r}")
         lik = likelihoods.get(likelihood, sigma_noise)
         names = self._names_in(model)
         self.zero_grad()
