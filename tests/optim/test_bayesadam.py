@@ -897,3 +897,17 @@ def test_batch_level_keys_train_through_batchnorm_updating_its_statistics_once(h
     opt.train_step(model, x, y)
     opt.train_step(model, x, y)
     assert int(model[1].num_batches_tracked) == 2
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.complex64])
+def test_half_precision_and_complex_parameters_are_refused(dtype):
+    """float16 parameters made μ NaN at the first step (Adam's eps underflows; 0/0 for a weight
+    without gradient), and the error came a step later as a NaN loss; bf16 rounds the noise away."""
+    with pytest.raises(ValueError, match=str(dtype).split(".")[-1]):
+        ef.BayesAdam(nn.Linear(3, 2).to(dtype).parameters(), n_data=4)
+    opt = ef.BayesAdam(nn.Linear(3, 2).parameters(), n_data=4)
+    with pytest.raises(ValueError, match="params"):
+        opt.add_param_group({"params": nn.Linear(3, 2).to(dtype).weight})
+    with pytest.raises(TypeError):  # torch's own refusal of an unordered group still comes through
+        opt.add_param_group({"params": {nn.Parameter(torch.zeros(2))}})

@@ -443,6 +443,28 @@ class BayesAdam(Optimizer):
         self._inside = False
         self._clear_pending()
 
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer``'s, refusing parameters BayesAdam cannot hold a posterior in."""
+        params = param_group["params"]
+        if isinstance(params, set):  # torch refuses it (unordered): let it say so
+            return super().add_param_group(param_group)
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            t = p[1] if isinstance(p, tuple) else p
+            if not isinstance(t, torch.Tensor):
+                continue  # (torch's own check names the bad entry)
+            if t.dtype in (torch.float16, torch.bfloat16):
+                raise ValueError(
+                    f"params: a {t.dtype} parameter; BayesAdam keeps μ, the curvature and the sample "
+                    "in the parameters' dtype, where half precision rounds the weight noise and the "
+                    "updates away (and Adam's eps underflows in float16, making μ NaN): keep the "
+                    "parameters in float32 and use torch.autocast for mixed precision"
+                )
+            if t.is_complex():
+                raise ValueError(f"params: a {t.dtype} parameter; BayesAdam needs real parameters")
+        param_group = dict(param_group, params=params)
+        super().add_param_group(param_group)
+
     def _check_groups(self) -> None:
         """The hyperparameters in ``param_groups`` are read at every sample and step, and a
         scheduler or a user may have changed them since the constructor checked: refuse values
