@@ -137,3 +137,25 @@ def test_mc_batched_path_is_really_taken_and_dropout_falls_back(monkeypatch):
     post = _posterior(drop)
     p = ef.predict(drop, post, x, n_samples=8, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(p.sum(-1), torch.ones(x.shape[0], dtype=p.dtype))
+
+
+def test_predictions_leave_batchnorm_statistics_alone_and_glm_refuses_batch_statistics():
+    """An MC predictive in training mode updated BatchNorm's running statistics once per weight
+    sample; the linearised one failed deep in torch.func (BatchNorm1d) or used per-sample
+    statistics (BatchNorm2d)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3))  # fmt: skip
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    model.eval()
+    post = ef.laplace(model, [(x, y)])
+    model.train()
+    before = [b.clone() for b in model.buffers()]
+    ef.predict(model, post, x, n_samples=4)
+    ef.predict_samples(model, post, x, 4)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    for method in ("glm", "probit"):
+        with pytest.raises(ValueError, match="couples the samples"):
+            ef.predict(model, post, x, method=method)
+    model.eval()
+    assert ef.predict(model, post, x, method="glm").shape == (32, 3)

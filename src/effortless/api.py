@@ -23,6 +23,7 @@ from . import likelihoods
 from .curvature import functional as cf
 from .curvature.data import DIAGONAL, _progress, diagonal_estimator
 from .curvature.data import all_reduce_sums as _all_reduce_sums
+from .curvature.functional import keep_buffers
 from .optim import BayesAdam
 from .posterior import DiagGaussian, evidence, kron, predictive
 
@@ -96,6 +97,7 @@ def fit(
 
 
 @torch.no_grad()
+@keep_buffers
 def predict(
     model: nn.Module,
     posterior: DiagGaussian,
@@ -116,7 +118,8 @@ def predict(
       ``f(μ) + J δθ`` from its exact Gaussian; no Jacobian matrices are built);
     * ``method="probit"``: its closed-form probit approximation (deterministic).
 
-    The model's train/eval mode is left as the caller set it.
+    The model's train/eval mode is left as the caller set it (training-mode BatchNorm then
+    normalises with each batch's statistics), and its buffers are as they were afterwards.
     """
     if method not in ("mc", "glm", "probit"):
         raise ValueError(f"method must be one of ('mc', 'glm', 'probit'), got {method!r}")
@@ -208,6 +211,7 @@ class _SampleLoader:
                 p.copy_(saved[k])
 
 
+@keep_buffers
 def predict_samples(
     model: nn.Module,
     posterior,

@@ -88,26 +88,24 @@ def eager_forward(fn):
     return run
 
 
-def stateless(fn):
-    """Decorator for the public curvature functions: compiled parts run eagerly, and the model's
-    buffers are as they were afterwards — a forward in training mode updates BatchNorm's running
-    statistics (once per extra forward: eight times in one Hutchinson step) and spectral norm's
-    power-iteration vectors, and a curvature call must not move the model (nor leave it moved
-    when it fails half-way). Training-mode BatchNorm still normalises with the batch's statistics:
-    the batch-level quantities (Hessian, Hutchinson, GVP) are those of the training loss."""
-    eager = eager_forward(fn)
+def keep_buffers(fn):
+    """Decorator: ``fn(model, ...)`` leaves the model's buffers as they were — a forward in
+    training mode updates BatchNorm's running statistics (once per extra forward: eight times in
+    one Hutchinson step, once per sample in an MC predictive) and spectral norm's power-iteration
+    vectors, and a curvature or prediction call must not move the model (nor leave it moved when
+    it fails half-way). Training-mode BatchNorm still normalises with the batch's statistics, as
+    in the training loss, without updating the running ones (an in-place update inside a
+    ``torch.func`` transform also fails)."""
 
     @functools.wraps(fn)
     def run(model, *args, **kwargs):
         buffers = [(b, b.clone()) for b in model.buffers()]
-        # training-mode BatchNorm: normalise with the batch's statistics as in training, without
-        # updating the running ones (an in-place update inside a torch.func transform also fails)
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         quiet = [m for m in bns if m.training and m.track_running_stats]
         for m in quiet:
             m.track_running_stats = False
         try:
-            return eager(model, *args, **kwargs)
+            return fn(model, *args, **kwargs)
         finally:
             for m in quiet:
                 m.track_running_stats = True
@@ -118,12 +116,18 @@ def stateless(fn):
     return run
 
 
+def stateless(fn):
+    """Decorator for the public curvature functions: :func:`eager_forward` and
+    :func:`keep_buffers`."""
+    return keep_buffers(eager_forward(fn))
+
+
 def refuse_coupled(model: nn.Module, what: str) -> None:
     """Per-sample curvature needs each sample's output to depend on that sample alone."""
     coupled = engine.coupled_modules(model)
     if coupled:
         raise ValueError(
-            f"{what} needs per-sample curvature, which is not defined through BatchNorm "
+            f"{what} needs per-sample quantities, which are not defined through BatchNorm "
             f"{coupled[0]!r}{f' (and {len(coupled) - 1} more)' if len(coupled) > 1 else ''} normalising "
             "with batch statistics (training mode, or no running statistics): it couples the samples "
             "of a batch. Call model.eval() first (with running statistics), or use a batch-level "

@@ -27,14 +27,17 @@ from torch.func import functional_call, jacrev, vmap
 
 from .. import _rng
 from ..curvature import engine
-from ..curvature.functional import _chunks, _frozen, _single
+from ..curvature.functional import _chunks, _frozen, _single, eager_forward, refuse_coupled
 from .diag import DiagGaussian
 
 __all__ = ["linearised_moments", "glm_probs", "probit_probs"]
 
 
+@eager_forward
 def linearised_moments(model: nn.Module, posterior: DiagGaussian, x: torch.Tensor, chunk_size: int = 64):
-    """Mean ``f(x; μ)`` (B, C) and covariance ``J Σ Jᵀ`` (B, C, C) of the linearised predictive."""
+    """Mean ``f(x; μ)`` (B, C) and covariance ``J Σ Jᵀ`` (B, C, C) of the linearised predictive
+    (per-sample Jacobians: refused through BatchNorm that normalises with batch statistics)."""
+    refuse_coupled(model, "the linearised predictive (method='glm' / 'probit')")
     params = posterior._match(model)  # posterior key -> parameter
     names = {id(p): n for n, p in model.named_parameters()}
     variance = {names[id(p)]: posterior.variance[k] for k, p in params.items()}
