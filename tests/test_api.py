@@ -116,3 +116,46 @@ def test_a_one_output_model_is_refused_as_a_classifier():
         ef.BayesAdam(model.parameters(), n_data=16).train_step(model, x, torch.zeros(16, dtype=torch.long))
     mean, var = ef.predict(model, post, x, likelihood="regression")  # as regression it is fine
     assert mean.shape == var.shape == (16, 1)
+
+
+class _DictBatches(torch.utils.data.Dataset):
+    def __init__(self, x, y, extra=False):
+        self.x, self.y, self.extra = x, y, extra
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return (self.x[i], self.y[i], i) if self.extra else {"x": self.x[i], "y": self.y[i]}
+
+
+@pytest.mark.parametrize("extra", [False, True], ids=["dict", "triple"])
+def test_batches_that_are_not_pairs_are_refused_by_name(extra):
+    """A dict batch unpacked into its two keys ('str' object has no attribute 'to'); a third
+    element failed with 'too many values to unpack'."""
+    x, y = _cls_data(n=16)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    loader = torch.utils.data.DataLoader(_DictBatches(x, y, extra), batch_size=8)
+    got = "list of 3" if extra else r"dict with keys \['x', 'y'\]"
+    calls = [
+        lambda: ef.fit(model, loader, epochs=1, progress=False),
+        lambda: ef.laplace(model, loader),
+        lambda: ef.laplace(model, loader, hessian="kfac", subset="last_layer"),
+        lambda: curvature.accumulate(model, loader, hessian="kfac"),
+        lambda: curvature.accumulate(model, loader, hessian="ggn"),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=f"pair, got a {got}"):
+            call()
+
+
+def test_fit_refuses_an_iterator_used_up_after_the_first_epoch():
+    x, y = _cls_data(n=16)
+    model = nn.Linear(4, 2)
+    def once():
+        return ((x[i : i + 8], y[i : i + 8]) for i in range(0, 16, 8))
+
+    with pytest.raises(ValueError, match="len"):
+        ef.fit(model, once(), epochs=2, n_data=16, progress=False)
+    with pytest.raises(ValueError, match="no batches in epoch 2"):
+        ef.fit(model, once(), epochs=2, n_data=16, scheduler=None, progress=False)

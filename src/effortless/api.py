@@ -21,7 +21,7 @@ from torch import nn
 
 from . import likelihoods
 from .curvature import functional as cf
-from .curvature.data import DIAGONAL, _progress, diagonal_estimator
+from .curvature.data import DIAGONAL, _progress, diagonal_estimator, pair
 from .curvature.data import all_reduce_sums as _all_reduce_sums
 from .curvature.functional import keep_buffers
 from .optim import BayesAdam
@@ -75,22 +75,33 @@ def fit(
         optimizer = BayesAdam(model.named_parameters(), n_data=n_data, hessian=hessian, **optimizer_kwargs)
     sched = None
     if scheduler == "cosine":
-        total = epochs * len(loader)
+        try:
+            total = epochs * len(loader)
+        except TypeError:
+            raise ValueError(
+                "scheduler='cosine' needs the number of batches per epoch, len(loader); pass "
+                "scheduler=None for a loader without a length"
+            ) from None
         sched = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda t: 0.5 * (1 + torch.cos(torch.tensor(torch.pi * t / total)).item())
         )
     device = _device(model)
     model.train()
     bar = _progress(range(epochs), progress, desc="fit", unit="epoch")
-    for _ in bar:
+    for epoch in bar:
         total_loss, count = 0.0, 0
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
+        for batch in loader:
+            x, y = (t.to(device) for t in pair(batch))
             loss = optimizer.train_step(model, x, y, likelihood=lik)
             total_loss += float(loss) * x.shape[0]
             count += x.shape[0]
             if sched is not None:
                 sched.step()
+        if count == 0:  # an exhausted iterator trains nothing from here on, silently
+            raise ValueError(
+                f"fit: the loader yielded no batches in epoch {epoch + 1} (a generator is used up "
+                "after one pass: pass a DataLoader or a list)"
+            )
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{total_loss / max(count, 1):.4f}", refresh=False)  # tqdm rate-limits
     return optimizer.posterior()
@@ -279,7 +290,8 @@ def _laplace_tune_noise(model, loader, hessian, prior_precision, generator, para
     total = {n: torch.zeros_like(p) for n, p in theta.items()}
     device = _device(model)
     rss, n_out = 0.0, 0
-    for x, y in _progress(loader, progress, desc="laplace", unit="batch"):
+    for batch in _progress(loader, progress, desc="laplace", unit="batch"):
+        x, y = pair(batch)
         x, y = x.to(device), y.to(device)
         est = estimate(model, x, y, lik1, generator, list(theta))
         for n in total:
@@ -380,7 +392,8 @@ def laplace(
     total = {n: torch.zeros_like(p) for n, p in theta.items()}
     device = _device(model)
     batches = 0
-    for x, y in _progress(loader, progress, desc="laplace", unit="batch"):
+    for batch in _progress(loader, progress, desc="laplace", unit="batch"):
+        x, y = pair(batch)
         est = estimate(model, x.to(device), y.to(device), lik, generator, list(theta))
         for n in total:
             total[n] += est[n]
@@ -389,7 +402,8 @@ def laplace(
     nll_sum = 0.0
     if tune:
         with torch.no_grad():
-            for x, y in loader:
+            for batch in loader:
+                x, y = pair(batch)
                 nll_sum += float(lik.nll(model(x.to(device)), y.to(device)).sum())
     nll_sum, batches = _all_reduce_sums(list(total.values()), [nll_sum, float(batches)], distributed)
     if batches == 0:  # the precision would be the prior's alone, silently

@@ -17,7 +17,25 @@ from .. import likelihoods
 from . import estimators
 from . import functional as cf
 
-__all__ = ["accumulate", "DIAGONAL", "all_reduce_sums", "diagonal_estimator"]
+__all__ = ["accumulate", "DIAGONAL", "all_reduce_sums", "diagonal_estimator", "pair"]
+
+
+def pair(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader's batch as ``(inputs, targets)``; anything else is refused by name (a dict batch
+    unpacked into its two keys, and a third element, failed with messages about strings or
+    unpacking)."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict):
+        got = f"a dict with keys {list(batch)}"
+    elif isinstance(batch, (tuple, list)):
+        got = f"a {type(batch).__name__} of {len(batch)}"
+    else:
+        got = f"a {type(batch).__name__}"
+    raise ValueError(
+        f"each batch must be an (inputs, targets) pair, got {got}; return that pair from the "
+        "dataset or the DataLoader's collate_fn"
+    )
 
 # hessian key -> fn(model, x, y, likelihood, generator, param names) -> {name: batch sum}
 DIAGONAL = {k: e.fn for k, e in estimators.ESTIMATORS.items() if e.needs_model}
@@ -126,8 +144,8 @@ def accumulate(
         cf._check_product_dtype(product_dtype)
         sums: dict[str, list] = {}
         count = 0
-        for x, y in _progress(loader, progress, desc=f"curvature ({hessian})", unit="batch"):
-            x, y = x.to(device), y.to(device)
+        for batch in _progress(loader, progress, desc=f"curvature ({hessian})", unit="batch"):
+            x, y = (t.to(device) for t in pair(batch))
             factors = cf.kfac(model, x, y, lik, KRONECKER[hessian], 1, generator, sigma_noise, params,
                               product_dtype=product_dtype)  # fmt: skip
             for name, (A, G) in factors.items():
@@ -148,7 +166,8 @@ def accumulate(
     theta = cf.trainable(model, params)
     total = {n: torch.zeros_like(p) for n, p in theta.items()}
     batches = 0
-    for x, y in _progress(loader, progress, desc=f"curvature ({hessian})", unit="batch"):
+    for batch in _progress(loader, progress, desc=f"curvature ({hessian})", unit="batch"):
+        x, y = pair(batch)
         est = estimate(model, x.to(device), y.to(device), lik, generator, list(theta))
         for n in total:
             total[n] += est[n]

@@ -129,7 +129,7 @@ def fit_last_layer(model, loader, lik, prior_precision, n_samples=1, generator=N
     """Accumulate last-layer KFAC factors over ``loader``; δ fixed or tuned by the evidence. With
     ``distributed`` (default: when a process group of size > 1 is up) the loader is this rank's
     shard and the factor sums, data count and NLL are all-reduced in one collective."""
-    from ..curvature.data import all_reduce_sums
+    from ..curvature.data import all_reduce_sums, pair
     from ..curvature.functional import kfac
 
     name, layer = last_linear(model)
@@ -137,8 +137,8 @@ def fit_last_layer(model, loader, lik, prior_precision, n_samples=1, generator=N
     device = layer.weight.device
     A = G = None
     count, nll_sum = 0, 0.0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
+    for batch in loader:
+        x, y = (t.to(device) for t in pair(batch))
         ((Ab, Gb),) = kfac(model, x, y, lik, method, n_samples, generator, params=names).values()
         A = Ab * x.shape[0] if A is None else A + Ab * x.shape[0]
         G = Gb if G is None else G + Gb
