@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -159,3 +161,14 @@ def test_fit_refuses_an_iterator_used_up_after_the_first_epoch():
         ef.fit(model, once(), epochs=2, n_data=16, progress=False)
     with pytest.raises(ValueError, match="no batches in epoch 2"):
         ef.fit(model, once(), epochs=2, n_data=16, scheduler=None, progress=False)
+
+
+def test_laplace_warns_when_dropout_is_active():
+    x, y = _cls_data(n=16)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, 2))
+    with pytest.warns(RuntimeWarning, match="dropout '1' is active"):
+        ef.laplace(model, _loader(x, y))
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ef.laplace(model, _loader(x, y))

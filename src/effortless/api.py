@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -361,6 +362,15 @@ def laplace(
     """
     if subset not in (None, "all", "last_layer"):
         raise ValueError(f"subset must be None, 'all' or 'last_layer', got {subset!r}")
+    dropouts = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    active = [n for n, m in dropouts if m.training and m.p > 0]
+    if active:
+        warnings.warn(
+            f"ef.laplace: dropout {active[0]!r} is active (the model is in training mode), so the "
+            "curvature is that of randomly thinned networks; call model.eval() first",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if hessian not in LAPLACE_HESSIANS:
         raise ValueError(f"hessian must be one of {sorted(LAPLACE_HESSIANS)}, got {hessian!r}")
     if subset == "last_layer":
