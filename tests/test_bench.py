@@ -296,3 +296,30 @@ def test_tensorboard_missing_is_a_clear_error_before_training(tmp_path, monkeypa
     with pytest.raises(ValueError, match="pip install"):
         bench.run(tasks=["mnist1d-mlp"], methods=["map"], out=tmp_path, progress=False, tensorboard=True)
     assert not (tmp_path / "results.json").exists()
+
+
+def test_every_bayesadam_key_runs_in_the_bench_for_both_kinds_of_task(tmp_path):
+    """`bayesadam-gradsq` stopped the bench with "needs the minibatch size" (the user loop did not
+    pass it), and no `bayesadam-KEY` had a regression version (skipped)."""
+    keys = ["bayesadam-gradsq", "bayesadam-ggn", "bayesadam-efisher"]
+    rows = bench.run(tasks=["mnist1d-mlp", "toy-regression"], methods=keys, seeds=1, epochs=1, subset=300,
+                     out=tmp_path, progress=False, log=lambda s: None)  # fmt: skip
+    assert sorted((r["task"], r["method"]) for r in rows) == sorted(
+        (t, m) for t in ("mnist1d-mlp", "toy-regression") for m in keys
+    )
+    assert all(math.isfinite(r["nll"]) for r in rows)
+
+
+def test_regression_model_side_keys_train_on_the_squared_error_like_the_other_paths():
+    """train_step's Gaussian NLL with σ² = ½ is the squared error the user loop (and Adam) train on:
+    with the noise switched off (T = 0), `gradsq` through train_step equals the plain loop step."""
+    from effortless.experiments import tasks as task_registry
+    from effortless.experiments.train import train
+
+    task = task_registry.TASKS["toy-regression"]
+    split = task.load()
+    kw = dict(epochs=1, batch_size=32, seed=0, progress=False, temperature=0.0)
+    make = lambda: task.model(0.0)  # noqa: E731
+    runs = [train("bayesadam", make, split, hessian=k, **kw) for k in ("gradsq", "reparam")]
+    for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        torch.testing.assert_close(a, b)

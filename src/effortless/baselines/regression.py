@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import api
+from ..curvature import estimators
 from ..experiments.train import train
 
 
@@ -49,8 +50,8 @@ def fit_map(task, split, seed, epochs, progress):
     return FittedRegression(predict, run.train_seconds, run.step_ms, None, run.history)
 
 
-def fit_bayesadam(task, split, seed, epochs, progress, samples=32):
-    run = _run(task, split, seed, epochs, "bayesadam")
+def fit_bayesadam(task, split, seed, epochs, progress, samples=32, hessian="reparam"):
+    run = _run(task, split, seed, epochs, "bayesadam", hessian=hessian)
     sigma = _sigma(run.model, split)
 
     def predict(x):
@@ -108,9 +109,17 @@ def fit_laplace(task, split, seed, epochs, progress):
     return FittedRegression(predict, run.train_seconds + extra, run.step_ms, None, run.history)
 
 
+def _bayesadam_with(key):
+    def fit(task, split, seed, epochs, progress):
+        return fit_bayesadam(task, split, seed, epochs, progress, hessian=key)
+
+    return fit
+
+
 REGRESSION_METHODS = {
     "map": fit_map,
     "bayesadam": fit_bayesadam,
+    **{f"bayesadam-{k}": _bayesadam_with(k) for k in estimators.ESTIMATORS},
     "mc-dropout": fit_mc_dropout,
     "ensemble": fit_ensemble,
     "laplace": fit_laplace,

@@ -68,8 +68,11 @@ def train(
     history, steps, peak = [], 0, None
 
     def one_step(x, y):
-        if method == "bayesadam" and opt.estimator.needs_model:  # estimators that need outputs
-            return opt.train_step(model, x, y, likelihood="regression" if regression else "classification")
+        if method == "bayesadam" and (opt.estimator.needs_model or opt.hessian == "gradsq"):
+            # estimators that need outputs, or (gradsq) the size of each minibatch
+            if regression:  # σ² = ½: the NLL is the squared error, the loss of every other path here
+                return opt.train_step(model, x, y, likelihood="regression", sigma_noise=2**-0.5)
+            return opt.train_step(model, x, y, likelihood="classification")
         opt.zero_grad()
         if method == "bayesadam":
             with opt.sampled_params(train=True):
