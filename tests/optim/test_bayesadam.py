@@ -911,3 +911,29 @@ def test_half_precision_and_complex_parameters_are_refused(dtype):
         opt.add_param_group({"params": nn.Linear(3, 2).to(dtype).weight})
     with pytest.raises(TypeError):  # torch's own refusal of an unordered group still comes through
         opt.add_param_group({"params": {nn.Parameter(torch.zeros(2))}})
+
+
+def test_backward_outside_the_block_is_refused_before_anything_moves():
+    """The block swaps θ out for μ on exit without an in-place write, so autograd did not object
+    to a backward after it: the gradient mixed the sample (saved inputs) and the mean (saved
+    weights), and step() took it silently. Clipping after the block stays allowed."""
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64, generator=torch.Generator().manual_seed(0))
+    opt.train_step(model, x, y)
+    with opt.sampled_params():
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[next(model.parameters())].items() if torch.is_tensor(v)}
+    with pytest.raises(RuntimeError, match="inside `with opt.sampled_params"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    after = opt.state[next(model.parameters())]
+    assert all(torch.equal(v, after[k]) for k, v in state.items())
+    opt.zero_grad()  # the right way round, with clipping after the block, goes through
+    with opt.sampled_params():
+        F.cross_entropy(model(x), y).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    opt.step()
+    assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))

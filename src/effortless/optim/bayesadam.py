@@ -690,12 +690,18 @@ class BayesAdam(Optimizer):
         self._grad_acc: dict[torch.Tensor, torch.Tensor] = {}  # with several samples
         self._hess_acc: dict[torch.Tensor, torch.Tensor] = {}  # summed ĥ over samples
         self._batch = None
+        self._block_marks = (True, None)  # (gradients changed inside the last block, their marks at exit)
         self._reduced = False  # estimates all-reduced over ranks into _hess_acc this step
         if getattr(self, "_noise_sum", None) is not None:  # a pending noise all-reduce must finish
             self._noise_sum[0].wait()
         self._noise_sum = None  # (handle, buffer, {p: unit noise}) of the in-flight Σ_r ε_r
         self._noise_summed: dict[torch.Tensor, torch.Tensor] = {}
         self._flip_pending = None  # Flipout plans of the pending sample whose Σ_r ε_r is implicit
+
+    def _grad_marks(self) -> list:
+        """Which gradient tensor each parameter holds and its version: changes exactly when a
+        backward accumulates into it (or it is replaced / edited in place)."""
+        return [None if p.grad is None else (id(p.grad), p.grad._version) for _, p in self._params()]
 
     def _params(self) -> Iterator[tuple[dict, torch.Tensor]]:
         for group in self.param_groups:
@@ -776,6 +782,7 @@ class BayesAdam(Optimizer):
                 first = train and todo and self.hessian == "reparam" and self._n_samples == 0
                 if first and mode == "per-rank":  # overlap Σ_r ε_r with fwd and bwd
                     self._start_noise_sum({t[0]: t[2] for t in todo})
+            entry = self._grad_marks() if train else None
             yield
             completed = True
         finally:
@@ -789,6 +796,8 @@ class BayesAdam(Optimizer):
             self._inside = False
         # only reached without an exception: record the sample
         if train and completed:
+            marks = self._grad_marks()  # did a backward run inside the block? (see step)
+            self._block_marks = (marks != entry, marks)
             if self._n_samples == 0:
                 self._sign = sign
                 self._work = {} if inplace else thetas  # separate θ buffers become the step's workspace
@@ -976,6 +985,14 @@ class BayesAdam(Optimizer):
             if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
                 return self._reject(f"the loss is {float(loss)}", loss)
         needs_sample = any(g["temperature"] > 0 for g in self.param_groups)
+        inside, marks = self._block_marks
+        if self._n_samples and not inside and self._grad_marks() != marks:
+            raise RuntimeError(
+                "the gradients changed after the sampled_params() block exited, and not inside it: "
+                "call loss.backward() inside `with opt.sampled_params(train=True):`. Outside, the "
+                "parameters hold the means again, and the gradient mixes the sample and the mean "
+                "(nothing was updated)"
+            )
         if self._n_samples == 0 and needs_sample:
             raise RuntimeError(
                 "step() needs a weight sample: run forward and backward inside "
