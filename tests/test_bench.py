@@ -168,6 +168,15 @@ def test_config_layers_profile_file_and_flags(tmp_path):
         bench.resolve_config(config=f)
     with pytest.raises(ValueError, match="profile"):
         bench.resolve_config("huge")
+    # unreadable or malformed files: one line naming the file, not a parser traceback
+    bad = {"a.json": '{"task": ', "b.json": "[1, 2]", "c.yaml": "task: [wine\n"}
+    why = {"a.json": "not valid JSON", "b.json": "must be a mapping", "c.yaml": "not valid YAML"}
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=why[name]):
+            bench.resolve_config(config=tmp_path / name)
+    with pytest.raises(ValueError, match="cannot read"):
+        bench.resolve_config(config=tmp_path / "missing.json")
     assert set(bench.PROFILES["full"]["task"]) == set(bench.TASKS)
     for p in bench.PROFILES.values():
         assert all(bench.available(m) is None for m in p["methods"])

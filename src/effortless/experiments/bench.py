@@ -54,16 +54,27 @@ def resolve_config(profile=None, config=None, **overrides) -> dict:
         out.update(PROFILES[profile])
     if config is not None:
         path = Path(config)
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ValueError(f"--config {path}: cannot read it ({e.strerror or e})") from None
         if path.suffix in (".yaml", ".yml"):
             try:
                 import yaml
             except ImportError:
                 raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); "
                                  "or use JSON") from None  # fmt: skip
-            given = yaml.safe_load(text) or {}
+            try:
+                given = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         else:
-            given = json.loads(text)
+            try:
+                given = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e}); YAML files need a .yaml suffix") from None
+        if not isinstance(given, dict):
+            raise ValueError(f"{path}: the config must be a mapping of fields, got a {type(given).__name__}")
         unknown = set(given) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
