@@ -164,3 +164,17 @@ def test_zero_or_negative_counts_are_refused_before_running(argv, capsys):
 def test_bench_with_no_methods_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="nothing to run"):
         cli.main(["bench", "--task", "mnist1d-mlp", "--methods", ",", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("command", [["demo", "--quick"], ["bench", "--task", "toy-regression"],
+                                     ["hessian-profile"], ["active"], ["adam-hessian"]])  # fmt: skip
+def test_an_out_path_that_is_a_file_is_refused_before_any_work(command, tmp_path, capsys):
+    """It surfaced as a mkdir traceback, after the run (a whole bench's time) in some commands."""
+    blocker = tmp_path / "results"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit):
+        cli.main([*command, "--out", str(blocker)])
+    assert "exists and is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*command, "--out", str(blocker / "below")])
+    assert "cannot create it" in capsys.readouterr().err

@@ -374,6 +374,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    out = getattr(args, "out", None)
+    if out:  # before any work: a file in the way surfaced as a mkdir traceback at the end of a run
+        path = Path(out)
+        if path.exists() and not path.is_dir():
+            parser.error(f"--out {path}: exists and is not a directory")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--out {path}: cannot create it ({e.strerror or e})")
     return args.func(args)
 
 
