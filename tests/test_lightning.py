@@ -110,3 +110,15 @@ def test_callback_needs_bayesadam(tmp_path):
     train, val = _data()
     with pytest.raises(ValueError, match="BayesAdam"):
         _trainer(tmp_path, 1, callbacks=[PosteriorMetrics()]).fit(Plain(), train, val)
+
+
+def test_accumulate_grad_batches_in_automatic_optimisation_is_refused(tmp_path):
+    """Lightning runs the backward of all but the last micro-batch outside optimizer.step, so
+    outside the sampled weights: those gradients were taken at the means and mixed in silently."""
+    train, _ = _data()
+    L.seed_everything(0)
+    model = Auto()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="accumulate_grad_batches"):
+        _trainer(tmp_path, 1, accumulate_grad_batches=2).fit(model, train)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

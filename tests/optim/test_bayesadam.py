@@ -937,3 +937,27 @@ def test_backward_outside_the_block_is_refused_before_anything_moves():
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
     opt.step()
     assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+def test_gradients_accumulated_at_the_means_before_the_block_are_refused():
+    """Lightning's accumulate_grad_batches in automatic optimisation runs all but the last
+    micro-batch's backward outside optimizer.step, i.e. at the means: those gradients were
+    averaged with the sample's, silently. Zeroing through the model is not accumulation."""
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64, generator=torch.Generator().manual_seed(0))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()  # at μ
+    with opt.sampled_params():
+        F.cross_entropy(model(x), y).backward()
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="accumulate_grad_batches"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    opt.zero_grad()  # drops the refused step's sample
+    for set_to_none in (False, True, False):  # zeroing through the model, either way, is not accumulation
+        model.zero_grad(set_to_none=set_to_none)
+        with opt.sampled_params():
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))

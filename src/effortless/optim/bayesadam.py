@@ -691,12 +691,25 @@ class BayesAdam(Optimizer):
         self._hess_acc: dict[torch.Tensor, torch.Tensor] = {}  # summed ĥ over samples
         self._batch = None
         self._block_marks = (True, None)  # (gradients changed inside the last block, their marks at exit)
+        self._clean_marks = self._grad_marks()  # gradients as zero_grad / step left them
+        self._outside_before = False  # gradients accumulated outside any block before the first
         self._reduced = False  # estimates all-reduced over ranks into _hess_acc this step
         if getattr(self, "_noise_sum", None) is not None:  # a pending noise all-reduce must finish
             self._noise_sum[0].wait()
         self._noise_sum = None  # (handle, buffer, {p: unit noise}) of the in-flight Σ_r ε_r
         self._noise_summed: dict[torch.Tensor, torch.Tensor] = {}
         self._flip_pending = None  # Flipout plans of the pending sample whose Σ_r ε_r is implicit
+
+    def _accumulated_outside(self) -> bool:
+        """Did a backward add to the gradients since zero_grad / the last step, before any sample?
+        (Zeroed gradients do not count: ``model.zero_grad(set_to_none=False)`` also edits them.)"""
+        now = self._grad_marks()
+        if now == self._clean_marks:
+            return False
+        params = [p for _, p in self._params()]
+        return any(
+            m is not None and m != c and bool(p.grad.any()) for p, m, c in zip(params, now, self._clean_marks)
+        )
 
     def _grad_marks(self) -> list:
         """Which gradient tensor each parameter holds and its version: changes exactly when a
@@ -742,6 +755,8 @@ class BayesAdam(Optimizer):
         if self._inside:
             raise RuntimeError("sampled_params() contexts cannot be nested")
         self._check_groups()
+        if train and self._n_samples == 0 and self._accumulated_outside():
+            self._outside_before = True  # refused at step(), which says why
         if train and self._n_samples == 1:
             self._fold_pending()
         sign = 1.0
@@ -985,6 +1000,14 @@ class BayesAdam(Optimizer):
             if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
                 return self._reject(f"the loss is {float(loss)}", loss)
         needs_sample = any(g["temperature"] > 0 for g in self.param_groups)
+        if self._n_samples and self._outside_before:
+            raise RuntimeError(
+                "gradients were accumulated before the sampled_params() block, at the means (e.g. "
+                "Lightning's accumulate_grad_batches in automatic optimisation, whose backward for "
+                "all but the last micro-batch runs outside optimizer.step): every backward belongs "
+                "inside `with opt.sampled_params(train=True):` (or use opt.train_step(..., "
+                "accumulate=k), or manual optimisation). Nothing was updated"
+            )
         inside, marks = self._block_marks
         if self._n_samples and not inside and self._grad_marks() != marks:
             raise RuntimeError(
