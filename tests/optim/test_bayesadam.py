@@ -961,3 +961,22 @@ def test_gradients_accumulated_at_the_means_before_the_block_are_refused():
             F.cross_entropy(model(x), y).backward()
         opt.step()
     assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+def test_checkpointing_or_the_posterior_inside_the_sampled_block_is_refused():
+    """Inside the block the parameters and the noise buffers hold θ and the sample is not recorded:
+    a state dict saved there stored θ as the unit noise, and a resume from it diverged."""
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64, generator=torch.Generator().manual_seed(0))
+    opt.train_step(model, x, y)
+    sd = opt.state_dict()
+    with opt.sampled_params():
+        with pytest.raises(RuntimeError, match="inside sampled_params"):
+            opt.state_dict()
+        with pytest.raises(RuntimeError, match="inside sampled_params"):
+            opt.load_state_dict(sd)
+        with pytest.raises(RuntimeError, match="inside sampled_params"):
+            opt.posterior()  # its mean would have been the sample
+        F.cross_entropy(model(x), y).backward()
+    opt.step()

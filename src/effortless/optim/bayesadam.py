@@ -1364,6 +1364,7 @@ class BayesAdam(Optimizer):
     # -- posterior -----------------------------------------------------------------------------
     def posterior(self) -> DiagGaussian:
         """``N(μ, diag(T / (N·h + δ)))`` over the trainable parameters (T = 1 if trained at T = 0)."""
+        self._refuse_inside("posterior()")  # (its mean would be the sample)
         self._check_groups()
         mean, prec = {}, {}
         i = 0
@@ -1381,7 +1382,15 @@ class BayesAdam(Optimizer):
         return DiagGaussian(mean, prec)
 
     # -- persistence ---------------------------------------------------------------------------
+    def _refuse_inside(self, what: str) -> None:
+        if self._inside:  # the parameters hold θ, the noise buffers θ too (the in-place draw)
+            raise RuntimeError(
+                f"{what} inside sampled_params(): the parameters hold a weight sample, not the means, "
+                "and the sample is not recorded yet; call it outside the block (e.g. after step())"
+            )
+
     def state_dict(self) -> dict:
+        self._refuse_inside("state_dict()")
         sd = super().state_dict()
         if self._pending_theta:  # saved between a sample and its step: write the noise, not θ
             index = 0  # torch numbers the parameters across groups in order
@@ -1407,6 +1416,7 @@ class BayesAdam(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._refuse_inside("load_state_dict()")
         state_dict = dict(state_dict)
         extra = state_dict.pop("bayesadam", None)
         if extra is None:
