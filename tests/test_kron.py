@@ -97,3 +97,26 @@ def test_predict_samples_draws_from_the_kronecker_posterior_too():
     ref = ef.predict(model, post, x, n_samples=6, generator=torch.Generator().manual_seed(2))
     assert lp.shape == (x.shape[0], ref.shape[1], 6)
     torch.testing.assert_close(lp.exp().mean(-1), ref)
+
+
+def test_closed_form_predictive_refuses_a_model_that_changes_the_last_layers_output():
+    """A model returning fc(x) / 2 got the covariance of fc's output (4× too large: relative error
+    3.0 against the linearised reference), silently; weight samples remain right."""
+    torch.manual_seed(0)
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh())
+            self.fc = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.body(x)) / 2
+
+    model = Scaled()
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    post = ef.laplace(model, [(x, y)], hessian="kfac", subset="last_layer")
+    for method in ("glm", "probit"):
+        with pytest.raises(ValueError, match="changes it afterwards"):
+            ef.predict(model, post, x, method=method)
+    assert ef.predict(model, post, x, method="mc", n_samples=4).shape == (32, 3)

@@ -74,12 +74,24 @@ class KronLastLayer:
         module = dict(model.named_modules())[self.layer]
         saved = {}
         _refuse_compiled(model)
-        handle = module.register_forward_hook(lambda m, i, o: saved.__setitem__("phi", i[0].detach()))
+        def hook(m, i, o):
+            saved["phi"], saved["out"] = i[0].detach(), o.detach()
+
+        handle = module.register_forward_hook(hook)
         try:
             with torch.no_grad(), _compiled_modules_eager():
                 f = model(x)
         finally:
             handle.remove()
+        if f.numel() != saved["out"].numel() or not torch.equal(f.reshape(-1), saved["out"].reshape(-1)):
+            # the closed form maps the weights' covariance through φ alone: anything after the
+            # layer (a scale, a temperature, a softmax) made it wrong by that map, silently
+            raise ValueError(
+                f"the closed-form last-layer predictive needs the model's output to be the output of "
+                f"its last Linear layer {self.layer!r}, and this model changes it afterwards; use "
+                "method='mc' (weight samples), or hessian='ggn' with subset='last_layer' (the generic "
+                "linearised predictive)"
+            )
         phi = saved["phi"].reshape(-1, saved["phi"].shape[-1])
         if self.has_bias:
             phi = torch.cat([phi, phi.new_ones(phi.shape[0], 1)], 1)
