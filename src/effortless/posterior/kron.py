@@ -30,7 +30,10 @@ __all__ = ["KronLastLayer", "fit_last_layer"]
 
 
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The name and module of the last ``nn.Linear`` in ``model`` (the output layer)."""
+    """The name and module of the last ``nn.Linear`` in ``model`` (the output layer), in the order
+    the modules were registered: a model that registers its output layer before others gets the
+    wrong one (the closed-form predictive then refuses, since the model's output is not that
+    layer's output)."""
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not found:
         raise ValueError("subset='last_layer' needs an nn.Linear output layer")
