@@ -122,3 +122,23 @@ def test_accumulate_grad_batches_in_automatic_optimisation_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="accumulate_grad_batches"):
         _trainer(tmp_path, 1, accumulate_grad_batches=2).fit(model, train)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_manual_optimisation_steps_like_the_plain_loop(tmp_path):
+    """Lightning's manual opt.step() passes a do-nothing closure; BayesAdam ran it as a second
+    weight sample, so every step averaged the user's gradient with an empty one (half of it, and
+    the curvature over two samples). Now the weights match the plain loop bitwise."""
+    train, _ = _data(n=96, shuffle=False)
+    L.seed_everything(0)
+    model = Manual()
+    _trainer(tmp_path, 1).fit(model, train)
+    L.seed_everything(0)
+    ref = Manual()
+    opt = ref.configure_optimizers()
+    for x, y in train:
+        opt.zero_grad()
+        with opt.sampled_params(train=True):
+            F.cross_entropy(ref(x), y).backward()
+        opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)

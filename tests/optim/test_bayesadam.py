@@ -980,3 +980,25 @@ def test_checkpointing_or_the_posterior_inside_the_sampled_block_is_refused():
             opt.posterior()  # its mean would have been the sample
         F.cross_entropy(model(x), y).backward()
     opt.step()
+
+
+def test_a_training_block_without_backward_among_several_is_refused():
+    """Two train=True blocks, one without backward: the step averaged the one gradient over two
+    samples (half the step), silently. One block without backward (Lightning skipping a batch)
+    stays a no-op step."""
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64, generator=torch.Generator().manual_seed(0))
+    opt.zero_grad()
+    with opt.sampled_params():
+        F.cross_entropy(model(x), y).backward()
+    with opt.sampled_params():
+        model(x)  # evaluated, no backward
+    with pytest.raises(RuntimeError, match="1 of the 2 .* ran no backward"):
+        opt.step()
+    opt.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
+    with opt.sampled_params():
+        model(x)
+    opt.step()  # no gradient: nothing moves, no error
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -691,6 +691,7 @@ class BayesAdam(Optimizer):
         self._hess_acc: dict[torch.Tensor, torch.Tensor] = {}  # summed ĥ over samples
         self._batch = None
         self._block_marks = (True, None)  # (gradients changed inside the last block, their marks at exit)
+        self._idle_blocks = 0  # training blocks since the last step with no backward inside
         self._clean_marks = self._grad_marks()  # gradients as zero_grad / step left them
         self._outside_before = False  # gradients accumulated outside any block before the first
         self._reduced = False  # estimates all-reduced over ranks into _hess_acc this step
@@ -813,6 +814,7 @@ class BayesAdam(Optimizer):
         if train and completed:
             marks = self._grad_marks()  # did a backward run inside the block? (see step)
             self._block_marks = (marks != entry, marks)
+            self._idle_blocks += marks == entry
             if self._n_samples == 0:
                 self._sign = sign
                 self._work = {} if inplace else thetas  # separate θ buffers become the step's workspace
@@ -990,12 +992,16 @@ class BayesAdam(Optimizer):
         """Update means and curvature from the recorded sample(s).
 
         With a ``closure`` (as Lightning and L-BFGS-style loops call it), the closure runs inside
-        :meth:`sampled_params` and its loss is returned.
+        :meth:`sampled_params` and its loss is returned; when a sample is already pending (the
+        user's own block, as in Lightning's manual optimisation, which passes a do-nothing
+        closure), the closure runs as it is.
         """
         loss = None
         self._check_groups()
         if closure is not None:
-            with torch.enable_grad(), self.sampled_params(train=True):
+            # a sample already pending (Lightning's manual optimisation passes a do-nothing closure
+            # after the user's own block): the closure runs as it is, not as a second sample
+            with torch.enable_grad(), self.sampled_params(train=True) if not self._n_samples else _no_block():
                 loss = closure()
             if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
                 return self._reject(f"the loss is {float(loss)}", loss)
@@ -1007,6 +1013,13 @@ class BayesAdam(Optimizer):
                 "all but the last micro-batch runs outside optimizer.step): every backward belongs "
                 "inside `with opt.sampled_params(train=True):` (or use opt.train_step(..., "
                 "accumulate=k), or manual optimisation). Nothing was updated"
+            )
+        if self._n_samples > 1 and self._idle_blocks:
+            raise RuntimeError(
+                f"{self._idle_blocks} of the {self._n_samples} sampled_params(train=True) blocks since "
+                "the last step ran no backward: each block records a sample, and the gradient would "
+                "be averaged over all of them (use train=False to evaluate at a sample). Nothing "
+                "was updated"
             )
         inside, marks = self._block_marks
         if self._n_samples and not inside and self._grad_marks() != marks:
@@ -1533,6 +1546,10 @@ def _fill_normal(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     if t.device == generator.device:
         return t.normal_(generator=generator)
     return t.copy_(_rng.randn(t.shape, generator, t))
+
+
+def _no_block():
+    return contextlib.nullcontext()
 
 
 def _check_positive(name, value, allow_zero=False):
