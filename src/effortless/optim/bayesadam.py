@@ -388,10 +388,8 @@ class BayesAdam(Optimizer):
         _check_positive("prior_precision", prior_precision)
         _check_positive("hess_init", hess_init, allow_zero=True)
         _check_positive("temperature", temperature, allow_zero=True)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
-            raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
-        if hess_beta is not None and not 0 <= hess_beta < 1:
-            raise ValueError(f"hess_beta must be in [0, 1) or None, got {hess_beta!r}")
+        _check_betas(betas)
+        _check_hess_beta(hess_beta)
         if not (isinstance(mc_samples, int) and mc_samples >= 1):
             raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
         if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
@@ -477,14 +475,10 @@ class BayesAdam(Optimizer):
                 _check_positive("prior_precision", g["prior_precision"])
                 for key in ("lr", "eps", "hess_init", "temperature"):
                     _check_positive(key, g[key], allow_zero=True)
+                _check_betas(g["betas"])
+                _check_hess_beta(g["hess_beta"])
             except ValueError as e:
                 raise ValueError(f"param_groups[{i}]: {e}") from None
-            b = g["betas"]
-            if not (len(b) == 2 and all(isinstance(v, (int, float)) and 0 <= v < 1 for v in b)):
-                raise ValueError(f"param_groups[{i}]: betas must be two floats in [0, 1), got {b!r}")
-            hb = g["hess_beta"]
-            if hb is not None and not (isinstance(hb, (int, float)) and 0 <= hb < 1):
-                raise ValueError(f"param_groups[{i}]: hess_beta must be in [0, 1) or None, got {hb!r}")
 
     def _choose_fused(self, fused: bool | None) -> bool:
         params = [p for _, p in self._params()]
@@ -1001,7 +995,8 @@ class BayesAdam(Optimizer):
         if closure is not None:
             # a sample already pending (Lightning's manual optimisation passes a do-nothing closure
             # after the user's own block): the closure runs as it is, not as a second sample
-            with torch.enable_grad(), self.sampled_params(train=True) if not self._n_samples else _no_block():
+            block = contextlib.nullcontext() if self._n_samples else self.sampled_params(train=True)
+            with torch.enable_grad(), block:
                 loss = closure()
             if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
                 return self._reject(f"the loss is {float(loss)}", loss)
@@ -1281,7 +1276,6 @@ class BayesAdam(Optimizer):
         """
         if not (isinstance(accumulate, int) and 1 <= accumulate <= max(int(x.shape[0]), 1)):
             raise ValueError(f"accumulate must be an int in [1, batch size], got {accumulate!r}")
-        self._check_groups()
         if self.hessian in _PER_SAMPLE:  # before anything is drawn
             cf.refuse_coupled(model, f"hessian={self.hessian!r}")
         lik = likelihoods.get(likelihood, sigma_noise)
@@ -1548,8 +1542,15 @@ def _fill_normal(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return t.copy_(_rng.randn(t.shape, generator, t))
 
 
-def _no_block():
-    return contextlib.nullcontext()
+def _check_betas(betas) -> None:
+    ok = isinstance(betas, (tuple, list)) and len(betas) == 2
+    if not (ok and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
+
+
+def _check_hess_beta(hess_beta) -> None:
+    if hess_beta is not None and not (isinstance(hess_beta, (int, float)) and 0 <= hess_beta < 1):
+        raise ValueError(f"hess_beta must be in [0, 1) or None, got {hess_beta!r}")
 
 
 def _check_positive(name, value, allow_zero=False):
