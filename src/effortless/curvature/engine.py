@@ -266,7 +266,7 @@ def _module_ok(m: nn.Module) -> str | None:
         return f"{type(m).__name__} with groups={m.groups}, padding_mode={m.padding_mode!r}"
     if isinstance(m, nn.Conv1d | nn.Conv2d) and isinstance(m.padding, str):
         return f"{type(m).__name__} with padding={m.padding!r}"
-    if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+    if _couples(m):
         return "BatchNorm in training mode (couples the samples of a batch)"
     if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse):
         return "Embedding with max_norm or sparse gradients"
@@ -277,11 +277,12 @@ def coupled_modules(model: nn.Module) -> list[str]:
     """Names of the modules whose output for one sample depends on the other samples of the
     batch: BatchNorm normalising with batch statistics (training mode, or no running statistics).
     Per-sample curvature (GGN, MC-GGN, empirical Fisher, KFAC) is not defined through them."""
-    return [
-        n or type(m).__name__
-        for n, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
-    ]
+    return [n or type(m).__name__ for n, m in model.named_modules() if _couples(m)]
+
+
+def _couples(m: nn.Module) -> bool:
+    """BatchNorm normalising with the batch's statistics."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
 
 
 # -- planning -----------------------------------------------------------------------------------

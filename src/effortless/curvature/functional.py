@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import warnings
@@ -55,15 +56,7 @@ def _compiled_modules_eager():
     curvature for every layer but the last, or errors. torch ≥ 2.6 has the stance; before it a
     compiled module is refused (:func:`_refuse_compiled`)."""
     stance = getattr(torch.compiler, "set_stance", None)
-    return stance("force_eager") if stance is not None else _NoStance()
-
-
-class _NoStance:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
 
 
 def _refuse_compiled(model: nn.Module) -> None:
@@ -133,6 +126,7 @@ def refuse_coupled(model: nn.Module, what: str) -> None:
             "of a batch. Call model.eval() first (with running statistics), or use a batch-level "
             "estimator (diag_hessian, diag_hutchinson; BayesAdam's 'reparam' or 'gradsq')"
         )
+
 
 # The generic path holds per-sample gradients for a chunk of samples at once: at most
 # max(2·P, _MIN_CHUNK_ELEMENTS) numbers, so its memory stays within a small multiple of a training
@@ -241,7 +235,7 @@ def diag_ggn(
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     lik = likelihoods.get(likelihood, sigma_noise)
     _check_batch(x, y)
-    refuse_coupled(model, 'diag_ggn')
+    refuse_coupled(model, "diag_ggn")
     kind = "ggn" if method == "exact" else "ggn-mc"
     out = _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, chunk_size, product_dtype)
     if out is not None:
@@ -295,7 +289,7 @@ def diag_efisher(
     _check_product_dtype(product_dtype, x.device)
     lik = likelihoods.get(likelihood, sigma_noise)
     _check_batch(x, y)
-    refuse_coupled(model, 'diag_efisher')
+    refuse_coupled(model, "diag_efisher")
     out = _via_hooks(model, x, y, lik, params, backend, "efisher", 1, None, chunk_size, product_dtype)
     if out is not None:
         return out
@@ -443,7 +437,7 @@ def kfac(
     _check_product_dtype(product_dtype, x.device)
     lik = likelihoods.get(likelihood, sigma_noise)
     _check_batch(x, y)
-    refuse_coupled(model, 'kfac')
+    refuse_coupled(model, "kfac")
     p = _kfac_plan(model, params, method)
     return _kfac(model, x, y, lik, p, method, n_samples, generator, False, product_dtype)
 
@@ -485,7 +479,7 @@ def diag_kfac(
     from the factors' diagonals alone (no in × in products)."""
     lik = likelihoods.get(likelihood, sigma_noise)
     _check_batch(x, y)
-    refuse_coupled(model, 'diag_kfac')
+    refuse_coupled(model, "diag_kfac")
     p = _kfac_plan(model, params, method)
     return engine.kfac_diagonal(p, _kfac(model, x, y, lik, p, method, 1, generator, diagonal=True))
 
