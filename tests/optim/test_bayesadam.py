@@ -891,7 +891,7 @@ def test_per_sample_keys_refuse_training_mode_batchnorm_before_anything_moves(he
 @pytest.mark.parametrize("hessian", ["hutchinson", "reparam"])
 def test_batch_level_keys_train_through_batchnorm_updating_its_statistics_once(hessian):
     """Like a plain training step: one update of the running statistics per step (Hutchinson's
-    extra forwards made eight)."""
+    probe forward made it two)."""
     model, x, y = _bn_cnn()
     opt = ef.BayesAdam(model.parameters(), n_data=8, hessian=hessian)
     opt.train_step(model, x, y)
