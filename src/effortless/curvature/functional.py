@@ -84,11 +84,11 @@ def eager_forward(fn):
 def keep_buffers(fn):
     """Decorator: ``fn(model, ...)`` leaves the model's buffers as they were — a forward in
     training mode updates BatchNorm's running statistics (once per extra forward: twice in a
-    one-probe Hutchinson ``train_step``, once per sample in an MC predictive) and spectral norm's power-iteration
-    vectors, and a curvature or prediction call must not move the model (nor leave it moved when
-    it fails half-way). Training-mode BatchNorm still normalises with the batch's statistics, as
-    in the training loss, without updating the running ones (an in-place update inside a
-    ``torch.func`` transform also fails)."""
+    one-probe Hutchinson ``train_step``, once per sample in an MC predictive) and spectral norm's
+    power-iteration vectors, and a curvature or prediction call must not move the model (nor leave
+    it moved when it fails half-way). Training-mode BatchNorm still normalises with the batch's
+    statistics, as in the training loss, without updating the running ones (an in-place update
+    inside a ``torch.func`` transform also fails)."""
 
     @functools.wraps(fn)
     def run(model, *args, **kwargs):
