@@ -68,3 +68,27 @@ def test_positional_keys_match_trainable_parameters_in_order():
     assert list(q.mean) == ["0", "1", "2", "3"]
     with q.mean_loaded(model):
         pass
+
+
+def test_positional_posterior_matches_the_optimizers_parameters_not_the_models_order():
+    """BayesAdam given plain parameters keys its posterior by position in the optimizer; with the
+    param groups in another order than the model's (or a subset), same-shaped layers were matched
+    to each other's posterior, silently."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6))
+    x, y = torch.randn(16, 6), torch.randint(0, 6, (16,))
+    groups = [{"params": model[2].parameters()}, {"params": model[0].parameters(), "lr": 1e-2}]
+    opt = ef.BayesAdam(groups, n_data=16, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        opt.train_step(model, x, y)
+    post = opt.posterior()
+    assert list(post.mean) == ["0", "1", "2", "3"]
+    names = {"0": "2.weight", "1": "2.bias", "2": "0.weight", "3": "0.bias"}
+    named = ef.DiagGaussian({names[k]: v for k, v in post.mean.items()},
+                            {names[k]: v for k, v in post.precision.items()})  # fmt: skip
+    got = ef.predict(model, post, x, n_samples=8, generator=torch.Generator().manual_seed(1))
+    ref = ef.predict(model, named, x, n_samples=8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got, ref)
+    subset = ef.BayesAdam(model[2].parameters(), n_data=16)  # a subset: it errored before
+    subset.train_step(model, x, y)
+    assert ef.predict(model, subset.posterior(), x, n_samples=2).shape == (16, 6)

@@ -1373,7 +1373,7 @@ class BayesAdam(Optimizer):
         """``N(μ, diag(T / (N·h + δ)))`` over the trainable parameters (T = 1 if trained at T = 0)."""
         self._refuse_inside("posterior()")  # (its mean would be the sample)
         self._check_groups()
-        mean, prec = {}, {}
+        mean, prec, sources = {}, {}, {}
         i = 0
         for group in self.param_groups:
             names = group.get("param_names")
@@ -1386,7 +1386,10 @@ class BayesAdam(Optimizer):
                 h = self._h_eff(group, p)
                 mean[key] = p.detach().clone()
                 prec[key] = h.mul(group["n_data"]).add_(group["prior_precision"]).div_(temp)
-        return DiagGaussian(mean, prec)
+                sources[key] = p
+        post = DiagGaussian(mean, prec)
+        post.sources = sources  # which parameter each key came from (positional keys match by it)
+        return post
 
     # -- persistence ---------------------------------------------------------------------------
     def _refuse_inside(self, what: str) -> None:

@@ -105,8 +105,14 @@ class DiagGaussian:
 
     def _match(self, model: nn.Module) -> dict[str, torch.Tensor]:
         named = dict(model.named_parameters())
+        ids = {id(p) for p in named.values()}
+        sources = getattr(self, "sources", None)  # set by BayesAdam.posterior(): the parameters themselves
         if all(k in named for k in self.mean):
             params = {k: named[k] for k in self.mean}
+        elif sources is not None and all(id(sources.get(k)) in ids for k in self.mean):
+            # keyed by the optimizer's position, which need not be the model's order (param
+            # groups in another order, or a subset): match the parameter objects themselves
+            params = {k: sources[k] for k in self.mean}
         else:  # keyed by position
             plist = [p for p in model.parameters() if p.requires_grad]
             if list(self.mean) != [str(i) for i in range(len(plist))]:
