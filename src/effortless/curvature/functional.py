@@ -47,26 +47,23 @@ __all__ = [
 _log = logging.getLogger("effortless.curvature")
 
 
-def _compiled_modules_eager():
-    """A context in which ``torch.compile``d modules run their original forward eagerly.
+def run_eagerly(model: nn.Module):
+    """A context in which ``model``'s ``torch.compile``d parts run their original forward eagerly.
 
     The hook engine needs each layer's output as a node of the autograd graph, and the
     ``torch.func`` path transforms the forward; a compiled forward is one opaque graph (layer
     outputs are not separate autograd nodes, double backward is unsupported), which gave wrong
     curvature for every layer but the last, or errors. torch ≥ 2.6 has the stance; before it a
-    compiled module is refused (:func:`_refuse_compiled`)."""
+    compiled model is refused."""
     stance = getattr(torch.compiler, "set_stance", None)
-    return stance("force_eager") if stance is not None else contextlib.nullcontext()
-
-
-def _refuse_compiled(model: nn.Module) -> None:
-    if getattr(torch.compiler, "set_stance", None) is None and any(
-        hasattr(m, "_orig_mod") for m in model.modules()
-    ):
+    if stance is not None:
+        return stance("force_eager")
+    if any(hasattr(m, "_orig_mod") for m in model.modules()):
         raise ValueError(
             "this torch has no torch.compiler.set_stance (torch >= 2.6) to run a torch.compile'd "
             "model eagerly, which the curvature needs: pass the uncompiled module"
         )
+    return contextlib.nullcontext()
 
 
 def eager_forward(fn):
@@ -74,8 +71,7 @@ def eager_forward(fn):
 
     @functools.wraps(fn)
     def run(model, *args, **kwargs):
-        _refuse_compiled(model)
-        with _compiled_modules_eager():
+        with run_eagerly(model):
             return fn(model, *args, **kwargs)
 
     return run

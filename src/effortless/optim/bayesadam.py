@@ -695,10 +695,10 @@ class BayesAdam(Optimizer):
         self._noise_summed: dict[torch.Tensor, torch.Tensor] = {}
         self._flip_pending = None  # Flipout plans of the pending sample whose Σ_r ε_r is implicit
 
-    def _accumulated_outside(self) -> bool:
-        """Did a backward add to the gradients since zero_grad / the last step, before any sample?
-        (Zeroed gradients do not count: ``model.zero_grad(set_to_none=False)`` also edits them.)"""
-        now = self._grad_marks()
+    def _accumulated_outside(self, now: list) -> bool:
+        """Did a backward add to the gradients (marks ``now``) since zero_grad / the last step,
+        before any sample? (Zeroed gradients do not count: ``model.zero_grad(set_to_none=False)``
+        also edits them.)"""
         if now == self._clean_marks:
             return False
         params = [p for _, p in self._params()]
@@ -750,10 +750,11 @@ class BayesAdam(Optimizer):
         if self._inside:
             raise RuntimeError("sampled_params() contexts cannot be nested")
         self._check_groups()
-        if train and self._n_samples == 0 and self._accumulated_outside():
-            self._outside_before = True  # refused at step(), which says why
         if train and self._n_samples == 1:
-            self._fold_pending()
+            self._fold_pending()  # (moves the gradients away: marks after it)
+        entry = self._grad_marks() if train else None  # (the draw below leaves the gradients alone)
+        if train and self._n_samples == 0 and self._accumulated_outside(entry):
+            self._outside_before = True  # refused at step(), which says why
         sign = 1.0
         if train:
             sign = -1.0 if (self.antithetic and self._phase == 1) else 1.0
@@ -792,7 +793,6 @@ class BayesAdam(Optimizer):
                 first = train and todo and self.hessian == "reparam" and self._n_samples == 0
                 if first and mode == "per-rank":  # overlap Σ_r ε_r with fwd and bwd
                     self._start_noise_sum({t[0]: t[2] for t in todo})
-            entry = self._grad_marks() if train else None
             yield
             completed = True
         finally:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .. import _rng
-from ..curvature.functional import _compiled_modules_eager, _refuse_compiled
+from ..curvature.functional import run_eagerly
 from .evidence import maximise
 
 __all__ = ["KronLastLayer", "fit_last_layer"]
@@ -76,13 +76,13 @@ class KronLastLayer:
         compiled, and φ̄ was missing)."""
         module = dict(model.named_modules())[self.layer]
         saved = {}
-        _refuse_compiled(model)
+
         def hook(m, i, o):
             saved["phi"], saved["out"] = i[0].detach(), o.detach()
 
         handle = module.register_forward_hook(hook)
         try:
-            with torch.no_grad(), _compiled_modules_eager():
+            with torch.no_grad(), run_eagerly(model):
                 f = model(x)
         finally:
             handle.remove()
