@@ -120,3 +120,67 @@ def test_closed_form_predictive_refuses_a_model_that_changes_the_last_layers_out
         with pytest.raises(ValueError, match="changes it afterwards"):
             ef.predict(model, post, x, method=method)
     assert ef.predict(model, post, x, method="mc", n_samples=4).shape == (32, 3)
+
+
+class _HeadFirst(nn.Module):
+    """Registers its output layer before the body, and an auxiliary Linear it never calls last."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(6, 3)
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+        self.unused = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("hessian", ["kfac", "ggn"])
+def test_last_layer_is_the_layer_that_produces_the_output_not_the_last_registered(hessian):
+    """Registration order picked ``unused`` (never called: a posterior at the prior, no uncertainty
+    in the predictive) or ``body.0``; the output layer is found by a forward pass."""
+    torch.manual_seed(0)
+    model = _HeadFirst().double()
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    assert kron.last_linear(model)[0] == "unused"  # registration order (without a batch)
+    assert kron.last_linear(model, x)[0] == "head"
+    post = ef.laplace(model, [(x, y)], hessian=hessian, subset="last_layer", prior_precision=1.0)
+    if hessian == "kfac":
+        assert post.layer == "head"
+        mean, cov = post.predictive_moments(model, x[:4])
+        assert float(torch.diagonal(cov, dim1=1, dim2=2).min()) > 0
+    else:
+        assert list(post.mean) == ["head.weight", "head.bias"]
+        ref = ef.laplace(model, [(x, y)], hessian=hessian, params=["head.weight", "head.bias"],
+                         prior_precision=1.0)  # fmt: skip
+        for n in ref.precision:
+            torch.testing.assert_close(post.precision[n], ref.precision[n])
+    never = _HeadFirst()
+    never.forward = lambda x: x.sum(1, keepdim=True)  # calls no Linear
+    with pytest.raises(ValueError, match="calls none"):
+        kron.last_linear(never, x.float())
+
+
+def test_last_layer_fit_leaves_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    x = torch.randn(32, 4)
+    model.train()
+    before = [b.clone() for b in model.buffers()]
+    assert kron.last_linear(model, x)[0] == "3"
+    for b, v in zip(model.buffers(), before):
+        assert torch.equal(b, v)
+
+
+def test_marglik_with_a_one_shot_iterator_equals_a_list_loader():
+    """One pass over the data: the output layer is found on the first batch without losing it, and
+    the evidence needs no second pass (the NLL it summed there is a constant of δ)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4))
+    batches = [(torch.randn(16, 3), torch.randint(0, 4, (16,))) for _ in range(3)]
+    for kw in ({}, {"subset": "last_layer"}):
+        ref = ef.laplace(model, batches, prior_precision="marglik", **kw)
+        once = ef.laplace(model, (b for b in batches), prior_precision="marglik", **kw)
+        assert once.prior_precision == pytest.approx(ref.prior_precision, rel=1e-6)
+        for n in ref.precision:
+            torch.testing.assert_close(once.precision[n], ref.precision[n])

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterable
 
@@ -29,6 +30,16 @@ from .optim import BayesAdam
 from .posterior import DiagGaussian, evidence, kron, predictive
 
 __all__ = ["fit", "predict", "predict_samples", "laplace", "LAPLACE_HESSIANS"]
+
+
+def _peek(loader: Iterable):
+    """(first batch or None, an iterable that still yields every batch): a re-iterable loader is
+    returned as it is, a one-shot iterator is chained behind its first batch."""
+    it = iter(loader)
+    first = next(it, None)
+    if it is loader:
+        return first, itertools.chain([] if first is None else [first], it)
+    return first, loader
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -342,16 +353,18 @@ def laplace(
             ``"hutchinson"``, ``"hessian"``).
         prior_precision: δ (float), or ``"marglik"`` / ``"marglik-layer"`` to choose a scalar /
             per-tensor δ by maximising the Laplace evidence (:mod:`effortless.posterior.evidence`;
-            one extra forward pass for the NLL). The value used is ``posterior.prior_precision``.
+            no extra pass over the data). The value used is ``posterior.prior_precision``.
         sigma_noise: the regression noise σ (float), or ``"marglik"`` to choose it by the evidence
             together with δ (diagonal posteriors; ``posterior.sigma_noise`` is the value chosen,
             to pass on to :func:`predict`).
         params: restrict to these parameter names (others stay fixed at their values).
-        subset: ``"last_layer"`` restricts to the last ``nn.Linear``; with ``hessian="kfac"`` it
-            returns a :class:`~effortless.posterior.kron.KronLastLayer` (Kronecker-factored
-            precision, closed-form GLM predictive) instead of a ``DiagGaussian``.
+        subset: ``"last_layer"`` restricts to the output ``nn.Linear``, found by a forward pass on
+            the first batch (the Linear whose output is the model's, else the last one called);
+            with ``hessian="kfac"`` it returns a :class:`~effortless.posterior.kron.KronLastLayer`
+            (Kronecker-factored precision, closed-form GLM predictive) instead of a
+            ``DiagGaussian``.
         distributed: the loader is this rank's shard (e.g. with a ``DistributedSampler``): the
-            curvature (diagonal sums, or the last-layer Kronecker factors) and NLL sums are
+            curvature (diagonal sums, or the last-layer Kronecker factors) and data counts are
             all-reduced (one collective), so every rank gets the posterior of the whole data.
             ``None`` (default): when a process group of size > 1 is initialised.
         product_dtype: precision of the hook engine's extra products for ``"ggn"``,
@@ -382,7 +395,10 @@ def laplace(
                 raise ValueError(f"prior_precision must be a float > 0 or 'marglik', got {prior_precision!r}")
             return kron.fit_last_layer(model, loader, lik, prior_precision, generator=generator,
                                        distributed=distributed)  # fmt: skip
-        name, layer = kron.last_linear(model)
+        first, loader = _peek(loader)
+        if first is None:
+            raise ValueError("laplace: the loader yielded no batches")
+        name, layer = kron.last_linear(model, pair(first)[0].to(_device(model)))
         params = [f"{name}.{a}" for a, _ in layer.named_parameters()]
     tune = prior_precision in ("marglik", "marglik-layer")
     if not tune and not (isinstance(prior_precision, (int, float)) and prior_precision > 0):
@@ -404,24 +420,21 @@ def laplace(
     batches = 0
     for batch in _progress(loader, progress, desc="laplace", unit="batch"):
         x, y = pair(batch)
-        est = estimate(model, x.to(device), y.to(device), lik, generator, list(theta))
+        x, y = x.to(device), y.to(device)
+        est = estimate(model, x, y, lik, generator, list(theta))
         for n in total:
             total[n] += est[n]
         batches += 1
     mean = {n: p.detach().clone() for n, p in theta.items()}
-    nll_sum = 0.0
-    if tune:
-        with torch.no_grad():
-            for batch in loader:
-                x, y = pair(batch)
-                nll_sum += float(lik.nll(model(x.to(device)), y.to(device)).sum())
-    nll_sum, batches = _all_reduce_sums(list(total.values()), [nll_sum, float(batches)], distributed)
+    (batches,) = _all_reduce_sums(list(total.values()), [float(batches)], distributed)
     if batches == 0:  # the precision would be the prior's alone, silently
         raise ValueError("laplace: the loader yielded no batches (on any rank)")
     _check_finite(total)
     if tune:
         per_tensor = prior_precision == "marglik-layer"
-        delta = evidence.tune_prior_precision(nll_sum, mean, total, per_tensor=per_tensor)
+        # the NLL at the mode is a constant of δ: the evidence's maximiser does not need it (a
+        # pass over the data fewer, and a one-shot iterator has no second pass)
+        delta = evidence.tune_prior_precision(0.0, mean, total, per_tensor=per_tensor)
     else:
         delta = prior_precision
     prec = {n: t + (delta[n] if isinstance(delta, dict) else delta) for n, t in total.items()}

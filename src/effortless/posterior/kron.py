@@ -23,21 +23,44 @@ import torch
 from torch import nn
 
 from .. import _rng
-from ..curvature.functional import run_eagerly
+from ..curvature.functional import keep_buffers, run_eagerly
 from .evidence import maximise
 
 __all__ = ["KronLastLayer", "fit_last_layer"]
 
 
-def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The name and module of the last ``nn.Linear`` in ``model`` (the output layer), in the order
-    the modules were registered: a model that registers its output layer before others gets the
-    wrong one (the closed-form predictive then refuses, since the model's output is not that
-    layer's output)."""
+def last_linear(model: nn.Module, x: torch.Tensor | None = None) -> tuple[str, nn.Linear]:
+    """The name and module of the model's output ``nn.Linear``.
+
+    With an input batch ``x`` (what the fits pass): one forward pass finds it, as the Linear whose
+    output is the model's output, or else the last Linear the forward calls. Without ``x``: the last
+    registered one. Registration order alone picked the wrong layer, silently, for a model that
+    registers its output layer before others (or a Linear it never calls, whose posterior then
+    stayed at the prior and gave no uncertainty at all)."""
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not found:
         raise ValueError("subset='last_layer' needs an nn.Linear output layer")
-    return found[-1]
+    if x is None:
+        return found[-1]
+    calls = []
+    handles = [m.register_forward_hook(lambda m, i, o, n=n: calls.append((n, o))) for n, m in found]
+    try:
+        out = _forward(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not calls:
+        raise ValueError("subset='last_layer': the model's forward calls none of its nn.Linear layers")
+    modules = dict(found)
+    same = [n for n, o in calls if o.shape == out.shape and torch.equal(o, out)]
+    name = same[-1] if same else calls[-1][0]
+    return name, modules[name]
+
+
+@keep_buffers
+def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), run_eagerly(model):
+        return model(x)
 
 
 @dataclass
@@ -143,32 +166,32 @@ def fit_last_layer(model, loader, lik, prior_precision, n_samples=1, generator=N
                    distributed=None):  # fmt: skip
     """Accumulate last-layer KFAC factors over ``loader``; δ fixed or tuned by the evidence. With
     ``distributed`` (default: when a process group of size > 1 is up) the loader is this rank's
-    shard and the factor sums, data count and NLL are all-reduced in one collective."""
+    shard and the factor sums and data count are all-reduced in one collective."""
     from ..curvature.data import all_reduce_sums, pair
     from ..curvature.functional import kfac
 
-    name, layer = last_linear(model)
-    names = [f"{name}.weight"] + ([f"{name}.bias"] if layer.bias is not None else [])
-    device = layer.weight.device
+    name = layer = names = None
+    device = last_linear(model)[1].weight.device
     A = G = None
-    count, nll_sum = 0, 0.0
+    count = 0
     for batch in loader:
         x, y = (t.to(device) for t in pair(batch))
+        if name is None:  # the output layer, found by a forward pass on the first batch
+            name, layer = last_linear(model, x)
+            names = [f"{name}.weight"] + ([f"{name}.bias"] if layer.bias is not None else [])
         ((Ab, Gb),) = kfac(model, x, y, lik, method, n_samples, generator, params=names).values()
         A = Ab * x.shape[0] if A is None else A + Ab * x.shape[0]
         G = Gb if G is None else G + Gb
         count += x.shape[0]
-        with torch.no_grad():
-            nll_sum += float(lik.nll(model(x), y).sum())
     if A is None:
         raise ValueError("fit_last_layer: the loader yielded no batches")
-    count, nll_sum = all_reduce_sums([A, G], [float(count), nll_sum], distributed)
+    (count,) = all_reduce_sums([A, G], [float(count)], distributed)
     A = A / count
     W = layer.weight.detach()
     mean = torch.cat([W, layer.bias.detach()[:, None]], 1) if layer.bias is not None else W.clone()
     post = KronLastLayer(name, mean, G.detach(), A.detach(), 1.0, layer.bias is not None)
     if prior_precision in ("marglik", "marglik-layer"):
-        post.prior_precision = _tune(post, nll_sum)
+        post.prior_precision = _tune(post, 0.0)  # the NLL at the mode is a constant of δ
     else:
         post.prior_precision = float(prior_precision)
     return post
