@@ -92,3 +92,45 @@ def test_positional_posterior_matches_the_optimizers_parameters_not_the_models_o
     subset = ef.BayesAdam(model[2].parameters(), n_data=16)  # a subset: it errored before
     subset.train_step(model, x, y)
     assert ef.predict(model, subset.posterior(), x, n_samples=2).shape == (16, 6)
+    # keyed by the model's names on request: what a saved posterior needs
+    keyed, now = opt.posterior(model), opt.posterior()
+    assert list(keyed.mean) == ["2.weight", "2.bias", "0.weight", "0.bias"]
+    for k, n in names.items():
+        assert torch.equal(keyed.mean[n], now.mean[k]) and torch.equal(keyed.precision[n], now.precision[k])
+    with pytest.raises(ValueError, match="posterior: the optimizer holds parameters"):
+        opt.posterior(torch.nn.Linear(6, 6))
+    # to() keeps the parameters a positional posterior matches by (it fell back to the model's order)
+    moved = post.to(torch.float32)
+    got = ef.predict(model, moved, x, n_samples=8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got, ref)
+
+
+def test_recorded_noise_and_prior_survive_state_dict_and_to_and_predict_uses_the_noise():
+    """ef.laplace(sigma_noise='marglik') records σ; predict used σ = 1 unless told, and a saved
+    posterior lost σ and δ."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.linspace(-2, 2, 64)[:, None]
+    y = 3 * torch.sin(2 * x) + 0.3 * torch.randn_like(x)  # untrained: σ (the residual) ≈ 2
+    post = ef.laplace(model, [(x, y)], likelihood="regression", prior_precision="marglik-layer",
+                      sigma_noise="marglik")  # fmt: skip
+    assert abs(post.sigma_noise - 1.0) > 0.1
+    kw = {"likelihood": "regression", "method": "glm"}
+    _, var = ef.predict(model, post, x, **kw)
+    _, var_given = ef.predict(model, post, x, sigma_noise=post.sigma_noise, **kw)
+    _, var_one = ef.predict(model, post, x, sigma_noise=1.0, **kw)
+    torch.testing.assert_close(var, var_given)
+    assert not torch.allclose(var, var_one)
+    buf = io.BytesIO()
+    torch.save(post.state_dict(), buf)
+    buf.seek(0)
+    loaded = ef.DiagGaussian({"a": torch.zeros(1)}, {"a": torch.ones(1)})
+    loaded.load_state_dict(torch.load(buf, weights_only=True))
+    for q in (loaded, post.to(torch.float64)):
+        assert q.sigma_noise == post.sigma_noise
+        assert set(q.prior_precision) == set(post.prior_precision)
+        for k in post.prior_precision:
+            assert float(q.prior_precision[k]) == float(post.prior_precision[k])
+    plain = ef.DiagGaussian({"a": torch.zeros(1)}, {"a": torch.ones(1)})
+    loaded.load_state_dict(plain.state_dict())  # nothing recorded: nothing left over either
+    assert not hasattr(loaded, "sigma_noise") and not hasattr(loaded, "prior_precision")

@@ -129,12 +129,14 @@ def predict(
     likelihood: str = "classification",
     method: str = "mc",
     generator: torch.Generator | None = None,
-    sigma_noise: float = 1.0,
+    sigma_noise: float | None = None,
 ):
     """Posterior predictive at ``x``.
 
     Classification returns the averaged probabilities (B, C); regression returns the predictive
-    ``(mean, variance)``, the variance including ``sigma_noise²``.
+    ``(mean, variance)``, the variance including ``sigma_noise²`` (default: the σ the posterior
+    was fitted with, ``posterior.sigma_noise`` from ``ef.laplace(..., sigma_noise="marglik")``,
+    else 1).
 
     * ``method="mc"``: average over ``n_samples`` weight samples;
     * ``method="glm"``: the linearised predictive, sampled in output space (``n_samples`` draws of
@@ -148,6 +150,8 @@ def predict(
         raise ValueError(f"method must be one of ('mc', 'glm', 'probit'), got {method!r}")
     if not (isinstance(n_samples, int) and n_samples >= 1):
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    if sigma_noise is None:
+        sigma_noise = getattr(posterior, "sigma_noise", 1.0)
     lik = likelihoods.get(likelihood, sigma_noise)
     if method in ("glm", "probit"):
         if isinstance(posterior, kron.KronLastLayer):
@@ -356,7 +360,7 @@ def laplace(
             no extra pass over the data). The value used is ``posterior.prior_precision``.
         sigma_noise: the regression noise σ (float), or ``"marglik"`` to choose it by the evidence
             together with δ (diagonal posteriors; ``posterior.sigma_noise`` is the value chosen,
-            to pass on to :func:`predict`).
+            which :func:`predict` uses unless given another).
         params: restrict to these parameter names (others stay fixed at their values).
         subset: ``"last_layer"`` restricts to the output ``nn.Linear``, found by a forward pass on
             the first batch (the Linear whose output is the model's, else the last one called);

@@ -1361,25 +1361,34 @@ class BayesAdam(Optimizer):
         params = dict(model.named_parameters())
         return {params[n]: s for n, s in sums.items()}, loss
 
-    def _names_in(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def _names_in(self, model: nn.Module, what: str = "train_step") -> dict[str, torch.Tensor]:
         mine = {p for _, p in self._params()}
         names = {n: p for n, p in model.named_parameters() if p in mine}
         if len(names) != len(mine):
-            raise ValueError("train_step: the optimizer holds parameters that are not in `model`")
+            raise ValueError(f"{what}: the optimizer holds parameters that are not in `model`")
         return names
 
     # -- posterior -----------------------------------------------------------------------------
-    def posterior(self) -> DiagGaussian:
-        """``N(μ, diag(T / (N·h + δ)))`` over the trainable parameters (T = 1 if trained at T = 0)."""
+    def posterior(self, model: nn.Module | None = None) -> DiagGaussian:
+        """``N(μ, diag(T / (N·h + δ)))`` over the trainable parameters (T = 1 if trained at T = 0).
+
+        Keys: the parameter names when the optimizer was given ``named_parameters()`` or when
+        ``model`` is passed (``model``'s names), else positions ``"0"``, ``"1"``, … in the
+        optimizer's order. A positional posterior matches a model through the parameters it came
+        from while they live; saved and loaded, it matches by the model's order, so pass ``model``
+        to save one that is keyed by name."""
         self._refuse_inside("posterior()")  # (its mean would be the sample)
         self._check_groups()
+        by_param = None
+        if model is not None:
+            by_param = {p: n for n, p in self._names_in(model, "posterior").items()}
         mean, prec, sources = {}, {}, {}
         i = 0
         for group in self.param_groups:
             names = group.get("param_names")
             temp = group["temperature"] or 1.0
             for j, p in enumerate(group["params"]):
-                key = names[j] if names is not None else str(i)
+                key = by_param[p] if by_param is not None else names[j] if names is not None else str(i)
                 i += 1
                 if not p.requires_grad:
                     continue

@@ -129,18 +129,42 @@ class DiagGaussian:
         return params
 
     # -- persistence ---------------------------------------------------------------------------
+    # what a fit records beside the moments (ef.laplace: the δ and σ it chose), kept by state_dict
+    # and to(): a posterior saved without its tuned σ predicted with the default σ = 1
+    _EXTRAS = ("prior_precision", "sigma_noise")
+
     def state_dict(self) -> dict:
-        return {"mean": dict(self.mean), "precision": dict(self.precision)}
+        out = {"mean": dict(self.mean), "precision": dict(self.precision)}
+        for k in self._EXTRAS:
+            if hasattr(self, k):
+                v = getattr(self, k)
+                out[k] = dict(v) if isinstance(v, Mapping) else v
+        return out
 
     def load_state_dict(self, state: Mapping) -> None:
         new = DiagGaussian(state["mean"], state["precision"])
         self.mean, self.precision = new.mean, new.precision
+        self.__dict__.pop("sources", None)  # the loaded keys are not those parameters' any more
+        for k in self._EXTRAS:
+            if k in state:
+                setattr(self, k, state[k])
+            else:
+                self.__dict__.pop(k, None)
 
     def to(self, *args, **kwargs) -> DiagGaussian:
-        return DiagGaussian(
+        """The same posterior with its tensors moved/cast (``Tensor.to`` arguments); it keeps the
+        recorded δ and σ and the parameters a positional posterior matches by."""
+        new = DiagGaussian(
             {k: v.to(*args, **kwargs) for k, v in self.mean.items()},
             {k: v.to(*args, **kwargs) for k, v in self.precision.items()},
         )
+        for k in (*self._EXTRAS, "sources"):
+            if hasattr(self, k):
+                v = getattr(self, k)
+                if k == "prior_precision" and isinstance(v, Mapping):
+                    v = {n: t.to(*args, **kwargs) if torch.is_tensor(t) else t for n, t in v.items()}
+                setattr(new, k, v)
+        return new
 
     def __repr__(self) -> str:
         return f"DiagGaussian({len(self.mean)} tensors, {self.numel()} weights)"
