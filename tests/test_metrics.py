@@ -147,3 +147,42 @@ def test_classification_report_ood_scores():
     assert r["ood_fpr95"] == pytest.approx(0.5)  # keeping all in-distribution (>= .6) admits 0.7
     assert 0 < r["ood_aupr"] <= 1
     assert "ood_auroc" not in metrics.classification_report(probs_in, labels)
+
+
+def test_inputs_that_would_broadcast_or_are_not_probabilities_are_refused():
+    """(N, 1) labels against (N,) predictions compare as an (N, N) matrix, a (N, 1) regression
+    mean against (N,) targets too, and logits pass for probabilities: each gave a number, silently
+    wrong (accuracy 0.5 for a perfect classifier below)."""
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    labels = torch.tensor([0, 1])
+    assert metrics.accuracy(probs, labels) == 1.0
+    assert float((probs.argmax(-1) == labels[:, None]).double().mean()) == 0.5  # what broadcasting gave
+    for f in (metrics.accuracy, metrics.nll, metrics.ece, metrics.brier, metrics.aurc):
+        with pytest.raises(ValueError, match="labels must have shape"):
+            f(probs, labels[:, None])
+        with pytest.raises(ValueError, match="logits"):
+            f(torch.tensor([[2.0, -1.0], [0.5, 1.5]]), labels)
+        with pytest.raises(ValueError, match="integer"):
+            f(probs, labels.float())
+        with pytest.raises(ValueError, match="lie in"):
+            f(probs, torch.tensor([0, 2]))
+        with pytest.raises(ValueError, match="NaN"):
+            f(torch.tensor([[float("nan"), 1.0], [0.2, 0.8]]), labels)
+    assert metrics.nll(probs.half(), labels) == pytest.approx(metrics.nll(probs, labels), rel=3e-3)
+    mean, y, var = torch.zeros(4, 1), torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.ones(4, 1)
+    assert metrics.rmse(mean.reshape(-1), y) == pytest.approx(math.sqrt(3.5))
+    with_var = (metrics.gaussian_nll, metrics.picp, metrics.quantile_calibration_error)
+    for f in (metrics.rmse, *(lambda m, t, g=g: g(m, var, t) for g in with_var)):
+        with pytest.raises(ValueError, match="same shape"):
+            f(mean, y)
+    with pytest.raises(ValueError, match="positive"):
+        metrics.gaussian_nll(y, torch.tensor([1.0, 0.0, 1.0, 1.0]), y)
+    with pytest.raises(ValueError, match="var"):
+        metrics.picp(y, torch.ones(2), y)
+    for f in (metrics.auroc, metrics.aupr, metrics.fpr_at_tpr):
+        with pytest.raises(ValueError, match="NaN"):
+            f(torch.tensor([0.9, float("nan")]), torch.tensor([0.1]))
+        with pytest.raises(ValueError, match="1-D"):
+            f(torch.rand(3, 1), torch.rand(3))
+        with pytest.raises(ValueError, match="empty"):
+            f(torch.rand(3), torch.rand(0))

@@ -25,18 +25,76 @@ __all__ = [
 ]  # fmt: skip
 
 
+def _check_classification(probs: torch.Tensor, labels: torch.Tensor) -> None:
+    """Probabilities (N, C) and integer labels (N,) in range: labels of shape (N, 1) broadcast
+    against (N,) to an (N, N) comparison, and logits passed as probabilities give a number, both
+    silently wrong."""
+    if probs.dim() != 2:
+        raise ValueError(f"probs must be (N, C) predictive probabilities, got shape {tuple(probs.shape)}")
+    if labels.shape != probs.shape[:1]:
+        raise ValueError(
+            f"labels must have shape ({probs.shape[0]},) to match probs {tuple(probs.shape)}, got "
+            f"{tuple(labels.shape)}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= probs.shape[1]):
+        raise ValueError(
+            f"labels must lie in [0, {probs.shape[1]}), got {int(labels.min())}..{int(labels.max())}"
+        )
+    p = probs.detach().double()
+    if not bool(torch.isfinite(p).all()):
+        raise ValueError("probs has NaN or inf entries")
+    tol = 1e-2 if probs.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    sums = p.sum(-1)
+    if len(p) and (float(p.min()) < 0 or float((sums - 1).abs().max()) > tol):
+        raise ValueError(
+            f"probs must be probabilities (non-negative, rows summing to 1); got entries down to "
+            f"{float(p.min()):.3g} and row sums {float(sums.min()):.4g}..{float(sums.max()):.4g} "
+            "(logits? pass probs = logits.softmax(-1))"
+        )
+
+
+def _check_scores(*scores: torch.Tensor) -> None:
+    for s in scores:
+        if s.dim() != 1:
+            raise ValueError(f"scores must be 1-D (one per input), got shape {tuple(s.shape)}")
+        if not len(s):
+            raise ValueError("scores must not be empty")
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError("scores have NaN or inf entries")
+
+
+def _check_regression(mean: torch.Tensor, y: torch.Tensor, var: torch.Tensor | None = None) -> None:
+    """Same shapes (a (N, 1) mean against (N,) targets broadcast to (N, N), silently) and a
+    positive, finite variance."""
+    if mean.shape != y.shape:
+        raise ValueError(
+            f"mean {tuple(mean.shape)} and y {tuple(y.shape)} must have the same shape "
+            "(reshape one: they would broadcast)"
+        )
+    if var is not None:
+        if var.shape != mean.shape:
+            raise ValueError(f"var {tuple(var.shape)} must have the shape of mean {tuple(mean.shape)}")
+        if not bool(torch.isfinite(var).all()) or bool((var <= 0).any()):
+            raise ValueError("var must be positive and finite everywhere")
+
+
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    _check_classification(probs, labels)
     return float((probs.argmax(-1) == labels).double().mean())
 
 
 def nll(probs: torch.Tensor, labels: torch.Tensor, eps: float = 1e-12) -> float:
     """Mean negative log predictive probability of the true label."""
+    _check_classification(probs, labels)
     p = probs.gather(-1, labels[:, None]).squeeze(-1).double()
     return float(-(p.clamp_min(eps)).log().mean())
 
 
 def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean over samples of ``Σ_c (p_c − 1[y = c])²``."""
+    _check_classification(probs, labels)
     onehot = torch.nn.functional.one_hot(labels, probs.shape[-1]).to(torch.float64)
     return float((probs.double() - onehot).pow(2).sum(-1).mean())
 
@@ -47,6 +105,7 @@ def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
     Equal-width bins on [0, 1], or with ``adaptive=True`` equal-mass bins (each holds ~N/n_bins
     predictions, sorted by confidence).
     """
+    _check_classification(probs, labels)
     conf, pred = probs.double().max(-1)
     correct = (pred == labels).double()
     if adaptive:
@@ -87,6 +146,7 @@ def mutual_information(sample_probs: torch.Tensor) -> torch.Tensor:
 
 def aupr(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
     """Average precision for detecting the in-distribution (positive) inputs by a higher score."""
+    _check_scores(scores_in, scores_out)
     s = torch.cat([scores_in, scores_out]).double()
     pos = torch.cat([torch.ones(len(scores_in)), torch.zeros(len(scores_out))]).double()
     order = torch.argsort(s, descending=True, stable=True)
@@ -102,12 +162,14 @@ def aupr(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
 
 def fpr_at_tpr(scores_in: torch.Tensor, scores_out: torch.Tensor, tpr: float = 0.95) -> float:
     """Fraction of out-of-distribution inputs kept when the threshold keeps ``tpr`` of the in-ones."""
+    _check_scores(scores_in, scores_out)
     threshold = torch.quantile(scores_in.double(), 1 - tpr)
     return float((scores_out.double() >= threshold).double().mean())
 
 
 def aurc(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Area under the risk-coverage curve of selective prediction by confidence (lower is better)."""
+    _check_classification(probs, labels)
     conf, pred = probs.double().max(-1)
     order = torch.argsort(conf, descending=True, stable=True)
     errors = (pred[order] != labels[order]).double()
@@ -120,6 +182,7 @@ def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
 
     Mann-Whitney form with ties counted half: P(score_in > score_out) + ½ P(equal).
     """
+    _check_scores(scores_in, scores_out)
     s = torch.cat([scores_in, scores_out]).double()
     ranks = _average_ranks(s)
     n_in, n_out = len(scores_in), len(scores_out)
@@ -175,16 +238,19 @@ def regression_report(mean, var, y, y_scale: float = 1.0) -> dict[str, float]:
 
 def gaussian_nll(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> float:
     """Mean Gaussian negative log-likelihood of ``y`` under ``N(mean, var)``."""
+    _check_regression(mean, y, var)
     var = var.double()
     return float((0.5 * (torch.log(2 * torch.pi * var) + (y.double() - mean.double()) ** 2 / var)).mean())
 
 
 def rmse(mean: torch.Tensor, y: torch.Tensor) -> float:
+    _check_regression(mean, y)
     return float((mean.double() - y.double()).pow(2).mean().sqrt())
 
 
 def picp(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, level: float = 0.95) -> float:
     """Prediction-interval coverage: the fraction of ``y`` inside the central ``level`` interval."""
+    _check_regression(mean, y, var)
     z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2, dtype=torch.float64))
     half = z * var.double().sqrt()
     return float(((y.double() - mean.double()).abs() <= half).double().mean())
@@ -193,6 +259,7 @@ def picp(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, level: float = 
 def quantile_calibration_error(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, n_levels=20) -> float:
     """Mean |observed − expected| frequency of ``y`` below the predictive quantiles at ``n_levels``
     levels in (0, 1) (Kuleshov et al., 2018)."""
+    _check_regression(mean, y, var)
     u = torch.distributions.Normal(mean.double(), var.double().sqrt()).cdf(y.double()).reshape(-1)
     levels = (torch.arange(1, n_levels + 1, dtype=torch.float64)) / (n_levels + 1)
     observed = (u[None, :] <= levels[:, None]).double().mean(1)
