@@ -140,3 +140,24 @@ def test_cpu_generators_drive_every_draw_on_cuda():
         out[device] = [t.cpu() for t in (*hutch.values(), *mc.values(), *draw.values(), probs)]
     for a, b in zip(out["cpu"], out["cuda"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_mc_predictive_of_a_cpu_posterior_for_a_cuda_model_is_batched_and_equal():
+    """The batched (vmap) MC path stacked the draws on the posterior's device: with a CPU
+    posterior and a CUDA model it failed and fell back to one sample at a time."""
+    model, x, _ = _problem("cuda")
+    post = ef.DiagGaussian.from_model(model.cpu(), precision=50.0)
+    model.cuda()
+    got = ef.predict(model, post, x, n_samples=8, generator=torch.Generator().manual_seed(0))
+    ref = ef.predict(model, post.to("cuda"), x, n_samples=8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got, ref)
+    import effortless.api as api
+
+    calls = []
+    orig = api._SampleLoader.run
+    api._SampleLoader.run = lambda self, *a: calls.append(1) or orig(self, *a)
+    try:
+        ef.predict(model, post, x, n_samples=8)
+    finally:
+        api._SampleLoader.run = orig
+    assert not calls  # the batched path ran

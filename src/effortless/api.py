@@ -211,7 +211,7 @@ def _forward_samples(model, params, names, draws, x):
     if len(draws) > 1:
         from torch.func import functional_call, vmap
 
-        stacked = {names[id(p)]: torch.stack([d[k] for d in draws]).to(p.dtype) for k, p in params.items()}
+        stacked = {names[id(p)]: torch.stack([d[k] for d in draws]).to(p) for k, p in params.items()}
         fixed = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in stacked}
         try:
             return vmap(lambda th: functional_call(model, {**fixed, **th}, (x,)))(stacked)
