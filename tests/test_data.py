@@ -25,6 +25,15 @@ def test_idx_directory_loads_and_scales(tmp_path):
     assert s.y_train.dtype == torch.int64
 
 
+def test_images_and_labels_of_different_lengths_are_an_error(tmp_path):
+    rng = np.random.default_rng(0)
+    for stem, n, n_labels in (("train", 12, 12), ("t10k", 5, 12)):  # test labels from the train set
+        _write_idx(tmp_path / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{stem}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n_labels,)))
+    with pytest.raises(ValueError, match="5 images but t10k-labels"):
+        data.fashion_mnist(tmp_path)
+
+
 def test_truncated_idx_is_an_error(tmp_path):
     path = tmp_path / "bad.gz"
     with gzip.open(path, "wb") as f:

@@ -106,6 +106,11 @@ def _idx_split(name: str, root: Path, hint: str) -> Split:
             raise FileNotFoundError(f"{name}: no IDX files ({images}[.gz], ...) in {root}. {hint}")
         x = torch.from_numpy(read_idx(paths[0]).astype(np.float32) / 255.0).reshape(-1, 784)
         y = torch.from_numpy(read_idx(paths[1]).astype(np.int64))
+        if len(x) != len(y) or y.dim() != 1:
+            raise ValueError(
+                f"{name}: {paths[0].name} holds {len(x)} images but {paths[1].name} {tuple(y.shape)} "
+                "labels (files from different sets?)"
+            )
         arrays[split] = (x, y)
     return Split(name, *arrays["train"], *arrays["test"], n_classes=10)
 
