@@ -172,3 +172,43 @@ def test_laplace_warns_when_dropout_is_active():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ef.laplace(model, _loader(x, y))
+
+
+class _DictOutput(torch.nn.Module):
+    """Returns its logits in a dict, as Hugging Face models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+    def forward(self, x):
+        return {"logits": self.fc(x)}
+
+
+def test_a_model_returning_a_dict_is_told_to_return_a_tensor():
+    """It failed deep inside with "'dict' object has no attribute 'dim'" (or a torch.stack/cat
+    error), in every function that reads the model's output."""
+    from effortless import curvature
+
+    torch.manual_seed(0)
+    model, x, y = _DictOutput(), torch.randn(16, 4), torch.randint(0, 3, (16,))
+    post = ef.DiagGaussian.from_model(model, 10.0)
+    opt = ef.BayesAdam(model.parameters(), n_data=16)
+    ones = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    ggn_opt = ef.BayesAdam(model.parameters(), n_data=16, hessian="ggn")
+    calls = {
+        "diag_ggn": lambda: curvature.diag_ggn(model, x, y),
+        "diag_efisher": lambda: curvature.diag_efisher(model, x, y),
+        "diag_hessian": lambda: curvature.diag_hessian(model, x, y),
+        "gvp": lambda: curvature.operators.gvp(model, x, y, ones),
+        "laplace": lambda: ef.laplace(model, [(x, y)]),
+        "last-layer kfac": lambda: ef.laplace(model, [(x, y)], hessian="kfac", subset="last_layer"),
+        "predict mc": lambda: ef.predict(model, post, x, n_samples=4),
+        "predict glm": lambda: ef.predict(model, post, x, method="glm"),
+        "train_step": lambda: opt.train_step(model, x, y),
+        "train_step ggn": lambda: ggn_opt.train_step(model, x, y),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match="returned a dict with keys \\['logits'\\]"):
+            call()
+            pytest.fail(name)

@@ -189,7 +189,7 @@ def _mc_outputs(model, posterior, x, n_samples, generator=None):
             outs = []
             for _ in range(n_samples):
                 with posterior.sampled(model, generator):
-                    outs.append(model(x))
+                    outs.append(likelihoods.output(model(x)))
             return torch.stack(outs)
     params = posterior._match(model)  # posterior key -> parameter
     names = {id(p): n for n, p in model.named_parameters()}
@@ -214,7 +214,8 @@ def _forward_samples(model, params, names, draws, x):
         stacked = {names[id(p)]: torch.stack([d[k] for d in draws]).to(p) for k, p in params.items()}
         fixed = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in stacked}
         try:
-            return vmap(lambda th: functional_call(model, {**fixed, **th}, (x,)))(stacked)
+            out = vmap(lambda th: functional_call(model, {**fixed, **th}, (x,)))(stacked)
+            return likelihoods.output(out)
         except (RuntimeError, ValueError, NotImplementedError):  # e.g. dropout in train mode, in-place ops
             pass
     post = _SampleLoader(params)
@@ -232,7 +233,7 @@ class _SampleLoader:
         try:
             for k, p in self.params.items():
                 p.copy_(draw[k])
-            return model(x)
+            return likelihoods.output(model(x))
         finally:
             for k, p in self.params.items():
                 p.copy_(saved[k])

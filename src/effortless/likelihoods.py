@@ -66,7 +66,26 @@ class Likelihood:
         return f, y
 
 
+def output(f) -> torch.Tensor:
+    """The model's output, checked to be one tensor: a model returning a dict or a tuple (as
+    Hugging Face models do) failed deep inside with "'dict' object has no attribute 'dim'"."""
+    if not isinstance(f, torch.Tensor):
+        what = f"a dict with keys {list(f)[:4]}" if isinstance(f, dict) else f"a {type(f).__name__}"
+        raise TypeError(
+            f"the model returned {what}; it must return the output tensor (B, C) or (B,). Wrap it, e.g. "
+            "nn.Module whose forward returns model(x)['logits']"
+        )
+    return f
+
+
+def as_2d(f) -> torch.Tensor:
+    """The checked output as (B, D): a (B,) output becomes (B, 1)."""
+    f = output(f)
+    return f if f.dim() == 2 else f[:, None]
+
+
 def _check_logits(f: torch.Tensor) -> None:
+    output(f)
     if f.dim() != 2:
         raise ValueError(f"classification expects logits of shape (B, C), got {tuple(f.shape)}")
     if f.shape[1] < 2:  # a softmax over one logit is 1 whatever the input: a silent non-answer
@@ -121,6 +140,7 @@ class Regression(Likelihood):
             raise ValueError(f"sigma_noise must be a positive float, got {self.sigma_noise!r}")
 
     def check(self, f, y):
+        output(f)
         if f.dim() == 1:
             f = f[:, None]
         if y.dim() == 1:

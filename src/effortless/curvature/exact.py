@@ -80,7 +80,7 @@ def ggn(model, x, y, likelihood="classification", sigma_noise=1.0) -> torch.Tens
     lik = likelihoods.get(likelihood, sigma_noise)
     vec, f = _outputs(model)
     out = f(vec, x).detach()
-    out = out if out.dim() == 2 else out[:, None]
+    out = likelihoods.as_2d(out)
     J = jacrev(lambda th: f(th, x).reshape(out.shape))(vec)  # (B, C, P)
     G = torch.zeros(vec.numel(), vec.numel(), dtype=vec.dtype, device=vec.device)
     for b in range(out.shape[0]):

@@ -250,7 +250,7 @@ def diag_ggn(
     f_single = _single(model, _frozen(model, theta))
     with torch.no_grad():
         f = model(x)
-    f2 = f if f.dim() == 2 else f[:, None]
+    f2 = likelihoods.as_2d(f)
     S = lik.hessian_factor(f2).to(f2.dtype)  # (B, C, K)
 
     def row(th, xb, sb):  # (S_bᵀ J_b)_k for one sample: one vector-Jacobian product
@@ -329,7 +329,7 @@ def _warn_without_bf16_units() -> None:
 
 def _cotangents(kind, f, y, lik, n_samples, generator):
     """(K, *f.shape) output-space vectors whose per-sample gradients square-sum to the quantity."""
-    f2 = f if f.dim() == 2 else f[:, None]
+    f2 = likelihoods.as_2d(f)
     lik.check(f, y)  # the GGN keys do not read y, but a wrong kind of target is a caller's bug
     if kind == "ggn":
         S = lik.hessian_factor(f2.detach()).to(f2.dtype)  # (B, C, K)

@@ -52,7 +52,7 @@ def gvp(model: nn.Module, x, y, v: Vec, likelihood="classification", sigma_noise
     theta, f = _model_fn(model, v.keys())
     out, jv = jvp(lambda th: f(th, x), (theta,), ({n: v[n] for n in theta},))  # (B, C)
     lik.check(out, y)  # y is not read, but a wrong kind of target is a caller's bug
-    out2 = out if out.dim() == 2 else out[:, None]
+    out2 = likelihoods.as_2d(out)
     jv2 = jv if jv.dim() == 2 else jv[:, None]
     S = lik.hessian_factor(out2.detach())  # (B, C, K)
     hjv = torch.einsum("bck,bdk,bd->bc", S, S, jv2).reshape(out.shape)
@@ -121,7 +121,7 @@ def sample_precision(
     with torch.no_grad():
         out = f(theta, x)
     lik.check(out, y)
-    out2 = out if out.dim() == 2 else out[:, None]
+    out2 = likelihoods.as_2d(out)
     S = lik.hessian_factor(out2)  # (B, C, K)
     xi1 = _rng.randn((S.shape[0], S.shape[2]), generator, S)
     _, pullback = vjp(lambda th: f(th, x), theta)

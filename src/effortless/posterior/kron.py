@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import _rng
+from .. import _rng, likelihoods
 from ..curvature.functional import keep_buffers, run_eagerly
 from .evidence import maximise
 
@@ -45,7 +45,7 @@ def last_linear(model: nn.Module, x: torch.Tensor | None = None) -> tuple[str, n
     calls = []
     handles = [m.register_forward_hook(lambda m, i, o, n=n: calls.append((n, o))) for n, m in found]
     try:
-        out = _forward(model, x)
+        out = likelihoods.output(_forward(model, x))
     finally:
         for h in handles:
             h.remove()
@@ -106,7 +106,7 @@ class KronLastLayer:
         handle = module.register_forward_hook(hook)
         try:
             with torch.no_grad(), run_eagerly(model):
-                f = model(x)
+                f = likelihoods.output(model(x))
         finally:
             handle.remove()
         if f.numel() != saved["out"].numel() or not torch.equal(f.reshape(-1), saved["out"].reshape(-1)):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from .. import _rng
+from .. import _rng, likelihoods
 from ..curvature import engine
 from ..curvature.functional import _chunks, _frozen, _single, eager_forward, refuse_coupled
 from .diag import DiagGaussian
@@ -54,7 +54,7 @@ def linearised_moments(model: nn.Module, posterior: DiagGaussian, x: torch.Tenso
 def _hooks_moments(model, x, plan, variance):
     with torch.enable_grad(), engine.capture(plan) as saved:
         f = model(x)
-    f2 = f if f.dim() == 2 else f[:, None]
+    f2 = likelihoods.as_2d(f)
     c = f2.shape[1]
     eye = torch.eye(c, dtype=f.dtype, device=f.device)
     cot = eye[:, None, :].expand(c, f2.shape[0], c).reshape(c, *f.shape)  # (C, B, C): unit cotangents
@@ -69,7 +69,7 @@ def _func_moments(model, x, variance, chunk_size):
     f_single = _single(model, _frozen(model, theta))
     with torch.no_grad():
         f = functional_call(model, {**_frozen(model, theta), **theta}, (x,))
-    f2 = f if f.dim() == 2 else f[:, None]
+    f2 = likelihoods.as_2d(f)
     cov = f2.new_zeros(f2.shape[0], f2.shape[1], f2.shape[1])
     jac = vmap(jacrev(lambda th, xb: f_single(th, xb).reshape(-1)), in_dims=(None, 0))
     for sl in _chunks(x.shape[0], chunk_size):
