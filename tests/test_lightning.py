@@ -102,6 +102,20 @@ def test_checkpoint_resume_is_exact(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_the_metrics_callback_leaves_training_as_it_was(tmp_path):
+    """The callback drew its weight samples from the optimizer's sampler, so adding it changed
+    every later training sample; it now samples from its own generator."""
+    train, val = _data(shuffle=False)
+    runs = []
+    for callbacks in ([], [PosteriorMetrics(n_samples=3)]):
+        L.seed_everything(0)
+        model = Auto()
+        _trainer(tmp_path, 3, callbacks=callbacks).fit(model, train, val)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_callback_needs_bayesadam(tmp_path):
     class Plain(Auto):
         def configure_optimizers(self):

@@ -6,8 +6,7 @@ automatic optimisation Lightning calls ``optimizer.step(closure)`` and BayesAdam
 optimisation, wrap ``self.manual_backward(loss)`` in ``with opt.optimizer.sampled_params():``.
 Under ``strategy="ddp"`` each rank draws its own weight sample and the curvature is all-reduced
 (see ``distributed=`` in BayesAdam); Lightning's checkpoints hold the full optimizer state, so a
-resumed run continues exactly (set ``num_sanity_val_steps=0`` when you need bitwise resumption:
-the sanity check's posterior samples would otherwise advance the sampler).
+resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import lightning as L
 import torch
 
 from .. import metrics
+from ..api import predict
 from ..optim import BayesAdam
 
 __all__ = ["PosteriorMetrics"]
@@ -23,17 +23,23 @@ __all__ = ["PosteriorMetrics"]
 
 class PosteriorMetrics(L.Callback):
     """Log, after each validation epoch, the posterior predictive's NLL, ECE and accuracy (``n_samples``
-    weight samples from the BayesAdam optimizer), the mean weight standard deviation, and the gain
-    in NLL over the mean weights (``posterior/…`` keys; reduced over ranks under DDP).
+    weight samples from the BayesAdam optimizer's posterior), the mean weight standard deviation,
+    and the gain in NLL over the mean weights (``posterior/…`` keys; reduced over ranks under DDP).
+
+    The samples come from the callback's own generator (seeded by ``seed``), not the optimizer's:
+    adding the callback leaves training bitwise as it was (it drew from the optimizer's sampler
+    before, which changed every later training sample).
 
     The module's ``forward`` must return logits; batches are ``(x, y)``.
     """
 
-    def __init__(self, n_samples: int = 8):
+    def __init__(self, n_samples: int = 8, seed: int = 0):
         if not (isinstance(n_samples, int) and n_samples >= 1):
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
         self.n_samples = n_samples
+        self.seed = seed
         self._probs, self._mean_probs, self._labels = [], [], []
+        self._post, self._gen = None, None
 
     @staticmethod
     def _optimizer(trainer) -> BayesAdam:
@@ -44,18 +50,17 @@ class PosteriorMetrics(L.Callback):
 
     def on_validation_epoch_start(self, trainer, pl_module):
         self._probs, self._mean_probs, self._labels = [], [], []
+        if trainer.sanity_checking:
+            return
+        self._post = self._optimizer(trainer).posterior()
+        self._gen = torch.Generator().manual_seed(self.seed + trainer.global_step)
 
     @torch.no_grad()
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if trainer.sanity_checking:
             return
-        opt = self._optimizer(trainer)
         x, y = batch
-        samples = []
-        for _ in range(self.n_samples):
-            with opt.sampled_params(train=False):
-                samples.append(pl_module(x).softmax(-1))
-        self._probs.append(torch.stack(samples).mean(0))
+        self._probs.append(predict(pl_module, self._post, x, n_samples=self.n_samples, generator=self._gen))
         self._mean_probs.append(pl_module(x).softmax(-1))
         self._labels.append(y)
 
@@ -64,8 +69,8 @@ class PosteriorMetrics(L.Callback):
             return
         probs, mean_probs = torch.cat(self._probs), torch.cat(self._mean_probs)
         labels = torch.cat(self._labels)
-        opt = self._optimizer(trainer)
-        sd = torch.cat([v.reshape(-1) for v in opt.posterior().std.values()])
+        sd = torch.cat([v.reshape(-1) for v in self._post.std.values()])
+        self._post = None
         nll = metrics.nll(probs, labels)
         logs = {
             "posterior/nll": nll,
