@@ -212,3 +212,27 @@ def test_a_model_returning_a_dict_is_told_to_return_a_tensor():
         with pytest.raises(TypeError, match="returned a dict with keys \\['logits'\\]"):
             call()
             pytest.fail(name)
+
+
+def test_fit_counts_the_examples_the_loader_trains_on(monkeypatch):
+    """A DataLoader over the whole dataset with a SubsetRandomSampler (a train/validation split)
+    trains on the subset; n_data was len(dataset), silently counting the held-out examples."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
+
+    torch.manual_seed(0)
+    ds = TensorDataset(torch.randn(100, 4), torch.randint(0, 3, (100,)))
+    model = torch.nn.Linear(4, 3)
+    seen, init = [], ef.BayesAdam.__init__
+
+    def spy(self, *a, **kw):
+        seen.append(kw["n_data"])
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(ef.BayesAdam, "__init__", spy)
+    ef.fit(model, DataLoader(ds, batch_size=20, shuffle=True), epochs=1, progress=False)
+    ef.fit(model, DataLoader(ds, batch_size=20, sampler=SubsetRandomSampler(range(70))), epochs=1,
+           progress=False)  # fmt: skip
+    assert seen == [100, 70]
+    with pytest.raises(ValueError, match="WeightedRandomSampler .* pass n_data="):
+        ef.fit(model, DataLoader(ds, batch_size=20, sampler=WeightedRandomSampler(torch.ones(100), 50)),
+               epochs=1, progress=False)  # fmt: skip

@@ -42,6 +42,29 @@ def _peek(loader: Iterable):
     return first, loader
 
 
+def _n_data(loader) -> int:
+    """The number of training examples behind a DataLoader: its dataset's length when the sampler
+    walks the whole dataset (sequential, random, distributed), the subset's for a
+    ``SubsetRandomSampler`` (``len(dataset)`` counted the examples held out by it, silently);
+    other samplers have to be told."""
+    from torch.utils import data as tud
+
+    try:
+        n = len(loader.dataset)
+    except (AttributeError, TypeError):
+        raise ValueError("n_data: the loader has no dataset length; pass n_data=") from None
+    sampler = getattr(loader, "sampler", None)
+    if sampler is None or isinstance(sampler, (tud.SequentialSampler, tud.RandomSampler,
+                                               tud.DistributedSampler)):  # fmt: skip
+        return n
+    if isinstance(sampler, tud.SubsetRandomSampler):
+        return len(sampler.indices)
+    raise ValueError(
+        f"n_data: the loader's {type(sampler).__name__} does not say how many of the dataset's {n} "
+        "examples it trains on; pass n_data= (the number of training examples)"
+    )
+
+
 def _device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -80,10 +103,7 @@ def fit(
     lik = likelihoods.get(likelihood, sigma_noise)
     if optimizer is None:
         if n_data is None:
-            try:
-                n_data = len(loader.dataset)
-            except (AttributeError, TypeError):
-                raise ValueError("n_data: the loader has no dataset length; pass n_data=") from None
+            n_data = _n_data(loader)
         optimizer = BayesAdam(model.named_parameters(), n_data=n_data, hessian=hessian, **optimizer_kwargs)
     sched = None
     if scheduler == "cosine":
