@@ -87,7 +87,8 @@ def fit(
 
     Args:
         model: the network; its weights end at the posterior mean.
-        loader: yields ``(x, y)`` minibatches; ``n_data`` defaults to ``len(loader.dataset)``.
+        loader: yields ``(x, y)`` minibatches; ``n_data`` defaults to ``len(loader.dataset)``
+            (the subset's size with a ``SubsetRandomSampler``; other custom samplers need it given).
         likelihood: ``"classification"`` or ``"regression"`` (with ``sigma_noise``).
         epochs: passes over the data.
         hessian: curvature estimator key.
