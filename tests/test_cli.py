@@ -43,6 +43,14 @@ def test_hessian_profile_writes_table_json_and_plot(tmp_path):
     assert {r["width"] for r in rows} == {1, 4}
     assert (tmp_path / "profile.png").stat().st_size > 0
     assert "ggn+grad" in (tmp_path / "results.md").read_text()
+    peers = {"backpack": "BackPACK DiagGGNExact+grad", "curvlinops": "curvlinops GGN matvec",
+             "laplace": "laplace-torch diag GGN fit (default backend)"}  # fmt: skip
+    for module, row in peers.items():  # the peers' rows, where the package is installed
+        try:
+            __import__(module)
+        except ImportError:
+            continue
+        assert row in quantities
 
 
 def test_adam_hessian_runs_and_reports(tmp_path):

@@ -65,3 +65,21 @@ def test_sample_precision_validates_the_prior():
     x, y = make_batch("mlp", "classification")
     with pytest.raises(ValueError, match="prior_precision"):
         operators.sample_precision(model, x, y, 0.0)
+
+
+def test_gvp_and_hvp_agree_with_curvlinops():
+    """An independent implementation (curvlinops, installed with scripts/setup.sh --peers)."""
+    curvlinops = pytest.importorskip("curvlinops")
+    from effortless.curvature import functional
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    params = list(model.parameters())
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    lossf = torch.nn.CrossEntropyLoss(reduction="sum")
+    pairs = ((operators.gvp, curvlinops.GGNLinearOperator), (functional.hvp, curvlinops.HessianLinearOperator))
+    for ours, Op in pairs:
+        theirs = Op(model, lossf, params, [(x, y)], check_deterministic=False) @ list(v.values())
+        for (n, a), b in zip(ours(model, x, y, v).items(), theirs):
+            torch.testing.assert_close(a, b, msg=n)

@@ -8,7 +8,11 @@ all quantities in one cycle instead let each one's neighbours (the torch.func ro
 of forward+backwards; BackPACK runs on a copy of the model) move the ratios by 10-15 %. "+grad"
 quantities also produce the training gradient (what an optimizer step needs), so their ratio is
 the full cost of a curvature-aware step. Peak memory is counted at the dispatcher (all tensor
-bytes alive during the call). BackPACK rows are added when ``backpack-for-pytorch`` is installed.
+bytes alive during the call). Peer rows on the same model and batch are added when the packages
+are installed (``scripts/setup.sh --peers``): BackPACK's diagonal GGN / MC GGN / gradient squares /
+KFAC, curvlinops' GGN- and Hessian-vector products and KFAC factors, and laplace-torch's
+all-weights diagonal fit with its default backend (up to ``LAPLACE_TORCH_MAX_PARAMS`` weights,
+with ``SLOW_REPS`` repetitions: seconds per call).
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ from ..models import MLP
 from .memory import PeakMemory
 
 FUNC_MAX_PARAMS = 300_000  # the torch.func rows are skipped above this size (minutes per call)
+LAPLACE_TORCH_MAX_PARAMS = 300_000  # laplace-torch's all-weights diagonal fit: seconds per call
+SLOW_REPS = 3  # warm-up 1 and this many repetitions for the rows named in SLOW
+SLOW = {"laplace-torch diag GGN fit (default backend)"}
+PEER_OR_GENERIC = ("torch.func", "BackPACK", "curvlinops", "laplace-torch")  # dashed in the plot
 GOALS = {"ggn+grad": 2.0, "ggn-mc+grad": 1.5, "efisher+grad": 1.3, "kfac-mc+grad": 2.0}
 BF16 = ", bf16 products"  # the same quantity with product_dtype=torch.bfloat16
 
@@ -75,7 +83,50 @@ def quantities(model, x, y) -> dict[str, Callable[[], object]]:
         out["ggn (torch.func)"] = lambda: functional.diag_ggn(model, x, y, backend="func")
         out["efisher (torch.func)"] = lambda: functional.diag_efisher(model, x, y, backend="func")
     out.update(_backpack_quantities(model, x, y))
+    out.update(_curvlinops_quantities(model, x, y))
+    if sum(p.numel() for p in model.parameters()) <= LAPLACE_TORCH_MAX_PARAMS:
+        out.update(_laplace_torch_quantities(model, x, y))
     return out
+
+
+def _curvlinops_quantities(model, x, y):
+    try:
+        from curvlinops import GGNLinearOperator, HessianLinearOperator, KFACLinearOperator
+    except ImportError:
+        return {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    lossf = torch.nn.CrossEntropyLoss(reduction="sum")  # the sum, as effortless' operators
+    data = [(x, y)]
+    ggn = GGNLinearOperator(model, lossf, params, data, check_deterministic=False)
+    hess = HessianLinearOperator(model, lossf, params, data, check_deterministic=False)
+    v = [torch.randn_like(p) for p in params]
+
+    def kfac():
+        op = KFACLinearOperator(model, lossf, params, data, check_deterministic=False)
+        op.compute_kronecker_factors()
+        return op
+
+    return {
+        "curvlinops GGN matvec": lambda: ggn @ v,
+        "curvlinops Hessian matvec": lambda: hess @ v,
+        "curvlinops KFAC (MC) factors": kfac,
+    }
+
+
+def _laplace_torch_quantities(model, x, y):
+    try:
+        from laplace import Laplace
+    except ImportError:
+        return {}
+    lmodel = copy.deepcopy(model)  # laplace-torch may attach hooks (its backends): keep them off ours
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
+
+    def fit():
+        la = Laplace(lmodel, "classification", subset_of_weights="all", hessian_structure="diag")
+        la.fit(loader, progress_bar=False)
+        return la
+
+    return {"laplace-torch diag GGN fit (default backend)": fit}
 
 
 def _backpack_quantities(model, x, y):
@@ -125,10 +176,10 @@ def profile(widths=(1, 8, 32, 128, 256, 512, 1024), batch=128, reps=30, warmup=3
         bases = {k: [] for k in qs}  # the forward+backward timed just before each quantity
         fb = qs["fwd+bwd"]
         for k, fn in qs.items():  # one quantity at a time, in its steady state
-            for _ in range(warmup):
+            for _ in range(1 if k in SLOW else warmup):
                 fb()
                 fn()
-            for _ in range(r):
+            for _ in range(min(r, SLOW_REPS) if k in SLOW else r):
                 t0 = time.perf_counter()
                 fb()
                 t1 = time.perf_counter()
@@ -201,7 +252,7 @@ def _plot(rows, names, path):
     colors = plt.get_cmap("tab20").colors
     for i, q in enumerate(names):
         sel = sorted((r for r in rows if r["quantity"] == q), key=lambda r: r["n_params"])
-        style = "--" if ("torch.func" in q or "BackPACK" in q) else "-"
+        style = "--" if any(s in q for s in PEER_OR_GENERIC) else "-"
         ax.plot([r["n_params"] for r in sel], [r["ratio"] for r in sel], style, marker="o",
                 color=colors[(2 * i) % 20 + (i // 10) % 2], label=q)  # fmt: skip
     ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="time / (forward + backward)",
