@@ -78,7 +78,8 @@ def test_gvp_and_hvp_agree_with_curvlinops():
     params = list(model.parameters())
     v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     lossf = torch.nn.CrossEntropyLoss(reduction="sum")
-    pairs = ((operators.gvp, curvlinops.GGNLinearOperator), (functional.hvp, curvlinops.HessianLinearOperator))
+    pairs = [(operators.gvp, curvlinops.GGNLinearOperator),
+             (functional.hvp, curvlinops.HessianLinearOperator)]  # fmt: skip
     for ours, Op in pairs:
         theirs = Op(model, lossf, params, [(x, y)], check_deterministic=False) @ list(v.values())
         for (n, a), b in zip(ours(model, x, y, v).items(), theirs):
