@@ -121,6 +121,12 @@ def test_bad_input_is_rejected():
         acq.bald(torch.zeros(3, 4))
     with pytest.raises(ValueError, match="log-probabilities"):
         acq.bald(torch.rand(3, 4, 2) + 1)  # probabilities or logits, not log-probs
+    lp = _random_lp(5, 3, 4)  # (N, C, S)
+    for f in (acq.bald, acq.max_entropy, acq.variation_ratios, acq.mean_std):
+        with pytest.raises(ValueError, match="permute"):  # batchbald_redux's (N, S, C) layout, silently wrong
+            f(lp.permute(0, 2, 1))
+    with pytest.raises(ValueError, match="normalised"):
+        acq.bald(-torch.rand(3, 4, 2))  # negative but not log-probabilities
     with pytest.raises(ValueError, match="acquisition"):
         acq.select("nope", _random_lp(3, 2, 2), 1)
     with pytest.raises(ValueError, match="k must be"):

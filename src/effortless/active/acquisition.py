@@ -2,10 +2,10 @@
 
 ``log_probs[n, c, s] = log p(y = c | x_n, θ_s)`` for N pool points, C classes and S posterior
 samples (weight draws, dropout masks, ensemble members, or output-space draws of a linearised
-predictive): what :func:`effortless.predict_samples` returns, and the layout baal and
-batchbald_redux use. Each scoring function returns one score per point, higher = more worth a
-label; :func:`select` turns scores into a batch of indices; :func:`batchbald` chooses a batch
-jointly.
+predictive): what :func:`effortless.predict_samples` returns, and the layout baal's heuristics
+use (as probabilities); batchbald_redux takes it transposed, (N, S, C). Each scoring function
+returns one score per point, higher = more worth a label; :func:`select` turns scores into a
+batch of indices; :func:`batchbald` chooses a batch jointly.
 
 With ``p̄ = mean_s p_s``:
 
@@ -49,7 +49,16 @@ def _check(log_probs: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"log_probs must be floating point, got {log_probs.dtype}")
     if log_probs.numel() and not bool((log_probs <= 1e-4).all()):
         raise ValueError("log_probs must be log-probabilities (<= 0); did you pass logits or probabilities?")
-    return log_probs.double()
+    lp = log_probs.double()
+    if lp.numel():  # each sample's classes sum to 1: catches the (N, S, C) layout and a wrong-dim softmax
+        err = float(torch.logsumexp(lp, 1).abs().max())
+        if not err <= 1e-3:  # (NaN too)
+            raise ValueError(
+                f"log_probs[n, :, s] must be normalised over the classes (dim 1), but logsumexp over dim 1 "
+                f"is off by up to {err:.3g}: is the layout (N, S, C) (batchbald_redux's)? pass "
+                "log_probs.permute(0, 2, 1)"
+            )
+    return lp
 
 
 def _entropy(log_p: torch.Tensor, dim: int) -> torch.Tensor:
