@@ -104,6 +104,19 @@ class EmbedNet(nn.Module):
         return self.out(h.mean(1))
 
 
+class Recurrent(nn.Module):
+    """An LSTM over a 2-step sequence (torch.func.vmap cannot batch it: per-sample loop)."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.rnn = nn.LSTM(2, 3, batch_first=True)
+        self.out = nn.Linear(3, c)
+
+    def forward(self, x):
+        h, _ = self.rnn(x.view(x.shape[0], 2, 2))
+        return self.out(h[:, -1])
+
+
 def make_model(kind: str, out: int = 3) -> nn.Module:
     """Tiny float64 networks of several architectures (inputs have 25 features for the CNN, else 4)."""
     table = {
@@ -116,6 +129,7 @@ def make_model(kind: str, out: int = 3) -> nn.Module:
         "batchnorm": lambda: BNNet(out),
         "sequence": lambda: Sequence(out),
         "embedding": lambda: EmbedNet(out),
+        "recurrent": lambda: Recurrent(out),
     }
     return table[kind]().double()
 

@@ -10,7 +10,8 @@ from effortless.curvature import exact
 from effortless.posterior import predictive
 from tests.conftest import make_batch, make_model
 
-ARCHS = ["mlp", "cnn", "residual", "conv1d", "batchnorm", "sequence", "layernorm", "embedding", "shared"]
+ARCHS = ["mlp", "cnn", "residual", "conv1d", "batchnorm", "sequence", "layernorm", "embedding", "shared",
+         "recurrent"]  # fmt: skip
 
 
 def _posterior(model, seed=0):

@@ -36,6 +36,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import _rng, likelihoods
 from . import engine
@@ -157,6 +158,37 @@ def _single(model, frozen):
     return f
 
 
+def per_sample(fn, in_dims):
+    """``vmap(fn, in_dims)``, or, for a model vmap cannot batch (recurrent layers, whose hidden
+    state is created and updated in place inside the forward), the same function applied sample by
+    sample and stacked: slower, same result. (It failed with "output with shape [1, 5] doesn't
+    match the broadcast shape [8, 1, 5]".)"""
+    batched = vmap(fn, in_dims=in_dims)
+
+    def run(*args):
+        try:
+            return batched(*args)
+        except RuntimeError as err:
+            _warn_per_sample_loop(str(err).splitlines()[0][:200])
+        n = next(a.shape[d] for a, d in zip(args, in_dims) if d is not None)
+        outs = [fn(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims))) for i in range(n)]
+        leaves, spec = tree_flatten(outs[0])
+        columns = zip(*(tree_flatten(o)[0] for o in outs))
+        return tree_unflatten([torch.stack(c) for c in columns], spec) if leaves else outs[0]
+
+    return run
+
+
+@functools.cache
+def _warn_per_sample_loop(reason: str) -> None:
+    warnings.warn(
+        f"torch.func.vmap cannot batch this model ({reason}); per-sample quantities are computed one "
+        "sample at a time (same result, slower)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -257,7 +289,7 @@ def diag_ggn(
         _, pull = vjp(lambda t: f_single(t, xb).reshape(-1), th)
         return pull(sb)[0]
 
-    rows = vmap(row, in_dims=(None, 0, 0))
+    rows = per_sample(row, (None, 0, 0))
     out = _zeros_like(theta)
     for k in range(S.shape[2]):  # one output-Hessian column at a time: memory b·P, not b·C·P
         for sl in _chunks(x.shape[0], _chunk_size(theta, chunk_size)):
@@ -295,10 +327,10 @@ def diag_efisher(
     def loss(th, xb, yb):
         return lik.nll(f_single(th, xb).reshape(1, -1), yb.reshape(1, *yb.shape)).sum()
 
-    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))
+    grads = per_sample(grad(loss), (None, 0, 0))
     out = _zeros_like(theta)
     for sl in _chunks(x.shape[0], _chunk_size(theta, chunk_size)):
-        for n, g in per_sample(theta, x[sl], y[sl]).items():
+        for n, g in grads(theta, x[sl], y[sl]).items():
             out[n] += g.pow(2).sum(0)
     return out
 

@@ -23,11 +23,11 @@ import math
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import functional_call, jacrev
 
 from .. import _rng, likelihoods
 from ..curvature import engine
-from ..curvature.functional import _chunks, _frozen, _single, eager_forward, refuse_coupled
+from ..curvature.functional import _chunks, _frozen, _single, eager_forward, per_sample, refuse_coupled
 from .diag import DiagGaussian
 
 __all__ = ["linearised_moments", "glm_probs", "probit_probs"]
@@ -71,7 +71,7 @@ def _func_moments(model, x, variance, chunk_size):
         f = functional_call(model, {**_frozen(model, theta), **theta}, (x,))
     f2 = likelihoods.as_2d(f)
     cov = f2.new_zeros(f2.shape[0], f2.shape[1], f2.shape[1])
-    jac = vmap(jacrev(lambda th, xb: f_single(th, xb).reshape(-1)), in_dims=(None, 0))
+    jac = per_sample(jacrev(lambda th, xb: f_single(th, xb).reshape(-1)), (None, 0))
     for sl in _chunks(x.shape[0], chunk_size):
         for n, J in jac(theta, x[sl]).items():  # (b, C, *shape)
             J = J.reshape(J.shape[0], J.shape[1], -1)
