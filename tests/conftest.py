@@ -117,6 +117,20 @@ class Recurrent(nn.Module):
         return self.out(h[:, -1])
 
 
+class Attention(nn.Module):
+    """A Transformer encoder layer over a 2-token sequence (scaled_dot_product_attention)."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.inp = nn.Linear(2, 4)
+        self.enc = nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(4, c)
+        self.eval()
+
+    def forward(self, x):
+        return self.out(self.enc(self.inp(x.view(x.shape[0], 2, 2))).mean(1))
+
+
 def make_model(kind: str, out: int = 3) -> nn.Module:
     """Tiny float64 networks of several architectures (inputs have 25 features for the CNN, else 4)."""
     table = {
@@ -130,6 +144,7 @@ def make_model(kind: str, out: int = 3) -> nn.Module:
         "sequence": lambda: Sequence(out),
         "embedding": lambda: EmbedNet(out),
         "recurrent": lambda: Recurrent(out),
+        "attention": lambda: Attention(out),
     }
     return table[kind]().double()
 

@@ -18,7 +18,7 @@ def _assert_dict_close(a, b, atol=1e-10, rtol=1e-8):
 
 HOOKABLE = ["mlp", "cnn", "residual", "conv1d", "batchnorm", "sequence", "layernorm", "embedding"]
 # (arch, backend) pairs: every architecture through torch.func, the supported ones through hooks
-FUNC_ONLY = ["recurrent"]  # vmap cannot batch an LSTM: the per-sample loop
+FUNC_ONLY = ["recurrent", "attention"]  # no hook rules; vmap cannot batch an LSTM (per-sample loop)
 PATHS = [(a, "func") for a in dict.fromkeys(ARCHS + HOOKABLE + FUNC_ONLY)] + [(a, "hooks") for a in HOOKABLE]
 
 
@@ -58,7 +58,7 @@ def test_auto_picks_the_hook_engine_only_where_it_applies():
         curvature.diag_ggn(make_model("mlp"), x, y, backend="fast")
 
 
-@pytest.mark.parametrize("arch", ARCHS + ["batchnorm", "sequence"])
+@pytest.mark.parametrize("arch", ARCHS + ["batchnorm", "sequence", "attention"])
 @pytest.mark.parametrize("lik", LIKS)
 def test_hessian_diagonal_matches_dense(arch, lik):
     model = make_model(arch)
@@ -137,9 +137,10 @@ def test_hutchinson_converges_to_hessian_diagonal():
     _assert_converges(draws, ref)
 
 
-def test_hvp_matches_dense_hessian():
-    model = make_model("layernorm")
-    x, y = make_batch("layernorm", "classification")
+@pytest.mark.parametrize("arch", ["layernorm", "attention"])  # attention: twice differentiable
+def test_hvp_matches_dense_hessian(arch):
+    model = make_model(arch)
+    x, y = make_batch(arch, "classification")
     H = exact.hessian_matrix(model, x, y)
     vec, names, shapes = exact.flatten(model)
     v = torch.randn_like(vec)

@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from .. import likelihoods
-from .functional import stateless
+from .functional import second_order, stateless
 
 __all__ = ["flatten", "unflatten_diag", "hessian_matrix", "ggn", "efisher", "diag"]
 
@@ -63,6 +63,7 @@ def _outputs(model):
 
 
 @stateless
+@second_order
 def hessian_matrix(model, x, y, likelihood="classification", sigma_noise=1.0) -> torch.Tensor:
     """Full Hessian of the summed NLL with respect to the flattened parameters.
 

@@ -78,6 +78,21 @@ def eager_forward(fn):
     return run
 
 
+def second_order(fn):
+    """Decorator for the functions that differentiate twice (Hessian diagonal, HVP, Hutchinson):
+    attention runs through the math ``scaled_dot_product_attention`` kernel, whose backward is
+    differentiable; the fused CPU/CUDA kernels' backward is not ("derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented")."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with sdpa_kernel([SDPBackend.MATH]):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def keep_buffers(fn):
     """Decorator: ``fn(model, ...)`` leaves the model's buffers as they were — a forward in
     training mode updates BatchNorm's running statistics (once per extra forward: twice in a
@@ -163,11 +178,14 @@ def per_sample(fn, in_dims):
     state is created and updated in place inside the forward), the same function applied sample by
     sample and stacked: slower, same result. (It failed with "output with shape [1, 5] doesn't
     match the broadcast shape [8, 1, 5]".)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     batched = vmap(fn, in_dims=in_dims)
 
     def run(*args):
         try:
-            return batched(*args)
+            with sdpa_kernel([SDPBackend.MATH]):  # vmap has no batching rule for the fused kernels
+                return batched(*args)
         except RuntimeError as err:
             _warn_per_sample_loop(str(err).splitlines()[0][:200])
         n = next(a.shape[d] for a, d in zip(args, in_dims) if d is not None)
@@ -528,6 +546,7 @@ def _gradient_graph(model, x, y, lik, names):
 
 
 @stateless
+@second_order
 def hvp(
     model: nn.Module,
     x: torch.Tensor,
@@ -545,6 +564,7 @@ def hvp(
 
 
 @stateless
+@second_order
 def diag_hessian(
     model: nn.Module,
     x: torch.Tensor,
@@ -578,6 +598,7 @@ def diag_hessian(
 
 
 @stateless
+@second_order
 def diag_hutchinson(
     model: nn.Module,
     x: torch.Tensor,
