@@ -236,3 +236,16 @@ def test_fit_counts_the_examples_the_loader_trains_on(monkeypatch):
     with pytest.raises(ValueError, match="WeightedRandomSampler .* pass n_data="):
         ef.fit(model, DataLoader(ds, batch_size=20, sampler=WeightedRandomSampler(torch.ones(100), 50)),
                epochs=1, progress=False)  # fmt: skip
+
+
+def test_laplace_with_an_indefinite_hessian_says_why():
+    """The Hessian diagonal is negative in places away from a minimum: the error named only
+    "precision must be positive"."""
+    from tests.conftest import make_batch, make_model
+
+    model = make_model("attention")
+    x, y = make_batch("attention", "classification", n=16)
+    for hessian in ("hessian", "hutchinson"):
+        with pytest.raises(ValueError, match="has negative diagonal entries .* hessian='ggn'"):
+            ef.laplace(model, [(x, y)], hessian=hessian, prior_precision=1e-3)
+    assert ef.laplace(model, [(x, y)], hessian="ggn", prior_precision=1e-3).numel() > 0

@@ -317,6 +317,25 @@ def _check_finite(total: dict) -> None:
         )
 
 
+def _check_positive(prec: dict, hessian: str, delta) -> None:
+    """A Gaussian needs a positive precision; the Hessian diagonal (and Hutchinson's estimate of
+    it) can be negative where the loss is not convex (DiagGaussian said only "precision must be
+    positive")."""
+    bad = {n: p for n, p in prec.items() if not bool((p > 0).all())}
+    if not bad:
+        return
+    n, p = next(iter(bad.items()))
+    count = sum(int((p <= 0).sum()) for p in bad.values())
+    d = f"{float(delta):.3g}" if isinstance(delta, (int, float)) else "δ"
+    raise ValueError(
+        f"laplace: the posterior precision (curvature + prior precision) is not positive in {count} "
+        f"entries ({n!r}: down to {float(p.min()):.3g}): hessian={hessian!r} has negative diagonal "
+        f"entries that the prior precision {d} does not outweigh (the Hessian is indefinite away from "
+        "a minimum; Hutchinson's estimate is noisy too). Use hessian='ggn' (positive semi-definite by "
+        "construction) or a larger prior_precision"
+    )
+
+
 def _laplace_tune_noise(model, loader, hessian, prior_precision, generator, params, progress, distributed,
                         product_dtype=None):  # fmt: skip
     """Diagonal Laplace for Gaussian regression with σ (and δ if "marglik") chosen by the evidence:
@@ -349,6 +368,7 @@ def _laplace_tune_noise(model, loader, hessian, prior_precision, generator, para
         rss, n_out, mean, total, prior_precision, power, per_tensor=prior_precision == "marglik-layer"
     )
     prec = {n: t / sigma**power + (delta[n] if isinstance(delta, dict) else delta) for n, t in total.items()}
+    _check_positive(prec, hessian, delta)
     post = DiagGaussian(mean, prec)
     post.prior_precision = delta
     post.sigma_noise = sigma
@@ -464,6 +484,7 @@ def laplace(
     else:
         delta = prior_precision
     prec = {n: t + (delta[n] if isinstance(delta, dict) else delta) for n, t in total.items()}
+    _check_positive(prec, hessian, delta)
     post = DiagGaussian(mean, prec)
     post.prior_precision = delta  # the value used (tuned with "marglik")
     return post
