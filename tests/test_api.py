@@ -249,3 +249,19 @@ def test_laplace_with_an_indefinite_hessian_says_why():
         with pytest.raises(ValueError, match="has negative diagonal entries .* hessian='ggn'"):
             ef.laplace(model, [(x, y)], hessian=hessian, prior_precision=1e-3)
     assert ef.laplace(model, [(x, y)], hessian="ggn", prior_precision=1e-3).numel() > 0
+
+
+def test_predict_warns_when_dropout_is_active():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3))
+    post = ef.DiagGaussian.from_model(model, 100.0)
+    x = torch.randn(5, 4)
+    for call in (lambda: ef.predict(model, post, x, n_samples=2),
+                 lambda: ef.predict_samples(model, post, x, n_samples=2)):  # fmt: skip
+        with pytest.warns(RuntimeWarning, match="dropout '1' is active") as rec:
+            call()
+        assert rec[0].filename == __file__  # points at the caller
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ef.predict(model, post, x, n_samples=2)

@@ -136,7 +136,8 @@ def test_mc_batched_path_is_really_taken_and_dropout_falls_back(monkeypatch):
     drop = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Dropout(0.5), torch.nn.Linear(6, 3)).double()
     drop.train()  # random dropout masks: vmap refuses, the loop runs
     post = _posterior(drop)
-    p = ef.predict(drop, post, x, n_samples=8, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="dropout"):  # (deliberate here)
+        p = ef.predict(drop, post, x, n_samples=8, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(p.sum(-1), torch.ones(x.shape[0], dtype=p.dtype))
 
 

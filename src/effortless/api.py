@@ -32,6 +32,18 @@ from .posterior import DiagGaussian, evidence, kron, predictive
 __all__ = ["fit", "predict", "predict_samples", "laplace", "LAPLACE_HESSIANS"]
 
 
+def _warn_active_dropout(model: nn.Module, what: str, consequence: str, stacklevel: int) -> None:
+    dropouts = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    active = [n for n, m in dropouts if m.training and m.p > 0]
+    if active:
+        warnings.warn(
+            f"{what}: dropout {active[0]!r} is active (the model is in training mode), so {consequence}; "
+            "call model.eval() first",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
+
+
 def _peek(loader: Iterable):
     """(first batch or None, an iterable that still yields every batch): a re-iterable loader is
     returned as it is, a one-shot iterator is chained behind its first batch."""
@@ -169,6 +181,7 @@ def predict(
     """
     if method not in ("mc", "glm", "probit"):
         raise ValueError(f"method must be one of ('mc', 'glm', 'probit'), got {method!r}")
+    _warn_active_dropout(model, "ef.predict", "the predictive mixes dropout masks with the weight samples", 5)
     if not (isinstance(n_samples, int) and n_samples >= 1):
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     if sigma_noise is None:
@@ -287,6 +300,7 @@ def predict_samples(
     """
     if method not in ("mc", "glm"):
         raise ValueError(f"method must be 'mc' or 'glm' (per-sample draws), got {method!r}")
+    _warn_active_dropout(model, "ef.predict_samples", "each draw also has its own dropout mask", 4)
     if not (isinstance(n_samples, int) and n_samples >= 1):
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     if method == "glm":
@@ -421,15 +435,7 @@ def laplace(
     """
     if subset not in (None, "all", "last_layer"):
         raise ValueError(f"subset must be None, 'all' or 'last_layer', got {subset!r}")
-    dropouts = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-    active = [n for n, m in dropouts if m.training and m.p > 0]
-    if active:
-        warnings.warn(
-            f"ef.laplace: dropout {active[0]!r} is active (the model is in training mode), so the "
-            "curvature is that of randomly thinned networks; call model.eval() first",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    _warn_active_dropout(model, "ef.laplace", "the curvature is that of randomly thinned networks", 3)
     if hessian not in LAPLACE_HESSIANS:
         raise ValueError(f"hessian must be one of {sorted(LAPLACE_HESSIANS)}, got {hessian!r}")
     if subset == "last_layer":
