@@ -153,7 +153,7 @@ def test_config_layers_profile_file_and_flags(tmp_path):
     cfg = bench.resolve_config()
     assert cfg["task"] == ["fmnist-mlp"] and cfg["seeds"] == 1
     quick = bench.resolve_config("quick")
-    assert quick["task"] == ["fmnist-mlp", "mnist1d-mlp"] and "swag" in quick["methods"]
+    assert quick["task"] == ["fmnist-mlp", "mnist1d-mlp", "toy-regression"] and "swag" in quick["methods"]
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"task": "mnist1d-mlp", "seeds": 3, "methods": ["map", "swag"]}))
     got = bench.resolve_config("quick", f, seeds=2, out=str(tmp_path / "o"))

@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--out/results.json are skipped, so a killed run resumes. Writes results.json, results.md "
             "(mean ± std over seeds, best in bold), reliability and confidence plots. Methods: "
             "map, bayesadam, bayesadam-<hessian key>, mc-dropout, ensemble, temperature, laplace "
-            "(last-layer KFAC, marglik, probit), adam-laplace, swag, vi (MLPs), and the peers ivon and "
+            "(last-layer KFAC, marglik, probit), laplace-diag (all weights, diagonal GGN, marglik, probit), "
+            "adam-laplace, swag, vi (MLPs), and the peers ivon and "
             "laplace-torch "
             "(if installed: scripts/setup.sh --peers)."
         ),

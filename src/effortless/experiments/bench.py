@@ -33,10 +33,11 @@ DEFAULTS = {
     "out": "runs/bench",
 }
 PROFILES = {
-    # every method of 1x-5x training cost on the two quick tasks: ~20 min on 2 CPU cores
-    "quick": {"task": ["fmnist-mlp", "mnist1d-mlp"], "seeds": 1,
+    # every method of 1x-5x training cost on the quick tasks (issue #5: fmnist-mlp, mnist1d-mlp and
+    # toy-regression; methods without a regression version skip it): ~20 min on 2 CPU cores
+    "quick": {"task": ["fmnist-mlp", "mnist1d-mlp", "toy-regression"], "seeds": 1,
               "methods": ["map", "bayesadam", "bayesadam-ggn-mc", "mc-dropout", "ensemble",
-                          "temperature", "laplace", "adam-laplace", "swag", "vi"]},
+                          "temperature", "laplace", "laplace-diag", "adam-laplace", "swag", "vi"]},
     # all tasks, more seeds: for a GPU machine or an overnight CPU run (vi is MLP-only: not here)
     "full": {"task": list(TASKS), "seeds": 5,  # (methods without a regression version skip those tasks)
              "methods": ["map", "bayesadam", "bayesadam-ggn-mc", "bayesadam-efisher", "mc-dropout",
