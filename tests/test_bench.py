@@ -332,3 +332,21 @@ def test_regression_model_side_keys_train_on_the_squared_error_like_the_other_pa
     runs = [train("bayesadam", make, split, hessian=k, **kw) for k in ("gradsq", "reparam")]
     for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_laplace_diag_is_the_all_weights_diagonal_laplace_of_the_map_network():
+    import effortless as ef
+    from effortless.baselines import methods
+    from effortless.data import loader
+    from effortless.experiments.tasks import TASKS
+
+    task = TASKS["mnist1d-mlp"]
+    split = task.load().subset(400, 100)
+    fitted = methods.METHODS["laplace-diag"](task, split, 0, 1, False)
+    run = methods._map_run(task, split, 0, 1, False)  # the same seed: the same MAP network
+    post = ef.laplace(run.model, loader(split.x_train, split.y_train, 512, shuffle=False), hessian="ggn",
+                      prior_precision="marglik")  # fmt: skip
+    assert isinstance(post, ef.DiagGaussian) and len(post.mean) == len(list(run.model.parameters()))
+    ref = ef.predict(run.model, post, split.x_test, method="probit")
+    torch.testing.assert_close(fitted.predict(split.x_test), ref)
+    assert not torch.allclose(ref, run.model(split.x_test).softmax(-1))  # the posterior moves it
