@@ -134,3 +134,27 @@ def test_recorded_noise_and_prior_survive_state_dict_and_to_and_predict_uses_the
     plain = ef.DiagGaussian({"a": torch.zeros(1)}, {"a": torch.ones(1)})
     loaded.load_state_dict(plain.state_dict())  # nothing recorded: nothing left over either
     assert not hasattr(loaded, "sigma_noise") and not hasattr(loaded, "prior_precision")
+
+
+def test_a_saved_posterior_matches_the_bare_model_under_a_wrappers_prefix():
+    """Keys from a torch.compile'd ("_orig_mod.") or DDP ("module.") model, saved and loaded, did not
+    match the bare model ("do not match" error); the reverse too."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    before = net[0].weight.detach().clone()
+
+    def posterior(prefix):
+        named = list(net.named_parameters())
+        return ef.DiagGaussian({prefix + n: p.detach() + 1 for n, p in named},
+                               {prefix + n: torch.full_like(p, 1e8) for n, p in named})  # fmt: skip
+
+    for prefix in ("_orig_mod.", "module."):
+        q = posterior(prefix)
+        with q.mean_loaded(net):
+            torch.testing.assert_close(net[0].weight, q.mean[prefix + "0.weight"])
+        bare = posterior("")
+        wrapped = nn.Module()
+        wrapped.module = net
+        with bare.mean_loaded(wrapped if prefix == "module." else torch.compile(net)):
+            torch.testing.assert_close(net[0].weight, bare.mean["0.weight"])
+    assert torch.equal(net[0].weight, before)

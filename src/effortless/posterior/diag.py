@@ -29,6 +29,16 @@ from .. import _rng
 __all__ = ["DiagGaussian"]
 
 
+_WRAPPERS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")  # and a leading "module"
+
+
+def _canonical(name: str) -> str:
+    """A parameter name without the segments that wrappers insert (DDP, torch.compile, FSDP,
+    activation checkpointing)."""
+    parts = name.split(".")
+    return ".".join(p for i, p in enumerate(parts) if p not in _WRAPPERS and not (i == 0 and p == "module"))
+
+
 class DiagGaussian:
     """``N(mean, diag(1/precision))`` over named parameter tensors."""
 
@@ -107,8 +117,13 @@ class DiagGaussian:
         named = dict(model.named_parameters())
         ids = {id(p) for p in named.values()}
         sources = getattr(self, "sources", None)  # set by BayesAdam.posterior(): the parameters themselves
+        canon = {_canonical(n): p for n, p in named.items()}
         if all(k in named for k in self.mean):
             params = {k: named[k] for k in self.mean}
+        elif sources is None and len(canon) == len(named) and all(_canonical(k) in canon for k in self.mean):
+            # the same names under a wrapper's prefix: a posterior saved from DistributedDataParallel
+            # ("module.") or torch.compile ("_orig_mod.") loaded for the bare model, or the reverse
+            params = {k: canon[_canonical(k)] for k in self.mean}
         elif sources is not None and all(id(sources.get(k)) in ids for k in self.mean):
             # keyed by the optimizer's position, which need not be the model's order (param
             # groups in another order, or a subset): match the parameter objects themselves
