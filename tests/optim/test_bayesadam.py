@@ -1,5 +1,6 @@
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -1002,3 +1003,15 @@ def test_a_training_block_without_backward_among_several_is_refused():
         model(x)
     opt.step()  # no gradient: nothing moves, no error
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_train_step_warns_when_n_data_is_smaller_than_the_batch():
+    """A common slip: the batch size passed as n_data (the likelihood then weighs 1/4 here)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    with pytest.warns(RuntimeWarning, match="n_data=8 is smaller than this batch of 32"):
+        ef.BayesAdam(model.parameters(), n_data=8).train_step(model, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ef.BayesAdam(model.parameters(), n_data=32).train_step(model, x, y)

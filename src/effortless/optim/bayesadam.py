@@ -1283,6 +1283,15 @@ class BayesAdam(Optimizer):
         self.zero_grad()
         b = x.shape[0]
         self._batch = b
+        small = [g["n_data"] for g in self.param_groups if g["n_data"] < b]
+        if small:  # n_data is the training-set size: the batch size passed for it shrinks N·h
+            warnings.warn(
+                f"BayesAdam.train_step: n_data={small[0]:g} is smaller than this batch of {b}; n_data is "
+                "the number of training examples (the likelihood's weight against the prior), not the "
+                "batch size",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         plan = self._engine_plan(model, names)
         # distributed: every rank runs backward and step even on a non-finite local loss (DDP
         # would hang otherwise); the reduced gradients carry it and step() rejects on all ranks
