@@ -263,3 +263,19 @@ def test_hessian_diagonal_through_training_mode_batchnorm_matches_dense():
     model, x, y = _bn_net("train")
     _assert_dict_close(curvature.diag_hessian(model, x, y), exact.diag(model, x, y, "hessian"))
     assert model.training and model[1].num_batches_tracked == 0
+
+
+def test_hook_engine_runs_large_batches_in_chunks_with_the_same_result(monkeypatch):
+    from effortless.curvature import functional
+    from effortless.experiments.memory import PeakMemory
+
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 5))
+    x, y = torch.randn(800, 20), torch.randint(0, 5, (800,))
+    peaks, outs = [], []
+    for chunk in (10_000, 100):
+        monkeypatch.setattr(functional, "HOOK_CHUNK", chunk)
+        with PeakMemory([*model.parameters(), x, y]) as mem:
+            outs.append(curvature.diag_ggn(model, x, y))
+        peaks.append(mem.peak_bytes)
+    _assert_dict_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert peaks[1] < 0.5 * peaks[0]
