@@ -265,3 +265,20 @@ def test_predict_warns_when_dropout_is_active():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ef.predict(model, post, x, n_samples=2)
+
+
+def test_fit_records_the_regression_noise_for_predict():
+    """ef.fit(likelihood='regression', sigma_noise=0.1) then ef.predict without sigma_noise used
+    σ = 1 in the predictive variance (100× the noise variance here), silently."""
+    torch.manual_seed(0)
+    x = torch.linspace(-1, 1, 64)[:, None]
+    y = x.sin() + 0.1 * torch.randn_like(x)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    post = ef.fit(model, [(x, y)], likelihood="regression", sigma_noise=0.1, epochs=3, n_data=64,
+                  progress=False)  # fmt: skip
+    assert post.sigma_noise == 0.1
+    g = torch.Generator().manual_seed(0)
+    _, var = ef.predict(model, post, x, likelihood="regression", n_samples=4, generator=g)
+    _, ref = ef.predict(model, post, x, likelihood="regression", n_samples=4, sigma_noise=0.1,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    torch.testing.assert_close(var, ref)
