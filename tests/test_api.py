@@ -277,6 +277,7 @@ def test_fit_records_the_regression_noise_for_predict():
     post = ef.fit(model, [(x, y)], likelihood="regression", sigma_noise=0.1, epochs=3, n_data=64,
                   progress=False)  # fmt: skip
     assert post.sigma_noise == 0.1
+    assert ef.laplace(model, [(x, y)], likelihood="regression", sigma_noise=0.1).sigma_noise == 0.1
     g = torch.Generator().manual_seed(0)
     _, var = ef.predict(model, post, x, likelihood="regression", n_samples=4, generator=g)
     _, ref = ef.predict(model, post, x, likelihood="regression", n_samples=4, sigma_noise=0.1,

@@ -448,8 +448,11 @@ def laplace(
             lik = likelihoods.get(likelihood, sigma_noise)
             if not (prior_precision in ("marglik", "marglik-layer") or float(prior_precision) > 0):
                 raise ValueError(f"prior_precision must be a float > 0 or 'marglik', got {prior_precision!r}")
-            return kron.fit_last_layer(model, loader, lik, prior_precision, generator=generator,
+            post = kron.fit_last_layer(model, loader, lik, prior_precision, generator=generator,
                                        distributed=distributed)  # fmt: skip
+            if lik.name == "regression":  # ef.predict's default σ
+                post.sigma_noise = lik.sigma_noise
+            return post
         first, loader = _peek(loader)
         if first is None:
             raise ValueError("laplace: the loader yielded no batches")
@@ -496,4 +499,6 @@ def laplace(
     _check_positive(prec, hessian, delta)
     post = DiagGaussian(mean, prec)
     post.prior_precision = delta  # the value used (tuned with "marglik")
+    if lik.name == "regression":  # ef.predict's default σ (it used σ = 1 whatever the fit's)
+        post.sigma_noise = lik.sigma_noise
     return post
