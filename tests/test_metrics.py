@@ -186,3 +186,8 @@ def test_inputs_that_would_broadcast_or_are_not_probabilities_are_refused():
             f(torch.rand(3, 1), torch.rand(3))
         with pytest.raises(ValueError, match="empty"):
             f(torch.rand(3), torch.rand(0))
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="n_bins"):
+            metrics.ece(probs, labels, n_bins=bad)
+    with pytest.raises(ValueError, match="tpr"):
+        metrics.fpr_at_tpr(torch.rand(5), torch.rand(5), tpr=1.5)

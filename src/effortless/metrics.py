@@ -106,6 +106,8 @@ def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
     predictions, sorted by confidence).
     """
     _check_classification(probs, labels)
+    if not (isinstance(n_bins, int) and n_bins >= 1):
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
     conf, pred = probs.double().max(-1)
     correct = (pred == labels).double()
     if adaptive:
@@ -163,6 +165,8 @@ def aupr(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
 def fpr_at_tpr(scores_in: torch.Tensor, scores_out: torch.Tensor, tpr: float = 0.95) -> float:
     """Fraction of out-of-distribution inputs kept when the threshold keeps ``tpr`` of the in-ones."""
     _check_scores(scores_in, scores_out)
+    if not 0 < tpr <= 1:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr!r}")
     threshold = torch.quantile(scores_in.double(), 1 - tpr)
     return float((scores_out.double() >= threshold).double().mean())
 
