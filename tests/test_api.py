@@ -283,3 +283,16 @@ def test_fit_records_the_regression_noise_for_predict():
     _, ref = ef.predict(model, post, x, likelihood="regression", n_samples=4, sigma_noise=0.1,
                         generator=torch.Generator().manual_seed(0))  # fmt: skip
     torch.testing.assert_close(var, ref)
+
+
+def test_bayesadam_posterior_carries_train_steps_regression_noise_through_a_checkpoint():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 2), torch.randn(32, 1)
+    model = torch.nn.Linear(2, 1)
+    opt = ef.BayesAdam(model.parameters(), n_data=32)
+    assert not hasattr(opt.posterior(), "sigma_noise")  # nothing known: predict's σ = 1
+    opt.train_step(model, x, y, likelihood="regression", sigma_noise=0.3)
+    assert opt.posterior().sigma_noise == 0.3
+    fresh = ef.BayesAdam(model.parameters(), n_data=32)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.posterior().sigma_noise == 0.3

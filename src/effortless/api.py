@@ -149,10 +149,7 @@ def fit(
             )
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{total_loss / max(count, 1):.4f}", refresh=False)  # tqdm rate-limits
-    post = optimizer.posterior()
-    if lik.name == "regression":  # ef.predict's default σ (it used σ = 1 whatever the fit's)
-        post.sigma_noise = lik.sigma_noise
-    return post
+    return optimizer.posterior()  # (with the regression σ that train_step recorded)
 
 
 @torch.no_grad()

@@ -437,6 +437,7 @@ class BayesAdam(Optimizer):
         self.generator = generator
         self.fused = self._choose_fused(fused)
         self.skipped_steps = 0
+        self.sigma_noise = None  # the regression noise train_step trained with (posterior() records it)
         self._plans: dict[int, object] = {}  # id(model) -> hook-engine plan (or None) for train_step
         self._inside = False
         self._clear_pending()
@@ -1280,6 +1281,8 @@ class BayesAdam(Optimizer):
             cf.refuse_coupled(model, f"hessian={self.hessian!r}")
         lik = likelihoods.get(likelihood, sigma_noise)
         names = self._names_in(model)
+        if lik.name == "regression":
+            self.sigma_noise = float(lik.sigma_noise)
         self.zero_grad()
         b = x.shape[0]
         self._batch = b
@@ -1407,6 +1410,8 @@ class BayesAdam(Optimizer):
                 sources[key] = p
         post = DiagGaussian(mean, prec)
         post.sources = sources  # which parameter each key came from (positional keys match by it)
+        if self.sigma_noise is not None:  # ef.predict's default σ (it used σ = 1 whatever train_step's)
+            post.sigma_noise = self.sigma_noise
         return post
 
     # -- persistence ---------------------------------------------------------------------------
@@ -1440,6 +1445,7 @@ class BayesAdam(Optimizer):
             "noise_seed": self._noise_seed,
             # the curvature's product precision changes the numbers: a resumed run keeps it
             "product_dtype": None if self.product_dtype is None else str(self.product_dtype).split(".")[-1],
+            "sigma_noise": self.sigma_noise,
         }
         return sd
 
@@ -1465,6 +1471,7 @@ class BayesAdam(Optimizer):
         if "product_dtype" in extra:  # (checkpoints from before it was saved keep the constructor's)
             pd = extra["product_dtype"]
             self.product_dtype = None if pd is None else getattr(torch, pd)
+        self.sigma_noise = extra.get("sigma_noise", self.sigma_noise)
         self._pending_theta = False  # the loaded buffers hold noise, whatever was pending before
         self._clear_pending()
         self._restore_rank_noise()
