@@ -1388,7 +1388,8 @@ class BayesAdam(Optimizer):
         ``model`` is passed (``model``'s names), else positions ``"0"``, ``"1"``, … in the
         optimizer's order. A positional posterior matches a model through the parameters it came
         from while they live; saved and loaded, it matches by the model's order, so pass ``model``
-        to save one that is keyed by name."""
+        to save one that is keyed by name. After a regression :meth:`train_step` the posterior
+        records its ``sigma_noise`` (``ef.predict``'s default)."""
         self._refuse_inside("posterior()")  # (its mean would be the sample)
         self._check_groups()
         by_param = None
