@@ -184,3 +184,19 @@ def test_marglik_with_a_one_shot_iterator_equals_a_list_loader():
         assert once.prior_precision == pytest.approx(ref.prior_precision, rel=1e-6)
         for n in ref.precision:
             torch.testing.assert_close(once.precision[n], ref.precision[n])
+
+
+def test_state_dict_round_trip_with_weights_only_load_and_to():
+    import io
+
+    model, x, y, loader = _setup()
+    post = ef.laplace(model, loader, hessian="kfac", subset="last_layer", prior_precision="marglik")
+    buf = io.BytesIO()
+    torch.save(post.state_dict(), buf)
+    buf.seek(0)
+    loaded = kron.KronLastLayer.from_state_dict(torch.load(buf, weights_only=True))
+    assert loaded.layer == post.layer and loaded.prior_precision == post.prior_precision
+    for a, b in zip(loaded.predictive_moments(model, x[:5]), post.predictive_moments(model, x[:5])):
+        torch.testing.assert_close(a, b)
+    moved = post.to(torch.float32)
+    assert moved.G.dtype == torch.float32 and moved.prior_precision == post.prior_precision

@@ -155,6 +155,28 @@ class KronLastLayer:
 
         return ctx()
 
+    # -- persistence (torch.load(weights_only=True) reads it) -------------------------------------
+    def state_dict(self) -> dict:
+        out = {"layer": self.layer, "mean": self.mean, "G": self.G, "A": self.A,
+               "prior_precision": float(self.prior_precision), "has_bias": self.has_bias}  # fmt: skip
+        if hasattr(self, "sigma_noise"):
+            out["sigma_noise"] = float(self.sigma_noise)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> KronLastLayer:
+        post = cls(state["layer"], state["mean"], state["G"], state["A"], float(state["prior_precision"]),
+                   bool(state["has_bias"]))  # fmt: skip
+        if "sigma_noise" in state:
+            post.sigma_noise = float(state["sigma_noise"])
+        return post
+
+    def to(self, *args, **kwargs) -> KronLastLayer:
+        """The same posterior with its tensors moved/cast (``Tensor.to`` arguments)."""
+        state = self.state_dict()
+        state.update({k: state[k].to(*args, **kwargs) for k in ("mean", "G", "A")})
+        return KronLastLayer.from_state_dict(state)
+
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """One draw of W̄ (C, in + 1)."""
         z = _rng.randn(self.mean.shape, generator, self.mean)
