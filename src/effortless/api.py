@@ -168,8 +168,8 @@ def predict(
 
     Classification returns the averaged probabilities (B, C); regression returns the predictive
     ``(mean, variance)``, the variance including ``sigma_noise²`` (default: the σ the posterior
-    was fitted with, ``posterior.sigma_noise`` from ``ef.laplace(..., sigma_noise="marglik")``,
-    else 1).
+    was fitted with, ``posterior.sigma_noise``, which ``ef.laplace``, ``ef.fit`` and a regression
+    ``BayesAdam.train_step`` record; else 1).
 
     * ``method="mc"``: average over ``n_samples`` weight samples;
     * ``method="glm"``: the linearised predictive, sampled in output space (``n_samples`` draws of
