@@ -176,7 +176,7 @@ def test_linearised_moments_are_computed_in_chunks_with_the_same_result(monkeypa
     whole = predictive.linearised_moments(model, post, x)
     peaks = []
     for chunk in (10_000, 100):
-        monkeypatch.setattr(predictive, "HOOK_CHUNK", chunk)
+        monkeypatch.setattr(predictive, "MOMENT_CHUNK", chunk)
         with PeakMemory([*model.parameters(), x, *post.mean.values(), *post.precision.values()]) as mem:
             got = predictive.linearised_moments(model, post, x)
         peaks.append(mem.peak_bytes)

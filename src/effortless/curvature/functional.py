@@ -78,16 +78,23 @@ def eager_forward(fn):
     return run
 
 
+def math_attention():
+    """A context in which ``scaled_dot_product_attention`` uses its math kernel: its backward is
+    differentiable and vmap batches it; the fused CPU/CUDA kernels' backward is not ("derivative
+    for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented") and vmap
+    has no batching rule for them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def second_order(fn):
     """Decorator for the functions that differentiate twice (Hessian diagonal, HVP, Hutchinson):
-    attention runs through the math ``scaled_dot_product_attention`` kernel, whose backward is
-    differentiable; the fused CPU/CUDA kernels' backward is not ("derivative for
-    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented")."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    attention runs through :func:`math_attention`."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        with sdpa_kernel([SDPBackend.MATH]):
+        with math_attention():
             return fn(*args, **kwargs)
 
     return run
@@ -178,13 +185,11 @@ def per_sample(fn, in_dims):
     state is created and updated in place inside the forward), the same function applied sample by
     sample and stacked: slower, same result. (It failed with "output with shape [1, 5] doesn't
     match the broadcast shape [8, 1, 5]".)"""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     batched = vmap(fn, in_dims=in_dims)
 
     def run(*args):
         try:
-            with sdpa_kernel([SDPBackend.MATH]):  # vmap has no batching rule for the fused kernels
+            with math_attention():
                 return batched(*args)
         except RuntimeError as err:
             _warn_per_sample_loop(str(err).splitlines()[0][:200])
