@@ -186,13 +186,17 @@ def per_sample(fn, in_dims):
     sample and stacked: slower, same result. (It failed with "output with shape [1, 5] doesn't
     match the broadcast shape [8, 1, 5]".)"""
     batched = vmap(fn, in_dims=in_dims)
+    failed = False  # once vmap failed, later chunks of the same call loop at once
 
     def run(*args):
-        try:
-            with math_attention():
-                return batched(*args)
-        except RuntimeError as err:
-            _warn_per_sample_loop(str(err).splitlines()[0][:200])
+        nonlocal failed
+        if not failed:
+            try:
+                with math_attention():
+                    return batched(*args)
+            except RuntimeError as err:
+                failed = True
+                _warn_per_sample_loop(str(err).splitlines()[0][:200])
         n = next(a.shape[d] for a, d in zip(args, in_dims) if d is not None)
         outs = [fn(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims))) for i in range(n)]
         leaves, spec = tree_flatten(outs[0])
