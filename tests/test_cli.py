@@ -124,8 +124,10 @@ def test_active_runs_writes_reports_and_resumes(tmp_path):
         cli.main(["active", "--task", "cifar"])
     with pytest.raises(SystemExit, match="acquisition"):
         cli.main([*args[:6], "bald,nope", *args[7:]])
-    with pytest.raises(SystemExit, match=r"budget must be an int in \[initial=10\], got 5"):
+    with pytest.raises(SystemExit, match=r"budget must be an int in \[initial=10, pool size=600\], got 5"):
         cli.main([*args[:12], "5", *args[13:]])
+    with pytest.raises(SystemExit, match=r"number of classes \(10\) for a balanced start, got 5"):
+        cli.main([*args[:8], "5", *args[9:]])  # checked against the data before any work
 
 
 def test_active_summary_numbers():

@@ -225,7 +225,9 @@ def run(
         raise ValueError(f"repeats and jobs must be positive ints, got {repeats!r}, {jobs!r}")
     config = asdict(ActiveConfig(initial, query, budget, pool_subset, n_samples, warm_start))
     config.pop("seed")
-    ActiveConfig(**config).check(None, 1)  # argument errors now, not in a worker
+    split = TASKS[task][0]()  # argument errors now, against the data, not in a worker or after a bar
+    pool = subset if subset else len(split.x_train)
+    ActiveConfig(**config).check(min(pool, len(split.x_train)), split.n_classes)
     extra = {k: v for k, v in (("temperature", temperature), ("prior_precision", prior_precision),
                                ("hessian", hessian)) if v is not None}  # fmt: skip
     train = asdict(TrainConfig(epochs=epochs, min_steps=min_steps, **extra))
