@@ -279,3 +279,17 @@ def test_hook_engine_runs_large_batches_in_chunks_with_the_same_result(monkeypat
         peaks.append(mem.peak_bytes)
     _assert_dict_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
     assert peaks[1] < 0.5 * peaks[0]
+
+
+def test_the_per_sample_loop_warning_names_the_callers_line():
+    import warnings
+
+    from effortless.curvature import functional
+
+    functional._warn_per_sample_loop.cache_clear()  # (it warns once per process and reason)
+    model = make_model("recurrent")
+    x, y = make_batch("recurrent", "classification")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        curvature.diag_efisher(model, x, y)
+    assert [w.filename for w in rec if "vmap cannot batch" in str(w.message)] == [__file__]
