@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import likelihoods
+from ._stack import outside_stacklevel
 from .curvature import functional as cf
 from .curvature.data import DIAGONAL, _progress, diagonal_estimator, pair
 from .curvature.data import all_reduce_sums as _all_reduce_sums
@@ -32,7 +33,7 @@ from .posterior import DiagGaussian, evidence, kron, predictive
 __all__ = ["fit", "predict", "predict_samples", "laplace", "LAPLACE_HESSIANS"]
 
 
-def _warn_active_dropout(model: nn.Module, what: str, consequence: str, stacklevel: int) -> None:
+def _warn_active_dropout(model: nn.Module, what: str, consequence: str) -> None:
     dropouts = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
     active = [n for n, m in dropouts if m.training and m.p > 0]
     if active:
@@ -40,7 +41,7 @@ def _warn_active_dropout(model: nn.Module, what: str, consequence: str, stacklev
             f"{what}: dropout {active[0]!r} is active (the model is in training mode), so {consequence}; "
             "call model.eval() first",
             RuntimeWarning,
-            stacklevel=stacklevel,
+            stacklevel=outside_stacklevel(),
         )
 
 
@@ -181,7 +182,7 @@ def predict(
     """
     if method not in ("mc", "glm", "probit"):
         raise ValueError(f"method must be one of ('mc', 'glm', 'probit'), got {method!r}")
-    _warn_active_dropout(model, "ef.predict", "the predictive mixes dropout masks with the weight samples", 5)
+    _warn_active_dropout(model, "ef.predict", "the predictive mixes dropout masks with the weight samples")
     if not (isinstance(n_samples, int) and n_samples >= 1):
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     if sigma_noise is None:
@@ -300,7 +301,7 @@ def predict_samples(
     """
     if method not in ("mc", "glm"):
         raise ValueError(f"method must be 'mc' or 'glm' (per-sample draws), got {method!r}")
-    _warn_active_dropout(model, "ef.predict_samples", "each draw also has its own dropout mask", 4)
+    _warn_active_dropout(model, "ef.predict_samples", "each draw also has its own dropout mask")
     if not (isinstance(n_samples, int) and n_samples >= 1):
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     if method == "glm":
@@ -435,7 +436,7 @@ def laplace(
     """
     if subset not in (None, "all", "last_layer"):
         raise ValueError(f"subset must be None, 'all' or 'last_layer', got {subset!r}")
-    _warn_active_dropout(model, "ef.laplace", "the curvature is that of randomly thinned networks", 3)
+    _warn_active_dropout(model, "ef.laplace", "the curvature is that of randomly thinned networks")
     if hessian not in LAPLACE_HESSIANS:
         raise ValueError(f"hessian must be one of {sorted(LAPLACE_HESSIANS)}, got {hessian!r}")
     if subset == "last_layer":

@@ -39,6 +39,7 @@ from torch.func import functional_call, grad, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import _rng, likelihoods
+from .._stack import outside_stacklevel
 from . import engine
 
 __all__ = [
@@ -212,22 +213,8 @@ def _warn_per_sample_loop(reason: str) -> None:
         f"torch.func.vmap cannot batch this model ({reason}); per-sample quantities are computed one "
         "sample at a time (same result, slower)",
         RuntimeWarning,
-        stacklevel=_outside_stacklevel(),
+        stacklevel=outside_stacklevel(),
     )
-
-
-def _outside_stacklevel() -> int:
-    """The ``stacklevel`` of the first caller outside this package (and torch), for a warning
-    raised deep inside it, so that it names the user's line."""
-    import sys
-    from pathlib import Path
-
-    inside = (str(Path(__file__).resolve().parents[1]), str(Path(torch.__file__).resolve().parent))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and (frame.f_code.co_filename.startswith(inside)
-                                 or "functools" in frame.f_code.co_filename):  # fmt: skip
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _chunks(n: int, size: int):
