@@ -384,7 +384,7 @@ def _warn_without_bf16_units() -> None:
             "product_dtype=torch.bfloat16 on a CPU without AVX512-BF16 or AMX: the products are "
             "emulated and may be slower than float32 (effortless hessian-profile measures it)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=outside_stacklevel(),
         )
 
 

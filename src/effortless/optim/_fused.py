@@ -23,6 +23,8 @@ import warnings
 
 import torch
 
+from .._stack import outside_stacklevel
+
 _CACHE: dict[str, object] = {}
 _BROKEN: set[str] = set()  # kernels whose compilation failed after a first chunk had run
 
@@ -202,7 +204,7 @@ def _chunked(name: str, compiled, args):
             # eagerly (never run a chunk twice), and fail fast from now on so the caller goes eager
             warnings.warn(f"BayesAdam: torch.compile failed on a later chunk of {name!r} "
                           f"({type(err).__name__}: {str(err)[:200]}); finishing eagerly",
-                          RuntimeWarning, stacklevel=2)  # fmt: skip
+                          RuntimeWarning, stacklevel=outside_stacklevel())  # fmt: skip
             _BROKEN.add(name)
             fn = _MATH[name]
             res = fn(*part)

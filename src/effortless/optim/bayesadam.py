@@ -49,6 +49,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .. import _rng, likelihoods
+from .._stack import outside_stacklevel
 from ..curvature import engine, estimators
 from ..curvature import functional as cf
 from ..posterior.diag import DiagGaussian
@@ -667,7 +668,7 @@ class BayesAdam(Optimizer):
                 f"BayesAdam: torch.compile failed ({type(err).__name__}: {str(err)[:200]}); "
                 "continuing without fused kernels (fused=False)",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=outside_stacklevel(),
             )
             self.fused = False
             return _FAILED
@@ -1293,7 +1294,7 @@ class BayesAdam(Optimizer):
                 "the number of training examples (the likelihood's weight against the prior), not the "
                 "batch size",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=outside_stacklevel(),
             )
         plan = self._engine_plan(model, names)
         # distributed: every rank runs backward and step even on a non-finite local loss (DDP
@@ -1352,7 +1353,7 @@ class BayesAdam(Optimizer):
                     "model eagerly: the curvature needs each layer's output, which a compiled "
                     "forward does not expose ('reparam' and 'gradsq' keep the compiled forward)",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=outside_stacklevel(),
                 )
         return self._plans[id(model)]
 
