@@ -83,6 +83,8 @@ def test_last_layer_diag_and_bad_subsets():
     assert list(post.mean) == ["2.weight", "2.bias"]
     with pytest.raises(ValueError, match="subset"):
         ef.laplace(model, loader, subset="first")
+    with pytest.raises(ValueError, match="not both"):  # params= was silently replaced by the last layer
+        ef.laplace(model, loader, subset="last_layer", params=["0.weight"])
     with pytest.raises(ValueError, match="nn.Linear"):
         conv = nn.Sequential(nn.Conv1d(1, 1, 1), nn.Flatten())
         ef.laplace(conv, [(torch.randn(2, 1, 3), torch.zeros(2).long())], subset="last_layer")

@@ -440,6 +440,8 @@ def laplace(
     if hessian not in LAPLACE_HESSIANS:
         raise ValueError(f"hessian must be one of {sorted(LAPLACE_HESSIANS)}, got {hessian!r}")
     if subset == "last_layer":
+        if params is not None:  # one of them would be ignored
+            raise ValueError("pass either params= or subset='last_layer', not both")
         if hessian == "kfac":
             if product_dtype is not None:
                 raise ValueError("product_dtype is not used by the last-layer KFAC fit (small products)")
