@@ -296,3 +296,14 @@ def test_bayesadam_posterior_carries_train_steps_regression_noise_through_a_chec
     fresh = ef.BayesAdam(model.parameters(), n_data=32)
     fresh.load_state_dict(opt.state_dict())
     assert fresh.posterior().sigma_noise == 0.3
+
+
+def test_fit_with_an_optimizer_refuses_settings_it_would_ignore():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    opt = ef.BayesAdam(model.parameters(), n_data=8)
+    for kw in ({"lr": 1e-2}, {"n_data": 100}, {"hessian": "ggn"}):
+        with pytest.raises(ValueError, match="would be ignored with optimizer="):
+            ef.fit(model, data, epochs=1, optimizer=opt, progress=False, **kw)
+    ef.fit(model, data, epochs=1, optimizer=opt, progress=False)  # continuing as is works

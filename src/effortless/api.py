@@ -115,6 +115,11 @@ def fit(
     if scheduler not in ("cosine", None):
         raise ValueError(f"scheduler must be 'cosine' or None, got {scheduler!r}")
     lik = likelihoods.get(likelihood, sigma_noise)
+    if optimizer is not None:  # these would be ignored: the optimizer has its own
+        given = [*optimizer_kwargs, *(["n_data"] if n_data is not None else []),
+                 *(["hessian"] if hessian not in ("reparam", optimizer.hessian) else [])]  # fmt: skip
+        if given:
+            raise ValueError(f"fit: {given} would be ignored with optimizer=; set them on the optimizer")
     if optimizer is None:
         if n_data is None:
             n_data = _n_data(loader)
