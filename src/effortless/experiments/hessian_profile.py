@@ -79,12 +79,13 @@ def quantities(model, x, y) -> dict[str, Callable[[], object]]:
         "gvp": lambda: operators.gvp(model, x, y, v),
         "cg, 10 gvp": cg10,
     }
-    if sum(p.numel() for p in model.parameters()) <= FUNC_MAX_PARAMS:  # the generic path is slow
+    n_params = sum(p.numel() for p in model.parameters())
+    if n_params <= FUNC_MAX_PARAMS:  # the generic path is slow
         out["ggn (torch.func)"] = lambda: functional.diag_ggn(model, x, y, backend="func")
         out["efisher (torch.func)"] = lambda: functional.diag_efisher(model, x, y, backend="func")
     out.update(_backpack_quantities(model, x, y))
     out.update(_curvlinops_quantities(model, x, y))
-    if sum(p.numel() for p in model.parameters()) <= LAPLACE_TORCH_MAX_PARAMS:
+    if n_params <= LAPLACE_TORCH_MAX_PARAMS:
         out.update(_laplace_torch_quantities(model, x, y))
     return out
 
