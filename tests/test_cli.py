@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -188,3 +189,19 @@ def test_an_out_path_that_is_a_file_is_refused_before_any_work(command, tmp_path
     with pytest.raises(SystemExit):
         cli.main([*command, "--out", str(blocker / "below")])
     assert "cannot create it" in capsys.readouterr().err
+
+
+def test_bench_help_names_every_task_and_method():
+    """The help text is static (no torch import for --help): it must not fall behind the registry."""
+    from effortless.baselines.methods import METHODS
+    from effortless.experiments.bench import PROFILES
+    from effortless.experiments.tasks import TASKS
+
+    bench = cli.build_parser()._subparsers._group_actions[0].choices["bench"]
+    text = re.sub(r"-\s+", "-", " ".join(bench.format_help().split()))  # undo line wrapping
+    for name in TASKS:
+        assert name in text, name
+    for name in METHODS:
+        assert name in text or name.startswith("bayesadam-"), name
+    for task in PROFILES["quick"]["task"]:
+        assert task in text.split("quick:")[1].split("full:")[0], task

@@ -255,16 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--task",
         default=None,
-        help="comma list: fmnist-mlp, fmnist-cnn, mnist1d-mlp, mnist1d-cnn, digits, breast_cancer, wine "
-        "(default fmnist-mlp)",
+        help="comma list of classification tasks (fmnist-mlp, fmnist-cnn, mnist1d-mlp, mnist1d-cnn, digits, "
+        "breast_cancer, wine) and regression tasks (toy-regression, diabetes, boston: 90/10 split per "
+        "seed; methods without a regression version skip them) (default fmnist-mlp)",
     )
     b.add_argument("--methods", default=None,
                    help="comma list (default map,bayesadam,mc-dropout,temperature,laplace,adam-laplace)")
     b.add_argument("--seeds", type=_positive, default=None, help="seeds per task × method (default 1)")
     b.add_argument("--epochs", type=_positive, default=None, help="override the task's epochs")
     b.add_argument("--profile", choices=["quick", "full"], default=None,
-                   help="quick: every method of ≤5x training cost on fmnist-mlp and mnist1d-mlp, 1 seed "
-                   "(~20 min on 2 cores); full: every task, 5 seeds. Flags given next to it win")
+                   help="quick: every method of ≤5x training cost on fmnist-mlp, mnist1d-mlp and "
+                   "toy-regression, 1 seed (~20 min on 2 cores); full: every task, 5 seeds. Flags "
+                   "given next to it win")
     b.add_argument("--config", default=None,
                    help="JSON (or YAML) file with any of task, methods, seeds, epochs, subset, out; "
                    "command-line flags override it")
