@@ -307,3 +307,44 @@ def test_fit_with_an_optimizer_refuses_settings_it_would_ignore():
         with pytest.raises(ValueError, match="would be ignored with optimizer="):
             ef.fit(model, data, epochs=1, optimizer=opt, progress=False, **kw)
     ef.fit(model, data, epochs=1, optimizer=opt, progress=False)  # continuing as is works
+
+
+def test_posteriors_record_their_likelihood_and_predict_checks_it():
+    """A 2-output regression posterior passed to ef.predict without likelihood= came back as softmax
+    probabilities, and a classification posterior predicted with likelihood='regression' as
+    (mean, variance) of its logits: numbers either way, no error."""
+    torch.manual_seed(0)
+    x, yr, yc = torch.randn(32, 4), torch.randn(32, 2), torch.randint(0, 2, (32,))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    reg = ef.laplace(model, [(x, yr)], likelihood="regression")
+    cls = ef.laplace(model, [(x, yc)], likelihood="classification")
+    kfac = ef.laplace(model, [(x, yr)], likelihood="regression", hessian="kfac", subset="last_layer")
+    noise = ef.laplace(model, [(x, yr)], likelihood="regression", sigma_noise="marglik")
+    opt = ef.BayesAdam(model.parameters(), n_data=32)
+    opt.train_step(model, x, yr, likelihood="regression")
+    fitted = ef.fit(model, [(x, yc)], likelihood="classification", epochs=1, n_data=32, progress=False)
+    assert (reg.likelihood, kfac.likelihood, noise.likelihood) == ("regression",) * 3
+    assert (cls.likelihood, fitted.likelihood) == ("classification",) * 2
+    fresh = ef.BayesAdam(model.parameters(), n_data=32)
+    fresh.load_state_dict(opt.state_dict())  # the optimizer's checkpoint keeps it
+    trained = fresh.posterior()
+    assert trained.likelihood == "regression"
+    saved = ef.DiagGaussian({}, {})
+    saved.load_state_dict(reg.state_dict())
+    assert saved.likelihood == saved.to(torch.float64).likelihood == "regression"
+    assert type(kfac).from_state_dict(kfac.state_dict()).likelihood == "regression"
+    for post in (reg, kfac, trained, saved):
+        g = torch.Generator().manual_seed(0)
+        out = ef.predict(model, post, x, n_samples=3, generator=g)  # the posterior's likelihood
+        assert isinstance(out, tuple) and out[0].shape == out[1].shape == (32, 2)
+        with pytest.raises(ValueError, match="fitted with likelihood='regression'"):
+            ef.predict(model, post, x, n_samples=3, likelihood="classification")
+        with pytest.raises(ValueError, match="likelihood='regression'"):
+            ef.predict_samples(model, post, x, n_samples=3)
+    with pytest.raises(ValueError, match="fitted with likelihood='classification'"):
+        ef.predict(model, cls, x, likelihood="regression")
+    probs = ef.predict(model, cls, x, n_samples=3)
+    assert probs.shape == (32, 2) and torch.allclose(probs.sum(-1), torch.ones(32))
+    unknown = ef.DiagGaussian.from_model(model, 10.0)  # nothing recorded: classification unless told
+    assert ef.predict(model, unknown, x, n_samples=2).shape == (32, 2)
+    assert len(ef.predict(model, unknown, x, n_samples=2, likelihood="regression")) == 2

@@ -165,7 +165,7 @@ def predict(
     posterior: DiagGaussian,
     x: torch.Tensor,
     n_samples: int = 32,
-    likelihood: str = "classification",
+    likelihood: str | None = None,
     method: str = "mc",
     generator: torch.Generator | None = None,
     sigma_noise: float | None = None,
@@ -175,7 +175,9 @@ def predict(
     Classification returns the averaged probabilities (B, C); regression returns the predictive
     ``(mean, variance)``, the variance including ``sigma_noise²`` (default: the σ the posterior
     was fitted with, ``posterior.sigma_noise``, which ``ef.laplace``, ``ef.fit`` and a regression
-    ``BayesAdam.train_step`` record; else 1).
+    ``BayesAdam.train_step`` record; else 1). ``likelihood`` defaults to the one the posterior
+    was fitted with (``posterior.likelihood``, recorded by the same calls), else classification;
+    naming a different one raises ``ValueError``.
 
     * ``method="mc"``: average over ``n_samples`` weight samples;
     * ``method="glm"``: the linearised predictive, sampled in output space (``n_samples`` draws of
@@ -192,7 +194,7 @@ def predict(
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     if sigma_noise is None:
         sigma_noise = getattr(posterior, "sigma_noise", 1.0)
-    lik = likelihoods.get(likelihood, sigma_noise)
+    lik = likelihoods.get(_fitted_likelihood(posterior, likelihood, "ef.predict"), sigma_noise)
     if method in ("glm", "probit"):
         if isinstance(posterior, kron.KronLastLayer):
             mean, cov = posterior.predictive_moments(model, x)
@@ -279,6 +281,22 @@ class _SampleLoader:
                 p.copy_(saved[k])
 
 
+def _fitted_likelihood(posterior, likelihood, caller: str):
+    """``likelihood``, or the posterior's recorded one when None; a mismatch is an error (a
+    classification posterior's logits read as regression means, or softmax taken of a multi-output
+    regression, gives numbers without complaint)."""
+    fitted = getattr(posterior, "likelihood", None)
+    if likelihood is None:
+        return fitted or "classification"
+    name = likelihoods.get(likelihood).name
+    if fitted is not None and name != fitted:
+        raise ValueError(
+            f"{caller}: likelihood={name!r}, but the posterior was fitted with likelihood={fitted!r}; "
+            "leave likelihood= out to use the posterior's"
+        )
+    return likelihood
+
+
 @keep_buffers
 def predict_samples(
     model: nn.Module,
@@ -306,6 +324,11 @@ def predict_samples(
     """
     if method not in ("mc", "glm"):
         raise ValueError(f"method must be 'mc' or 'glm' (per-sample draws), got {method!r}")
+    if getattr(posterior, "likelihood", None) == "regression":
+        raise ValueError(
+            "ef.predict_samples gives classification log-probabilities; this posterior was fitted with "
+            "likelihood='regression' (use ef.predict for its predictive mean and variance)"
+        )
     _warn_active_dropout(model, "ef.predict_samples", "each draw also has its own dropout mask")
     if not (isinstance(n_samples, int) and n_samples >= 1):
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
@@ -392,6 +415,7 @@ def _laplace_tune_noise(model, loader, hessian, prior_precision, generator, para
     post = DiagGaussian(mean, prec)
     post.prior_precision = delta
     post.sigma_noise = sigma
+    post.likelihood = "regression"
     return post
 
 
@@ -457,6 +481,7 @@ def laplace(
                                        distributed=distributed)  # fmt: skip
             if lik.name == "regression":  # ef.predict's default σ
                 post.sigma_noise = lik.sigma_noise
+            post.likelihood = lik.name
             return post
         first, loader = _peek(loader)
         if first is None:
@@ -506,4 +531,5 @@ def laplace(
     post.prior_precision = delta  # the value used (tuned with "marglik")
     if lik.name == "regression":  # ef.predict's default σ (it used σ = 1 whatever the fit's)
         post.sigma_noise = lik.sigma_noise
+    post.likelihood = lik.name  # ef.predict's default likelihood, and its check
     return post

@@ -439,6 +439,7 @@ class BayesAdam(Optimizer):
         self.fused = self._choose_fused(fused)
         self.skipped_steps = 0
         self.sigma_noise = None  # the regression noise train_step trained with (posterior() records it)
+        self.likelihood = None  # the likelihood train_step trained with (posterior() records it)
         self._plans: dict[int, object] = {}  # id(model) -> hook-engine plan (or None) for train_step
         self._inside = False
         self._clear_pending()
@@ -1282,6 +1283,7 @@ class BayesAdam(Optimizer):
             cf.refuse_coupled(model, f"hessian={self.hessian!r}")
         lik = likelihoods.get(likelihood, sigma_noise)
         names = self._names_in(model)
+        self.likelihood = lik.name
         if lik.name == "regression":
             self.sigma_noise = float(lik.sigma_noise)
         self.zero_grad()
@@ -1414,6 +1416,8 @@ class BayesAdam(Optimizer):
         post.sources = sources  # which parameter each key came from (positional keys match by it)
         if self.sigma_noise is not None:  # ef.predict's default σ (it used σ = 1 whatever train_step's)
             post.sigma_noise = self.sigma_noise
+        if self.likelihood is not None:  # ef.predict's default likelihood, and its check
+            post.likelihood = self.likelihood
         return post
 
     # -- persistence ---------------------------------------------------------------------------
@@ -1448,6 +1452,7 @@ class BayesAdam(Optimizer):
             # the curvature's product precision changes the numbers: a resumed run keeps it
             "product_dtype": None if self.product_dtype is None else str(self.product_dtype).split(".")[-1],
             "sigma_noise": self.sigma_noise,
+            "likelihood": self.likelihood,
         }
         return sd
 
@@ -1474,6 +1479,7 @@ class BayesAdam(Optimizer):
             pd = extra["product_dtype"]
             self.product_dtype = None if pd is None else getattr(torch, pd)
         self.sigma_noise = extra.get("sigma_noise", self.sigma_noise)
+        self.likelihood = extra.get("likelihood", self.likelihood)
         self._pending_theta = False  # the loaded buffers hold noise, whatever was pending before
         self._clear_pending()
         self._restore_rank_noise()

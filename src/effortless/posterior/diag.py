@@ -146,7 +146,7 @@ class DiagGaussian:
     # -- persistence ---------------------------------------------------------------------------
     # what a fit records beside the moments (ef.laplace: the δ and σ it chose), kept by state_dict
     # and to(): a posterior saved without its tuned σ predicted with the default σ = 1
-    _EXTRAS = ("prior_precision", "sigma_noise")
+    _EXTRAS = ("prior_precision", "sigma_noise", "likelihood")
 
     def state_dict(self) -> dict:
         out = {"mean": dict(self.mean), "precision": dict(self.precision)}

@@ -160,6 +160,8 @@ class KronLastLayer:
                "prior_precision": float(self.prior_precision), "has_bias": self.has_bias}  # fmt: skip
         if hasattr(self, "sigma_noise"):
             out["sigma_noise"] = float(self.sigma_noise)
+        if hasattr(self, "likelihood"):
+            out["likelihood"] = str(self.likelihood)
         return out
 
     @classmethod
@@ -168,6 +170,8 @@ class KronLastLayer:
                    bool(state["has_bias"]))  # fmt: skip
         if "sigma_noise" in state:
             post.sigma_noise = float(state["sigma_noise"])
+        if "likelihood" in state:
+            post.likelihood = str(state["likelihood"])
         return post
 
     def to(self, *args, **kwargs) -> KronLastLayer:
