@@ -161,3 +161,12 @@ def test_mc_predictive_of_a_cpu_posterior_for_a_cuda_model_is_batched_and_equal(
     finally:
         api._SampleLoader.run = orig
     assert not calls  # the batched path ran
+
+
+def test_labels_out_of_range_on_cuda_fail_at_the_next_sync():
+    """On a device the label check is an asynchronous assert (no per-step wait): it fails when the
+    stream syncs, not silently."""
+    model, x, y = _problem("cuda")
+    with pytest.raises(RuntimeError):
+        ef.curvature.diag_ggn(model, x, y + 4, likelihood="classification")
+        torch.cuda.synchronize()

@@ -98,3 +98,39 @@ def test_classification_factor_is_accurate_for_confident_predictions(gap):
     got = (S @ S.transpose(1, 2)).double()
     for b in range(3):
         torch.testing.assert_close(got[b], H[b], atol=1e-6 * H[b].abs().max().item(), rtol=0)
+
+
+CALLS = ["diag_ggn", "diag_ggn-mc", "kfac", "laplace", "laplace-kfac-ll", "train_step-ggn"]
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_labels_beyond_the_models_outputs_are_refused(call):
+    """The GGN and KFAC estimators do not read the labels: a 3-output model on 8-class labels got a
+    posterior without complaint (and the empirical Fisher an IndexError)."""
+    import effortless as ef
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5), torch.randint(0, 8, (16,))
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    run = {
+        "diag_ggn": lambda: ef.curvature.diag_ggn(model, x, y, likelihood="classification"),
+        "diag_ggn-mc": lambda: ef.curvature.diag_ggn(model, x, y, likelihood="classification", method="mc"),
+        "kfac": lambda: ef.curvature.kfac(model, x, y, likelihood="classification"),
+        "laplace": lambda: ef.laplace(model, [(x, y)]),
+        "laplace-kfac-ll": lambda: ef.laplace(model, [(x, y)], hessian="kfac", subset="last_layer"),
+        "train_step-ggn": lambda: ef.BayesAdam(model.parameters(), n_data=16, hessian="ggn").train_step(
+            model, x, y
+        ),
+    }[call]
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\) .* got labels from 0 to 7"):
+        run()
+    y.remainder_(3)  # the same call with labels in range goes through
+    run()
+
+
+def test_label_range_check_accepts_empty_batches_and_every_class():
+    lik = likelihoods.get("classification")
+    lik.check(torch.randn(0, 3), torch.zeros(0, dtype=torch.long))
+    lik.check(torch.randn(3, 3), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="from -1 to 2"):
+        lik.check(torch.randn(3, 3), torch.tensor([-1, 1, 2]))

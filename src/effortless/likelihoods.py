@@ -95,6 +95,24 @@ def _check_logits(f: torch.Tensor) -> None:
         )
 
 
+def _check_label_range(y: torch.Tensor, n_classes: int) -> None:
+    """Labels in [0, C). The GGN and KFAC estimators never read y, so a model with fewer outputs
+    than the data has classes got a posterior without complaint. On CPU a ``ValueError``; on an
+    accelerator an asynchronous device-side assert (a ``.item()`` here would wait for the device
+    every step)."""
+    if y.numel() == 0:
+        return
+    if y.device.type != "cpu":
+        torch._assert_async(((y >= 0) & (y < n_classes)).all(), "classification labels must be in [0, C)")
+        return
+    lo, hi = torch.aminmax(y)
+    if lo < 0 or hi >= n_classes:
+        raise ValueError(
+            f"classification labels must be in [0, {n_classes}) for a model with {n_classes} outputs, "
+            f"got labels from {int(lo)} to {int(hi)}"
+        )
+
+
 class Classification(Likelihood):
     name = "classification"
 
@@ -105,6 +123,7 @@ class Classification(Likelihood):
                 f"classification expects integer labels of shape ({f.shape[0]},), got "
                 f"{tuple(y.shape)} {y.dtype}"
             )
+        _check_label_range(y, f.shape[1])
         return f, y.long()
 
     def nll(self, f, y):
