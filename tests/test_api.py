@@ -348,3 +348,30 @@ def test_posteriors_record_their_likelihood_and_predict_checks_it():
     unknown = ef.DiagGaussian.from_model(model, 10.0)  # nothing recorded: classification unless told
     assert ef.predict(model, unknown, x, n_samples=2).shape == (32, 2)
     assert len(ef.predict(model, unknown, x, n_samples=2, likelihood="regression")) == 2
+
+
+def test_non_tensor_inputs_get_a_clear_error():
+    """A DataLoader, a list of batches or a NumPy array as x failed with "'DataLoader' object has
+    no attribute 'device'"; an empty batch in train_step with a ZeroDivisionError."""
+    model = torch.nn.Linear(4, 3)
+    post = ef.DiagGaussian.from_model(model, 10.0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(10, 4)), batch_size=4)
+    for fn in (ef.predict, ef.predict_samples):
+        with pytest.raises(TypeError, match="got DataLoader .*torch.cat"):
+            fn(model, post, loader)
+        with pytest.raises(TypeError, match="got ndarray .*torch.as_tensor"):
+            fn(model, post, torch.randn(3, 4).numpy())
+    opt = ef.BayesAdam(model.parameters(), n_data=10)
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(TypeError, match="x must be a tensor"):
+        opt.train_step(model, x.numpy(), y)
+    with pytest.raises(ValueError, match="empty batch"):
+        opt.train_step(model, x[:0], y[:0])
+    with pytest.raises(ValueError, match="one label or target row per input"):
+        opt.train_step(model, x, y[:2])
+    assert opt.state_dict()["state"] == {}  # nothing was drawn or stepped
+    opt.train_step(model, x, y)
+    with pytest.raises(TypeError, match="its inputs are a ndarray"):
+        ef.laplace(model, [(x.numpy(), y)])
+    with pytest.raises(TypeError, match="its targets are a list"):
+        ef.fit(model, [(x, y.tolist())], n_data=3, epochs=1, progress=False)

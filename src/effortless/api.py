@@ -189,6 +189,7 @@ def predict(
     """
     if method not in ("mc", "glm", "probit"):
         raise ValueError(f"method must be one of ('mc', 'glm', 'probit'), got {method!r}")
+    _check_inputs(x, "ef.predict")
     _warn_active_dropout(model, "ef.predict", "the predictive mixes dropout masks with the weight samples")
     if not (isinstance(n_samples, int) and n_samples >= 1):
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
@@ -281,6 +282,15 @@ class _SampleLoader:
                 p.copy_(saved[k])
 
 
+def _check_inputs(x, caller: str) -> None:
+    """``x`` is one tensor of inputs: a DataLoader, a list of batches or a NumPy array failed with
+    "'DataLoader' object has no attribute 'device'" or similar."""
+    if not isinstance(x, torch.Tensor):
+        hint = (" (for a loader, predict each batch and torch.cat the results)"
+                if not hasattr(x, "__array__") else " (convert it with torch.as_tensor)")  # fmt: skip
+        raise TypeError(f"{caller}: x must be a tensor of inputs, got {type(x).__name__}{hint}")
+
+
 def _fitted_likelihood(posterior, likelihood, caller: str):
     """``likelihood``, or the posterior's recorded one when None; a mismatch is an error (a
     classification posterior's logits read as regression means, or softmax taken of a multi-output
@@ -324,6 +334,7 @@ def predict_samples(
     """
     if method not in ("mc", "glm"):
         raise ValueError(f"method must be 'mc' or 'glm' (per-sample draws), got {method!r}")
+    _check_inputs(x, "ef.predict_samples")
     if getattr(posterior, "likelihood", None) == "regression":
         raise ValueError(
             "ef.predict_samples gives classification log-probabilities; this posterior was fitted with "

@@ -215,6 +215,10 @@ def test_misaligned_wrong_kind_or_empty_batches_are_refused(name, arch):
         fn(model, x, y.float())
     with pytest.raises(ValueError, match="empty batch"):
         fn(model, x[:0], y[:0])
+    with pytest.raises(TypeError, match="x must be a tensor, got ndarray"):
+        fn(model, x.numpy(), y)
+    with pytest.raises(TypeError, match="y must be a tensor, got list"):
+        fn(model, x, y.tolist())
 
 
 def _bn_net(mode):

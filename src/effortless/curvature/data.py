@@ -25,6 +25,12 @@ def pair(batch) -> tuple[torch.Tensor, torch.Tensor]:
     unpacked into its two keys, and a third element, failed with messages about strings or
     unpacking)."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        for name, t in zip(("inputs", "targets"), batch):
+            if not isinstance(t, torch.Tensor):  # failed with "'numpy.ndarray' has no attribute 'to'"
+                raise TypeError(
+                    f"each batch must be an (inputs, targets) pair of tensors; its {name} are a "
+                    f"{type(t).__name__} (convert with torch.as_tensor, or use a DataLoader)"
+                )
         return batch[0], batch[1]
     if isinstance(batch, dict):
         got = f"a dict with keys {list(batch)}"

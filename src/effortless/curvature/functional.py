@@ -233,6 +233,13 @@ def _chunk_size(params: dict, chunk_size: int | None) -> int:
 def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
     """One label (row of targets) per input, and at least one of each: the estimators that do not
     read the labels (exact and MC GGN, KFAC) would otherwise take a misaligned batch silently."""
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor):  # a NumPy array or a list failed on a missing .dim()
+            raise TypeError(
+                f"{name} must be a tensor, got {type(t).__name__} (convert it with torch.as_tensor)"
+            )
+    if x.dim() == 0:
+        raise ValueError("x must have a batch dimension (a batch of inputs), got a 0-d tensor")
     if x.shape[0] == 0:
         raise ValueError("x is an empty batch (0 samples): its curvature sum is zero; skip it")
     if y.dim() == 0 or y.shape[0] != x.shape[0]:

@@ -1277,6 +1277,7 @@ class BayesAdam(Optimizer):
         step equals one on the whole batch (for ``kfac`` the Kronecker factors are per micro-batch,
         a slightly different approximation). Returns the minibatch-mean loss (averaged over samples).
         """
+        cf._check_batch(x, y)
         if not (isinstance(accumulate, int) and 1 <= accumulate <= max(int(x.shape[0]), 1)):
             raise ValueError(f"accumulate must be an int in [1, batch size], got {accumulate!r}")
         if self.hessian in _PER_SAMPLE:  # before anything is drawn
