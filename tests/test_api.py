@@ -345,6 +345,9 @@ def test_posteriors_record_their_likelihood_and_predict_checks_it():
         ef.predict(model, cls, x, likelihood="regression")
     probs = ef.predict(model, cls, x, n_samples=3)
     assert probs.shape == (32, 2) and torch.allclose(probs.sum(-1), torch.ones(32))
+    one = torch.nn.Linear(4, 1)  # nothing recorded, one output: the message names ef.predict
+    with pytest.raises(ValueError, match="at least 2 outputs .* use ef.predict"):
+        ef.predict_samples(one, ef.DiagGaussian.from_model(one, 10.0), x, n_samples=2)
     unknown = ef.DiagGaussian.from_model(model, 10.0)  # nothing recorded: classification unless told
     assert ef.predict(model, unknown, x, n_samples=2).shape == (32, 2)
     assert len(ef.predict(model, unknown, x, n_samples=2, likelihood="regression")) == 2

@@ -352,6 +352,11 @@ def predict_samples(
         f = predictive.glm_logits(mean.detach(), cov.detach(), n_samples, generator)
     else:
         f = _mc_outputs(model, posterior, x, n_samples, generator)
+    if f.dim() == 3 and f.shape[-1] < 2:  # (the general message suggests a likelihood= it has not)
+        raise ValueError(
+            f"ef.predict_samples gives classification log-probabilities and needs at least 2 outputs "
+            f"(one logit per class), got {f.shape[-1]}; for a regression model use ef.predict"
+        )
     likelihoods._check_logits(f[0])
     return f.log_softmax(-1).permute(1, 2, 0)
 
