@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import effortless as ef
 from effortless import curvature
 from effortless.curvature import exact, operators
 from tests.conftest import ARCHS, make_batch, make_model
@@ -297,3 +298,46 @@ def test_the_per_sample_loop_warning_names_the_callers_line():
         warnings.simplefilter("always")
         curvature.diag_efisher(model, x, y)
     assert [w.filename for w in rec if "vmap cannot batch" in str(w.message)] == [__file__]
+
+
+class _Tokens(torch.nn.Module):
+    def __init__(self, **embedding):
+        super().__init__()
+        self.e = torch.nn.Embedding(10, 4, **embedding)
+        self.l = torch.nn.Linear(4 * 5, 3)
+
+    def forward(self, t):
+        return self.l(torch.tanh(self.e(t)).flatten(1))
+
+
+def test_embedding_padding_row_gets_no_curvature_on_the_hook_path():
+    """The hook rule gave the padding row (which never gets a gradient) the curvature of the rows
+    around it: diag_ggn and diag_efisher off by 160 % of the largest entry, silently."""
+    torch.manual_seed(0)
+    model = _Tokens(padding_idx=0).double()
+    tokens = torch.randint(0, 10, (6, 5))
+    tokens[:, 0] = 0
+    y = torch.randint(0, 3, (6,))
+    assert ef.curvature.plan(model).backend == "hooks"
+    for kind, fn in (("ggn", ef.curvature.diag_ggn), ("efisher", ef.curvature.diag_efisher)):
+        got, ref = fn(model, tokens, y), exact.diag(model, tokens, y, kind)
+        assert ref["e.weight"][0].abs().max() == 0
+        for n in ref:
+            torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12)
+
+
+def test_embedding_scaling_gradients_by_frequency_is_refused_for_per_sample_curvature():
+    """scale_grad_by_freq divides a row's gradient by its count in the whole batch: the hook rule
+    returned the unscaled curvature, 3.4× off the batch-scaled reference, without a word."""
+    torch.manual_seed(0)
+    model = _Tokens(scale_grad_by_freq=True).double()
+    tokens, y = torch.randint(0, 10, (6, 5)), torch.randint(0, 3, (6,))
+    def train_step(m, x, t):
+        return ef.BayesAdam(m.parameters(), n_data=6, hessian="ggn").train_step(m, x, t)
+
+    for fn in (ef.curvature.diag_ggn, ef.curvature.diag_efisher, ef.curvature.kfac,
+               lambda m, x, t: ef.laplace(m, [(x, t)]), train_step):  # fmt: skip
+        with pytest.raises(ValueError, match="'e' with scale_grad_by_freq=True"):
+            fn(model, tokens, y)
+    ref = exact.diag(model, tokens, y, "hessian")  # batch-level quantities still run
+    torch.testing.assert_close(ef.curvature.diag_hessian(model, tokens, y)["e.weight"], ref["e.weight"])

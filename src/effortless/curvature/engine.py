@@ -165,6 +165,8 @@ def _embedding_sq(m: nn.Embedding, idx, delta, dtype=None):  # scatter-adds: dty
     uniq, inverse = torch.unique(key, return_inverse=True)
     seg = delta.new_zeros(uniq.shape[0], dim).index_add_(0, inverse, delta.reshape(-1, dim))
     out = delta.new_zeros(m.num_embeddings, dim).index_add_(0, uniq % m.num_embeddings, seg.pow(2))
+    if m.padding_idx is not None:  # the padding row gets no gradient (it had the other rows' curvature)
+        out[m.padding_idx] = 0
     return {"weight": out}
 
 
@@ -278,6 +280,19 @@ def coupled_modules(model: nn.Module) -> list[str]:
     batch: BatchNorm normalising with batch statistics (training mode, or no running statistics).
     Per-sample curvature (GGN, MC-GGN, empirical Fisher, KFAC) is not defined through them."""
     return [n or type(m).__name__ for n, m in model.named_modules() if _couples(m)]
+
+
+def freq_scaled_modules(model: nn.Module) -> list[str]:
+    """Names of the embeddings whose backward scales each row's gradient by the inverse count of its
+    index in the mini-batch (``scale_grad_by_freq=True``): a sample's gradient then depends on
+    the rest of the batch, so per-sample gradients (and the GGN, empirical Fisher, KFAC built
+    from them) are not defined."""
+    kinds = (nn.Embedding, nn.EmbeddingBag)
+    return [
+        n or type(m).__name__
+        for n, m in model.named_modules()
+        if isinstance(m, kinds) and m.scale_grad_by_freq
+    ]
 
 
 def _couples(m: nn.Module) -> bool:

@@ -146,6 +146,14 @@ def refuse_coupled(model: nn.Module, what: str) -> None:
             "of a batch. Call model.eval() first (with running statistics), or use a batch-level "
             "estimator (diag_hessian, diag_hutchinson; BayesAdam's 'reparam' or 'gradsq')"
         )
+    scaled = engine.freq_scaled_modules(model)
+    if scaled:  # the hook rule gave the unscaled Jacobian's curvature, torch.func the batch-scaled one
+        raise ValueError(
+            f"{what} needs per-sample gradients, which are not defined through {scaled[0]!r} with "
+            "scale_grad_by_freq=True: its backward divides each row's gradient by how often the index "
+            "occurs in the whole mini-batch. Turn it off for the curvature, or use a batch-level "
+            "estimator (diag_hessian, diag_hutchinson; BayesAdam's 'reparam' or 'gradsq')"
+        )
 
 
 # The generic path holds per-sample gradients for a chunk of samples at once: at most
