@@ -341,3 +341,17 @@ def test_embedding_scaling_gradients_by_frequency_is_refused_for_per_sample_curv
             fn(model, tokens, y)
     ref = exact.diag(model, tokens, y, "hessian")  # batch-level quantities still run
     torch.testing.assert_close(ef.curvature.diag_hessian(model, tokens, y)["e.weight"], ref["e.weight"])
+
+
+def test_diag_hessian_through_groupnorm_falls_back_to_one_product_at_a_time():
+    """GroupNorm's double backward has no vmap rule: the batched Hessian-vector products failed
+    with "The size of tensor a (6) must match the size of tensor b (2)"."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Flatten(),
+                                torch.nn.Linear(36, 3)).double()  # fmt: skip
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.warns(RuntimeWarning, match="batched Hessian-vector products failed"):
+        got = ef.curvature.diag_hessian(model, x, y, chunk_size=16)
+    ref = exact.diag(model, x, y, "hessian")
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12)
