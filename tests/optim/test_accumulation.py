@@ -139,3 +139,47 @@ def test_grad_scaler_overflow_skips_the_step_and_keeps_the_state():
     fresh = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     for p, q in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(p, q)  # means untouched
+
+
+@pytest.mark.parametrize("hessian", ["ggn", "efisher", "ggn-mc", "kfac"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_bf16_autocast_train_step_with_model_side_curvature(hessian, fused):
+    """Under bf16 autocast the hook rules ran their products in bf16 and returned a bf16
+    curvature, which the eager update refused ("expected dtype float for `end`")."""
+    x, y = _data(n=64)
+    x = x.float()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    opt = ef.BayesAdam(model.parameters(), n_data=64, hessian=hessian, fused=fused,
+                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            opt.train_step(model, x, y)
+    for p in model.parameters():
+        assert p.dtype == opt.state[p]["hess"].dtype == torch.float32
+        assert bool(torch.isfinite(opt.state[p]["hess"]).all())
+
+
+def test_curvature_under_bf16_autocast_is_float32_and_matches_per_sample_squares():
+    """The functions return the parameters' dtype under autocast (they returned bf16), and the
+    empirical Fisher equals the squares of per-sample gradients taken under the same autocast."""
+    x, y = _data(n=32)
+    x = x.float()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ef.curvature.diag_efisher(model, x, y)
+        ggn = ef.curvature.diag_ggn(model, x, y)
+        factors = ef.curvature.kfac(model, x, y)
+    assert {t.dtype for t in [*got.values(), *ggn.values()]} == {torch.float32}
+    assert {t.dtype for pair in factors.values() for t in pair} == {torch.float32}
+    ref = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(len(x)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x[i : i + 1])
+        grads = torch.autograd.grad(F.cross_entropy(out.float(), y[i : i + 1], reduction="sum"),
+                                    list(model.parameters()))  # fmt: skip
+        for (n, _), g in zip(model.named_parameters(), grads):
+            ref[n] += g.float().square()
+    for n in ref:
+        assert (got[n] - ref[n]).abs().max() <= 0.02 * ref[n].abs().max(), n

@@ -395,11 +395,37 @@ def output_grads(f, saved, cotangents) -> dict[str, torch.Tensor]:
     return out
 
 
+def _param_dtype(m: nn.Module) -> torch.dtype | None:
+    return next((q.dtype for q in m.parameters(recurse=False) if q.is_floating_point()), None)
+
+
+def _as_params(m: nn.Module, *tensors):
+    """The saved inputs and output gradients in the module's parameter dtype: under
+    ``torch.autocast`` they are bfloat16/float16, and the rules' products and batch sums then ran
+    (and returned) in half precision — a bfloat16 curvature, which BayesAdam's float32 state
+    refused."""
+    dtype = _param_dtype(m)
+    return [t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
+            for t in tensors]  # fmt: skip
+
+
+@contextlib.contextmanager
+def full_precision(p: Plan):
+    """Autocast off for the rules (their products run in the parameters' dtype, or in the
+    ``dtype`` asked for explicitly): the forward and backward keep the caller's autocast."""
+    devices = {q.device.type for m in p.modules.values() for q in m.parameters(recurse=False)}
+    with contextlib.ExitStack() as stack:
+        for dev in devices:
+            stack.enter_context(torch.autocast(device_type=dev, enabled=False))
+        yield
+
+
 def sq_sums(p: Plan, saved, deltas, dtype=None) -> dict[str, torch.Tensor]:
     """Per-parameter ``Σ_k Σ_b g²`` from saved inputs and output gradients, keyed like the model.
     ``dtype``: the precision of the Linear/Conv products (e.g. ``torch.bfloat16``; None: exact)."""
-    per_module = {n: RULES[type(m)].sq(m, saved[n][0], deltas[n], dtype) for n, m in p.modules.items()
-                  if n in saved}  # fmt: skip
+    with full_precision(p):
+        per_module = {n: RULES[type(m)].sq(m, *_as_params(m, saved[n][0], deltas[n]), dtype)
+                      for n, m in p.modules.items() if n in saved}  # fmt: skip
     return {full: per_module[mname][attr] if mname in per_module else _unused(p, mname, attr)
             for full, (mname, attr) in p.params.items()}  # fmt: skip
 
@@ -416,11 +442,16 @@ def output_covariance(p: Plan, saved, deltas, variance: dict[str, torch.Tensor])
     ``variance`` is keyed like the model's parameters (a diagonal posterior's variances); with the
     K = C cotangents ``e_k`` this is the linearised predictive covariance ``J_b Σ J_bᵀ``.
     """
+    with full_precision(p):
+        return _output_covariance(p, saved, deltas, variance)
+
+
+def _output_covariance(p: Plan, saved, deltas, variance) -> torch.Tensor:
     total = None
     for n, m in p.modules.items():
         rule = RULES[type(m)]
         var = {attr: variance[full] for full, (mn, attr) in p.params.items() if mn == n}
-        a, delta = saved[n][0], deltas[n]
+        a, delta = _as_params(m, saved[n][0], deltas[n])
         part = rule.cov(m, a, delta, var) if rule.cov is not None else None
         if part is None:
             if rule.psg is None:
@@ -460,6 +491,11 @@ def kfac_factors(
     diagonals (1-D), which is all the diagonal of ``G ⊗ A`` needs — O(n·in) instead of O(n·in²).
     ``dtype``: the precision of the products āᵀā and δᵀδ (None: exact; bf16 keeps each factor
     within about 1 % of its Frobenius norm)."""
+    with full_precision(p):
+        return _kfac_factors(p, saved, deltas, diagonal, dtype)
+
+
+def _kfac_factors(p: Plan, saved, deltas, diagonal, dtype):
     out = {}
     for n, m in p.modules.items():
         rule = RULES[type(m)]
@@ -467,7 +503,7 @@ def kfac_factors(
             raise Unsupported(f"no Kronecker factors for {type(m).__name__} ({n})")
         if n not in saved:  # did not run in this forward: no factors (its curvature is zero)
             continue
-        a, d = rule.kfac(m, saved[n][0], deltas[n])
+        a, d = rule.kfac(m, *_as_params(m, saved[n][0], deltas[n]))
         if diagonal:
             out[n] = (a.square().sum(0) / a.shape[0], d.square().sum(0))
         else:
