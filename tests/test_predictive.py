@@ -183,3 +183,33 @@ def test_linearised_moments_are_computed_in_chunks_with_the_same_result(monkeypa
         for a, b in zip(got, whole):
             torch.testing.assert_close(a, b)
     assert peaks[1] < 0.5 * peaks[0]
+
+
+def test_weight_samples_are_used_inside_one_autocast_region(monkeypatch):
+    """torch.autocast caches each parameter's bf16 cast until its outermost region exits, keyed by
+    the parameter: samples loaded in place inside one region ran on the first cast. ef.predict
+    under bf16 autocast averaged one sample (probabilities 0.59 off), and a forward inside
+    sampled_params()/sampled() after one outside it saw the mean."""
+    import effortless.api as api
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
+    model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+    kron = ef.laplace(model, [(x, y)], hessian="kfac", subset="last_layer")
+    diag = ef.laplace(model, [(x, y)])
+    monkeypatch.setattr(api, "MC_VMAP_MAX_CPU", 0)  # the diagonal posterior's sample-by-sample path
+    for post in (kron, diag):
+        ref = ef.predict(model, post, x, n_samples=8, generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ef.predict(model, post, x, n_samples=8, generator=torch.Generator().manual_seed(0))
+        assert (got.float() - ref).abs().max() < 0.02
+    opt = ef.BayesAdam(model.parameters(), n_data=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        at_mean = model(x)
+        with opt.sampled_params(train=True):
+            sampled = model(x)
+        with diag.sampled(model, torch.Generator().manual_seed(0)):
+            sampled2 = model(x)
+        again = model(x)
+    assert not torch.equal(at_mean, sampled) and not torch.equal(at_mean, sampled2)
+    assert torch.equal(at_mean, again)

@@ -23,6 +23,7 @@ from torch import nn
 
 from . import likelihoods
 from ._stack import outside_stacklevel
+from ._weights import weights_changed
 from .curvature import functional as cf
 from .curvature.data import DIAGONAL, _progress, diagonal_estimator, pair
 from .curvature.data import all_reduce_sums as _all_reduce_sums
@@ -276,10 +277,12 @@ class _SampleLoader:
         try:
             for k, p in self.params.items():
                 p.copy_(draw[k])
+            weights_changed()
             return likelihoods.output(model(x))
         finally:
             for k, p in self.params.items():
                 p.copy_(saved[k])
+            weights_changed()
 
 
 def _check_inputs(x, caller: str) -> None:

@@ -15,6 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .._weights import weights_changed
 from ..data import loader
 
 
@@ -65,6 +66,7 @@ class SWAG:
         for p in self.model.parameters():
             p.copy_(flat[i : i + p.numel()].view_as(p).to(p.dtype))
             i += p.numel()
+        weights_changed()
 
 
 def fit_swag(task, split, seed, epochs, progress, snapshots=20, rank=20, samples=30):

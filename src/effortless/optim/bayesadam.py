@@ -50,6 +50,7 @@ from torch.optim import Optimizer
 
 from .. import _rng, likelihoods
 from .._stack import outside_stacklevel
+from .._weights import weights_changed
 from ..curvature import engine, estimators
 from ..curvature import functional as cf
 from ..posterior.diag import DiagGaussian
@@ -793,6 +794,7 @@ class BayesAdam(Optimizer):
                 for p, theta in zip([t[0] for t in todo], thetas_new):
                     means[p] = p.data
                     p.data = theta.view_as(p.data)
+                weights_changed()
                 first = train and todo and self.hessian == "reparam" and self._n_samples == 0
                 if first and mode == "per-rank":  # overlap Σ_r ε_r with fwd and bwd
                     self._start_noise_sum({t[0]: t[2] for t in todo})
@@ -804,6 +806,7 @@ class BayesAdam(Optimizer):
                 for p, mu in means.items():
                     thetas[p] = p.data
                     p.data = mu
+                weights_changed()
                 if means and inplace and not completed:  # the buffers hold θ: back to ±ε
                     self._theta_to_noise()
             self._inside = False

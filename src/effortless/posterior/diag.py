@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import _rng
+from .._weights import weights_changed
 
 __all__ = ["DiagGaussian"]
 
@@ -101,11 +102,13 @@ class DiagGaussian:
             with torch.no_grad():
                 for k, p in params.items():
                     p.copy_(draw[k])
+            weights_changed()
             yield model
         finally:
             with torch.no_grad():
                 for k, p in params.items():
                     p.copy_(saved[k])
+            weights_changed()
 
     @contextlib.contextmanager
     def mean_loaded(self, model: nn.Module) -> Iterator[nn.Module]:

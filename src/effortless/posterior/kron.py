@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import _rng, likelihoods
+from .._weights import weights_changed
 from ..curvature.functional import keep_buffers, run_eagerly
 from .evidence import maximise
 
@@ -145,12 +146,14 @@ class KronLastLayer:
                     layer.weight.copy_(w[:, : layer.weight.shape[1]])
                     if layer.bias is not None:
                         layer.bias.copy_(w[:, -1])
+                weights_changed()
                 yield model
             finally:
                 with torch.no_grad():
                     layer.weight.copy_(saved[0])
                     if layer.bias is not None:
                         layer.bias.copy_(saved[1])
+                weights_changed()
 
         return ctx()
 
