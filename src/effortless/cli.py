@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--acquisition", default="bald,random", help="comma list of acquisition functions")
     al.add_argument("--pairs", default=None,
                     help="instead of every method × acquisition: a comma list of method:acquisition "
-                    "pairs, e.g. bayesadam:bald,bayesadam:random,mc-dropout:bald")  # fmt: skip
+                    "pairs, e.g. bayesadam:bald,bayesadam:random,mc-dropout:bald%(default).0s")  # fmt: skip
     al.add_argument("--initial", type=_positive, default=20, help="balanced initial labelled set")
     al.add_argument("--query", type=_positive, default=10, help="labels acquired per round")
     al.add_argument("--budget", type=_positive, default=1000, help="stop at this many labels")
@@ -350,15 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--epochs", type=_positive, default=30, help="passes over the labelled set per round")
     al.add_argument("--min-steps", type=int, default=200, help="at least this many steps per round")
     al.add_argument("--temperature", type=float, default=None,
-                    help="the bayesadam learner's temperature (default 1e-3, see effortless.active.learners)")
+                    help="the bayesadam learner's temperature (default: 1e-3, see effortless.active.learners)"
+                    "%(default).0s")
     al.add_argument("--prior-precision", type=float, default=None,
-                    help="the bayesadam learner's prior precision (default 0.01)")
+                    help="the bayesadam learner's prior precision (default: 0.01)%(default).0s")
     al.add_argument("--hessian", default=None,
-                    help="the bayesadam learner's curvature estimator (default reparam, see "
-                    "effortless.active.learners)")
+                    help="the bayesadam learner's curvature estimator (default: reparam, see "
+                    "effortless.active.learners)%(default).0s")
     al.add_argument("--jobs", type=_positive, default=1, help="grid cells run in parallel processes")
     al.add_argument("--threads", type=_positive, default=1, help="torch threads per job")
-    al.add_argument("--subset", type=_positive, default=None, help="use only the first N training examples")
+    al.add_argument("--subset", type=_positive, default=None,
+                    help="use only the first N training examples (default: all)%(default).0s")
     al.add_argument("--no-progress", action="store_true")
     al.add_argument("--out", default="runs/active")
     al.set_defaults(func=_active)
