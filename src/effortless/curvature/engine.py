@@ -28,6 +28,7 @@ Layer math follows the derivations in BackPACK (Dangel et al., 2020) and KFAC (M
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -349,17 +350,54 @@ def plan(model: nn.Module, params=None) -> Plan:
 # -- capture ------------------------------------------------------------------------------------
 
 
+# Modules whose saved input or output the rest of the forward changes in place (ReLU(inplace=True)
+# after a BatchNorm, `out += identity` in a residual block): module -> (copy the input, copy the
+# output) at capture. Found by version counters on a first forward, kept for the module's lifetime.
+_COPY: weakref.WeakKeyDictionary[nn.Module, tuple[bool, bool]] = weakref.WeakKeyDictionary()
+
+
+class Saved(dict):
+    """Module name -> (input, output) of one forward, with the tensors' version counters at capture
+    time: :meth:`modified` names those changed in place since (their values are not the module's
+    any more, and the gradient with respect to an output changed in place is the gradient at the
+    later value — a ReLU(inplace=True) after BatchNorm dropped the ReLU's mask from it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.versions: dict[str, tuple] = {}
+
+    def modified(self) -> dict[str, tuple[bool, bool]]:
+        out = {}
+        for name, (t_in, v_in, t_out, v_out) in self.versions.items():
+            changed = (t_in is not None and t_in._version != v_in,
+                       t_out is not None and t_out._version != v_out)  # fmt: skip
+            if any(changed):
+                out[name] = changed
+        return out
+
+
 @contextlib.contextmanager
 def capture(p: Plan):
-    """Forward hooks saving each planned module's input and output; raises Unsupported on reuse."""
-    saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    """Forward hooks saving each planned module's input and output; raises Unsupported on reuse.
+    Modules known to have their input or output changed in place later in the forward get copies
+    (the output's copy goes on through the network, so gradients with respect to the saved output
+    are the module's)."""
+    saved = Saved()
     handles = []
 
     def hook(name):
         def fn(module, inputs, output):
             if name in saved:
                 raise Unsupported(f"module {name} ran twice in one forward (weight sharing)")
-            saved[name] = (inputs[0].detach(), output)
+            copy_in, copy_out = _COPY.get(module, (False, False))
+            a = inputs[0].detach()
+            a = a.clone() if copy_in else a
+            saved[name] = (a, output)
+            if not isinstance(output, torch.Tensor):
+                return None
+            saved.versions[name] = (None if copy_in else inputs[0], inputs[0]._version,
+                                    None if copy_out else output, output._version)  # fmt: skip
+            return output.clone() if copy_out else None
 
         return fn
 
@@ -370,6 +408,23 @@ def capture(p: Plan):
     finally:
         for h in handles:
             h.remove()
+
+
+def forward(p: Plan, run):
+    """``f = run()`` (the model's forward) under :func:`capture`: ``(f, saved)``. Where the forward
+    changed a saved input or output in place, the modules are marked and the forward runs again
+    with copies of them."""
+    for _ in range(2):
+        with capture(p) as saved:
+            f = run()
+        changed = saved.modified()
+        if not changed:
+            return f, saved
+        for name, (cin, cout) in changed.items():
+            m = p.modules[name]
+            old = _COPY.get(m, (False, False))
+            _COPY[m] = (old[0] or cin, old[1] or cout)
+    raise Unsupported(f"the saved inputs/outputs of {sorted(changed)} change in place during the forward")
 
 
 def output_grads(f, saved, cotangents) -> dict[str, torch.Tensor]:

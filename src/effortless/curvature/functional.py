@@ -438,8 +438,8 @@ def _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, ch
     total = None
     try:
         for sl in _chunks(x.shape[0], int(chunk_size) if chunk_size else HOOK_CHUNK):
-            with torch.enable_grad(), engine.capture(p) as saved:
-                f = model(x[sl])
+            with torch.enable_grad():
+                f, saved = engine.forward(p, lambda sl=sl: model(x[sl]))
             V = _cotangents(kind, f, y[sl], lik, n_samples, generator)
             deltas = engine.output_grads(f, saved, V)
             part = engine.sq_sums(p, saved, deltas, product_dtype)
@@ -468,8 +468,7 @@ def training_pass(model, x, y, lik, plan, kind: str, generator=None, proceed=Non
     diagonals (all the diagonal of ``G ⊗ A`` needs). ``product_dtype``: as in :func:`diag_ggn`
     (the curvature's products only; the gradient is exact).
     """
-    with engine.capture(plan) as saved:
-        f = model(x)
+    f, saved = engine.forward(plan, lambda: model(x))
     loss = lik.nll(f, y).mean()
     if proceed is not None and not proceed(loss):
         return loss, None
@@ -532,8 +531,8 @@ def _kfac_plan(model, params, method):
 
 
 def _kfac(model, x, y, lik, p, method, n_samples, generator, diagonal, product_dtype=None):
-    with torch.enable_grad(), engine.capture(p) as saved:
-        f = model(x)
+    with torch.enable_grad():
+        f, saved = engine.forward(p, lambda: model(x))
     V = _cotangents("ggn" if method == "exact" else "ggn-mc", f, y, lik, n_samples, generator)
     deltas = engine.output_grads(f, saved, V)
     out = engine.kfac_factors(p, saved, deltas, diagonal=diagonal, dtype=product_dtype)

@@ -60,8 +60,8 @@ MOMENT_CHUNK = 1024
 
 
 def _hooks_moments(model, x, plan, variance):
-    with torch.enable_grad(), engine.capture(plan) as saved:
-        f = model(x)
+    with torch.enable_grad():
+        f, saved = engine.forward(plan, lambda: model(x))
     f2 = likelihoods.as_2d(f)
     c = f2.shape[1]
     eye = torch.eye(c, dtype=f.dtype, device=f.device)
