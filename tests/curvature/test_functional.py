@@ -419,3 +419,30 @@ def test_in_place_ops_after_a_hooked_module_do_not_change_its_curvature():
         hess.append([opt.state[p]["hess"] for p in model.parameters()])
     for a, b in zip(*hess):
         torch.testing.assert_close(a, b)
+
+
+def test_a_stage_run_under_no_grad_has_zero_curvature():
+    """Trainable layers run under torch.no_grad() (a stage without graph) made the hook engine
+    fail with "One of the differentiated Tensors does not require grad"."""
+
+    class Part(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = torch.nn.Linear(5, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                h = torch.tanh(self.l1(x))
+            return self.l2(h)
+
+    torch.manual_seed(0)
+    model = Part().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    assert curvature.plan(model).backend == "hooks"
+    for kind, fn in (("ggn", curvature.diag_ggn), ("efisher", curvature.diag_efisher)):
+        got, ref = fn(model, x, y), exact.diag(model, x, y, kind)
+        assert got["l1.weight"].abs().max() == 0
+        for n in ref:
+            torch.testing.assert_close(got[n], ref[n])
+    for key in ("ggn", "efisher", "ggn-mc", "kfac"):
+        ef.BayesAdam(model.parameters(), n_data=6, hessian=key).train_step(model, x, y)

@@ -429,8 +429,13 @@ def forward(p: Plan, run):
 
 def output_grads(f, saved, cotangents) -> dict[str, torch.Tensor]:
     """δ (K, *z.shape) for every saved module output z, for K cotangents (K, *f.shape) at once."""
-    names = list(saved)
+    # an output computed under torch.no_grad() (a frozen stage run without graph) does not depend
+    # differentiably on anything: its module's curvature is zero ("One of the differentiated
+    # Tensors does not require grad" before)
+    names = [n for n in saved if saved[n][1].requires_grad]
     zs = [saved[n][1] for n in names]
+    if not zs:
+        return {n: z.new_zeros((cotangents.shape[0], *z.shape)) for n, (_, z) in saved.items()}
     try:
         if cotangents.shape[0] == 1:  # one cotangent (MC GGN, empirical Fisher): no batching machinery
             grads = torch.autograd.grad(f, zs, cotangents[0], retain_graph=True, allow_unused=True)
@@ -444,9 +449,10 @@ def output_grads(f, saved, cotangents) -> dict[str, torch.Tensor]:
         ]
         grads = [torch.stack([g[i] if g[i] is not None else torch.zeros_like(zs[i]) for g in per_k])
                  for i in range(len(zs))]  # fmt: skip
-    out = {}
-    for n, z, g in zip(names, zs, grads):
-        out[n] = g if g is not None else z.new_zeros((cotangents.shape[0], *z.shape))
+    out = {n: z.new_zeros((cotangents.shape[0], *z.shape)) for n, (_, z) in saved.items()}
+    for n, g in zip(names, grads):
+        if g is not None:
+            out[n] = g
     return out
 
 
