@@ -449,11 +449,9 @@ def output_grads(f, saved, cotangents) -> dict[str, torch.Tensor]:
         ]
         grads = [torch.stack([g[i] if g[i] is not None else torch.zeros_like(zs[i]) for g in per_k])
                  for i in range(len(zs))]  # fmt: skip
-    out = {n: z.new_zeros((cotangents.shape[0], *z.shape)) for n, (_, z) in saved.items()}
-    for n, g in zip(names, grads):
-        if g is not None:
-            out[n] = g
-    return out
+    got = {n: g for n, g in zip(names, grads) if g is not None}
+    return {n: got[n] if n in got else z.new_zeros((cotangents.shape[0], *z.shape))
+            for n, (_, z) in saved.items()}  # fmt: skip
 
 
 def _param_dtype(m: nn.Module) -> torch.dtype | None:
