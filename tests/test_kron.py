@@ -202,3 +202,26 @@ def test_state_dict_round_trip_with_weights_only_load_and_to():
         torch.testing.assert_close(a, b)
     moved = post.to(torch.float32)
     assert moved.G.dtype == torch.float32 and moved.prior_precision == post.prior_precision
+
+
+def test_closed_form_predictive_refuses_an_output_changed_in_place_after_the_layer():
+    """``z = fc(h); z.div_(T)`` changed the saved layer output along with the model's, so the
+    check that nothing follows the layer passed and the covariance missed the 1/T² scale."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.fc = torch.nn.Linear(5, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            z = self.fc(torch.tanh(self.l1(x)))
+            z.div_(2.0)
+            return z
+
+    torch.manual_seed(0)
+    model = Scaled()
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    post = ef.laplace(model, [(x, y)], hessian="kfac", subset="last_layer", prior_precision=1.0)
+    with pytest.raises(ValueError, match="changes it afterwards"):
+        ef.predict(model, post, x, method="probit")
+    assert ef.predict(model, post, x, n_samples=4).shape == (16, 3)  # weight samples still work

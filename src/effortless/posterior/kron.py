@@ -101,8 +101,8 @@ class KronLastLayer:
         module = dict(model.named_modules())[self.layer]
         saved = {}
 
-        def hook(m, i, o):
-            saved["phi"], saved["out"] = i[0].detach(), o.detach()
+        def hook(m, i, o):  # copies: an in-place op later in the forward (z.div_(T)) changed both
+            saved["phi"], saved["out"] = i[0].detach().clone(), o.detach().clone()
 
         handle = module.register_forward_hook(hook)
         try:
