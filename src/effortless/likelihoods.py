@@ -100,8 +100,8 @@ def _check_label_range(y: torch.Tensor, n_classes: int) -> None:
     than the data has classes got a posterior without complaint. On CPU a ``ValueError``; on an
     accelerator an asynchronous device-side assert (a ``.item()`` here would wait for the device
     every step)."""
-    if y.numel() == 0:
-        return
+    if y.numel() == 0 or torch._C._functorch.is_functorch_wrapped_tensor(y):
+        return  # (inside vmap/grad a data-dependent check cannot run; the batch is checked outside)
     if y.device.type != "cpu":
         torch._assert_async(((y >= 0) & (y < n_classes)).all(), "classification labels must be in [0, C)")
         return

@@ -1,5 +1,7 @@
 """Every curvature function against its dense float64 twin in effortless.curvature.exact."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -446,3 +448,66 @@ def test_a_stage_run_under_no_grad_has_zero_curvature():
             torch.testing.assert_close(got[n], ref[n])
     for key in ("ggn", "efisher", "ggn-mc", "kfac"):
         ef.BayesAdam(model.parameters(), n_data=6, hessian=key).train_step(model, x, y)
+
+
+class _Direct(torch.nn.Module):  # the output layer's weights used through F.linear, not fc(x)
+    def __init__(self):
+        super().__init__()
+        self.l1, self.fc = torch.nn.Linear(5, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(torch.tanh(self.l1(x)), self.fc.weight, self.fc.bias)
+
+
+class _TiedOutput(torch.nn.Module):  # GPT-style: the output projection is the embedding's weight
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mix = torch.nn.Embedding(10, 6), torch.nn.Linear(6, 6)
+
+    def forward(self, t):
+        return torch.nn.functional.linear(torch.tanh(self.mix(self.emb(t).mean(1))), self.emb.weight)
+
+
+@pytest.mark.parametrize("arch", ["direct", "tied"])
+def test_parameters_used_outside_their_module_leave_the_hook_path(arch):
+    """The hooks see a parameter only where its module runs: fc's weight passed to F.linear got
+    zero curvature (100 % off), and an output projection tied to the embedding's weight only the
+    embedding's part (57-89 % off), silently."""
+    torch.manual_seed(0)
+    if arch == "direct":
+        model, x, y = _Direct().double(), torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    else:
+        model, x, y = _TiedOutput().double(), torch.randint(0, 10, (6, 4)), torch.randint(0, 10, (6,))
+    assert curvature.plan(model).backend == "hooks"  # statically nothing is wrong
+    for kind, fn in (("ggn", curvature.diag_ggn), ("efisher", curvature.diag_efisher)):
+        got, ref = fn(model, x, y), exact.diag(model, x, y, kind)
+        for n in ref:
+            torch.testing.assert_close(got[n], ref[n], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="backend='hooks' is not possible.*used outside its module"):
+        curvature.diag_ggn(model, x, y, backend="hooks")
+    from effortless.posterior import predictive
+
+    post = ef.DiagGaussian.from_model(model, 10.0)
+    variance = {n: v for n, v in post.variance.items()}
+    _, cov = predictive.linearised_moments(model, post, x)
+    _, ref_cov = predictive._func_moments(model, x, variance, 64)
+    torch.testing.assert_close(cov, ref_cov)
+    opt = ef.BayesAdam(model.parameters(), n_data=6, hessian="efisher")
+    opt.train_step(model, x, y)  # falls back to the generic path
+
+
+def test_generic_path_vmaps_and_checks_labels_outside_vmap():
+    """The label-range check is data-dependent: run inside vmap it made the generic path fall
+    back to one sample at a time (with a warning) for every model; it runs on the batch instead."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        curvature.diag_efisher(model, x, y, backend="func")
+        curvature.diag_ggn(model, x, y, backend="func")
+        curvature.diag_ggn(model, x, y, backend="func", method="mc",
+                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    for method in ("exact", "mc"):
+        with pytest.raises(ValueError, match="labels must be in"):
+            curvature.diag_ggn(model, x, y + 5, backend="func", method=method)

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 __all__ = ["plan", "Plan", "capture", "RULES", "Unsupported"]
 
@@ -410,13 +412,77 @@ def capture(p: Plan):
             h.remove()
 
 
-def forward(p: Plan, run):
+# model -> names of planned parameters its forward uses outside their module's own forward
+# (F.linear(h, self.fc.weight), an output projection tied to an embedding's weight): found once per
+# model on its first hooked forward.
+_OUTSIDE: weakref.WeakKeyDictionary[nn.Module, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+class _Uses(TorchFunctionMode):
+    """Records planned parameters passed to a torch function while their module is not running."""
+
+    def __init__(self, owner: dict[int, tuple[str, nn.Module]], running: set[int]):
+        super().__init__()
+        self.owner, self.running, self.outside = owner, running, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in tree_leaves((args, kwargs)):
+            hit = self.owner.get(id(t)) if isinstance(t, torch.Tensor) else None
+            if hit is not None and id(hit[1]) not in self.running:
+                self.outside.add(hit[0])
+        return func(*args, **kwargs)
+
+
+def _watched(model: nn.Module, run):
+    """``run()`` while watching where the planned parameters are used: ``(f, names used outside
+    their module's forward)``."""
+    # every parameter of every module with a rule, whichever subset this plan selected: the verdict
+    # is kept for the model, and a later call may select others
+    ruled = {mname: m for mname, m in model.named_modules() if type(m) in RULES}
+    owner = {id(q): (f"{mname}.{attr}" if mname else attr, m)
+             for mname, m in ruled.items() for attr, q in m.named_parameters(recurse=False)}  # fmt: skip
+    running: set[int] = set()
+    handles = []
+    for m in ruled.values():
+        handles.append(m.register_forward_pre_hook(lambda m, i: running.add(id(m))))
+        handles.append(m.register_forward_hook(lambda m, i, o: running.discard(id(m))))
+    try:
+        with _Uses(owner, running) as mode:
+            out = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return out, frozenset(mode.outside)
+
+
+def _refuse_outside(p: Plan, outside: frozenset[str]) -> None:
+    bad = sorted(set(outside) & set(p.params))
+    if bad:
+        raise Unsupported(
+            f"parameter {bad[0]!r}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} is used outside "
+            "its module's forward (a functional call on it, or a tied weight)"
+        )
+
+
+def forward(p: Plan, run, model: nn.Module | None = None):
     """``f = run()`` (the model's forward) under :func:`capture`: ``(f, saved)``. Where the forward
     changed a saved input or output in place, the modules are marked and the forward runs again
-    with copies of them."""
+    with copies of them. With ``model``, its first forward here also records whether a planned
+    parameter is used outside its own module (then :class:`Unsupported`: the hooks see only that
+    module's use — a weight passed to ``F.linear`` elsewhere got zero curvature, an output layer
+    tied to the embedding's weight only the embedding's part)."""
+    watch = model is not None and model not in _OUTSIDE
+    if model is not None and not watch:
+        _refuse_outside(p, _OUTSIDE[model])
     for _ in range(2):
         with capture(p) as saved:
-            f = run()
+            if watch:
+                f, _OUTSIDE[model] = _watched(model, run)
+                watch = False
+                _refuse_outside(p, _OUTSIDE[model])
+            else:
+                f = run()
         changed = saved.modified()
         if not changed:
             return f, saved

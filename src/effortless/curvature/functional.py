@@ -315,6 +315,7 @@ def diag_ggn(
     if method == "mc":
         with torch.no_grad():
             f = model(x)
+        lik.check(f, y)  # (y is not read: a wrong kind of target, or labels beyond C, is a caller's bug)
         out = None
         for _ in range(int(n_samples)):
             y_hat = lik.sample(f, generator)
@@ -326,6 +327,7 @@ def diag_ggn(
     f_single = _single(model, _frozen(model, theta))
     with torch.no_grad():
         f = model(x)
+    lik.check(f, y)  # (y is not read: a wrong kind of target, or labels beyond C, is a caller's bug)
     f2 = likelihoods.as_2d(f)
     S = lik.hessian_factor(f2).to(f2.dtype)  # (B, C, K)
 
@@ -439,7 +441,7 @@ def _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, ch
     try:
         for sl in _chunks(x.shape[0], int(chunk_size) if chunk_size else HOOK_CHUNK):
             with torch.enable_grad():
-                f, saved = engine.forward(p, lambda sl=sl: model(x[sl]))
+                f, saved = engine.forward(p, lambda sl=sl: model(x[sl]), model)
             V = _cotangents(kind, f, y[sl], lik, n_samples, generator)
             deltas = engine.output_grads(f, saved, V)
             part = engine.sq_sums(p, saved, deltas, product_dtype)
@@ -468,7 +470,7 @@ def training_pass(model, x, y, lik, plan, kind: str, generator=None, proceed=Non
     diagonals (all the diagonal of ``G ⊗ A`` needs). ``product_dtype``: as in :func:`diag_ggn`
     (the curvature's products only; the gradient is exact).
     """
-    f, saved = engine.forward(plan, lambda: model(x))
+    f, saved = engine.forward(plan, lambda: model(x), model)
     loss = lik.nll(f, y).mean()
     if proceed is not None and not proceed(loss):
         return loss, None
@@ -535,7 +537,7 @@ def _kfac_plan(model, params, method):
 
 def _kfac(model, x, y, lik, p, method, n_samples, generator, diagonal, product_dtype=None):
     with torch.enable_grad():
-        f, saved = engine.forward(p, lambda: model(x))
+        f, saved = engine.forward(p, lambda: model(x), model)
     V = _cotangents("ggn" if method == "exact" else "ggn-mc", f, y, lik, n_samples, generator)
     deltas = engine.output_grads(f, saved, V)
     out = engine.kfac_factors(p, saved, deltas, diagonal=diagonal, dtype=product_dtype)

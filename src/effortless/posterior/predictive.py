@@ -61,7 +61,7 @@ MOMENT_CHUNK = 1024
 
 def _hooks_moments(model, x, plan, variance):
     with torch.enable_grad():
-        f, saved = engine.forward(plan, lambda: model(x))
+        f, saved = engine.forward(plan, lambda: model(x), model)
     f2 = likelihoods.as_2d(f)
     c = f2.shape[1]
     eye = torch.eye(c, dtype=f.dtype, device=f.device)
