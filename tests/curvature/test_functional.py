@@ -511,3 +511,26 @@ def test_generic_path_vmaps_and_checks_labels_outside_vmap():
     for method in ("exact", "mc"):
         with pytest.raises(ValueError, match="labels must be in"):
             curvature.diag_ggn(model, x, y + 5, backend="func", method=method)
+
+
+def test_layers_called_with_a_keyword_input():
+    """``self.fc(input=h)``: the forward hook got no positional input (IndexError)."""
+
+    class Keyword(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.fc = torch.nn.Linear(5, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(input=torch.tanh(self.l1(input=x)))
+
+    torch.manual_seed(0)
+    model = Keyword().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    for kind, fn in (("ggn", curvature.diag_ggn), ("efisher", curvature.diag_efisher)):
+        got, ref = fn(model, x, y, backend="hooks"), exact.diag(model, x, y, kind)
+        for n in ref:
+            torch.testing.assert_close(got[n], ref[n])
+    post = ef.laplace(model, [(x, y)], hessian="kfac", subset="last_layer")
+    assert ef.predict(model, post, x, method="probit").shape == (6, 3)
+    ef.BayesAdam(model.parameters(), n_data=6, hessian="efisher").train_step(model, x, y)

@@ -388,9 +388,13 @@ def capture(p: Plan):
     handles = []
 
     def hook(name):
-        def fn(module, inputs, output):
+        def fn(module, inputs, kwargs, output):
             if name in saved:
                 raise Unsupported(f"module {name} ran twice in one forward (weight sharing)")
+            if not inputs:  # called as fc(input=h): the input came as a keyword (IndexError before)
+                if len(kwargs) != 1:
+                    raise Unsupported(f"module {name} called with keyword arguments {sorted(kwargs)}")
+                inputs = tuple(kwargs.values())
             copy_in, copy_out = _COPY.get(module, (False, False))
             a = inputs[0].detach()
             a = a.clone() if copy_in else a
@@ -405,7 +409,7 @@ def capture(p: Plan):
 
     try:
         for name, m in p.modules.items():
-            handles.append(m.register_forward_hook(hook(name)))
+            handles.append(m.register_forward_hook(hook(name), with_kwargs=True))
         yield saved
     finally:
         for h in handles:

@@ -101,10 +101,11 @@ class KronLastLayer:
         module = dict(model.named_modules())[self.layer]
         saved = {}
 
-        def hook(m, i, o):  # copies: an in-place op later in the forward (z.div_(T)) changed both
-            saved["phi"], saved["out"] = i[0].detach().clone(), o.detach().clone()
+        def hook(m, i, kw, o):  # copies: an in-place op later in the forward (z.div_(T)) changed both
+            phi = i[0] if i else next(iter(kw.values()))  # (fc(input=h) passes it as a keyword)
+            saved["phi"], saved["out"] = phi.detach().clone(), o.detach().clone()
 
-        handle = module.register_forward_hook(hook)
+        handle = module.register_forward_hook(hook, with_kwargs=True)
         try:
             f = likelihoods.output(_forward(model, x))
         finally:
