@@ -409,7 +409,9 @@ def capture(p: Plan):
 
     try:
         for name, m in p.modules.items():
-            handles.append(m.register_forward_hook(hook(name), with_kwargs=True))
+            # first in line: a user's forward hook that changes the output (o * 2) runs after it,
+            # so the saved output is the layer's own and gradients flow through the user's change
+            handles.append(m.register_forward_hook(hook(name), with_kwargs=True, prepend=True))
         yield saved
     finally:
         for h in handles:

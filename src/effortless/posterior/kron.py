@@ -105,7 +105,7 @@ class KronLastLayer:
             phi = i[0] if i else next(iter(kw.values()))  # (fc(input=h) passes it as a keyword)
             saved["phi"], saved["out"] = phi.detach().clone(), o.detach().clone()
 
-        handle = module.register_forward_hook(hook, with_kwargs=True)
+        handle = module.register_forward_hook(hook, with_kwargs=True, prepend=True)  # the layer's own output
         try:
             f = likelihoods.output(_forward(model, x))
         finally:
