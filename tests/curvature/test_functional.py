@@ -293,7 +293,7 @@ def test_the_per_sample_loop_warning_names_the_callers_line():
 
     from effortless.curvature import functional
 
-    functional._warn_per_sample_loop.cache_clear()  # (it warns once per process and reason)
+    functional._warn_once.cache_clear()  # (it warns once per process and reason)
     model = make_model("recurrent")
     x, y = make_batch("recurrent", "classification")
     with warnings.catch_warnings(record=True) as rec:

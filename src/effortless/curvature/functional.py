@@ -216,13 +216,14 @@ def per_sample(fn, in_dims):
 
 
 @functools.cache
+def _warn_once(message: str) -> None:
+    """A fallback's RuntimeWarning, once per distinct message and process."""
+    warnings.warn(message, RuntimeWarning, stacklevel=outside_stacklevel())
+
+
 def _warn_per_sample_loop(reason: str) -> None:
-    warnings.warn(
-        f"torch.func.vmap cannot batch this model ({reason}); per-sample quantities are computed one "
-        "sample at a time (same result, slower)",
-        RuntimeWarning,
-        stacklevel=outside_stacklevel(),
-    )
+    _warn_once(f"torch.func.vmap cannot batch this model ({reason}); per-sample quantities are computed "
+               "one sample at a time (same result, slower)")  # fmt: skip
 
 
 def _chunks(n: int, size: int):
@@ -613,14 +614,9 @@ def _batched_vjp(outputs, inputs, cotangents):
         return [torch.stack(col) for col in zip(*rows)]
 
 
-@functools.cache
 def _warn_vjp_loop(reason: str) -> None:
-    warnings.warn(
-        f"batched Hessian-vector products failed on this model ({reason}); they run one at a time "
-        "(same result, slower)",
-        RuntimeWarning,
-        stacklevel=outside_stacklevel(),
-    )
+    _warn_once(f"batched Hessian-vector products failed on this model ({reason}); they run one at a time "
+               "(same result, slower)")  # fmt: skip
 
 
 @stateless
