@@ -225,3 +225,22 @@ def test_closed_form_predictive_refuses_an_output_changed_in_place_after_the_lay
     with pytest.raises(ValueError, match="changes it afterwards"):
         ef.predict(model, post, x, method="probit")
     assert ef.predict(model, post, x, n_samples=4).shape == (16, 3)  # weight samples still work
+
+
+def test_last_layer_refuses_a_hidden_linear_when_the_output_has_no_layer():
+    """GPT-style: the logits are F.linear(h, embedding.weight), so no nn.Linear produces them; the
+    last Linear called (a hidden one) was taken as the "last layer", silently."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mix = nn.Embedding(10, 6), nn.Linear(6, 6)
+
+        def forward(self, t):
+            return nn.functional.linear(torch.tanh(self.mix(self.emb(t).mean(1))), self.emb.weight)
+
+    torch.manual_seed(0)
+    model, t, y = Tied(), torch.randint(0, 10, (8, 4)), torch.randint(0, 10, (8,))
+    for hessian in ("kfac", "ggn"):
+        with pytest.raises(ValueError, match="no nn.Linear produces the model's output .* 'mix'"):
+            ef.laplace(model, [(t, y)], hessian=hessian, subset="last_layer")

@@ -34,7 +34,8 @@ def last_linear(model: nn.Module, x: torch.Tensor | None = None) -> tuple[str, n
     """The name and module of the model's output ``nn.Linear``.
 
     With an input batch ``x`` (what the fits pass): one forward pass finds it, as the Linear whose
-    output is the model's output, or else the last Linear the forward calls. Without ``x``: the last
+    output is the model's output, or else the last Linear the forward calls if its output has as
+    many numbers (a scale or reshape after the head); otherwise ValueError. Without ``x``: the last
     registered one. Registration order alone picked the wrong layer, silently, for a model that
     registers its output layer before others (or a Linear it never calls, whose posterior then
     stayed at the prior and gave no uncertainty at all)."""
@@ -54,7 +55,16 @@ def last_linear(model: nn.Module, x: torch.Tensor | None = None) -> tuple[str, n
         raise ValueError("subset='last_layer': the model's forward calls none of its nn.Linear layers")
     modules = dict(found)
     same = [n for n, o in calls if o.shape == out.shape and torch.equal(o, out)]
-    name = same[-1] if same else calls[-1][0]
+    if same:
+        return same[-1], modules[same[-1]]
+    name, last = calls[-1]
+    if last.numel() != out.numel():  # not the head with a scale or reshape after it: a hidden layer
+        raise ValueError(
+            f"subset='last_layer': no nn.Linear produces the model's output {tuple(out.shape)} (the last "
+            f"one called, {name!r}, gives {tuple(last.shape)}; an output computed with F.linear, e.g. "
+            "on a weight tied to the embedding, has no layer of its own); pass params=[...] to choose "
+            "the parameters"
+        )
     return name, modules[name]
 
 
