@@ -505,25 +505,25 @@ def output_grads(f, saved, cotangents) -> dict[str, torch.Tensor]:
     # differentiably on anything: its module's curvature is zero ("One of the differentiated
     # Tensors does not require grad" before)
     names = [n for n in saved if saved[n][1].requires_grad]
-    zs = [saved[n][1] for n in names]
-    if not zs:
-        return {n: z.new_zeros((cotangents.shape[0], *z.shape)) for n, (_, z) in saved.items()}
+    grads = _grads(f, [saved[n][1] for n in names], cotangents) if names else []
+    got = {n: g for n, g in zip(names, grads) if g is not None}
+    return {n: got[n] if n in got else z.new_zeros((cotangents.shape[0], *z.shape))
+            for n, (_, z) in saved.items()}  # fmt: skip
+
+
+def _grads(f, zs, cotangents):
     try:
         if cotangents.shape[0] == 1:  # one cotangent (MC GGN, empirical Fisher): no batching machinery
             grads = torch.autograd.grad(f, zs, cotangents[0], retain_graph=True, allow_unused=True)
-            grads = [None if g is None else g.unsqueeze(0) for g in grads]
-        else:
-            grads = torch.autograd.grad(f, zs, cotangents, is_grads_batched=True, retain_graph=True,
-                                        allow_unused=True)  # fmt: skip
+            return [None if g is None else g.unsqueeze(0) for g in grads]
+        return torch.autograd.grad(f, zs, cotangents, is_grads_batched=True, retain_graph=True,
+                                   allow_unused=True)  # fmt: skip
     except RuntimeError:  # an op without a batching rule: one backward per cotangent
         per_k = [
             torch.autograd.grad(f, zs, c, retain_graph=True, allow_unused=True) for c in cotangents.unbind(0)
         ]
-        grads = [torch.stack([g[i] if g[i] is not None else torch.zeros_like(zs[i]) for g in per_k])
-                 for i in range(len(zs))]  # fmt: skip
-    got = {n: g for n, g in zip(names, grads) if g is not None}
-    return {n: got[n] if n in got else z.new_zeros((cotangents.shape[0], *z.shape))
-            for n, (_, z) in saved.items()}  # fmt: skip
+        return [torch.stack([g[i] if g[i] is not None else torch.zeros_like(zs[i]) for g in per_k])
+                for i in range(len(zs))]  # fmt: skip
 
 
 def _param_dtype(m: nn.Module) -> torch.dtype | None:
