@@ -505,25 +505,35 @@ def output_grads(f, saved, cotangents) -> dict[str, torch.Tensor]:
     # differentiably on anything: its module's curvature is zero ("One of the differentiated
     # Tensors does not require grad" before)
     names = [n for n in saved if saved[n][1].requires_grad]
-    grads = _grads(f, [saved[n][1] for n in names], cotangents) if names else []
-    got = {n: g for n, g in zip(names, grads) if g is not None}
-    return {n: got[n] if n in got else z.new_zeros((cotangents.shape[0], *z.shape))
+    grads = dict(zip(names, batched_grad(f, [saved[n][1] for n in names], cotangents))) if names else {}
+    return {n: grads[n] if n in grads else z.new_zeros((cotangents.shape[0], *z.shape))
             for n, (_, z) in saved.items()}  # fmt: skip
 
 
-def _grads(f, zs, cotangents):
+def batched_grad(outputs, inputs, cotangents, on_loop=None) -> list[torch.Tensor]:
+    """Gradients of ``outputs`` (a tensor or a list) with respect to ``inputs`` for K cotangents
+    at once (a tensor, or one per output, each with a leading dimension K): (K, *input.shape) per
+    input, zeros where an input is unused. Batched with ``is_grads_batched``; where the backward
+    has an operation without a batching rule, one cotangent at a time (``on_loop(reason)`` is
+    called then)."""
+    outs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    cots = list(cotangents) if isinstance(cotangents, (list, tuple)) else [cotangents]
+    k = cots[0].shape[0]
     try:
-        if cotangents.shape[0] == 1:  # one cotangent (MC GGN, empirical Fisher): no batching machinery
-            grads = torch.autograd.grad(f, zs, cotangents[0], retain_graph=True, allow_unused=True)
-            return [None if g is None else g.unsqueeze(0) for g in grads]
-        return torch.autograd.grad(f, zs, cotangents, is_grads_batched=True, retain_graph=True,
-                                   allow_unused=True)  # fmt: skip
-    except RuntimeError:  # an op without a batching rule: one backward per cotangent
-        per_k = [
-            torch.autograd.grad(f, zs, c, retain_graph=True, allow_unused=True) for c in cotangents.unbind(0)
-        ]
-        return [torch.stack([g[i] if g[i] is not None else torch.zeros_like(zs[i]) for g in per_k])
-                for i in range(len(zs))]  # fmt: skip
+        if k == 1:  # (one cotangent: no batching machinery)
+            grads = [None if g is None else g.unsqueeze(0) for g in torch.autograd.grad(
+                outs, inputs, [c[0] for c in cots], retain_graph=True, allow_unused=True)]  # fmt: skip
+        else:
+            grads = list(torch.autograd.grad(outs, inputs, cots, is_grads_batched=True, retain_graph=True,
+                                             allow_unused=True))  # fmt: skip
+    except RuntimeError as err:
+        per_k = [torch.autograd.grad(outs, inputs, [c[i] for c in cots], retain_graph=True, allow_unused=True)
+                 for i in range(k)]  # fmt: skip (a real error surfaces here)
+        if on_loop is not None:
+            on_loop(str(err).split("\n")[0][:160])
+        grads = [torch.stack([g[j] if g[j] is not None else torch.zeros_like(inputs[j]) for g in per_k])
+                 for j in range(len(inputs))]  # fmt: skip
+    return [g if g is not None else inputs[j].new_zeros((k, *inputs[j].shape)) for j, g in enumerate(grads)]
 
 
 def _param_dtype(m: nn.Module) -> torch.dtype | None:

@@ -600,20 +600,6 @@ def hvp(
     return dict(zip(leaves, hv))
 
 
-def _batched_vjp(outputs, inputs, cotangents):
-    """``torch.autograd.grad`` of ``outputs`` for a batch of cotangents (leading dimension),
-    batched with ``is_grads_batched``; where the backward graph has an operation without a vmap
-    rule for its double backward (GroupNorm: "The size of tensor a (6) must match the size of
-    tensor b (2)"), one cotangent at a time, with a warning."""
-    try:
-        return torch.autograd.grad(outputs, inputs, cotangents, is_grads_batched=True, retain_graph=True)
-    except RuntimeError as err:
-        rows = [torch.autograd.grad(outputs, inputs, [c[i] for c in cotangents], retain_graph=True)
-                for i in range(cotangents[0].shape[0])]  # fmt: skip (a real error surfaces here)
-        _warn_vjp_loop(str(err).split("\n")[0][:160])
-        return [torch.stack(col) for col in zip(*rows)]
-
-
 def _warn_vjp_loop(reason: str) -> None:
     _warn_once(f"batched Hessian-vector products failed on this model ({reason}); they run one at a time "
                "(same result, slower)")  # fmt: skip
@@ -647,7 +633,8 @@ def diag_hessian(
         basis = torch.zeros(len(rows), total, dtype=ref.dtype, device=ref.device)
         basis[rows, rows + sl.start] = 1
         cot = [t.view(len(rows), *leaves[n].shape) for n, t in zip(names, basis.split(sizes, dim=1))]
-        hv = _batched_vjp(grads, list(leaves.values()), cot)
+        # (GroupNorm's double backward has no batching rule: one product at a time there)
+        hv = engine.batched_grad(grads, list(leaves.values()), cot, on_loop=_warn_vjp_loop)
         flat = torch.cat([h.reshape(len(rows), -1) for h in hv], 1)  # (chunk, P)
         diag[sl] = flat[rows, rows + sl.start]
     return {n: t.view_as(leaves[n]).clone() for n, t in zip(names, diag.split(sizes))}
