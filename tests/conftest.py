@@ -21,6 +21,22 @@ class Residual(nn.Module):
         return self.out(h + self.block(h))
 
 
+class InPlace(nn.Module):
+    """In-place ops on layer outputs: ReLU(inplace=True) and ``z += h`` (the torchvision ResNet
+    pattern), which change the tensors the hook engine saved."""
+
+    def __init__(self, d=4, c=3):
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(d, 5), nn.Linear(5, 5), nn.Linear(5, c)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.act(self.inp(x))
+        z = self.mid(h)
+        z += h
+        return self.out(self.act(z))
+
+
 class Shared(nn.Module):
     """The same weight used twice (weight sharing)."""
 
@@ -145,6 +161,7 @@ def make_model(kind: str, out: int = 3) -> nn.Module:
         "embedding": lambda: EmbedNet(out),
         "recurrent": lambda: Recurrent(out),
         "attention": lambda: Attention(out),
+        "inplace": lambda: InPlace(4, out),
     }
     return table[kind]().double()
 
