@@ -425,7 +425,8 @@ def test_in_place_ops_after_a_hooked_module_do_not_change_its_curvature():
 
 def test_a_stage_run_under_no_grad_has_zero_curvature():
     """Trainable layers run under torch.no_grad() (a stage without graph) made the hook engine
-    fail with "One of the differentiated Tensors does not require grad"."""
+    fail with "One of the differentiated Tensors does not require grad"; such models now take the
+    generic path (the hooks cannot tell this from reentrant checkpointing, below)."""
 
     class Part(torch.nn.Module):
         def __init__(self):
@@ -446,8 +447,10 @@ def test_a_stage_run_under_no_grad_has_zero_curvature():
         assert got["l1.weight"].abs().max() == 0
         for n in ref:
             torch.testing.assert_close(got[n], ref[n])
-    for key in ("ggn", "efisher", "ggn-mc", "kfac"):
+    for key in ("ggn", "efisher", "ggn-mc"):
         ef.BayesAdam(model.parameters(), n_data=6, hessian=key).train_step(model, x, y)
+    with pytest.raises(RuntimeError, match="'l1' ran without autograd graph"):  # KFAC has no other path
+        ef.BayesAdam(model.parameters(), n_data=6, hessian="kfac").train_step(model, x, y)
 
 
 class _Direct(torch.nn.Module):  # the output layer's weights used through F.linear, not fc(x)
@@ -548,3 +551,29 @@ def test_a_users_forward_hook_that_changes_a_layers_output():
         got, ref = fn(model, x, y, backend="hooks"), exact.diag(model, x, y, kind)
         for n in ref:
             torch.testing.assert_close(got[n], ref[n])
+
+
+def test_reentrant_checkpointing_is_never_zero_curvature():
+    """Under reentrant activation checkpointing the first forward runs without graph, like a
+    no_grad stage, but the parameters do reach the output (through the recomputation): zero
+    curvature for them would be silently wrong. Either the right value or an error."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = torch.nn.Linear(5, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.l2(checkpoint(lambda t: torch.tanh(self.l1(t)), x, use_reentrant=True))
+
+    torch.manual_seed(0)
+    model = Checkpointed().double()
+    plain = torch.nn.Sequential(model.l1, torch.nn.Tanh(), model.l2)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    ref = curvature.diag_ggn(plain, x, y)
+    try:
+        got = curvature.diag_ggn(model, x, y)
+    except RuntimeError:
+        return  # (torch.func refuses the checkpoint's autograd.Function)
+    torch.testing.assert_close(got["l1.weight"], ref["0.weight"])

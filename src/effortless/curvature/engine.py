@@ -471,6 +471,20 @@ def _refuse_outside(p: Plan, outside: frozenset[str]) -> None:
         )
 
 
+def _refuse_graphless(p: Plan, saved: Saved) -> None:
+    """A planned layer whose output has no autograd graph ran under ``torch.no_grad()`` — a frozen
+    stage, or the first pass of reentrant activation checkpointing, whose parameters do reach the
+    output (through the recomputation in backward). The hooks cannot tell which: Unsupported (the
+    generic path handles the first and refuses the second), where zero curvature was silently wrong
+    for the second."""
+    trainable_modules = {mname for mname, _ in p.params.values()}
+    for name, (_, z) in saved.items():
+        if name in trainable_modules and isinstance(z, torch.Tensor) and not z.requires_grad:
+            raise Unsupported(
+                f"layer {name!r} ran without autograd graph (torch.no_grad, or reentrant checkpointing)"
+            )
+
+
 def forward(p: Plan, run, model: nn.Module | None = None):
     """``f = run()`` (the model's forward) under :func:`capture`: ``(f, saved)``. Where the forward
     changed a saved input or output in place, the modules are marked and the forward runs again
@@ -489,6 +503,7 @@ def forward(p: Plan, run, model: nn.Module | None = None):
                 _refuse_outside(p, _OUTSIDE[model])
             else:
                 f = run()
+        _refuse_graphless(p, saved)
         changed = saved.modified()
         if not changed:
             return f, saved
@@ -501,13 +516,8 @@ def forward(p: Plan, run, model: nn.Module | None = None):
 
 def output_grads(f, saved, cotangents) -> dict[str, torch.Tensor]:
     """δ (K, *z.shape) for every saved module output z, for K cotangents (K, *f.shape) at once."""
-    # an output computed under torch.no_grad() (a frozen stage run without graph) does not depend
-    # differentiably on anything: its module's curvature is zero ("One of the differentiated
-    # Tensors does not require grad" before)
-    names = [n for n in saved if saved[n][1].requires_grad]
-    grads = dict(zip(names, batched_grad(f, [saved[n][1] for n in names], cotangents))) if names else {}
-    return {n: grads[n] if n in grads else z.new_zeros((cotangents.shape[0], *z.shape))
-            for n, (_, z) in saved.items()}  # fmt: skip
+    names = list(saved)
+    return dict(zip(names, batched_grad(f, [saved[n][1] for n in names], cotangents)))
 
 
 def batched_grad(outputs, inputs, cotangents, on_loop=None) -> list[torch.Tensor]:

@@ -478,12 +478,9 @@ def training_pass(model, x, y, lik, plan, kind: str, generator=None, proceed=Non
     if kind == "efisher":  # per-sample gradients of the loss from the training backward itself
         grads: dict[str, torch.Tensor] = {}
         for n, (_, z) in saved.items():
-            if z.requires_grad:  # (an output computed under no_grad has no gradient: zero)
-                z.register_hook(lambda g, n=n: grads.__setitem__(n, g))
+            z.register_hook(lambda g, n=n: grads.__setitem__(n, g))
         (loss * loss_scale).backward()
-        scale = x.shape[0] / loss_scale
-        deltas = {n: grads[n].mul(scale).unsqueeze(0) if n in grads else z.new_zeros((1, *z.shape))
-                  for n, (_, z) in saved.items()}  # fmt: skip
+        deltas = {n: g.mul(x.shape[0] / loss_scale).unsqueeze(0) for n, g in grads.items()}
     else:
         cot = "ggn" if kind in ("ggn", "kfac") else "ggn-mc"
         deltas = engine.output_grads(f, saved, _cotangents(cot, f, y, lik, 1, generator))
