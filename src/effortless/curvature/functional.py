@@ -204,6 +204,12 @@ def per_sample(fn, in_dims):
                 with math_attention():
                     return batched(*args)
             except RuntimeError as err:
+                if "setup_context" in str(err):  # no torch.func transform runs it: the loop fails too
+                    raise RuntimeError(
+                        "the generic curvature path (torch.func) cannot differentiate an autograd.Function "
+                        "in this model's forward; torch.utils.checkpoint(..., use_reentrant=True) is one "
+                        "(use_reentrant=False works, with the hook path where the layers allow it)"
+                    ) from err
                 failed = True
                 _warn_per_sample_loop(str(err).splitlines()[0][:200])
         n = next(a.shape[d] for a, d in zip(args, in_dims) if d is not None)
