@@ -121,8 +121,6 @@ def test_mc_predictive_batched_over_samples_equals_one_at_a_time(arch, monkeypat
 
 
 def test_mc_batched_path_is_really_taken_and_dropout_falls_back(monkeypatch):
-    from effortless import api
-
     model = make_model("mlp")
     x, _ = make_batch("mlp", "classification")
     post = _posterior(model)
@@ -130,7 +128,7 @@ def test_mc_batched_path_is_really_taken_and_dropout_falls_back(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("sequential path used")
 
-    monkeypatch.setattr(api._SampleLoader, "run", boom)
+    monkeypatch.setattr(ef.DiagGaussian, "sampled", boom)  # the sequential path loads samples with it
     ef.predict(model, post, x, n_samples=8)  # vmap handles a plain MLP
     monkeypatch.undo()
     drop = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Dropout(0.5), torch.nn.Linear(6, 3)).double()

@@ -23,7 +23,6 @@ from torch import nn
 
 from . import likelihoods
 from ._stack import outside_stacklevel
-from ._weights import weights_changed
 from .curvature import functional as cf
 from .curvature.data import DIAGONAL, _progress, diagonal_estimator, pair
 from .curvature.data import all_reduce_sums as _all_reduce_sums
@@ -246,12 +245,12 @@ def _mc_outputs(model, posterior, x, n_samples, generator=None):
         while done < n_samples:
             c = min(chunk, n_samples - done)
             draws = [posterior.sample(generator) for _ in range(c)]
-            outs.append(_forward_samples(model, params, names, draws, x))
+            outs.append(_forward_samples(model, posterior, params, names, draws, x))
             done += c
     return torch.cat(outs)
 
 
-def _forward_samples(model, params, names, draws, x):
+def _forward_samples(model, posterior, params, names, draws, x):
     if len(draws) > 1:
         from torch.func import functional_call, vmap
 
@@ -262,27 +261,11 @@ def _forward_samples(model, params, names, draws, x):
             return likelihoods.output(out)
         except (RuntimeError, ValueError, NotImplementedError):  # e.g. dropout in train mode, in-place ops
             pass
-    post = _SampleLoader(params)
-    return torch.stack([post.run(model, d, x) for d in draws])
-
-
-class _SampleLoader:
-    """Load one drawn sample into the model's parameters, run it, restore (the sequential path)."""
-
-    def __init__(self, params):
-        self.params = params
-
-    def run(self, model, draw, x):
-        saved = {k: p.detach().clone() for k, p in self.params.items()}
-        try:
-            for k, p in self.params.items():
-                p.copy_(draw[k])
-            weights_changed()
-            return likelihoods.output(model(x))
-        finally:
-            for k, p in self.params.items():
-                p.copy_(saved[k])
-            weights_changed()
+    outs = []
+    for d in draws:  # one at a time: load the sample, run, restore
+        with posterior.sampled(model, sample=d):
+            outs.append(likelihoods.output(model(x)))
+    return torch.stack(outs)
 
 
 def _check_inputs(x, caller: str) -> None:
