@@ -1,5 +1,7 @@
 """GGN-vector products, CG and full-precision posterior samples against dense references."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -84,3 +86,40 @@ def test_gvp_and_hvp_agree_with_curvlinops():
         theirs = Op(model, lossf, params, [(x, y)], check_deterministic=False) @ list(v.values())
         for (n, a), b in zip(ours(model, x, y, v).items(), theirs):
             torch.testing.assert_close(a, b, msg=n)
+
+
+def _diag_op(d):
+    return lambda v: {"w": d * v["w"]}
+
+
+def test_cg_warns_when_maxiter_ends_above_tol():
+    d = torch.logspace(0, 8, 50, dtype=torch.float64)
+    b = {"w": torch.ones(50, dtype=torch.float64)}
+    with pytest.warns(RuntimeWarning, match="not converged after maxiter=5"):
+        _, info = operators.cg(_diag_op(d), b, maxiter=5)
+    assert info["iterations"] == 5 and info["residual"] > 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converged: silent
+        sol, info = operators.cg(_diag_op(d.sqrt().sqrt()), b, tol=1e-10, maxiter=500)
+    torch.testing.assert_close(sol["w"], 1 / d.sqrt().sqrt(), rtol=1e-8, atol=0)
+
+
+def test_cg_refuses_operators_that_are_not_positive_definite():
+    b = {"w": torch.ones(3, dtype=torch.float64)}
+    singular = torch.tensor([1.0, 0.0, 3.0], dtype=torch.float64)  # b has a part in its null space
+    with pytest.raises(ValueError, match="not positive definite"):
+        operators.cg(_diag_op(singular), b)
+    with pytest.raises(ValueError, match="not positive definite"):
+        indefinite = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+        operators.cg(_diag_op(indefinite), b, x0={"w": torch.ones(3, dtype=torch.float64)})
+    with pytest.raises(ValueError, match="not positive definite"):
+        operators.cg(lambda v: {"w": v["w"] * float("nan")}, b)
+
+
+def test_cg_right_hand_sides_zero_and_non_finite():
+    d = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    zero = {"w": torch.zeros(2, dtype=torch.float64)}
+    sol, info = operators.cg(_diag_op(d), zero, x0={"w": torch.ones(2, dtype=torch.float64)})
+    assert torch.equal(sol["w"], zero["w"]) and info == {"iterations": 0, "residual": 0.0}
+    with pytest.raises(ValueError, match="non-finite"):
+        operators.cg(_diag_op(d), {"w": torch.tensor([1.0, float("nan")], dtype=torch.float64)})

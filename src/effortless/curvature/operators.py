@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 
 from .. import _rng, likelihoods
+from .._stack import outside_stacklevel
 from .functional import _check_batch, _frozen, stateless, trainable
 
 __all__ = ["gvp", "cg", "sample_precision"]
@@ -67,24 +69,38 @@ def _dot(a: Vec, b: Vec) -> torch.Tensor:
 def cg(matvec: Callable[[Vec], Vec], b: Vec, tol: float = 1e-6, maxiter: int = 200, x0: Vec | None = None):
     """Solve ``A x = b`` for symmetric positive-definite ``A`` given as ``matvec`` (dict vectors).
 
-    Stops when ``‖r‖ ≤ tol · ‖b‖``. Returns ``(x, info)`` with ``info = {"iterations", "residual"}``.
+    Stops when ``‖r‖ ≤ tol · ‖b‖``. Returns ``(x, info)`` with ``info = {"iterations", "residual"}``
+    (the relative residual). Warns (``RuntimeWarning``) when ``maxiter`` iterations end above
+    ``tol``; raises ``ValueError`` for a non-finite ``b`` and when a search direction has
+    ``pᵀAp ≤ 0`` or a non-finite ``pᵀAp`` (``A`` is not positive definite on it: a singular GGN
+    without damping, an indefinite Hessian), instead of returning NaNs or a diverged iterate.
     """
+    if not all(torch.isfinite(t).all() for t in b.values()):
+        raise ValueError("cg: the right-hand side b has non-finite entries")
     if x0 is None:
         x = {k: torch.zeros_like(t) for k, t in b.items()}
         r = {k: t.clone() for k, t in b.items()}
     else:
         x = {k: t.clone() for k, t in x0.items()}
         r = {k: b[k] - t for k, t in matvec(x).items()}
+    bnorm = _dot(b, b).sqrt()
+    if bnorm == 0:  # the solution is 0 (A is positive definite)
+        return {k: torch.zeros_like(t) for k, t in b.items()}, {"iterations": 0, "residual": 0.0}
     p = {k: t.clone() for k, t in r.items()}
     rs = _dot(r, r)
-    bnorm = _dot(b, b).sqrt()
     it = 0
     for it in range(1, maxiter + 1):  # noqa: B007 - the count is reported
         if rs.sqrt() <= tol * bnorm:
             it -= 1
             break
         Ap = matvec(p)
-        alpha = rs / _dot(p, Ap)
+        pAp = _dot(p, Ap)
+        if not (torch.isfinite(pAp) and pAp > 0):
+            raise ValueError(
+                f"cg: the operator is not positive definite (pᵀAp = {float(pAp):.3g} at iteration "
+                f"{it}); damp it (add a prior precision δ·v to the product) or check it for NaNs"
+            )
+        alpha = rs / pAp
         for k in x:
             x[k] = x[k] + alpha * p[k]
             r[k] = r[k] - alpha * Ap[k]
@@ -92,7 +108,15 @@ def cg(matvec: Callable[[Vec], Vec], b: Vec, tol: float = 1e-6, maxiter: int = 2
         for k in p:
             p[k] = r[k] + (rs_new / rs) * p[k]
         rs = rs_new
-    return x, {"iterations": it, "residual": float(rs.sqrt() / bnorm)}
+    residual = float(rs.sqrt() / bnorm)
+    if not residual <= tol:
+        warnings.warn(
+            f"cg: not converged after maxiter={maxiter} iterations (relative residual {residual:.3g} > "
+            f"tol={tol:g}); the solution is inaccurate: raise maxiter or the damping",
+            RuntimeWarning,
+            stacklevel=outside_stacklevel(),
+        )
+    return x, {"iterations": it, "residual": residual}
 
 
 @stateless
