@@ -334,6 +334,7 @@ def test_load_state_dict_rejects_a_model_of_other_shapes():
     with pytest.raises(ValueError, match="parameter #0 has shape"):
         ef.BayesAdam(wide.parameters(), n_data=64).load_state_dict(plain.state_dict())
 
+
 def test_exception_inside_context_restores_weights_exactly():
     x, y = _data()
     model = _mlp()
@@ -570,8 +571,17 @@ def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
 
 @pytest.mark.parametrize(
     "key,value",
-    [("n_data", -5.0), ("n_data", 0), ("prior_precision", 0.0), ("lr", float("nan")), ("lr", -1e-3),
-     ("temperature", -1.0), ("eps", float("inf")), ("betas", (0.9, 1.5)), ("hess_beta", 1.0)],
+    [
+        ("n_data", -5.0),
+        ("n_data", 0),
+        ("prior_precision", 0.0),
+        ("lr", float("nan")),
+        ("lr", -1e-3),
+        ("temperature", -1.0),
+        ("eps", float("inf")),
+        ("betas", (0.9, 1.5)),
+        ("hess_beta", 1.0),
+    ],
 )
 @pytest.mark.parametrize("entry", ["sampled_params", "step", "train_step", "zero_grad", "posterior"])
 def test_group_values_changed_after_construction_are_checked_before_anything_moves(key, value, entry):
@@ -655,7 +665,11 @@ def test_foreach_path_matches_the_per_tensor_loop(key):
     opts = [
         ef.BayesAdam(
             [{"params": list(m[0].parameters())}, {"params": list(m[2].parameters()), "lr": 3e-3}],
-            n_data=32, hessian=key, foreach=fe, batch_size=32, mc_samples=1 if key == "reparam" else 2,
+            n_data=32,
+            hessian=key,
+            foreach=fe,
+            batch_size=32,
+            mc_samples=1 if key == "reparam" else 2,
             generator=torch.Generator().manual_seed(1),
         )  # fmt: skip
         for m, fe in zip(models, (False, True))
@@ -1015,3 +1029,127 @@ def test_train_step_warns_when_n_data_is_smaller_than_the_batch():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ef.BayesAdam(model.parameters(), n_data=32).train_step(model, x, y)
+
+
+# -- parameters that join the optimisation mid-pair ----------------------------------------------
+
+
+def _unit_noise(opt, model, x, y):
+    """One training iteration; returns each parameter's unit noise (θ − μ)/σ of its sample."""
+    post = opt.posterior(model)
+    mu = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    with opt.sampled_params(train=True):
+        z = {n: (p.detach() - mu[n]) * post.precision[n].sqrt() for n, p in model.named_parameters()
+             if n in post.precision}  # fmt: skip
+        F.cross_entropy(model(x), y).backward()
+    opt.step()
+    return z
+
+
+def _half_frozen(seed=0):
+    model = _mlp(seed)
+    opt = ef.BayesAdam(model.named_parameters(), n_data=64, temperature=1.0,
+                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    return model, opt
+
+
+def test_unfreezing_on_an_antithetic_mirror_draws_fresh_noise():
+    """A tensor without noise of its pair's first draw (frozen then, or with no state at all)
+    got the mirror of an uninitialised buffer (weights off by 1e29) or of an old draw."""
+    x, y = _data()
+    runs = []
+    for _ in range(2):  # the same seed twice: the fresh noise comes from the optimizer's generator
+        model, opt = _half_frozen()
+        model[0].requires_grad_(False)
+        z1 = _unit_noise(opt, model, x, y)  # a pair's first draw without layer 0
+        model[0].requires_grad_(True)
+        z2 = _unit_noise(opt, model, x, y)  # its mirror, with layer 0 new
+        for n in ("2.weight", "2.bias"):
+            torch.testing.assert_close(z2[n], -z1[n])  # the others still mirror
+        w = z2["0.weight"]
+        assert torch.isfinite(w).all() and 0.5 < float(w.std()) < 1.5 and float(w.abs().max()) < 6
+        z3 = _unit_noise(opt, model, x, y)  # a new pair: layer 0 frozen ...
+        model[0].requires_grad_(False)
+        _unit_noise(opt, model, x, y)
+        _unit_noise(opt, model, x, y)  # ... through this first draw, so its ε is z3's, stale
+        model[0].requires_grad_(True)
+        z6 = _unit_noise(opt, model, x, y)
+        for n in ("0.weight", "0.bias"):
+            assert not torch.allclose(z6[n].abs(), z3[n].abs()), n
+        runs.append((z2, z6))
+    for a, b in zip(*runs):
+        for n in a:
+            assert torch.equal(a[n], b[n]), n
+
+
+def test_add_param_group_on_an_antithetic_mirror_and_resume():
+    x, y = _data()
+
+    def run(stop=None):
+        torch.manual_seed(0)
+        body, head = nn.Linear(5, 8).double(), nn.Linear(8, 3).double()
+        opt = ef.BayesAdam(body.parameters(), n_data=64, temperature=1.0,
+                           generator=torch.Generator().manual_seed(3))  # fmt: skip
+        for i in range(6):
+            if i == 3:  # joins on a mirror (steps 0, 2, 4 are a pair's first draw)
+                opt.add_param_group({"params": head.parameters(), "lr": 0.01})
+            if i == stop:  # checkpoint, and continue in fresh objects
+                buf = io.BytesIO()
+                torch.save({"opt": opt.state_dict(), "b": body.state_dict(), "h": head.state_dict()}, buf)
+                buf.seek(0)
+                ck = torch.load(buf, weights_only=True)
+                torch.manual_seed(1)
+                body, head = nn.Linear(5, 8).double(), nn.Linear(8, 3).double()
+                body.load_state_dict(ck["b"])
+                head.load_state_dict(ck["h"])
+                opt = ef.BayesAdam(
+                    [{"params": body.parameters()}, {"params": head.parameters(), "lr": 0.01}],
+                    n_data=64,
+                    temperature=1.0,
+                    generator=torch.Generator().manual_seed(9),
+                )
+                opt.load_state_dict(ck["opt"])
+            opt.zero_grad()
+            mu = head.weight.detach().clone()
+            with opt.sampled_params():
+                if i == 3:  # the head's first sample: noise of its own (was an uninitialised buffer)
+                    g = opt.param_groups[1]
+                    prec = opt.state[head.weight]["hess"] * g["n_data"] + g["prior_precision"]
+                    z = (head.weight.detach() - mu) * prec.sqrt()  # (T = 1)
+                F.cross_entropy(head(torch.tanh(body(x))), y).backward()
+            opt.step()
+        return [p.detach() for p in (*body.parameters(), *head.parameters())], z
+
+    ref, z = run()
+    assert torch.isfinite(z).all() and 0.4 < float(z.std()) < 1.6 and float(z.abs().max()) < 6
+    ref = run()[0]
+    assert all(torch.isfinite(p).all() and p.abs().max() < 10 for p in ref)
+    for a, b in zip(ref, run(stop=5)[0]):
+        assert torch.equal(a, b)
+
+
+def test_add_param_group_checks_the_group_and_keeps_the_optimizer_as_it_was():
+    model = _mlp()
+    opt = ef.BayesAdam(model[0].parameters(), n_data=64)
+    for bad in ({"n_data": -1}, {"lr": float("nan")}, {"betas": (0.9, 1.0)}):
+        with pytest.raises(ValueError, match=rf"param_groups\[1\]: {next(iter(bad))}"):
+            opt.add_param_group({"params": model[2].parameters(), **bad})
+        assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": model[2].parameters()})  # the parameters were not taken
+    assert len(opt.param_groups) == 2
+
+
+def test_posterior_keyed_by_a_model_with_frozen_parameters():
+    x, y = _data()
+    model, opt = _half_frozen()
+    model[0].bias.requires_grad_(False)  # (in the optimizer, frozen)
+    _loop_step(opt, model, x, y)
+    post = opt.posterior(model)  # was a KeyError on the frozen bias
+    assert sorted(post.mean) == ["0.weight", "2.bias", "2.weight"]
+    assert torch.equal(post.mean["2.weight"], model[2].weight)
+    assert sorted(opt.posterior().mean) == sorted(post.mean)  # (the optimizer's own names)
+    positional = ef.BayesAdam(model.parameters(), n_data=64)
+    _loop_step(positional, model, x, y)
+    assert sorted(positional.posterior().mean) == ["0", "2", "3"]  # positions count the frozen one
+    assert sorted(positional.posterior(model).mean) == sorted(post.mean)

@@ -417,6 +417,7 @@ class BayesAdam(Optimizer):
         if fused not in (None, True, False):
             raise ValueError(f"fused must be True, False or None (auto), got {fused!r}")
         self._phase = 0  # antithetic: 0 draws new unit noise ε, 1 reuses it as −ε
+        self._pair = 0  # training draws of fresh unit noise so far (state["noise_pair"]: whose ε it holds)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -466,6 +467,11 @@ class BayesAdam(Optimizer):
                 raise ValueError(f"params: a {t.dtype} parameter; BayesAdam needs real parameters")
         param_group = dict(param_group, params=params)
         super().add_param_group(param_group)
+        try:  # a group's own hyperparameters, checked now rather than at the next sample or step
+            self._check_groups()
+        except ValueError:
+            self.param_groups.pop()  # (torch keeps no other record of the group)
+            raise
 
     def _check_groups(self) -> None:
         """The hyperparameters in ``param_groups`` are read at every sample and step, and a
@@ -527,6 +533,13 @@ class BayesAdam(Optimizer):
             if mode == "flipout":  # ζ from the shared generator; the ranks' signs from the seed
                 return self.generator
         return self._rank_generator(seed, rank)
+
+    def _refill_generator(self) -> torch.Generator:
+        """The generator for unit noise drawn outside a pair's first draw (see sampled_params):
+        the shared one (every rank draws the same; Flipout's ζ must be shared), a fresh per-rank
+        one for per-rank samples."""
+        mode = self._world()[0]
+        return self._noise_generator() if mode == "per-rank" else self.generator
 
     def _rank_generator(self, seed: int, rank: int) -> torch.Generator:
         gen = torch.Generator(device=self.generator.device)
@@ -770,15 +783,26 @@ class BayesAdam(Optimizer):
             with torch.no_grad():
                 todo = []  # (p, h, unit noise, group)
                 gen = self._noise_generator(record=train) if (sign > 0 or not train) else None
+                if train and sign > 0:
+                    self._pair += 1
                 for group, p in self._params():
                     if group["temperature"] == 0:
                         continue
                     st = self._state(group, p)
                     if train:
-                        if "noise" not in st:
+                        new = "noise" not in st
+                        if new:
                             st["noise"] = torch.empty_like(p, memory_format=torch.preserve_format)
                         if sign > 0:
                             _fill_normal(st["noise"], gen)
+                            st["noise_pair"] = self._pair
+                        elif new or st.get("noise_pair", self._pair) != self._pair:
+                            # an antithetic mirror for a tensor that was not in its pair's first draw
+                            # (unfrozen or added since, or its temperature raised from 0): its buffer
+                            # is empty or stale, so it gets fresh unit noise (−ε is as good a draw)
+                            gen = gen or self._refill_generator()
+                            _fill_normal(st["noise"], gen)
+                            st["noise_pair"] = self._pair
                         unit = st["noise"]
                     else:
                         unit = _fill_normal(torch.empty_like(p), gen)
@@ -1082,8 +1106,11 @@ class BayesAdam(Optimizer):
                 if many or self.estimator.needs_model or self._reduced:
                     est = self._hess_acc.get(p)
                     est = None if est is None else est.div_(n)
-                elif self.hessian == "reparam" and group["temperature"] > 0 and "noise" in st and (
-                    work is not None or self._n_samples == 1
+                elif (
+                    self.hessian == "reparam"
+                    and group["temperature"] > 0
+                    and "noise" in st
+                    and (work is not None or self._n_samples == 1)
                 ):  # the single sample: its noise (θ drawn in place: no workspace, slices' scratch)
                     est, noise = None, self._noise_summed.get(p, st["noise"])
                 else:
@@ -1408,10 +1435,10 @@ class BayesAdam(Optimizer):
             names = group.get("param_names")
             temp = group["temperature"] or 1.0
             for j, p in enumerate(group["params"]):
-                key = by_param[p] if by_param is not None else names[j] if names is not None else str(i)
                 i += 1
-                if not p.requires_grad:
+                if not p.requires_grad:  # (frozen: no posterior; `model`'s names hold only the others)
                     continue
+                key = by_param[p] if by_param is not None else names[j] if names is not None else str(i - 1)
                 h = self._h_eff(group, p)
                 mean[key] = p.detach().clone()
                 prec[key] = h.mul(group["n_data"]).add_(group["prior_precision"]).div_(temp)
@@ -1453,6 +1480,7 @@ class BayesAdam(Optimizer):
             "auto_prior": self.auto_prior,
             "skipped_steps": self.skipped_steps,
             "noise_seed": self._noise_seed,
+            "noise_pair": self._pair,
             # the curvature's product precision changes the numbers: a resumed run keeps it
             "product_dtype": None if self.product_dtype is None else str(self.product_dtype).split(".")[-1],
             "sigma_noise": self.sigma_noise,
@@ -1479,6 +1507,7 @@ class BayesAdam(Optimizer):
         self.skipped_steps = int(extra.get("skipped_steps", 0))
         self.mc_samples = int(extra["mc_samples"])
         self._noise_seed = extra.get("noise_seed")
+        self._pair = int(extra.get("noise_pair", 0))  # (older checkpoints: their buffers count as current)
         if "product_dtype" in extra:  # (checkpoints from before it was saved keep the constructor's)
             pd = extra["product_dtype"]
             self.product_dtype = None if pd is None else getattr(torch, pd)
@@ -1487,7 +1516,6 @@ class BayesAdam(Optimizer):
         self._pending_theta = False  # the loaded buffers hold noise, whatever was pending before
         self._clear_pending()
         self._restore_rank_noise()
-
 
     _PER_PARAM = ("exp_avg", "exp_avg_sq", "hess", "noise")  # state buffers shaped like the parameter
 
