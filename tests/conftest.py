@@ -37,6 +37,18 @@ class InPlace(nn.Module):
         return self.out(self.act(z))
 
 
+class Unused(nn.Module):
+    """A registered layer the forward never calls (a spare head, a branch switched off): its
+    parameters have no gradient at all, and zero curvature."""
+
+    def __init__(self, d=4, c=3):
+        super().__init__()
+        self.inp, self.spare, self.out = nn.Linear(d, 5), nn.Linear(5, c), nn.Linear(5, c)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inp(x)))
+
+
 class Shared(nn.Module):
     """The same weight used twice (weight sharing)."""
 
@@ -162,6 +174,7 @@ def make_model(kind: str, out: int = 3) -> nn.Module:
         "recurrent": lambda: Recurrent(out),
         "attention": lambda: Attention(out),
         "inplace": lambda: InPlace(4, out),
+        "unused": lambda: Unused(4, out),
     }
     return table[kind]().double()
 

@@ -19,7 +19,8 @@ def _assert_dict_close(a, b, atol=1e-10, rtol=1e-8):
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
 
 
-HOOKABLE = ["mlp", "cnn", "residual", "conv1d", "batchnorm", "sequence", "layernorm", "embedding", "inplace"]
+HOOKABLE = ["mlp", "cnn", "residual", "conv1d", "batchnorm", "sequence", "layernorm", "embedding", "inplace",
+            "unused"]  # fmt: skip
 # (arch, backend) pairs: every architecture through torch.func, the supported ones through hooks
 FUNC_ONLY = ["recurrent", "attention"]  # no hook rules; vmap cannot batch an LSTM (per-sample loop)
 PATHS = [(a, "func") for a in dict.fromkeys(ARCHS + HOOKABLE + FUNC_ONLY)] + [(a, "hooks") for a in HOOKABLE]
@@ -61,7 +62,7 @@ def test_auto_picks_the_hook_engine_only_where_it_applies():
         curvature.diag_ggn(make_model("mlp"), x, y, backend="fast")
 
 
-@pytest.mark.parametrize("arch", ARCHS + ["batchnorm", "sequence", "attention"])
+@pytest.mark.parametrize("arch", ARCHS + ["batchnorm", "sequence", "attention", "unused"])
 @pytest.mark.parametrize("lik", LIKS)
 def test_hessian_diagonal_matches_dense(arch, lik):
     model = make_model(arch)
@@ -131,16 +132,17 @@ def test_mc_ggn_converges_to_exact(lik, backend):
     _assert_converges(draws, ref)
 
 
-def test_hutchinson_converges_to_hessian_diagonal():
-    model = make_model("residual")
-    x, y = make_batch("residual", "classification", n=4)
+@pytest.mark.parametrize("arch", ["residual", "unused"])
+def test_hutchinson_converges_to_hessian_diagonal(arch):
+    model = make_model(arch)
+    x, y = make_batch(arch, "classification", n=4)
     ref = _flat(exact.diag(model, x, y, "hessian"))
     gen = torch.Generator().manual_seed(0)
     draws = _draws(lambda i: curvature.diag_hutchinson(model, x, y, generator=gen), 800)
     _assert_converges(draws, ref)
 
 
-@pytest.mark.parametrize("arch", ["layernorm", "attention"])  # attention: twice differentiable
+@pytest.mark.parametrize("arch", ["layernorm", "attention", "unused"])  # attention: twice differentiable
 def test_hvp_matches_dense_hessian(arch):
     model = make_model(arch)
     x, y = make_batch(arch, "classification")

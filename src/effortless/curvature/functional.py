@@ -581,8 +581,23 @@ def _gradient_graph(model, x, y, lik, names):
     leaves = {n: p.detach().requires_grad_(True) for n, p in theta.items()}
     with torch.enable_grad():
         loss = lik.nll(functional_call(model, {**_frozen(model, theta), **leaves}, (x,)), y).sum()
-        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
     return leaves, grads
+
+
+def _second_grad(grads, leaves: dict, cotangents, batched=False, on_loop=None, retain_graph=False):
+    """∂/∂θ of Σ_i ⟨grads_i, cotangents_i⟩ per leaf (with a leading K when ``batched``): gradients
+    that are None (a parameter the loss does not use) or constant in θ (no graph) add nothing,
+    and leaves they do not reach get zeros."""
+    inputs = list(leaves.values())
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    if not live:  # (a loss that is linear in every parameter)
+        return [torch.zeros_like(c) for c in (cotangents if batched else inputs)]
+    outs, cots = [grads[i] for i in live], [cotangents[i] for i in live]
+    if batched:
+        return engine.batched_grad(outs, inputs, cots, on_loop=on_loop)
+    hv = torch.autograd.grad(outs, inputs, cots, retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(t) if h is None else h for h, t in zip(hv, inputs)]
 
 
 @stateless
@@ -599,7 +614,7 @@ def hvp(
     lik = likelihoods.get(likelihood, sigma_noise)
     _check_batch(x, y)
     leaves, grads = _gradient_graph(model, x, y, lik, v.keys())
-    hv = torch.autograd.grad(grads, list(leaves.values()), [v[n] for n in leaves])
+    hv = _second_grad(grads, leaves, [v[n] for n in leaves])
     return dict(zip(leaves, hv))
 
 
@@ -637,7 +652,7 @@ def diag_hessian(
         basis[rows, rows + sl.start] = 1
         cot = [t.view(len(rows), *leaves[n].shape) for n, t in zip(names, basis.split(sizes, dim=1))]
         # (GroupNorm's double backward has no batching rule: one product at a time there)
-        hv = engine.batched_grad(grads, list(leaves.values()), cot, on_loop=_warn_vjp_loop)
+        hv = _second_grad(grads, leaves, cot, batched=True, on_loop=_warn_vjp_loop)
         flat = torch.cat([h.reshape(len(rows), -1) for h in hv], 1)  # (chunk, P)
         diag[sl] = flat[rows, rows + sl.start]
     return {n: t.view_as(leaves[n]).clone() for n, t in zip(names, diag.split(sizes))}
@@ -663,11 +678,8 @@ def diag_hutchinson(
     leaves, grads = _gradient_graph(model, x, y, lik, params)
     out = _zeros_like(leaves)
     for _ in range(int(n_probes)):
-        v = [
-            _rng.signs(p.shape, generator, p)
-            for p in leaves.values()
-        ]
-        hv = torch.autograd.grad(grads, list(leaves.values()), v, retain_graph=True)
+        v = [_rng.signs(p.shape, generator, p) for p in leaves.values()]
+        hv = _second_grad(grads, leaves, v, retain_graph=True)
         for n, vi, hi in zip(leaves, v, hv):
             out[n] += vi * hi
     return {n: t / n_probes for n, t in out.items()}
