@@ -105,3 +105,33 @@ def test_diag_kfac_from_the_factor_diagonals_equals_the_diagonal_of_the_kronecke
         weight = d[:, :-1].reshape(m.weight.shape)
         torch.testing.assert_close(got[f"{name}.weight"], weight, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(got[f"{name}.bias"], d[:, -1], rtol=1e-12, atol=1e-14)
+
+
+GRAM_CASES = [(128, 785, 96), (2048, 300, 96), (9, 11, 2), (40, 7, 2), (16, 9, 2)]  # (rows, n, GRAM_BLOCK)
+
+
+@pytest.mark.parametrize("rows,n,block", GRAM_CASES)
+def test_blocked_gram_products_equal_the_dense_product(monkeypatch, rows, n, block):
+    """Large Kronecker factors are computed as triangular block rows and mirrored (half the
+    multiply-adds); every shape, the blocked path or not, must give aᵀa."""
+    from effortless.curvature import engine
+
+    monkeypatch.setattr(engine, "GRAM_BLOCK", block)
+    a = torch.randn(rows, n, generator=torch.Generator().manual_seed(n))
+    ref = a.double().T @ a.double()
+    got = engine._gram(a)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item() / n)
+    low = engine._gram(a, torch.bfloat16)  # bf16 operands, float32 result
+    assert low.dtype == torch.float32
+    assert ((low.double() - ref).abs().max() / ref.abs().max()) < 0.02
+
+
+def test_wide_input_factor_equals_the_augmented_input_gram():
+    """A (the input factor) of a layer wide enough for the blocked product: [x, 1]ᵀ[x, 1] / B."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(400, 3), nn.Tanh(), nn.Linear(3, 2))
+    x, y = torch.randn(16, 400), torch.randint(0, 2, (16,))
+    A, _ = curvature.kfac(model, x, y)["0"]
+    xa = torch.cat([x, torch.ones(16, 1)], 1).double()
+    torch.testing.assert_close(A.double(), xa.T @ xa / 16, rtol=1e-5, atol=1e-5)
