@@ -1153,3 +1153,72 @@ def test_posterior_keyed_by_a_model_with_frozen_parameters():
     _loop_step(positional, model, x, y)
     assert sorted(positional.posterior().mean) == ["0", "2", "3"]  # positions count the frozen one
     assert sorted(positional.posterior(model).mean) == sorted(post.mean)
+
+
+# -- several samples per step: p.grad shows their mean ---------------------------------------------
+
+
+def _blocks(opt, model, x, y, k, between=None):
+    """k sampled_params blocks before a step; returns each block's own gradient (read inside)."""
+    own = []
+    for i in range(k):
+        if i and between is not None:
+            between(i)
+        with opt.sampled_params(train=True):
+            before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+            F.cross_entropy(model(x), y).backward()
+            own.append([p.grad - (0 if b is None else b) for p, b in zip(model.parameters(), before)])
+    return own
+
+
+def test_with_several_samples_the_gradient_shown_is_their_mean_and_edits_count():
+    """Gradient clipping after several samples used to see p.grad = None (the sums were kept
+    aside until step) and clipped nothing, silently; now p.grad is the mean the step uses."""
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64, temperature=1.0,
+                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    def halve(i):
+        if i == 2:
+            for p in model.parameters():
+                p.grad.mul_(0.5)
+
+    own = _blocks(opt, model, x, y, 3, between=halve)
+    for j, p in enumerate(model.parameters()):
+        expect = (0.5 * (own[0][j] + own[1][j]) + own[2][j]) / 3
+        torch.testing.assert_close(p.grad, expect, rtol=1e-12, atol=1e-15)
+
+
+def test_editing_the_mean_of_several_samples_changes_the_step_as_scaling_the_loss_would():
+    x, y = _data()
+    means = []
+    for mode in ("edit p.grad", "scale the loss"):
+        model = _mlp()
+        opt = ef.BayesAdam(model.parameters(), n_data=64, temperature=1.0,
+                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+        for _ in range(2):
+            with opt.sampled_params(train=True):
+                scale = 0.5 if mode == "scale the loss" else 1.0
+                (scale * F.cross_entropy(model(x), y)).backward()
+        if mode == "edit p.grad":
+            for p in model.parameters():
+                p.grad.mul_(0.5)  # what clip_grad_norm_ does, by a power of two (exact)
+        opt.step()  # (the curvature differs: its estimates use each sample's own gradient)
+        means.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*means):
+        assert torch.equal(a, b)
+
+
+def test_clip_grad_norm_after_several_samples_clips_their_mean():
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64, temperature=1.0,
+                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    own = _blocks(opt, model, x, y, 2)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    mean = [(a + b) / 2 for a, b in zip(*own)]
+    assert float(norm) == pytest.approx(float(torch.sqrt(sum(g.pow(2).sum() for g in mean))), rel=1e-10)
+    total = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
+    assert float(total) == pytest.approx(1e-3, rel=1e-4)
+    opt.step()

@@ -699,6 +699,7 @@ class BayesAdam(Optimizer):
         self._sign = 1.0  # the single pending sample is θ = μ + sign · σ ⊙ state["noise"]
         self._work: dict[torch.Tensor, torch.Tensor] = {}  # its θ buffers, reused as workspace
         self._grad_acc: dict[torch.Tensor, torch.Tensor] = {}  # with several samples
+        self._mean_shown = False  # p.grad holds the mean over the pending samples (see _show_mean)
         self._hess_acc: dict[torch.Tensor, torch.Tensor] = {}  # summed ĥ over samples
         self._batch = None
         self._block_marks = (True, None)  # (gradients changed inside the last block, their marks at exit)
@@ -761,7 +762,8 @@ class BayesAdam(Optimizer):
         """Load a posterior sample into the parameters; restore the means on exit, always.
 
         With ``train=True`` the sample is recorded for the next :meth:`step` (call ``backward``
-        inside the block). Entering several times before ``step`` averages over the samples.
+        inside the block). Entering several times before ``step`` averages over the samples: after
+        each block ``p.grad`` holds the mean gradient so far (what clipping sees and the step uses).
         ``train=False`` draws an independent sample and records nothing.
         """
         if self._inside:
@@ -769,6 +771,8 @@ class BayesAdam(Optimizer):
         self._check_groups()
         if train and self._n_samples == 1:
             self._fold_pending()  # (moves the gradients away: marks after it)
+        elif train and self._n_samples > 1:
+            self._take_back_mean()  # (p.grad shows the samples' mean: back into the sums)
         entry = self._grad_marks() if train else None  # (the draw below leaves the gradients alone)
         if train and self._n_samples == 0 and self._accumulated_outside(entry):
             self._outside_before = True  # refused at step(), which says why
@@ -845,6 +849,8 @@ class BayesAdam(Optimizer):
                 self._pending_theta = inplace
             else:
                 self._accumulate(sign, theta_in_noise=inplace)
+                self._show_mean(self._n_samples + 1)
+                self._block_marks = (self._block_marks[0], self._grad_marks())
             self._n_samples += 1
 
     def _flipout_draw(self, todo, sign) -> list[torch.Tensor]:
@@ -959,6 +965,27 @@ class BayesAdam(Optimizer):
         self._pending_theta = False  # local, is read here)
         self._drop_noise_sum()
         self._work = {}
+
+    def _show_mean(self, n: int) -> None:
+        """With several samples pending, ``p.grad`` shows their mean gradient between blocks and
+        before :meth:`step`, as a user's code (gradient clipping, logging) expects; what it does to
+        ``p.grad`` is what the step uses. (The sums stay in ``_grad_acc``.)"""
+        for p, acc in self._grad_acc.items():
+            p.grad = acc / n
+        self._mean_shown = True
+
+    def _take_back_mean(self) -> None:
+        """Before another sample: the shown mean (as the user left it) times n becomes the sum."""
+        if not self._mean_shown:
+            return
+        n = self._n_samples
+        for p in list(self._grad_acc):
+            if p.grad is None:  # (the user dropped it: the parameter skips this step)
+                del self._grad_acc[p]
+            else:
+                self._grad_acc[p] = p.grad.detach().mul(n)
+                p.grad = None
+        self._mean_shown = False
 
     def _accumulate(self, sign: float, theta_in_noise: bool = False):
         if self._flip_pending is not None:  # the estimate reads Flipout's Σ_r ε_r as a tensor
@@ -1077,10 +1104,11 @@ class BayesAdam(Optimizer):
             self._sign = 1.0
         n = max(self._n_samples, 1)
         many = bool(self._grad_acc)
-        if many:  # several samples: fold the last one, then average
+        if many and not self._mean_shown:  # several samples: fold the last one, then average
             self._fold_pending()
             for p, g in self._grad_acc.items():
                 p.grad = g.div_(n)
+        # (else p.grad holds the mean already, shown after the last block, maybe clipped since)
         mode, world, _ = self._world()
         if mode != "off" and needs_sample:  # before the finiteness check: every rank decides alike
             self._reduce_curvature(mode, world)
