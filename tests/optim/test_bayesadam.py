@@ -1222,3 +1222,56 @@ def test_clip_grad_norm_after_several_samples_clips_their_mean():
     total = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
     assert float(total) == pytest.approx(1e-3, rel=1e-4)
     opt.step()
+
+
+# -- a training block that raises after its backward records nothing ------------------------------
+
+
+def _failing_block(opt, model, x, y, backward=True):
+    with pytest.raises(KeyboardInterrupt), opt.sampled_params(train=True):
+        if backward:
+            F.cross_entropy(model(x), y).backward()
+        raise KeyboardInterrupt  # (an interrupt, or an error the caller catches and retries)
+
+
+@pytest.mark.parametrize("before", [0, 1, 2])  # samples recorded before the block that fails
+def test_a_block_that_raises_after_its_backward_leaves_no_gradient_behind(before):
+    """Its gradient was added to the pending samples' (a second sample failing doubled the first's
+    gradient in the step, silently), or to the next block's after a retry. The reference run's
+    failing block raises before its backward (the same draws)."""
+    x, y = _data()
+
+    def run(backward):
+        model = _mlp()
+        opt = ef.BayesAdam(model.parameters(), n_data=64, temperature=1.0,
+                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+        opt.zero_grad()
+        for _ in range(before):
+            with opt.sampled_params(train=True):
+                F.cross_entropy(model(x), y).backward()
+        _failing_block(opt, model, x, y, backward)
+        if not before:  # the retry
+            with opt.sampled_params(train=True):
+                F.cross_entropy(model(x), y).backward()
+        opt.step()
+        params = list(model.parameters())
+        return [p.detach().clone() for p in params], [opt.state[p]["hess"] for p in params]
+
+    (ref_mu, ref_h), (mu, h) = run(False), run(True)
+    for a, b in zip(ref_mu + ref_h, mu + h):
+        assert torch.equal(a, b)
+
+
+def test_a_failed_block_on_gradients_that_were_there_before_asks_for_zero_grad():
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64)
+    _loop_step(opt, model, x, y)
+    opt.zero_grad(set_to_none=False)  # zero tensors: the failed backward adds into them
+    _failing_block(opt, model, x, y)
+    with pytest.raises(RuntimeError, match="zero_grad"), opt.sampled_params(train=True):
+        pass
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        opt.step()
+    _loop_step(opt, model, x, y)  # (zero_grad first): trains again
+    assert opt.state[model[0].weight]["step"] == 2

@@ -700,6 +700,7 @@ class BayesAdam(Optimizer):
         self._work: dict[torch.Tensor, torch.Tensor] = {}  # its θ buffers, reused as workspace
         self._grad_acc: dict[torch.Tensor, torch.Tensor] = {}  # with several samples
         self._mean_shown = False  # p.grad holds the mean over the pending samples (see _show_mean)
+        self._tainted = False  # a failed block added to pre-existing gradients (until zero_grad)
         self._hess_acc: dict[torch.Tensor, torch.Tensor] = {}  # summed ĥ over samples
         self._batch = None
         self._block_marks = (True, None)  # (gradients changed inside the last block, their marks at exit)
@@ -769,10 +770,16 @@ class BayesAdam(Optimizer):
         if self._inside:
             raise RuntimeError("sampled_params() contexts cannot be nested")
         self._check_groups()
-        if train and self._n_samples == 1:
-            self._fold_pending()  # (moves the gradients away: marks after it)
-        elif train and self._n_samples > 1:
+        if train and self._tainted:
+            raise RuntimeError(
+                "an earlier sampled_params(train=True) block raised after its backward had added to "
+                "gradients that existed before it; they cannot be told apart: call zero_grad() "
+                "before sampling again"
+            )
+        if train and self._mean_shown:
             self._take_back_mean()  # (p.grad shows the samples' mean: back into the sums)
+        elif train and self._n_samples == 1:
+            self._fold_pending()  # (moves the gradients away: marks after it)
         entry = self._grad_marks() if train else None  # (the draw below leaves the gradients alone)
         if train and self._n_samples == 0 and self._accumulated_outside(entry):
             self._outside_before = True  # refused at step(), which says why
@@ -838,6 +845,8 @@ class BayesAdam(Optimizer):
                 if means and inplace and not completed:  # the buffers hold θ: back to ±ε
                     self._theta_to_noise()
             self._inside = False
+            if train and not completed:
+                self._discard_failed_block(entry)
         # only reached without an exception: record the sample
         if train and completed:
             marks = self._grad_marks()  # did a backward run inside the block? (see step)
@@ -974,10 +983,23 @@ class BayesAdam(Optimizer):
             p.grad = acc / n
         self._mean_shown = True
 
+    def _discard_failed_block(self, entry: list) -> None:
+        """A training block that raised records no sample; the gradients its backward may have
+        added are dropped, so that neither step() nor a retried block counts them."""
+        params = [p for _, p in self._params()]
+        if self._n_samples:  # the pending samples' gradients were set aside at entry
+            for p in params:
+                p.grad = None
+            self._show_mean(self._n_samples)
+            return
+        for p, was, now in zip(params, entry, self._grad_marks()):
+            if was is None:
+                p.grad = None
+            elif now != was:  # added to a gradient that was there before: not separable
+                self._tainted = True
+
     def _take_back_mean(self) -> None:
         """Before another sample: the shown mean (as the user left it) times n becomes the sum."""
-        if not self._mean_shown:
-            return
         n = self._n_samples
         for p in list(self._grad_acc):
             if p.grad is None:  # (the user dropped it: the parameter skips this step)
@@ -1049,6 +1071,11 @@ class BayesAdam(Optimizer):
         """
         loss = None
         self._check_groups()
+        if self._tainted:
+            raise RuntimeError(
+                "a sampled_params(train=True) block raised after its backward had added to gradients "
+                "that existed before it; they cannot be told apart: call zero_grad(). Nothing was updated"
+            )
         if closure is not None:
             # a sample already pending (Lightning's manual optimisation passes a do-nothing closure
             # after the user's own block): the closure runs as it is, not as a second sample
