@@ -88,6 +88,9 @@ def test_last_layer_diag_and_bad_subsets():
     with pytest.raises(ValueError, match="nn.Linear"):
         conv = nn.Sequential(nn.Conv1d(1, 1, 1), nn.Flatten())
         ef.laplace(conv, [(torch.randn(2, 1, 3), torch.zeros(2).long())], subset="last_layer")
+    for bad in ("auto", None, True, -1.0, float("nan")):  # "auto", None: float()'s own errors before
+        with pytest.raises(ValueError, match="prior_precision must be"):
+            ef.laplace(model, loader, hessian="kfac", subset="last_layer", prior_precision=bad)
 
 
 def test_predict_samples_draws_from_the_kronecker_posterior_too():

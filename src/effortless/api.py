@@ -477,7 +477,8 @@ def laplace(
             if product_dtype is not None:
                 raise ValueError("product_dtype is not used by the last-layer KFAC fit (small products)")
             lik = likelihoods.get(likelihood, sigma_noise)
-            if not (prior_precision in ("marglik", "marglik-layer") or float(prior_precision) > 0):
+            number = isinstance(prior_precision, (int, float)) and not isinstance(prior_precision, bool)
+            if not (prior_precision in ("marglik", "marglik-layer") or (number and prior_precision > 0)):
                 raise ValueError(f"prior_precision must be a float > 0 or 'marglik', got {prior_precision!r}")
             post = kron.fit_last_layer(model, loader, lik, prior_precision, generator=generator,
                                        distributed=distributed)  # fmt: skip
