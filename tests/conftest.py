@@ -37,6 +37,22 @@ class InPlace(nn.Module):
         return self.out(self.act(z))
 
 
+class ConvVariants(nn.Module):
+    """Convolutions beyond the plain one: reflect padding, a depthwise (grouped) convolution with
+    padding="same", and a grouped Conv1d with circular padding."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect")
+        self.c2 = nn.Conv2d(4, 4, 2, padding="same", groups=4)  # (an even kernel: asymmetric padding)
+        self.c3 = nn.Conv1d(4, 2, 3, padding=1, padding_mode="circular", groups=2)
+        self.out = nn.Linear(2 * 25, c)
+
+    def forward(self, x):
+        h = torch.tanh(self.c2(torch.tanh(self.c1(x.view(-1, 1, 5, 5)))))
+        return self.out(torch.tanh(self.c3(h.flatten(2))).flatten(1))
+
+
 class Unused(nn.Module):
     """A registered layer the forward never calls (a spare head, a branch switched off): its
     parameters have no gradient at all, and zero curvature."""
@@ -175,13 +191,14 @@ def make_model(kind: str, out: int = 3) -> nn.Module:
         "attention": lambda: Attention(out),
         "inplace": lambda: InPlace(4, out),
         "unused": lambda: Unused(4, out),
+        "convvariants": lambda: ConvVariants(out),
     }
     return table[kind]().double()
 
 
 def make_batch(kind: str, likelihood: str, n: int = 6, out: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    d = {"cnn": 25, "batchnorm": 25, "conv1d": 5}.get(kind, 4)
+    d = {"cnn": 25, "batchnorm": 25, "conv1d": 5, "convvariants": 25}.get(kind, 4)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     if likelihood == "classification":
         y = torch.randint(0, out, (n,), generator=g)

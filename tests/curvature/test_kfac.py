@@ -135,3 +135,34 @@ def test_wide_input_factor_equals_the_augmented_input_gram():
     A, _ = curvature.kfac(model, x, y)["0"]
     xa = torch.cat([x, torch.ones(16, 1)], 1).double()
     torch.testing.assert_close(A.double(), xa.T @ xa / 16, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_conv_kfac_with_a_padding_mode_is_exact_for_one_sample_and_one_position(mode):
+    """The patches are the padded input's (2×2 input, padded to 4×4, a 4×4 kernel: one position)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 4, padding=1, padding_mode=mode)
+            self.fc = nn.Linear(2, 3)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.conv(x.view(-1, 1, 2, 2))).flatten(1))
+
+    model = Net().double()
+    x = torch.randn(1, 4, dtype=torch.float64)
+    y = torch.tensor([2])
+    A, G = curvature.kfac(model, x, y)["conv"]
+    block = _block(model, x, y, "classification", "conv")
+    torch.testing.assert_close(torch.kron(G, A), block, atol=1e-12, rtol=1e-10)
+
+
+def test_grouped_convolutions_have_no_single_pair_of_factors():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.randn(3, 2, 4, 4), torch.randint(0, 3, (3,))
+    with pytest.raises(ValueError, match=r"0 \(Conv2d, grouped\)"):
+        curvature.kfac(model, x, y)
+    diag = curvature.diag_ggn(model, x, y)  # (the diagonal estimators take the hook path)
+    assert curvature.plan(model).backend == "hooks" and diag["0.weight"].shape == (4, 1, 3, 3)

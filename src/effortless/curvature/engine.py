@@ -137,21 +137,41 @@ def _linear_sq(m: nn.Linear, a, delta, dtype=None):
 
 
 def _unfold(m, a):
-    """Conv input patches (B, I·k, L) for Conv1d/Conv2d (groups = 1, zero padding)."""
+    """Conv input patches (B, I·k, L) for Conv1d/Conv2d: the input padded as the layer pads it
+    (any ``padding_mode``, ``padding="same"``/``"valid"``), then unfolded without padding."""
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        pads = m._reversed_padding_repeated_twice  # (what the layer's own forward pads with)
+        if any(pads):
+            a = F.pad(a, pads, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+        padding = (0,) * len(m.kernel_size)
+    else:
+        padding = m.padding
     if isinstance(m, nn.Conv1d):
         a = a.unsqueeze(2)
-        ks, st, pad, dil = (1, *m.kernel_size), (1, *m.stride), (0, *m.padding), (1, *m.dilation)
+        ks, st, pad, dil = (1, *m.kernel_size), (1, *m.stride), (0, *padding), (1, *m.dilation)
     else:
-        ks, st, pad, dil = m.kernel_size, m.stride, m.padding, m.dilation
+        ks, st, pad, dil = m.kernel_size, m.stride, padding, m.dilation
     return F.unfold(a, ks, dilation=dil, padding=pad, stride=st)
 
 
-def _conv_sq(m, a, delta, dtype=None):
+def _conv_per_sample(m, a, delta, dtype=None):
+    """Per-sample weight gradients (K, B, O, I/groups·k) and output gradients (K, B, O, L). With
+    groups, output channel o only sees its group's input channels: one product per group."""
     patches = _unfold(m, a)  # (B, I·k, L)
-    d = delta.flatten(3) if delta.dim() > 3 else delta  # (K, B, O, L)
-    d = d.reshape(d.shape[0], d.shape[1], d.shape[2], -1)
-    dt = _lowp(dtype, d.numel() * patches.shape[1])
-    g = torch.einsum("kbol,bil->kboi", _in(d, dt), _in(patches, dt)).to(a.dtype)  # per-sample grads
+    d = delta.reshape(delta.shape[0], delta.shape[1], delta.shape[2], -1)  # (K, B, O, L)
+    dt = _lowp(dtype, d.numel() * patches.shape[1] // m.groups)
+    if m.groups == 1:
+        g = torch.einsum("kbol,bil->kboi", _in(d, dt), _in(patches, dt))
+    else:
+        G = m.groups
+        pg = patches.view(patches.shape[0], G, -1, patches.shape[-1])  # (B, G, I/G·k, L)
+        dg = d.view(d.shape[0], d.shape[1], G, -1, d.shape[-1])  # (K, B, G, O/G, L)
+        g = torch.einsum("kbgol,bgil->kbgoi", _in(dg, dt), _in(pg, dt)).flatten(2, 3)
+    return g.to(a.dtype), d
+
+
+def _conv_sq(m, a, delta, dtype=None):
+    g, d = _conv_per_sample(m, a, delta, dtype)
     out = {"weight": g.pow(2).sum((0, 1)).view_as(m.weight)}
     if m.bias is not None:
         out["bias"] = d.sum(3).pow(2).sum((0, 1))
@@ -227,9 +247,7 @@ def _linear_cov(m: nn.Linear, a, delta, var):
 
 
 def _conv_psg(m, a, delta):
-    patches = _unfold(m, a)
-    d = delta.reshape(delta.shape[0], delta.shape[1], delta.shape[2], -1)  # (K, B, O, L)
-    g = torch.einsum("kbol,bil->kboi", d, patches)
+    g, d = _conv_per_sample(m, a, delta)
     out = {"weight": g.reshape(*g.shape[:2], *m.weight.shape)}
     if m.bias is not None:
         out["bias"] = d.sum(3)
@@ -267,6 +285,8 @@ def _linear_kfac(m: nn.Linear, a, delta):
 
 
 def _conv_kfac(m, a, delta):
+    if m.groups != 1:  # (its curvature is block-diagonal over groups: a pair (A, G) per group)
+        raise Unsupported(f"no Kronecker factors for a grouped {type(m).__name__} (groups={m.groups})")
     patches = _unfold(m, a).transpose(1, 2).reshape(-1, m.weight[0].numel())  # (B·L, I·k)
     if m.bias is not None:
         patches = torch.cat([patches, patches.new_ones(patches.shape[0], 1)], 1)
@@ -298,10 +318,6 @@ def _module_ok(m: nn.Module) -> str | None:
     rule = RULES.get(type(m))
     if rule is None:
         return f"no rule for {type(m).__name__}"
-    if isinstance(m, (nn.Conv1d, nn.Conv2d)) and (m.groups != 1 or m.padding_mode != "zeros"):
-        return f"{type(m).__name__} with groups={m.groups}, padding_mode={m.padding_mode!r}"
-    if isinstance(m, nn.Conv1d | nn.Conv2d) and isinstance(m.padding, str):
-        return f"{type(m).__name__} with padding={m.padding!r}"
     if _couples(m):
         return "BatchNorm in training mode (couples the samples of a batch)"
     if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse):

@@ -532,7 +532,9 @@ def _kfac_plan(model, params, method):
     if method not in ("exact", "mc"):
         raise ValueError(f"method must be 'exact' or 'mc', got {method!r}")
     p = engine.plan(model, params)
-    no_rule = [f"{n} ({type(m).__name__})" for n, m in p.modules.items() if not engine.RULES[type(m)].kfac]
+    grouped = {n for n, m in p.modules.items() if getattr(m, "groups", 1) != 1}  # (a pair per group)
+    no_rule = [f"{n} ({type(m).__name__}{', grouped' if n in grouped else ''})"
+               for n, m in p.modules.items() if not engine.RULES[type(m)].kfac or n in grouped]
     if p.backend != "hooks" or no_rule:
         why = f"no Kronecker factors for {', '.join(no_rule)}" if no_rule else str(p)
         raise ValueError(f"kfac needs every selected parameter in a Linear/Conv layer: {why}")
