@@ -192,13 +192,16 @@ def make_model(kind: str, out: int = 3) -> nn.Module:
         "inplace": lambda: InPlace(4, out),
         "unused": lambda: Unused(4, out),
         "convvariants": lambda: ConvVariants(out),
+        "groupnorm": lambda: nn.Sequential(nn.Unflatten(1, (1, 5, 5)), nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4),
+                                           nn.Tanh(), nn.Flatten(),
+                                           nn.Linear(36, out)),  # (its own statistics per sample)
     }
     return table[kind]().double()
 
 
 def make_batch(kind: str, likelihood: str, n: int = 6, out: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    d = {"cnn": 25, "batchnorm": 25, "conv1d": 5, "convvariants": 25}.get(kind, 4)
+    d = {"cnn": 25, "batchnorm": 25, "conv1d": 5, "convvariants": 25, "groupnorm": 25}.get(kind, 4)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     if likelihood == "classification":
         y = torch.randint(0, out, (n,), generator=g)

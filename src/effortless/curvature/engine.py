@@ -178,9 +178,9 @@ def _conv_sq(m, a, delta, dtype=None):
     return out
 
 
-def _bn_sq(m, a, delta, dtype=None):  # elementwise products: dtype is not used
-    shape = (1, -1) + (1,) * (a.dim() - 2)
-    xhat = (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+def _channel_norm_sq(m, xhat, delta):
+    """Σ_k Σ_b of the squared per-sample gradients of a per-channel affine (weight, bias) applied
+    to ``xhat`` (B, C, *): BatchNorm and GroupNorm."""
     dims = tuple(range(3, delta.dim()))
     gw = (delta * xhat).sum(dims) if dims else delta * xhat  # (K, B, C)
     gb = delta.sum(dims) if dims else delta
@@ -190,6 +190,27 @@ def _bn_sq(m, a, delta, dtype=None):  # elementwise products: dtype is not used
     if m.bias is not None:
         out["bias"] = gb.pow(2).sum((0, 1))
     return out
+
+
+def _bn_xhat(m, a):
+    shape = (1, -1) + (1,) * (a.dim() - 2)
+    return (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+
+
+def _bn_sq(m, a, delta, dtype=None):  # elementwise products: dtype is not used
+    return _channel_norm_sq(m, _bn_xhat(m, a), delta)
+
+
+def _gn_xhat(m: nn.GroupNorm, a):
+    """GroupNorm's normalised input: each sample's channel groups by their own statistics (no
+    coupling between samples)."""
+    g = a.reshape(a.shape[0], m.num_groups, -1)
+    xhat = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + m.eps)
+    return xhat.view_as(a)
+
+
+def _gn_sq(m, a, delta, dtype=None):  # elementwise products: dtype is not used
+    return _channel_norm_sq(m, _gn_xhat(m, a), delta)
 
 
 def _layernorm_sq(m: nn.LayerNorm, a, delta, dtype=None):  # elementwise: dtype is not used
@@ -264,9 +285,11 @@ def _norm_psg(xhat, delta, m, lead):
 
 
 def _bn_psg(m, a, delta):
-    shape = (1, -1) + (1,) * (a.dim() - 2)
-    xhat = (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
-    return _norm_psg(xhat, delta, m, tuple(range(3, delta.dim())))
+    return _norm_psg(_bn_xhat(m, a), delta, m, tuple(range(3, delta.dim())))
+
+
+def _gn_psg(m, a, delta):
+    return _norm_psg(_gn_xhat(m, a), delta, m, tuple(range(3, delta.dim())))
 
 
 def _layernorm_psg(m, a, delta):
@@ -309,6 +332,7 @@ RULES: dict[type, Rule] = {
     nn.BatchNorm1d: Rule(_bn_sq, None, _bn_psg),
     nn.BatchNorm2d: Rule(_bn_sq, None, _bn_psg),
     nn.LayerNorm: Rule(_layernorm_sq, None, _layernorm_psg),
+    nn.GroupNorm: Rule(_gn_sq, None, _gn_psg),
     nn.Embedding: Rule(_embedding_sq),
 }
 
