@@ -53,6 +53,20 @@ class ConvVariants(nn.Module):
         return self.out(torch.tanh(self.c3(h.flatten(2))).flatten(1))
 
 
+class Decoder(nn.Module):
+    """Transposed convolutions (stride, padding, output_padding; 2-D then 1-D), as in decoders."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.up2 = nn.ConvTranspose2d(1, 2, 3, stride=2, padding=1, output_padding=1)  # 2×2 -> 4×4
+        self.up1 = nn.ConvTranspose1d(2, 1, 2, stride=2, bias=False)  # 16 -> 32
+        self.out = nn.Linear(32, c)
+
+    def forward(self, x):
+        h = torch.tanh(self.up2(x.view(-1, 1, 2, 2))).flatten(2)
+        return self.out(torch.tanh(self.up1(h)).flatten(1))
+
+
 class Unused(nn.Module):
     """A registered layer the forward never calls (a spare head, a branch switched off): its
     parameters have no gradient at all, and zero curvature."""
@@ -192,6 +206,7 @@ def make_model(kind: str, out: int = 3) -> nn.Module:
         "inplace": lambda: InPlace(4, out),
         "unused": lambda: Unused(4, out),
         "convvariants": lambda: ConvVariants(out),
+        "decoder": lambda: Decoder(out),
         "groupnorm": lambda: nn.Sequential(nn.Unflatten(1, (1, 5, 5)), nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4),
                                            nn.Tanh(), nn.Flatten(),
                                            nn.Linear(36, out)),  # (its own statistics per sample)

@@ -192,6 +192,42 @@ def _channel_norm_sq(m, xhat, delta):
     return out
 
 
+def _tconv_per_sample(m, a, delta):
+    """ConvTranspose1d/2d: per-sample weight gradients (K, B, I, O·k) and output gradients
+    (K, B, O, L'). The transposed convolution is the adjoint of the convolution with the same
+    stride, padding and dilation, so input position l of sample b meets the output gradients in
+    the patch that convolution would read at l: unfolding δ (with those settings) gives, per
+    position, exactly the entries ``a[b, :, l]`` multiplies (``output_padding`` only adds rows that
+    no weight reaches)."""
+    k, b = delta.shape[:2]
+    d = delta.reshape(k * b, *delta.shape[2:])  # (K·B, O, *spatial_out)
+    if isinstance(m, nn.ConvTranspose1d):
+        d, a = d.unsqueeze(2), a.unsqueeze(2)
+        ks, st, pad, dil = (1, *m.kernel_size), (1, *m.stride), (0, *m.padding), (1, *m.dilation)
+    else:
+        ks, st, pad, dil = m.kernel_size, m.stride, m.padding, m.dilation
+    patches = F.unfold(d, ks, dilation=dil, padding=pad, stride=st)  # (K·B, O·k, L_in)
+    patches = patches.view(k, b, patches.shape[1], -1)
+    g = torch.einsum("kbjl,bil->kbij", patches, a.flatten(2))  # (K, B, I, O·k)
+    return g, delta.reshape(k, b, delta.shape[2], -1)
+
+
+def _tconv_sq(m, a, delta, dtype=None):  # (float32 products: the rule is for occasional layers)
+    g, d = _tconv_per_sample(m, a, delta)
+    out = {"weight": g.pow(2).sum((0, 1)).view_as(m.weight)}
+    if m.bias is not None:
+        out["bias"] = d.sum(3).pow(2).sum((0, 1))
+    return out
+
+
+def _tconv_psg(m, a, delta):
+    g, d = _tconv_per_sample(m, a, delta)
+    out = {"weight": g.reshape(*g.shape[:2], *m.weight.shape)}
+    if m.bias is not None:
+        out["bias"] = d.sum(3)
+    return out
+
+
 def _bn_xhat(m, a):
     shape = (1, -1) + (1,) * (a.dim() - 2)
     return (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
@@ -329,6 +365,8 @@ RULES: dict[type, Rule] = {
     nn.Linear: Rule(_linear_sq, _linear_kfac, _linear_psg, _linear_cov),
     nn.Conv1d: Rule(_conv_sq, _conv_kfac, _conv_psg),
     nn.Conv2d: Rule(_conv_sq, _conv_kfac, _conv_psg),
+    nn.ConvTranspose1d: Rule(_tconv_sq, None, _tconv_psg),
+    nn.ConvTranspose2d: Rule(_tconv_sq, None, _tconv_psg),
     nn.BatchNorm1d: Rule(_bn_sq, None, _bn_psg),
     nn.BatchNorm2d: Rule(_bn_sq, None, _bn_psg),
     nn.LayerNorm: Rule(_layernorm_sq, None, _layernorm_psg),
@@ -342,6 +380,8 @@ def _module_ok(m: nn.Module) -> str | None:
     rule = RULES.get(type(m))
     if rule is None:
         return f"no rule for {type(m).__name__}"
+    if isinstance(m, nn.ConvTranspose1d | nn.ConvTranspose2d) and m.groups != 1:
+        return f"{type(m).__name__} with groups={m.groups}"
     if _couples(m):
         return "BatchNorm in training mode (couples the samples of a batch)"
     if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse):
