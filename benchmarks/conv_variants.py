@@ -1,11 +1,14 @@
-"""Diagonal GGN and empirical Fisher of a depthwise-separable CNN: hook engine vs torch.func.
+"""Diagonal GGN and empirical Fisher of convolution variants: hook engine vs torch.func.
 
 Since 2026-11-28 the hook rules cover grouped (depthwise) convolutions, non-zero padding modes
-(reflect, replicate, circular) and ``padding="same"``/``"valid"``; before, such models took the
-torch.func path. This times both backends on the same model and batch, alternating, medians of
-``--reps`` calls each, as multiples of one plain forward+backward. One thread.
+(reflect, replicate, circular), ``padding="same"``/``"valid"``, transposed convolutions and
+GroupNorm; before, such models took the torch.func path. Models: ``separable`` (depthwise 3×3 with
+reflect padding + pointwise 1×1 blocks) and ``decoder`` (a 7×7 code upsampled by transposed
+convolutions with GroupNorm, then a classifier). This times both backends on the same model and
+batch, alternating, medians of ``--reps`` calls each, as multiples of one plain forward+backward.
+One thread.
 
-    python benchmarks/conv_variants.py --reps 5
+    python benchmarks/conv_variants.py --reps 5 [--model decoder]
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ from torch import nn
 from effortless import curvature
 
 
-def model() -> nn.Module:
+def decoder() -> nn.Module:
+    return nn.Sequential(nn.Unflatten(1, (16, 7, 7)),
+                         nn.ConvTranspose2d(16, 16, 4, stride=2, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+                         nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(8 * 28 * 28, 10))  # fmt: skip
+
+
+def separable() -> nn.Module:
     def block(c_in, c_out):  # depthwise 3×3 (reflect padding) + pointwise 1×1
         return [nn.Conv2d(c_in, c_in, 3, padding=1, padding_mode="reflect", groups=c_in), nn.ReLU(),
                 nn.Conv2d(c_in, c_out, 1), nn.ReLU(), nn.MaxPool2d(2)]  # fmt: skip
@@ -40,11 +50,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--model", choices=["separable", "decoder"], default="separable")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    m = model()
-    x, y = torch.randn(args.batch, 1, 28, 28), torch.randint(0, 10, (args.batch,))
+    m = separable() if args.model == "separable" else decoder()
+    shape = (1, 28, 28) if args.model == "separable" else (16 * 7 * 7,)
+    x, y = torch.randn(args.batch, *shape), torch.randint(0, 10, (args.batch,))
 
     def fwd_bwd():
         m.zero_grad(set_to_none=True)
@@ -60,7 +72,7 @@ def main():
         for k, fn in calls.items():
             times[k].append(_time(fn))
     n = sum(p.numel() for p in m.parameters())
-    print(f"depthwise-separable CNN ({n:,} weights), batch {args.batch}, 1 thread; "
+    print(f"{args.model} CNN ({n:,} weights), batch {args.batch}, 1 thread; "
           f"fwd+bwd {1000 * base:.1f} ms")
     print("| quantity (backend) | ms | × fwd+bwd |\n|---|---|---|")
     for k, v in times.items():
