@@ -580,3 +580,25 @@ def test_reentrant_checkpointing_is_never_zero_curvature():
         assert "use_reentrant=False" in str(err)
         return
     torch.testing.assert_close(got["l1.weight"], ref["0.weight"])
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "decoder"])
+def test_hook_passes_are_sized_by_the_models_footprint(arch, monkeypatch):
+    """Without chunk_size the hook engine takes a first pass of HOOK_FIRST samples, then passes
+    that keep K × (saved numbers per sample) under HOOK_BUDGET: a 28×28 CNN's 4,096-sample passes
+    held 6 GB of output gradients. Sizes change the passes, never the result."""
+    from effortless.curvature import functional as fn
+
+    model = make_model(arch)
+    x, y = make_batch(arch, "classification", n=23)
+    ref = exact.diag(model, x, y, "ggn")
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    monkeypatch.setattr(fn, "HOOK_FIRST", 4)
+    monkeypatch.setattr(fn, "HOOK_BUDGET", 3 * 3 * sum(p.numel() for p in model.parameters()))
+    got = curvature.diag_ggn(model, x, y, backend="hooks")
+    _assert_dict_close(got, ref)
+    assert calls[0] == 4 and sum(calls) == 23 and len(set(calls[1:-1])) <= 1 and max(calls[1:]) < 19, calls
+    calls.clear()
+    curvature.diag_ggn(model, x, y, backend="hooks", chunk_size=5)  # an explicit size wins
+    assert calls == [5, 5, 5, 5, 3]

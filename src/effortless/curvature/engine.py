@@ -170,12 +170,28 @@ def _conv_per_sample(m, a, delta, dtype=None):
     return g.to(a.dtype), d
 
 
-def _conv_sq(m, a, delta, dtype=None):
-    g, d = _conv_per_sample(m, a, delta, dtype)
-    out = {"weight": g.pow(2).sum((0, 1)).view_as(m.weight)}
-    if m.bias is not None:
-        out["bias"] = d.sum(3).pow(2).sum((0, 1))
+# Per-sample gradient elements the convolution rules hold at once (K × samples × the layer's
+# weights): the sums of squares are accumulated over slices of the batch, so a large chunk of
+# inputs (the functions' default is 4,096 samples) does not materialise K·B·P numbers at once.
+SQ_SLICE_NUMEL = 2**24
+
+
+def _sliced_sq(per_sample, m, a, delta, dtype=None):
+    """Σ_k Σ_b g², the per-sample gradients g from ``per_sample`` over slices of the batch."""
+    k, b = delta.shape[:2]
+    step = max(1, SQ_SLICE_NUMEL // max(1, k * m.weight.numel()))
+    out = {}
+    for s in range(0, b, step):
+        g, d = per_sample(m, a[s : s + step], delta[:, s : s + step], dtype)
+        part = {"weight": g.pow(2).sum((0, 1)).view_as(m.weight)}
+        if m.bias is not None:
+            part["bias"] = d.sum(3).pow(2).sum((0, 1))
+        out = part if not out else {n: out[n].add_(t) for n, t in part.items()}
     return out
+
+
+def _conv_sq(m, a, delta, dtype=None):
+    return _sliced_sq(_conv_per_sample, m, a, delta, dtype)
 
 
 def _channel_norm_sq(m, xhat, delta):
@@ -213,11 +229,7 @@ def _tconv_per_sample(m, a, delta):
 
 
 def _tconv_sq(m, a, delta, dtype=None):  # (float32 products: the rule is for occasional layers)
-    g, d = _tconv_per_sample(m, a, delta)
-    out = {"weight": g.pow(2).sum((0, 1)).view_as(m.weight)}
-    if m.bias is not None:
-        out["bias"] = d.sum(3).pow(2).sum((0, 1))
-    return out
+    return _sliced_sq(lambda m, a, d, dt: _tconv_per_sample(m, a, d), m, a, delta)
 
 
 def _tconv_psg(m, a, delta):

@@ -425,10 +425,15 @@ def _cotangents(kind, f, y, lik, n_samples, generator):
     return torch.stack([lik.nll_grad(f.detach(), lab) for lab in labels])
 
 
-# Samples per pass of the hook engine when no chunk_size is given: its output gradients take
-# K·B·Σ(layer widths) numbers (K = C for the exact GGN), 1.9 GB for 60,000 inputs of 784-512-256-10
-# in one piece; a training-sized batch is one chunk.
+# Samples per pass of the hook engine when no chunk_size is given. Its output gradients take K
+# numbers (K = C for the exact GGN) per sample and per element of every saved layer input and
+# output: 1.9 GB for 60,000 inputs of 784-512-256-10 in one piece, but 2 GB for just 1,024 inputs
+# of a two-layer 28×28 CNN. The first pass takes up to HOOK_FIRST samples (a training-sized batch
+# is one pass); the next ones as many as keep K × that footprint under HOOK_BUDGET numbers, and
+# at most HOOK_CHUNK.
 HOOK_CHUNK = 4096
+HOOK_FIRST = 256
+HOOK_BUDGET = 2**26
 
 
 def _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, chunk_size, product_dtype=None):
@@ -445,14 +450,22 @@ def _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, ch
         return None
     names = list(trainable(model, params))
     total = None
+    count = x.shape[0]
+    size, start = (int(chunk_size) if chunk_size else min(count, HOOK_FIRST)), 0
     try:
-        for sl in _chunks(x.shape[0], int(chunk_size) if chunk_size else HOOK_CHUNK):
+        while start < count:
+            sl = slice(start, min(count, start + size))
             with torch.enable_grad():
                 f, saved = engine.forward(p, lambda sl=sl: model(x[sl]), model)
             V = _cotangents(kind, f, y[sl], lik, n_samples, generator)
             deltas = engine.output_grads(f, saved, V)
             part = engine.sq_sums(p, saved, deltas, product_dtype)
             total = part if total is None else {n: total[n] + part[n] for n in total}
+            if not chunk_size and start == 0:  # the next passes' size, from this one's footprint
+                per_sample = sum(t.numel() for io in saved.values() for t in io if torch.is_tensor(t))
+                per_sample = V.shape[0] * per_sample / (sl.stop - sl.start)
+                size = int(min(HOOK_CHUNK, max(1, HOOK_BUDGET // max(per_sample, 1))))
+            start = sl.stop
     except engine.Unsupported as err:
         if backend == "hooks":
             raise ValueError(f"backend='hooks' is not possible for this model: {err}") from None
