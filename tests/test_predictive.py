@@ -211,3 +211,23 @@ def test_weight_samples_are_used_inside_one_autocast_region(monkeypatch):
         again = model(x)
     assert not torch.equal(at_mean, sampled) and not torch.equal(at_mean, sampled2)
     assert torch.equal(at_mean, again)
+
+
+def test_linearised_moments_passes_are_sized_by_the_models_footprint(monkeypatch):
+    """After a first pass, the hook path's passes keep C × (saved numbers + per-sample gradients of
+    layers without a covariance rule) per sample under the budget: 1,024-input passes of a 28×28
+    CNN held 3.3 GB. The moments do not depend on the passes."""
+    from effortless.curvature import functional
+    from effortless.posterior import predictive
+
+    model = make_model("cnn")
+    x, _ = make_batch("cnn", "classification", n=23)
+    post = _posterior(model)
+    ref = _reference_cov(model, post, x)
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    monkeypatch.setattr(functional, "HOOK_FIRST", 4)
+    monkeypatch.setattr(functional, "HOOK_BUDGET", 4000)
+    mean, cov = predictive.linearised_moments(model, post, x)
+    torch.testing.assert_close(cov, ref, atol=1e-10, rtol=1e-8)
+    assert calls[0] == 4 and sum(calls[1:]) == 19 and max(calls[1:]) < 19, calls

@@ -501,6 +501,18 @@ class Saved(dict):
         return out
 
 
+def saved_numel(saved) -> int:
+    """Numbers in the saved layer inputs and outputs (each output's gradient has as many per
+    cotangent)."""
+    return sum(t.numel() for io in saved.values() for t in io if torch.is_tensor(t))
+
+
+def psg_numel(p: Plan) -> int:
+    """Weights of the planned modules whose covariance rule builds per-sample gradients."""
+    return sum(q.numel() for m in p.modules.values() if RULES[type(m)].cov is None
+               for q in m.parameters(recurse=False))  # fmt: skip
+
+
 @contextlib.contextmanager
 def capture(p: Plan):
     """Forward hooks saving each planned module's input and output; raises Unsupported on reuse.

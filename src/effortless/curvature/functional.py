@@ -436,6 +436,30 @@ HOOK_FIRST = 256
 HOOK_BUDGET = 2**26
 
 
+class _Passes:
+    """Sample slices for the hook engine: ``size`` samples each when the caller fixed it, else a
+    first pass of ``first`` and then passes sized by :meth:`measured` (the numbers a pass holds
+    per sample, from the first one) to stay under ``budget``, and at most ``most``."""
+
+    def __init__(self, count: int, size=None, first=None, most=None, budget=None):
+        self.count, self.fixed = count, bool(size)
+        self.most, self.budget = most or HOOK_CHUNK, budget or HOOK_BUDGET
+        self.size = int(size) if size else min(count, first or HOOK_FIRST, self.most)
+        self._sized = False
+
+    def __iter__(self):
+        start = 0
+        while start < self.count:
+            sl = slice(start, min(self.count, start + self.size))
+            yield sl
+            start = sl.stop
+
+    def measured(self, per_sample: float) -> None:
+        if not (self.fixed or self._sized):
+            self.size = int(min(self.most, max(1, self.budget // max(per_sample, 1.0))))
+            self._sized = True
+
+
 def _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, chunk_size, product_dtype=None):
     """The quantity from the hook engine, or None when the generic path must run."""
     if backend not in _BACKENDS:
@@ -450,22 +474,16 @@ def _via_hooks(model, x, y, lik, params, backend, kind, n_samples, generator, ch
         return None
     names = list(trainable(model, params))
     total = None
-    count = x.shape[0]
-    size, start = (int(chunk_size) if chunk_size else min(count, HOOK_FIRST)), 0
+    passes = _Passes(x.shape[0], chunk_size)
     try:
-        while start < count:
-            sl = slice(start, min(count, start + size))
+        for sl in passes:
             with torch.enable_grad():
                 f, saved = engine.forward(p, lambda sl=sl: model(x[sl]), model)
             V = _cotangents(kind, f, y[sl], lik, n_samples, generator)
             deltas = engine.output_grads(f, saved, V)
             part = engine.sq_sums(p, saved, deltas, product_dtype)
             total = part if total is None else {n: total[n] + part[n] for n in total}
-            if not chunk_size and start == 0:  # the next passes' size, from this one's footprint
-                per_sample = sum(t.numel() for io in saved.values() for t in io if torch.is_tensor(t))
-                per_sample = V.shape[0] * per_sample / (sl.stop - sl.start)
-                size = int(min(HOOK_CHUNK, max(1, HOOK_BUDGET // max(per_sample, 1))))
-            start = sl.stop
+            passes.measured(V.shape[0] * engine.saved_numel(saved) / (sl.stop - sl.start))
     except engine.Unsupported as err:
         if backend == "hooks":
             raise ValueError(f"backend='hooks' is not possible for this model: {err}") from None

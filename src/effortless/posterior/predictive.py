@@ -27,7 +27,15 @@ from torch.func import functional_call, jacrev
 
 from .. import _rng, likelihoods
 from ..curvature import engine
-from ..curvature.functional import _chunks, _frozen, _single, eager_forward, per_sample, refuse_coupled
+from ..curvature.functional import (
+    _chunks,
+    _frozen,
+    _Passes,
+    _single,
+    eager_forward,
+    per_sample,
+    refuse_coupled,
+)
 from .diag import DiagGaussian
 
 __all__ = ["linearised_moments", "glm_probs", "probit_probs"]
@@ -45,17 +53,22 @@ def linearised_moments(model: nn.Module, posterior: DiagGaussian, x: torch.Tenso
         plan = engine.plan(model, list(variance))
         if plan.backend == "hooks":
             try:
-                chunks = _chunks(x.shape[0], MOMENT_CHUNK)
-                parts = [_hooks_moments(model, x[sl], plan, variance) for sl in chunks]
+                parts, passes = [], _Passes(x.shape[0], most=MOMENT_CHUNK)
+                for sl in passes:
+                    f, cov, per_sample = _hooks_moments(model, x[sl], plan, variance)
+                    parts.append((f, cov))
+                    passes.measured(per_sample)
                 return torch.cat([f for f, _ in parts]), torch.cat([c for _, c in parts])
             except engine.Unsupported:
                 pass
         return _func_moments(model, x, variance, chunk_size)
 
 
-# The hook path holds C output gradients per layer output for every sample at once (about 60 kB a
-# sample for 784-512-256-10): 1,024 samples at a time keep a test-set-sized call near 60 MB
-# instead of 3.7 GB for 60,000 inputs, with the same result.
+# The hook path holds C output gradients per layer output (and, for layers without a covariance
+# rule, C per-sample gradients) for every sample of a pass: about 60 kB a sample for
+# 784-512-256-10, where 1,024 samples a pass keep a test-set-sized call near 60 MB instead of
+# 3.7 GB for 60,000 inputs; convolutions hold far more per sample, so passes after the first are
+# sized to the footprint (``curvature.functional._Passes``), at most this many samples.
 MOMENT_CHUNK = 1024
 
 
@@ -69,7 +82,8 @@ def _hooks_moments(model, x, plan, variance):
     deltas = engine.output_grads(f, saved, cot)
     with torch.no_grad():
         cov = engine.output_covariance(plan, saved, deltas, variance)
-    return f2.detach(), cov.detach()
+    per_sample = c * (engine.saved_numel(saved) / f2.shape[0] + engine.psg_numel(plan))  # (numbers held)
+    return f2.detach(), cov.detach(), per_sample
 
 
 def _func_moments(model, x, variance, chunk_size):
