@@ -166,3 +166,23 @@ def test_grouped_convolutions_have_no_single_pair_of_factors():
         curvature.kfac(model, x, y)
     diag = curvature.diag_ggn(model, x, y)  # (the diagonal estimators take the hook path)
     assert curvature.plan(model).backend == "hooks" and diag["0.weight"].shape == (4, 1, 3, 3)
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_factors_over_several_passes_equal_one_pass(diagonal, monkeypatch):
+    """Many inputs run in passes sized to the model (as diag_ggn does): A is a mean over samples
+    (each pass weighted by its share), G a sum; the result must not depend on the passes."""
+    from effortless.curvature import functional
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)).double()
+    x, y = torch.randn(23, 1, 5, 5, dtype=torch.float64), torch.randint(0, 3, (23,))
+    one = curvature.diag_kfac(model, x, y) if diagonal else curvature.kfac(model, x, y)
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    monkeypatch.setattr(functional, "HOOK_FIRST", 4)
+    monkeypatch.setattr(functional, "HOOK_BUDGET", 500)
+    many = curvature.diag_kfac(model, x, y) if diagonal else curvature.kfac(model, x, y)
+    assert len(calls) > 2 and sum(calls) == 23, calls
+    for a, b in zip(torch.utils._pytree.tree_leaves(one), torch.utils._pytree.tree_leaves(many)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

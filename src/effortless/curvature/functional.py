@@ -573,14 +573,25 @@ def _kfac_plan(model, params, method):
 
 
 def _kfac(model, x, y, lik, p, method, n_samples, generator, diagonal, product_dtype=None):
-    with torch.enable_grad():
-        f, saved = engine.forward(p, lambda: model(x), model)
-    V = _cotangents("ggn" if method == "exact" else "ggn-mc", f, y, lik, n_samples, generator)
-    deltas = engine.output_grads(f, saved, V)
-    out = engine.kfac_factors(p, saved, deltas, diagonal=diagonal, dtype=product_dtype)
-    if method == "mc":
-        out = {k: (A, G / n_samples) for k, (A, G) in out.items()}
-    return {k: (A.detach(), G.detach()) for k, (A, G) in out.items()}
+    """The factors over passes of samples (:class:`_Passes`): A, a mean over samples (and
+    positions, as many for every sample), is weighted by each pass's share; G is a sum."""
+    total, n = None, x.shape[0]
+    passes = _Passes(n)
+    for sl in passes:
+        with torch.enable_grad():
+            f, saved = engine.forward(p, lambda sl=sl: model(x[sl]), model)
+        V = _cotangents("ggn" if method == "exact" else "ggn-mc", f, y[sl], lik, n_samples, generator)
+        deltas = engine.output_grads(f, saved, V)
+        out = engine.kfac_factors(p, saved, deltas, diagonal=diagonal, dtype=product_dtype)
+        share = (sl.stop - sl.start) / n
+        if share != 1:
+            out = {k: (A.mul_(share), G) for k, (A, G) in out.items()}
+        if method == "mc":
+            out = {k: (A, G / n_samples) for k, (A, G) in out.items()}
+        out = {k: (A.detach(), G.detach()) for k, (A, G) in out.items()}
+        total = out if total is None else {k: (total[k][0] + A, total[k][1] + G) for k, (A, G) in out.items()}
+        passes.measured(V.shape[0] * engine.saved_numel(saved) / (sl.stop - sl.start))
+    return total
 
 
 @stateless
