@@ -350,3 +350,23 @@ def test_laplace_diag_is_the_all_weights_diagonal_laplace_of_the_map_network():
     ref = ef.predict(run.model, post, split.x_test, method="probit")
     torch.testing.assert_close(fitted.predict(split.x_test), ref)
     assert not torch.allclose(ref, run.model(split.x_test).softmax(-1))  # the posterior moves it
+
+
+def test_every_registered_method_runs_on_a_tiny_task(tmp_path):
+    """Each method of the registry (the peers where installed) trains, predicts and gets a row with
+    finite metrics: MC dropout, the ensemble, every bayesadam-<key> and the regression versions
+    had no test that ran them."""
+    from effortless.baselines import methods as bm
+    from effortless.baselines.regression import REGRESSION_METHODS
+
+    names = [m for m in bm.METHODS if bm.available(m) is None]
+    rows = bench.run(tasks=["mnist1d-mlp"], methods=names, seeds=1, epochs=1, out=tmp_path / "c", subset=200,
+                     progress=False)  # fmt: skip
+    assert sorted(r["method"] for r in rows) == sorted(names)
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 100 and math.isfinite(r["nll"]) and 0 <= r["ece"] <= 100, r["method"]
+    rows = bench.run(tasks=["toy-regression"], methods=list(REGRESSION_METHODS), seeds=1, epochs=2,
+                     out=tmp_path / "r", subset=100, progress=False)  # fmt: skip
+    assert sorted(r["method"] for r in rows) == sorted(REGRESSION_METHODS)
+    for r in rows:
+        assert math.isfinite(r["rmse"]) and math.isfinite(r["nll"]) and r["rmse"] > 0, r["method"]
