@@ -67,6 +67,26 @@ class Decoder(nn.Module):
         return self.out(torch.tanh(self.up1(h)).flatten(1))
 
 
+class InstanceNormNet(nn.Module):
+    """InstanceNorm2d (each sample's own statistics) and InstanceNorm1d tracking running statistics,
+    which it uses in eval mode (the module is put in eval mode; in training mode both use the
+    sample's own)."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.in2 = nn.InstanceNorm2d(4, affine=True)
+        self.in1 = nn.InstanceNorm1d(4, affine=True, track_running_stats=True)
+        self.in1.running_mean.uniform_(-0.5, 0.5)
+        self.in1.running_var.uniform_(0.5, 2.0)
+        self.out = nn.Linear(36, c)
+        self.eval()
+
+    def forward(self, x):
+        h = torch.tanh(self.in2(self.conv(x.view(-1, 1, 5, 5)))).flatten(2)  # (B, 4, 9)
+        return self.out(torch.tanh(self.in1(h)).flatten(1))
+
+
 class Unused(nn.Module):
     """A registered layer the forward never calls (a spare head, a branch switched off): its
     parameters have no gradient at all, and zero curvature."""
@@ -207,6 +227,7 @@ def make_model(kind: str, out: int = 3) -> nn.Module:
         "unused": lambda: Unused(4, out),
         "convvariants": lambda: ConvVariants(out),
         "decoder": lambda: Decoder(out),
+        "instancenorm": lambda: InstanceNormNet(out),
         "groupnorm": lambda: nn.Sequential(nn.Unflatten(1, (1, 5, 5)), nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4),
                                            nn.Tanh(), nn.Flatten(),
                                            nn.Linear(36, out)),  # (its own statistics per sample)
@@ -216,7 +237,8 @@ def make_model(kind: str, out: int = 3) -> nn.Module:
 
 def make_batch(kind: str, likelihood: str, n: int = 6, out: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    d = {"cnn": 25, "batchnorm": 25, "conv1d": 5, "convvariants": 25, "groupnorm": 25}.get(kind, 4)
+    images = ("cnn", "batchnorm", "convvariants", "groupnorm", "instancenorm")  # 5×5, one channel
+    d = 25 if kind in images else 5 if kind == "conv1d" else 4
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     if likelihood == "classification":
         y = torch.randint(0, out, (n,), generator=g)

@@ -11,7 +11,7 @@ from effortless.posterior import predictive
 from tests.conftest import make_batch, make_model
 
 ARCHS = ["mlp", "cnn", "residual", "conv1d", "batchnorm", "sequence", "layernorm", "embedding", "shared",
-         "recurrent", "inplace", "convvariants", "groupnorm", "decoder"]  # fmt: skip
+         "recurrent", "inplace", "convvariants", "groupnorm", "decoder", "instancenorm"]  # fmt: skip
 
 
 def _posterior(model, seed=0):

@@ -261,6 +261,21 @@ def _gn_sq(m, a, delta, dtype=None):  # elementwise products: dtype is not used
     return _channel_norm_sq(m, _gn_xhat(m, a), delta)
 
 
+def _in_xhat(m: nn.modules.instancenorm._InstanceNorm, a):
+    """InstanceNorm's normalised input: each sample's channels by their own statistics, or by the
+    running ones in eval mode when it tracks them (as its forward does)."""
+    if a.dim() != (3 if isinstance(m, nn.InstanceNorm1d) else 4):  # unbatched: the rules need the batch
+        raise Unsupported(f"{type(m).__name__} called on an unbatched input")
+    if m.track_running_stats and not m.training and m.running_mean is not None:
+        return _bn_xhat(m, a)
+    dims = tuple(range(2, a.dim()))
+    return (a - a.mean(dims, keepdim=True)) / torch.sqrt(a.var(dims, unbiased=False, keepdim=True) + m.eps)
+
+
+def _in_sq(m, a, delta, dtype=None):  # elementwise products: dtype is not used
+    return _channel_norm_sq(m, _in_xhat(m, a), delta)
+
+
 def _layernorm_sq(m: nn.LayerNorm, a, delta, dtype=None):  # elementwise: dtype is not used
     dims = tuple(range(a.dim() - len(m.normalized_shape), a.dim()))
     mean = a.mean(dims, keepdim=True)
@@ -340,6 +355,10 @@ def _gn_psg(m, a, delta):
     return _norm_psg(_gn_xhat(m, a), delta, m, tuple(range(3, delta.dim())))
 
 
+def _in_psg(m, a, delta):
+    return _norm_psg(_in_xhat(m, a), delta, m, tuple(range(3, delta.dim())))
+
+
 def _layernorm_psg(m, a, delta):
     dims = tuple(range(a.dim() - len(m.normalized_shape), a.dim()))
     xhat = (a - a.mean(dims, keepdim=True)) / torch.sqrt(a.var(dims, unbiased=False, keepdim=True) + m.eps)
@@ -383,6 +402,8 @@ RULES: dict[type, Rule] = {
     nn.BatchNorm2d: Rule(_bn_sq, None, _bn_psg),
     nn.LayerNorm: Rule(_layernorm_sq, None, _layernorm_psg),
     nn.GroupNorm: Rule(_gn_sq, None, _gn_psg),
+    nn.InstanceNorm1d: Rule(_in_sq, None, _in_psg),
+    nn.InstanceNorm2d: Rule(_in_sq, None, _in_psg),
     nn.Embedding: Rule(_embedding_sq),
 }
 
