@@ -171,8 +171,8 @@ def _conv_per_sample(m, a, delta, dtype=None):
 
 
 # Per-sample gradient elements the convolution rules hold at once (K × samples × the layer's
-# weights): the sums of squares are accumulated over slices of the batch, so a large chunk of
-# inputs (the functions' default is 4,096 samples) does not materialise K·B·P numbers at once.
+# weights): the sums of squares are accumulated over slices of the batch, so a pass over many
+# inputs does not materialise K·B·P numbers at once.
 SQ_SLICE_NUMEL = 2**24
 
 
@@ -196,7 +196,7 @@ def _conv_sq(m, a, delta, dtype=None):
 
 def _channel_norm_sq(m, xhat, delta):
     """Σ_k Σ_b of the squared per-sample gradients of a per-channel affine (weight, bias) applied
-    to ``xhat`` (B, C, *): BatchNorm and GroupNorm."""
+    to ``xhat`` (B, C, *): BatchNorm, GroupNorm and InstanceNorm."""
     dims = tuple(range(3, delta.dim()))
     gw = (delta * xhat).sum(dims) if dims else delta * xhat  # (K, B, C)
     gb = delta.sum(dims) if dims else delta
