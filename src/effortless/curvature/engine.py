@@ -232,14 +232,6 @@ def _tconv_sq(m, a, delta, dtype=None):  # (float32 products: the rule is for oc
     return _sliced_sq(lambda m, a, d, dt: _tconv_per_sample(m, a, d), m, a, delta)
 
 
-def _tconv_psg(m, a, delta):
-    g, d = _tconv_per_sample(m, a, delta)
-    out = {"weight": g.reshape(*g.shape[:2], *m.weight.shape)}
-    if m.bias is not None:
-        out["bias"] = d.sum(3)
-    return out
-
-
 def _bn_xhat(m, a):
     shape = (1, -1) + (1,) * (a.dim() - 2)
     return (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
@@ -330,12 +322,21 @@ def _linear_cov(m: nn.Linear, a, delta, var):
     return torch.einsum("kbo,lbo,bo->bkl", delta, delta, s)
 
 
-def _conv_psg(m, a, delta):
-    g, d = _conv_per_sample(m, a, delta)
-    out = {"weight": g.reshape(*g.shape[:2], *m.weight.shape)}
-    if m.bias is not None:
-        out["bias"] = d.sum(3)
-    return out
+def _weight_psg(per_sample):
+    """The per-sample gradients rule of a (transposed) convolution from its ``per_sample``."""
+
+    def psg(m, a, delta):
+        g, d = per_sample(m, a, delta)
+        out = {"weight": g.reshape(*g.shape[:2], *m.weight.shape)}
+        if m.bias is not None:
+            out["bias"] = d.sum(3)
+        return out
+
+    return psg
+
+
+_conv_psg = _weight_psg(_conv_per_sample)
+_tconv_psg = _weight_psg(_tconv_per_sample)
 
 
 def _norm_psg(xhat, delta, m, lead):
