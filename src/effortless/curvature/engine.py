@@ -208,7 +208,7 @@ def _channel_norm_sq(m, xhat, delta):
     return out
 
 
-def _tconv_per_sample(m, a, delta):
+def _tconv_per_sample(m, a, delta, dtype=None):  # (float32 products: the rule is for occasional layers)
     """ConvTranspose1d/2d: per-sample weight gradients (K, B, I, O·k) and output gradients
     (K, B, O, L'). The transposed convolution is the adjoint of the convolution with the same
     stride, padding and dilation, so input position l of sample b meets the output gradients in
@@ -228,8 +228,8 @@ def _tconv_per_sample(m, a, delta):
     return g, delta.reshape(k, b, delta.shape[2], -1)
 
 
-def _tconv_sq(m, a, delta, dtype=None):  # (float32 products: the rule is for occasional layers)
-    return _sliced_sq(lambda m, a, d, dt: _tconv_per_sample(m, a, d), m, a, delta)
+def _tconv_sq(m, a, delta, dtype=None):
+    return _sliced_sq(_tconv_per_sample, m, a, delta)
 
 
 def _bn_xhat(m, a):
