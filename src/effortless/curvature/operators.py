@@ -77,15 +77,15 @@ def cg(matvec: Callable[[Vec], Vec], b: Vec, tol: float = 1e-6, maxiter: int = 2
     """
     if not all(torch.isfinite(t).all() for t in b.values()):
         raise ValueError("cg: the right-hand side b has non-finite entries")
+    bnorm = _dot(b, b).sqrt()
+    if bnorm == 0:  # the solution is 0 (A is positive definite)
+        return {k: torch.zeros_like(t) for k, t in b.items()}, {"iterations": 0, "residual": 0.0}
     if x0 is None:
         x = {k: torch.zeros_like(t) for k, t in b.items()}
         r = {k: t.clone() for k, t in b.items()}
     else:
         x = {k: t.clone() for k, t in x0.items()}
         r = {k: b[k] - t for k, t in matvec(x).items()}
-    bnorm = _dot(b, b).sqrt()
-    if bnorm == 0:  # the solution is 0 (A is positive definite)
-        return {k: torch.zeros_like(t) for k, t in b.items()}, {"iterations": 0, "residual": 0.0}
     p = {k: t.clone() for k, t in r.items()}
     rs = _dot(r, r)
     it = 0
