@@ -38,12 +38,14 @@ THRESHOLDS = (0.90, 0.95)
 
 
 def _cell(task, method, acquisition, repeat, config: dict, train: dict, out: str, threads: int,
-          progress: bool = False, subset: int | None = None, parent: int | None = None):  # fmt: skip
+          progress: bool = False, subset: int | None = None, parent: int | None = None,
+          split=None):  # fmt: skip
     """One learning curve (runs in a worker process when jobs > 1, which stops at the next round
-    when its ``parent`` process is gone: a killed run leaves no orphans writing checkpoints)."""
+    when its ``parent`` process is gone: a killed run leaves no orphans writing checkpoints).
+    ``split``: the task's data when the caller has loaded it already (one process)."""
     torch.set_num_threads(threads)
     load, make_model = TASKS[task]
-    split = load()
+    split = split if split is not None else load()
     if subset:
         split = split.subset(subset, None)
     learner = make_learner(method, make_model, TrainConfig(**train))
@@ -239,7 +241,8 @@ def run(
     cells = []
     if jobs == 1:
         for m, a, r in grid:
-            cells.append(_cell(task, m, a, r, config, train, str(out), threads, progress, subset))
+            cells.append(_cell(task, m, a, r, config, train, str(out), threads, progress, subset,
+                               split=split))  # (loaded above: once for every cell)
             log(f"{m} · {a} · repeat {r}: final accuracy {cells[-1]['history'][-1]['accuracy']:.4f}, "
                 f"{_secs(cells[-1]['seconds'])}")  # fmt: skip
     else:
