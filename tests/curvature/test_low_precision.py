@@ -37,7 +37,8 @@ def _assert_entrywise_close(got, ref):
         assert bool((err <= bound).all()), f"{k}: worst relative error {worst:.3g}"
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn", "residual", "conv1d", "sequence", "batchnorm"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "residual", "conv1d", "sequence", "batchnorm", "convvariants",
+                                  "decoder", "groupnorm", "instancenorm"])  # fmt: skip
 @pytest.mark.parametrize("lik", ["classification", "regression"])
 @pytest.mark.parametrize("kind", ["ggn", "efisher"])
 def test_bf16_products_stay_within_three_roundings_of_the_reference(arch, lik, kind):
