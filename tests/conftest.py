@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -87,6 +88,24 @@ class InstanceNormNet(nn.Module):
         # would then be exactly zero, equal to the reference only up to the dtype's round-off)
         h = torch.tanh(self.in2(torch.tanh(self.conv(x.view(-1, 1, 5, 5))))).flatten(2)  # (B, 4, 9)
         return self.out(torch.tanh(self.in1(h)).flatten(1))
+
+
+class TinyTransformer(nn.Module):
+    """A hand-written pre-norm attention block (RMSNorm, a fused q/k/v Linear, scaled dot-product
+    attention, a residual): every parameter sits in a Linear or RMSNorm, so the hook engine
+    serves it (nn.MultiheadAttention would not: it uses its weights outside any such layer)."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.inp, self.qkv, self.proj = nn.Linear(2, 4), nn.Linear(4, 12), nn.Linear(4, 4)
+        self.norm = nn.RMSNorm(4)
+        self.out = nn.Linear(4, c)
+
+    def forward(self, x):
+        h = self.inp(x.view(-1, 2, 2))  # (B, T=2, 4)
+        q, k, v = self.qkv(self.norm(h)).chunk(3, -1)
+        h = h + self.proj(F.scaled_dot_product_attention(q, k, v))
+        return self.out(torch.tanh(h).mean(1))
 
 
 class Unused(nn.Module):
@@ -230,6 +249,7 @@ def make_model(kind: str, out: int = 3) -> nn.Module:
         "convvariants": lambda: ConvVariants(out),
         "decoder": lambda: Decoder(out),
         "instancenorm": lambda: InstanceNormNet(out),
+        "transformer": lambda: TinyTransformer(out),
         "groupnorm": lambda: nn.Sequential(nn.Unflatten(1, (1, 5, 5)), nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4),
                                            nn.Tanh(), nn.Flatten(),
                                            nn.Linear(36, out)),  # (its own statistics per sample)

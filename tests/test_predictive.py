@@ -11,7 +11,8 @@ from effortless.posterior import predictive
 from tests.conftest import make_batch, make_model
 
 ARCHS = ["mlp", "cnn", "residual", "conv1d", "batchnorm", "sequence", "layernorm", "embedding", "shared",
-         "recurrent", "inplace", "convvariants", "groupnorm", "decoder", "instancenorm"]  # fmt: skip
+         "recurrent", "inplace", "convvariants", "groupnorm", "decoder", "instancenorm",
+         "transformer"]  # fmt: skip
 
 
 def _posterior(model, seed=0):

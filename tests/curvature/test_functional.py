@@ -20,7 +20,7 @@ def _assert_dict_close(a, b, atol=1e-10, rtol=1e-8):
 
 
 HOOKABLE = ["mlp", "cnn", "residual", "conv1d", "batchnorm", "sequence", "layernorm", "embedding", "inplace",
-            "unused", "convvariants", "groupnorm", "decoder", "instancenorm"]  # fmt: skip
+            "unused", "convvariants", "groupnorm", "decoder", "instancenorm", "transformer"]  # fmt: skip
 # (arch, backend) pairs: every architecture through torch.func, the supported ones through hooks
 FUNC_ONLY = ["recurrent", "attention"]  # no hook rules; vmap cannot batch an LSTM (per-sample loop)
 PATHS = [(a, "func") for a in dict.fromkeys(ARCHS + HOOKABLE + FUNC_ONLY)] + [(a, "hooks") for a in HOOKABLE]

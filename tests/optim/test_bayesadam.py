@@ -855,7 +855,8 @@ def test_step_with_a_closure_samples_around_it():
 
 
 @pytest.mark.parametrize("key", ["efisher", "ggn", "ggn-mc", "kfac"])
-@pytest.mark.parametrize("arch", ["mlp", "layernorm", "shared", "convvariants", "decoder", "instancenorm"])
+@pytest.mark.parametrize("arch", ["mlp", "layernorm", "shared", "convvariants", "decoder", "instancenorm",
+                                  "transformer"])  # fmt: skip
 def test_train_step_curvature_from_the_engine_or_the_fallback(key, arch):
     """train_step shares the training pass with the hook engine where it can (mlp, LayerNorm) and
     falls back to torch.func otherwise (shared weights, found at run time); either way h after one

@@ -268,20 +268,42 @@ def _in_sq(m, a, delta, dtype=None):  # elementwise products: dtype is not used
     return _channel_norm_sq(m, _in_xhat(m, a), delta)
 
 
-def _layernorm_sq(m: nn.LayerNorm, a, delta, dtype=None):  # elementwise: dtype is not used
+def _ln_xhat(m: nn.LayerNorm, a):
     dims = tuple(range(a.dim() - len(m.normalized_shape), a.dim()))
-    mean = a.mean(dims, keepdim=True)
-    var = a.var(dims, unbiased=False, keepdim=True)
-    xhat = (a - mean) / torch.sqrt(var + m.eps)
-    lead = tuple(range(2, 2 + a.dim() - 1 - len(m.normalized_shape)))  # positions between B and shape
+    return (a - a.mean(dims, keepdim=True)) / torch.sqrt(a.var(dims, unbiased=False, keepdim=True) + m.eps)
+
+
+def _rms_xhat(m: nn.RMSNorm, a):
+    """RMSNorm's normalised input: x / √(mean x² over the normalised dims + eps), eps defaulting to
+    the dtype's machine epsilon (as ``F.rms_norm`` does)."""
+    dims = tuple(range(a.dim() - len(m.normalized_shape), a.dim()))
+    eps = m.eps if m.eps is not None else torch.finfo(a.dtype).eps
+    return a * torch.rsqrt(a.pow(2).mean(dims, keepdim=True) + eps)
+
+
+def _shape_norm_lead(m, a):
+    return tuple(range(2, 2 + a.dim() - 1 - len(m.normalized_shape)))  # positions between B and shape
+
+
+def _shape_norm_sq(m, xhat, lead, delta):
+    """Σ_k Σ_b of the squared per-sample gradients of an elementwise affine over the normalised
+    shape (LayerNorm, RMSNorm), summed over the positions ``lead`` between the batch and it."""
     out = {}
     if m.weight is not None:
         gw = (delta * xhat).sum(lead) if lead else delta * xhat  # (K, B, *normalized_shape)
         out["weight"] = gw.pow(2).sum((0, 1))
-    if m.bias is not None:
+    if getattr(m, "bias", None) is not None:
         gb = delta.sum(lead) if lead else delta
         out["bias"] = gb.pow(2).sum((0, 1))
     return out
+
+
+def _layernorm_sq(m: nn.LayerNorm, a, delta, dtype=None):  # elementwise: dtype is not used
+    return _shape_norm_sq(m, _ln_xhat(m, a), _shape_norm_lead(m, a), delta)
+
+
+def _rmsnorm_sq(m: nn.RMSNorm, a, delta, dtype=None):  # elementwise: dtype is not used
+    return _shape_norm_sq(m, _rms_xhat(m, a), _shape_norm_lead(m, a), delta)
 
 
 def _embedding_sq(m: nn.Embedding, idx, delta, dtype=None):  # scatter-adds: dtype is not used
@@ -343,7 +365,7 @@ def _norm_psg(xhat, delta, m, lead):
     out = {}
     if m.weight is not None:
         out["weight"] = (delta * xhat).sum(lead) if lead else delta * xhat
-    if m.bias is not None:
+    if getattr(m, "bias", None) is not None:
         out["bias"] = delta.sum(lead) if lead else delta
     return out
 
@@ -361,9 +383,11 @@ def _in_psg(m, a, delta):
 
 
 def _layernorm_psg(m, a, delta):
-    dims = tuple(range(a.dim() - len(m.normalized_shape), a.dim()))
-    xhat = (a - a.mean(dims, keepdim=True)) / torch.sqrt(a.var(dims, unbiased=False, keepdim=True) + m.eps)
-    return _norm_psg(xhat, delta, m, tuple(range(2, 2 + a.dim() - 1 - len(m.normalized_shape))))
+    return _norm_psg(_ln_xhat(m, a), delta, m, _shape_norm_lead(m, a))
+
+
+def _rmsnorm_psg(m, a, delta):
+    return _norm_psg(_rms_xhat(m, a), delta, m, _shape_norm_lead(m, a))
 
 
 def _linear_kfac(m: nn.Linear, a, delta):
@@ -402,6 +426,7 @@ RULES: dict[type, Rule] = {
     nn.BatchNorm1d: Rule(_bn_sq, None, _bn_psg),
     nn.BatchNorm2d: Rule(_bn_sq, None, _bn_psg),
     nn.LayerNorm: Rule(_layernorm_sq, None, _layernorm_psg),
+    nn.RMSNorm: Rule(_rmsnorm_sq, None, _rmsnorm_psg),
     nn.GroupNorm: Rule(_gn_sq, None, _gn_psg),
     nn.InstanceNorm1d: Rule(_in_sq, None, _in_psg),
     nn.InstanceNorm2d: Rule(_in_sq, None, _in_psg),
