@@ -91,6 +91,8 @@ def test_last_layer_diag_and_bad_subsets():
     for bad in ("auto", None, True, -1.0, float("nan")):  # "auto", None: float()'s own errors before
         with pytest.raises(ValueError, match="prior_precision must be"):
             ef.laplace(model, loader, hessian="kfac", subset="last_layer", prior_precision=bad)
+        with pytest.raises(ValueError, match="prior_precision must be"):  # (one check serves both fits)
+            ef.laplace(model, loader, hessian="ggn", prior_precision=bad)
 
 
 def test_predict_samples_draws_from_the_kronecker_posterior_too():

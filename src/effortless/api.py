@@ -470,6 +470,12 @@ def laplace(
     _warn_active_dropout(model, "ef.laplace", "the curvature is that of randomly thinned networks")
     if hessian not in LAPLACE_HESSIANS:
         raise ValueError(f"hessian must be one of {sorted(LAPLACE_HESSIANS)}, got {hessian!r}")
+    tune = prior_precision in ("marglik", "marglik-layer")
+    number = isinstance(prior_precision, (int, float)) and not isinstance(prior_precision, bool)
+    if not (tune or (number and prior_precision > 0)):  # (every fit below; True is not 1.0)
+        raise ValueError(
+            f"prior_precision must be a float > 0, 'marglik' or 'marglik-layer', got {prior_precision!r}"
+        )
     if subset == "last_layer":
         if params is not None:  # one of them would be ignored
             raise ValueError("pass either params= or subset='last_layer', not both")
@@ -477,9 +483,6 @@ def laplace(
             if product_dtype is not None:
                 raise ValueError("product_dtype is not used by the last-layer KFAC fit (small products)")
             lik = likelihoods.get(likelihood, sigma_noise)
-            number = isinstance(prior_precision, (int, float)) and not isinstance(prior_precision, bool)
-            if not (prior_precision in ("marglik", "marglik-layer") or (number and prior_precision > 0)):
-                raise ValueError(f"prior_precision must be a float > 0 or 'marglik', got {prior_precision!r}")
             post = kron.fit_last_layer(model, loader, lik, prior_precision, generator=generator,
                                        distributed=distributed)  # fmt: skip
             if lik.name == "regression":  # ef.predict's default σ
@@ -491,11 +494,6 @@ def laplace(
             raise ValueError("laplace: the loader yielded no batches")
         name, layer = kron.last_linear(model, pair(first)[0].to(_device(model)))
         params = [f"{name}.{a}" for a, _ in layer.named_parameters()]
-    tune = prior_precision in ("marglik", "marglik-layer")
-    if not tune and not (isinstance(prior_precision, (int, float)) and prior_precision > 0):
-        raise ValueError(
-            f"prior_precision must be a float > 0, 'marglik' or 'marglik-layer', got {prior_precision!r}"
-        )
     if sigma_noise == "marglik":
         if likelihoods.get(likelihood).name != "regression":
             raise ValueError("sigma_noise='marglik' needs likelihood='regression'")

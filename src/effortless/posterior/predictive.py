@@ -55,9 +55,9 @@ def linearised_moments(model: nn.Module, posterior: DiagGaussian, x: torch.Tenso
             try:
                 parts, passes = [], _Passes(x.shape[0], most=MOMENT_CHUNK)
                 for sl in passes:
-                    f, cov, per_sample = _hooks_moments(model, x[sl], plan, variance)
+                    f, cov, held = _hooks_moments(model, x[sl], plan, variance)
                     parts.append((f, cov))
-                    passes.measured(per_sample)
+                    passes.measured(held)
                 return torch.cat([f for f, _ in parts]), torch.cat([c for _, c in parts])
             except engine.Unsupported:
                 pass
@@ -82,8 +82,8 @@ def _hooks_moments(model, x, plan, variance):
     deltas = engine.output_grads(f, saved, cot)
     with torch.no_grad():
         cov = engine.output_covariance(plan, saved, deltas, variance)
-    per_sample = c * (engine.saved_numel(saved) / f2.shape[0] + engine.psg_numel(plan))  # (numbers held)
-    return f2.detach(), cov.detach(), per_sample
+    held = c * (engine.saved_numel(saved) / f2.shape[0] + engine.psg_numel(plan))  # numbers per sample
+    return f2.detach(), cov.detach(), held
 
 
 def _func_moments(model, x, variance, chunk_size):
