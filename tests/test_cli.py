@@ -25,6 +25,10 @@ def test_quick_demo_writes_results_and_plots(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())
     methods = {r["method"] for r in rows}
     assert {"Adam (MAP)", "BayesAdam (defaults)"} <= methods
+    toy = {r["method"]: r for r in rows if r["task"] == "toy-regression"}
+    assert set(toy) == {"Adam (MAP)", "BayesAdam (ef.fit, defaults)", "BayesAdam (ef.fit, T = 1)",
+                        "Adam + ef.laplace (GLM)"}  # fmt: skip
+    assert all(r["gap_std"] > 0 and r["rmse_data"] > 0 for r in toy.values())
     for r in rows:
         if "accuracy" in r:
             assert {"accuracy", "nll", "ece", "brier", "ood_auroc", "train_seconds", "step_ms"} <= set(r)

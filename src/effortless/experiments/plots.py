@@ -85,9 +85,13 @@ def shift_curves(results: dict[str, dict[float, list[dict]]], path: str | Path, 
 
 def regression_band(x_train, y_train, x_test, curves: dict[str, tuple], path: str | Path, truth=None):
     """Predictive mean ± 2 std per method on a 1-D input; ``curves``: name -> (mean, std)."""
-    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    cols = 2 if len(curves) == 4 else min(len(curves), 3)  # rows of three at most (four as 2 × 2)
+    rows = -(-len(curves) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False)
+    for ax in axes.flat[len(curves):]:
+        ax.set_visible(False)
     xs = x_test[:, 0].numpy()
-    for ax, (name, (mean, std)) in zip(axes[0], curves.items()):
+    for ax, (name, (mean, std)) in zip(axes.flat, curves.items()):
         m, s = mean[:, 0].numpy(), std[:, 0].numpy()
         ax.fill_between(xs, m - 2 * s, m + 2 * s, alpha=0.3, label="mean ± 2 std")
         ax.plot(xs, m, lw=2, label="predictive mean")
