@@ -88,11 +88,36 @@ def test_last_layer_diag_and_bad_subsets():
     with pytest.raises(ValueError, match="nn.Linear"):
         conv = nn.Sequential(nn.Conv1d(1, 1, 1), nn.Flatten())
         ef.laplace(conv, [(torch.randn(2, 1, 3), torch.zeros(2).long())], subset="last_layer")
-    for bad in ("auto", None, True, -1.0, float("nan")):  # "auto", None: float()'s own errors before
+    for bad in ("evidence", None, True, -1.0, float("nan"), float("inf")):  # True is not 1.0
         with pytest.raises(ValueError, match="prior_precision must be"):
             ef.laplace(model, loader, hessian="kfac", subset="last_layer", prior_precision=bad)
         with pytest.raises(ValueError, match="prior_precision must be"):  # (one check serves both fits)
             ef.laplace(model, loader, hessian="ggn", prior_precision=bad)
+        with pytest.raises(ValueError, match="prior_precision must be"):  # (and the posterior from Adam)
+            ef.posterior_from_adam(model, torch.optim.Adam(model.parameters()), 8, 8, prior_precision=bad)
+    # "auto", BayesAdam's name for the evidence-tuned prior, is "marglik" in both fits (it was refused)
+    for kw in ({"hessian": "kfac", "subset": "last_layer"}, {"hessian": "ggn"}):
+        auto = ef.laplace(model, loader, prior_precision="auto", **kw).prior_precision
+        assert auto == ef.laplace(model, loader, prior_precision="marglik", **kw).prior_precision != 1.0
+
+
+def test_last_layer_of_a_model_that_is_one_linear_layer():
+    """The output layer is the model itself (module name ""): its parameters are 'weight' and 'bias'
+    (the fits asked for '.weight', '.bias' and refused the model)."""
+    model, x, y, loader = _setup()
+    head = model[2]
+    wrapped = nn.Sequential(head)
+    feats = [(model[1](model[0](xb)).detach(), yb) for xb, yb in loader]
+    for hessian in ("kfac", "ggn"):
+        bare = ef.laplace(head, feats, hessian=hessian, subset="last_layer", prior_precision="marglik")
+        ref = ef.laplace(wrapped, feats, hessian=hessian, subset="last_layer", prior_precision="marglik")
+        assert bare.prior_precision == pytest.approx(ref.prior_precision, rel=1e-12)
+        f = torch.cat([a for a, _ in feats])
+        p_bare, p_ref = (ef.predict(m, q, f, method="probit") for m, q in ((head, bare), (wrapped, ref)))
+        torch.testing.assert_close(p_bare, p_ref, rtol=1e-12, atol=1e-12)
+        if hessian == "ggn":
+            assert list(bare.precision) == ["weight", "bias"]
+            torch.testing.assert_close(bare.precision["weight"], ref.precision["0.weight"])
 
 
 def test_predict_samples_draws_from_the_kronecker_posterior_too():

@@ -445,7 +445,8 @@ def laplace(
             ``"hutchinson"``, ``"hessian"``).
         prior_precision: δ (float), or ``"marglik"`` / ``"marglik-layer"`` to choose a scalar /
             per-tensor δ by maximising the Laplace evidence (:mod:`effortless.posterior.evidence`;
-            no extra pass over the data). The value used is ``posterior.prior_precision``.
+            no extra pass over the data; ``"auto"``, BayesAdam's name for it, means ``"marglik"``).
+            The value used is ``posterior.prior_precision``.
         sigma_noise: the regression noise σ (float), or ``"marglik"`` to choose it by the evidence
             together with δ (diagonal posteriors; ``posterior.sigma_noise`` is the value chosen,
             which :func:`predict` uses unless given another).
@@ -470,12 +471,8 @@ def laplace(
     _warn_active_dropout(model, "ef.laplace", "the curvature is that of randomly thinned networks")
     if hessian not in LAPLACE_HESSIANS:
         raise ValueError(f"hessian must be one of {sorted(LAPLACE_HESSIANS)}, got {hessian!r}")
-    tune = prior_precision in ("marglik", "marglik-layer")
-    number = isinstance(prior_precision, (int, float)) and not isinstance(prior_precision, bool)
-    if not (tune or (number and prior_precision > 0)):  # (every fit below; True is not 1.0)
-        raise ValueError(
-            f"prior_precision must be a float > 0, 'marglik' or 'marglik-layer', got {prior_precision!r}"
-        )
+    prior_precision = evidence.prior_choice(prior_precision)  # (every fit below)
+    tune = prior_precision in evidence.TUNED
     if subset == "last_layer":
         if params is not None:  # one of them would be ignored
             raise ValueError("pass either params= or subset='last_layer', not both")
@@ -493,7 +490,7 @@ def laplace(
         if first is None:
             raise ValueError("laplace: the loader yielded no batches")
         name, layer = kron.last_linear(model, pair(first)[0].to(_device(model)))
-        params = [f"{name}.{a}" for a, _ in layer.named_parameters()]
+        params = kron.param_names(name, layer)
     if sigma_noise == "marglik":
         if likelihoods.get(likelihood).name != "regression":
             raise ValueError("sigma_noise='marglik' needs likelihood='regression'")

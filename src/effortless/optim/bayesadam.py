@@ -272,7 +272,8 @@ class BayesAdam(Optimizer):
             or param-group dicts.
         n_data: number of training examples N (the likelihood's weight against the prior).
         lr, betas, eps: Adam's, for the mean (defaults as ``torch.optim.Adam``).
-        prior_precision: δ of the Gaussian prior N(0, 1/δ) (float > 0), or ``"auto"``: start at 1
+        prior_precision: δ of the Gaussian prior N(0, 1/δ) (float > 0), or ``"auto"`` (also
+            ``"marglik"``, the name ``ef.laplace`` uses): start at 1
             and, every ``prior_update_every`` steps, set each group's δ to the maximiser of the
             diagonal Laplace evidence given the current μ and curvature (MacKay's fixed point
             δ = γ/‖μ‖², γ = Σ N h/(N h + δ)), after ``prior_warmup`` steps and by at most a factor
@@ -373,11 +374,14 @@ class BayesAdam(Optimizer):
         product_dtype: torch.dtype | None = None,
     ):
         self.product_dtype = product_dtype
-        self.auto_prior = prior_precision == "auto"
+        # "marglik": ef.laplace's name for the same thing (tuned by the marginal likelihood)
+        self.auto_prior = isinstance(prior_precision, str) and prior_precision in ("auto", "marglik")
         if self.auto_prior:
             prior_precision = 1.0  # the starting value; tuned every `prior_update_every` steps
         elif isinstance(prior_precision, str):
-            raise ValueError(f"prior_precision must be a float > 0 or 'auto', got {prior_precision!r}")
+            raise ValueError(
+                f"prior_precision must be a float > 0 or 'auto' ('marglik'), got {prior_precision!r}"
+            )
         if not (isinstance(prior_update_every, int) and prior_update_every >= 1):
             raise ValueError(f"prior_update_every must be a positive int, got {prior_update_every!r}")
         self.prior_update_every = prior_update_every

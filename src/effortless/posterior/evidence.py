@@ -67,6 +67,27 @@ def _flat(mean: dict, curvature: dict):
             {"_all": torch.cat([curvature[k].reshape(-1) for k in mean])})  # fmt: skip
 
 
+TUNED = ("marglik", "marglik-layer")
+
+
+def prior_choice(prior_precision):
+    """A post-hoc fit's ``prior_precision`` checked: a finite float > 0, or ``"marglik"`` /
+    ``"marglik-layer"`` (tuned by the evidence; ``"auto"``, BayesAdam's name, means ``"marglik"``).
+    Returns the float or the string. ``True`` is not 1.0, and an infinite δ (zero variance
+    everywhere) is refused with the rest."""
+    if isinstance(prior_precision, str):
+        choice = "marglik" if prior_precision == "auto" else prior_precision
+        if choice in TUNED:
+            return choice
+    elif (isinstance(prior_precision, (int, float)) and not isinstance(prior_precision, bool)
+          and math.isfinite(prior_precision) and prior_precision > 0):  # fmt: skip
+        return float(prior_precision)
+    raise ValueError(
+        "prior_precision must be a finite float > 0, 'marglik' (or 'auto') or 'marglik-layer', "
+        f"got {prior_precision!r}"
+    )
+
+
 def tune_prior_precision(
     nll_sum, mean: dict, curvature: dict, init=1.0, per_tensor: bool = False, steps: int = 500, lr=0.1
 ):

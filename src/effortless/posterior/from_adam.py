@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .diag import DiagGaussian
-from .evidence import tune_prior_precision
+from .evidence import TUNED, prior_choice, tune_prior_precision
 
 __all__ = ["posterior_from_adam"]
 
@@ -42,7 +42,8 @@ def posterior_from_adam(
         adam: its ``torch.optim.Adam`` or ``AdamW`` (after at least one step).
         n_data: training-set size N.
         batch_size: the minibatch size B Adam was trained with (losses as minibatch means).
-        prior_precision: δ, or ``"marglik"`` (scalar) / ``"marglik-layer"`` (per tensor).
+        prior_precision: δ, or ``"marglik"`` (scalar; ``"auto"`` too) / ``"marglik-layer"`` (per
+            tensor).
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -54,6 +55,7 @@ def posterior_from_adam(
         >>> sorted(q.precision)
         ['bias', 'weight']
     """
+    prior_precision = prior_choice(prior_precision)  # (before the work: a bad δ fails at once)
     if not isinstance(adam, torch.optim.Adam | torch.optim.AdamW):
         raise ValueError(
             f"adam must be a torch.optim.Adam or AdamW (it holds the second moments), got "
@@ -90,12 +92,10 @@ def posterior_from_adam(
             f = f - 2 * c * m + c.pow(2)
         mean[name] = p.detach().clone()
         fisher[name] = f.clamp_min(0).mul(n_data)
-    if prior_precision in ("marglik", "marglik-layer"):
+    if prior_precision in TUNED:
         delta = tune_prior_precision(0.0, mean, fisher, per_tensor=prior_precision == "marglik-layer")
-    elif isinstance(prior_precision, int | float) and prior_precision > 0:
-        delta = float(prior_precision)
     else:
-        raise ValueError(f"prior_precision must be a float > 0 or 'marglik', got {prior_precision!r}")
+        delta = prior_precision
     prec = {n: h + (delta[n] if isinstance(delta, dict) else delta) for n, h in fisher.items()}
     post = DiagGaussian(mean, prec)
     post.prior_precision = delta

@@ -68,6 +68,11 @@ def last_linear(model: nn.Module, x: torch.Tensor | None = None) -> tuple[str, n
     return name, modules[name]
 
 
+def param_names(name: str, layer: nn.Module) -> list[str]:
+    """The model-level names of ``layer``'s parameters (``name`` is "" when the layer is the model)."""
+    return [f"{name}.{a}" if name else a for a, _ in layer.named_parameters()]
+
+
 @keep_buffers
 def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad(), run_eagerly(model):
@@ -217,7 +222,7 @@ def fit_last_layer(model, loader, lik, prior_precision, n_samples=1, generator=N
         x, y = (t.to(device) for t in pair(batch))
         if name is None:  # the output layer, found by a forward pass on the first batch
             name, layer = last_linear(model, x)
-            names = [f"{name}.weight"] + ([f"{name}.bias"] if layer.bias is not None else [])
+            names = param_names(name, layer)
         ((Ab, Gb),) = kfac(model, x, y, lik, method, n_samples, generator, params=names).values()
         A = Ab * x.shape[0] if A is None else A + Ab * x.shape[0]
         G = Gb if G is None else G + Gb
