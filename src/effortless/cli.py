@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--epochs", type=_positive, default=30, help="passes over the labelled set per round")
     al.add_argument("--min-steps", type=int, default=200, help="at least this many steps per round")
     al.add_argument("--temperature", type=float, default=None,
-                    help="the bayesadam learner's temperature (default: 1e-3, see effortless.active.learners)"
+                    help="the bayesadam learner's temperature (default: 5e-4, see effortless.active.learners)"
                     "%(default).0s")
     al.add_argument("--prior-precision", type=float, default=None,
                     help="the bayesadam learner's prior precision (default: 0.01)%(default).0s")
