@@ -402,6 +402,20 @@ def test_nonfinite_raises_and_leaves_state_untouched(where):
         opt.train_step(model, xbad if where == "input" else x * float("inf"), y)
     _assert_unchanged(model, opt, snap)
 
+    def closure(bad=True):  # the step(closure) path (Lightning's automatic optimisation)
+        opt.zero_grad()
+        if not bad:
+            loss = F.cross_entropy(model(x), y)
+        else:
+            loss = F.cross_entropy(model(xbad), y) * (float("inf") if where == "loss" else 1.0)
+        loss.backward()
+        return loss
+
+    with pytest.raises(FloatingPointError, match="not taken"):
+        opt.step(closure)
+    _assert_unchanged(model, opt, snap)
+    assert torch.isfinite(opt.step(lambda: closure(bad=False)))  # and training continues
+
 
 def test_nonfinite_skip_drops_the_step():
     x, y = _data()
