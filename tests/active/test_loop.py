@@ -161,6 +161,20 @@ def test_learners_give_log_probs_and_warm_start(name):
     assert warm.log_probs(xt, 3, None).shape[:2] == (len(xt), C)
 
 
+def test_bayesadam_learner_trains_the_dropout_network_and_predicts_without_dropout():
+    """Same network as mc-dropout: its dropout regularises training (different weights from the
+    network without it) and is off for the test predictions and the weight samples."""
+    x, y, xt, _ = _data()
+    make = lambda cfg: make_learner("bayesadam", lambda p: MLP(5, [8], C, dropout=p), cfg)  # noqa: E731
+    with_dropout = make(TrainConfig(epochs=2, min_steps=5, batch=16))(x[:30], y[:30], seed=0)
+    without = make(TrainConfig(epochs=2, min_steps=5, batch=16, dropout=0.0))(x[:30], y[:30], seed=0)
+    w1, w0 = (t.models[0][1].weight for t in (with_dropout, without))
+    assert not torch.equal(w1, w0)
+    torch.testing.assert_close(with_dropout.probs(xt), with_dropout.probs(xt), rtol=0, atol=0)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    torch.testing.assert_close(with_dropout.log_probs(xt, 4, g()), with_dropout.log_probs(xt, 4, g()))
+
+
 def test_unknown_learner():
     with pytest.raises(ValueError, match="method"):
         make_learner("sgld", lambda p: MLP(5, [8], C))
