@@ -14,29 +14,21 @@ import argparse
 
 import torch
 
-from effortless import data, metrics
+from effortless import data
 from effortless.api import fit, predict
+from effortless.experiments.demo import toy_network, toy_scores
 
 
 def run(temperature: float, seed: int, lr: float, epochs: int, sigma: float = 0.1) -> dict:
     split = data.toy_regression(seed=seed)
     loader = data.loader(split.x_train, split.y_train, batch_size=32, seed=seed)
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(1, 50), torch.nn.Tanh(), torch.nn.Linear(50, 50),
-                                torch.nn.Tanh(), torch.nn.Linear(50, 1))  # fmt: skip
+    model = toy_network()
     post = fit(model, loader, likelihood="regression", sigma_noise=sigma, epochs=epochs, progress=False,
                temperature=temperature, lr=lr, generator=torch.Generator().manual_seed(seed))  # fmt: skip
     mean, var = predict(model, post, split.x_test, n_samples=64, likelihood="regression", sigma_noise=sigma,
                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    x = split.x_test[:, 0]
-    gap = x.abs() < 0.8
-    near = (x >= float(split.x_train.min())) & (x <= float(split.x_train.max())) & ~gap
-    return dict(
-        rmse_data=metrics.rmse(mean[near], split.y_test[near]),
-        nll_data=metrics.gaussian_nll(mean[near], var[near], split.y_test[near]),
-        nll_all=metrics.gaussian_nll(mean, var, split.y_test),
-        gap_std=float(var[gap].sqrt().mean()),
-    )
+    return toy_scores(mean, var.sqrt(), split)
 
 
 def main(argv=None):
@@ -53,7 +45,7 @@ def main(argv=None):
     print("|---|---|---|---|---|")
     for t in (float(v) for v in args.temperatures.split(",")):
         rows = [run(t, int(s), args.lr, args.epochs) for s in args.seeds.split(",")]
-        keys = ("rmse_data", "nll_data", "nll_all", "gap_std")
+        keys = ("rmse_data", "gaussian_nll_data", "gaussian_nll", "gap_std")
         cells = [" / ".join(f"{r[k]:.3f}" for r in rows) for k in keys]
         print(f"| {t:g} | " + " | ".join(cells) + " |", flush=True)
 

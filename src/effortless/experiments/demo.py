@@ -92,17 +92,34 @@ def run(
     return rows
 
 
-def _toy_regression(out: Path, seed: int, quick: bool, progress: bool, log) -> list[dict]:
-    """BayesAdam (via ef.fit) vs Adam on 1-D data with a gap; plot the predictive bands."""
+def toy_network() -> torch.nn.Module:
+    """The toy regression's network (tanh MLP 1-50-50-1), initialised from the global RNG."""
+    return torch.nn.Sequential(torch.nn.Linear(1, 50), torch.nn.Tanh(), torch.nn.Linear(50, 50),
+                               torch.nn.Tanh(), torch.nn.Linear(50, 1))  # fmt: skip
+
+
+def toy_scores(mean: torch.Tensor, std: torch.Tensor, split) -> dict:
+    """RMSE and Gaussian NLL on the whole test range and where the data is, and the mean
+    predictive std inside the gap (|x| < 0.8), for a predictive ``(mean, std)`` on ``split.x_test``."""
     from .. import metrics
 
+    x, y = split.x_test[:, 0], split.y_test
+    gap = x.abs() < 0.8
+    near = (x >= float(split.x_train.min())) & (x <= float(split.x_train.max())) & ~gap  # where the data is
+    return dict(rmse=metrics.rmse(mean, y), gaussian_nll=metrics.gaussian_nll(mean, std**2, y),
+                rmse_data=metrics.rmse(mean[near], y[near]),
+                gaussian_nll_data=metrics.gaussian_nll(mean[near], std[near] ** 2, y[near]),
+                gap_std=float(std[gap].mean()))  # fmt: skip
+
+
+def _toy_regression(out: Path, seed: int, quick: bool, progress: bool, log) -> list[dict]:
+    """BayesAdam (via ef.fit) vs Adam on 1-D data with a gap; plot the predictive bands."""
     split = data.toy_regression(seed=seed)
     loader = data.loader(split.x_train, split.y_train, batch_size=32, seed=seed)
     epochs = 50 if quick else 1000  # at T = 1, 400 left BayesAdam under-fitted on 4 of 4 seeds
     sigma = 0.1
     torch.manual_seed(seed)
-    map_model = torch.nn.Sequential(torch.nn.Linear(1, 50), torch.nn.Tanh(), torch.nn.Linear(50, 50),
-                                    torch.nn.Tanh(), torch.nn.Linear(50, 1))  # fmt: skip
+    map_model = toy_network()
     bayes_model = copy.deepcopy(map_model)  # same initialisation
     t0 = time.perf_counter()
     opt = torch.optim.Adam(map_model.parameters(), lr=1e-3)
@@ -141,18 +158,11 @@ def _toy_regression(out: Path, seed: int, quick: bool, progress: bool, log) -> l
     }
     plots.regression_band(split.x_train, split.y_train, split.x_test, curves, out / "toy_regression.png",
                           truth=split.y_test)  # fmt: skip
-    gap = split.x_test[:, 0].abs() < 0.8
-    lo, hi = float(split.x_train.min()), float(split.x_train.max())
-    near = (split.x_test[:, 0] >= lo) & (split.x_test[:, 0] <= hi) & ~gap  # where the data is
     rows = []
     seconds = (t_map, t_bayes["defaults"], t_bayes["T = 1"], t_laplace)
     for name, (m, s), secs in zip(curves, curves.values(), seconds):
         rows.append(dict(task="toy-regression", method=name, seed=seed, epochs=epochs,
-                         rmse=metrics.rmse(m, split.y_test),
-                         gaussian_nll=metrics.gaussian_nll(m, s**2, split.y_test),
-                         rmse_data=metrics.rmse(m[near], split.y_test[near]),
-                         gaussian_nll_data=metrics.gaussian_nll(m[near], s[near] ** 2, split.y_test[near]),
-                         gap_std=float(s[gap].mean()), train_seconds=secs))  # fmt: skip
+                         **toy_scores(m, s, split), train_seconds=secs))  # fmt: skip
     log(
         "Toy regression (x in [-3,-1] ∪ [1,3]): mean predictive std inside the gap "
         f"Adam {rows[0]['gap_std']:.3f} (noise only), BayesAdam {rows[1]['gap_std']:.3f} (defaults) / "
