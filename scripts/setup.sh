@@ -23,7 +23,19 @@ done
 py="$VENV/bin/python"
 pip() { "$py" -m pip --disable-pip-version-check -q "$@"; }
 
+# pip's wheel cache would hold a second copy of what it installs: not wanted on a small disk.
+export PIP_NO_CACHE_DIR=1
+
 if ! "$py" -c "import torch" 2>/dev/null; then
+  # The venv ends at about 1.6 GB (torch alone 0.75 GB); say so up front rather than fail mid-install.
+  need_mb=1800
+  free_mb=$(df -Pk "$VENV" | awk 'NR == 2 { print int($4 / 1024) }')
+  if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
+    echo "setup: only $free_mb MB free on the disk of $VENV; torch and the dev tools need about" \
+         "$need_mb MB. Free some space (or set EFFORTLESS_VENV to a folder on a larger disk) and run" \
+         "this again." >&2
+    exit 1
+  fi
   echo "setup: installing torch==2.13.0 (CPU build)"
   pip install torch==2.13.0
 fi
