@@ -155,6 +155,7 @@ def fit(
             )
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{total_loss / max(count, 1):.4f}", refresh=False)  # tqdm rate-limits
+    optimizer.load_averaged_means()  # the weights end at the posterior mean (see `averaging`)
     return optimizer.posterior()  # (with the regression σ that train_step recorded)
 
 

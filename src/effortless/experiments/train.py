@@ -42,6 +42,7 @@ def train(
     seed: int = 0,
     progress: bool = True,
     measure_memory: bool = False,
+    on_step: Callable[[torch.optim.Optimizer], None] | None = None,
     **kwargs,
 ) -> RunResult:
     """Train ``method`` ("map": Adam; "bayesadam": BayesAdam with ``kwargs``) from a seeded init.
@@ -49,7 +50,8 @@ def train(
     The loop is the plain user loop (zero_grad, forward/backward, step), with a constant learning
     rate, as a user would write it for Adam; Hessian keys that need the model's outputs go
     through ``BayesAdam.train_step``. ``measure_memory`` counts the tensor memory of one step
-    (``RunResult.peak_mem_mb``). (Regression trains on the mean squared error here, i.e. a
+    (``RunResult.peak_mem_mb``); ``on_step(optimizer)`` runs after every step, outside the
+    timing. (Regression trains on the mean squared error here, i.e. a
     Gaussian likelihood up to the noise scale, for Adam and the user loop alike.)
     """
     torch.manual_seed(seed)
@@ -96,6 +98,10 @@ def train(
                 start += time.perf_counter() - t0
             else:
                 loss = one_step(x, y)
+            if on_step is not None:
+                t0 = time.perf_counter()
+                on_step(opt)
+                start += time.perf_counter() - t0
             total += float(loss.detach()) * len(x)
             steps += 1
         history.append(total / len(split.x_train))
