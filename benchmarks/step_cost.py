@@ -46,15 +46,17 @@ def make_runners(batch, n_data: int, methods: list[str], hidden=(256, 256)):
 
         elif name.startswith("bayesadam"):
             # bayesadam, bayesadam:KEY, bayesadam:KEY:bf16 (bf16 curvature products),
-            # bayesadam-eager (fused=False), bayesadam-fused (fused=True)
+            # bayesadam-eager (fused=False), bayesadam-fused (fused=True), bayesadam-last
+            # (averaging=None: the last iterate, no average of the means kept)
             parts = name.split(":")
             key = parts[1] if len(parts) > 1 else "reparam"
             product_dtype = torch.bfloat16 if parts[2:] == ["bf16"] else None
             if parts[2:] not in ([], ["bf16"]):
                 raise ValueError(f"unknown method {name!r}")
             fused = {"bayesadam-eager": False, "bayesadam-fused": True}.get(parts[0])
+            extra = {"averaging": None} if parts[0] == "bayesadam-last" else {}
             opt = ef.BayesAdam(model.parameters(), n_data=n_data, hessian=key, batch_size=len(x), fused=fused,
-                               product_dtype=product_dtype)  # fmt: skip
+                               product_dtype=product_dtype, **extra)  # fmt: skip
 
             def it(model=model, opt=opt):
                 if opt.estimator.needs_model:  # model-side curvature (ggn, ggn-mc, kfac, ...)
@@ -102,7 +104,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--hidden", default="256,256", help="hidden widths of the MLP (default 256,256)")
     ap.add_argument("--methods", default="adam,bayesadam,bayesadam-eager,ivon",
-                    help="comma list; bayesadam (defaults), bayesadam-eager, bayesadam-fused, "
+                    help="comma list; bayesadam (defaults), bayesadam-eager, bayesadam-fused, bayesadam-last "
+                    "(averaging=None), "
                     "bayesadam:KEY for another Hessian estimator (bayesadam:KEY:bf16 with bf16 curvature "
                     "products), ivon (if installed)")  # fmt: skip
     ap.add_argument("--cycle", action="store_true",
