@@ -30,6 +30,16 @@ def _step(opt, model, x, y):
     opt.step()
 
 
+def _trained(steps, **kw):
+    """Data, a model and its optimizer after ``steps`` steps."""
+    x, y = _data()
+    model = _model()
+    opt = _opt(model, **kw)
+    for _ in range(steps):
+        _step(opt, model, x, y)
+    return x, y, model, opt
+
+
 def _opt(model, **kw):
     kw = {"n_data": 64, "lr": 0.05, "generator": torch.Generator().manual_seed(1), **kw}
     return ef.BayesAdam(model.named_parameters(), **kw)
@@ -80,11 +90,7 @@ def test_training_is_unchanged_by_averaging():
 def test_evaluation_samples_are_drawn_around_the_average():
     """sampled_params(train=False) draws N(μ̄, σ²): at a tiny temperature every weight sits at the
     average, far (relative to σ) from the last iterate."""
-    x, y = _data()
-    model = _model()
-    opt = _opt(model, averaging=0.1, temperature=1e-10)
-    for _ in range(30):
-        _step(opt, model, x, y)
+    x, y, model, opt = _trained(30, averaging=0.1, temperature=1e-10)
     post = opt.posterior()
     live = {n: p.detach().clone() for n, p in model.named_parameters()}
     with opt.sampled_params(train=False):
@@ -97,11 +103,7 @@ def test_evaluation_samples_are_drawn_around_the_average():
 
 
 def test_evaluation_sample_at_temperature_zero_is_the_average():
-    x, y = _data()
-    model = _model()
-    opt = _opt(model, averaging=0.1, temperature=0.0)
-    for _ in range(10):
-        _step(opt, model, x, y)
+    x, y, model, opt = _trained(10, averaging=0.1, temperature=0.0)
     live = [p.detach().clone() for p in model.parameters()]
     post = opt.posterior()
     with opt.sampled_params(train=False):
@@ -112,11 +114,7 @@ def test_evaluation_sample_at_temperature_zero_is_the_average():
 
 
 def test_load_averaged_means_and_fit_end_at_the_posterior_mean():
-    x, y = _data()
-    model = _model()
-    opt = _opt(model, averaging=0.1)
-    for _ in range(10):
-        _step(opt, model, x, y)
+    x, y, model, opt = _trained(10, averaging=0.1)
     post = opt.posterior()
     opt.load_averaged_means()
     for n, p in model.named_parameters():
@@ -129,11 +127,7 @@ def test_load_averaged_means_and_fit_end_at_the_posterior_mean():
 
 
 def test_resume_with_averaging_is_bit_identical():
-    x, y = _data()
-    model = _model()
-    opt = _opt(model, averaging=0.2)
-    for _ in range(7):
-        _step(opt, model, x, y)
+    x, y, model, opt = _trained(7, averaging=0.2)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     buf.seek(0)
@@ -158,11 +152,7 @@ def test_resume_with_averaging_is_bit_identical():
 def test_checkpoint_from_before_averaging_resumes_without_it():
     """A state dict without the `averaging` hyperparameter (older checkpoints) trained on the last
     iterate: loaded into an optimizer with the default, it goes on without averaging."""
-    x, y = _data()
-    model = _model()
-    opt = _opt(model, averaging=None)
-    for _ in range(5):
-        _step(opt, model, x, y)
+    x, y, model, opt = _trained(5, averaging=None)
     sd = opt.state_dict()
     for g in sd["param_groups"]:
         del g["averaging"]
@@ -176,11 +166,7 @@ def test_checkpoint_from_before_averaging_resumes_without_it():
 
 
 def test_averaging_switched_off_frees_the_buffer_and_skipped_steps_leave_it():
-    x, y = _data()
-    model = _model()
-    opt = _opt(model, averaging=0.1, nonfinite="skip")
-    for _ in range(5):
-        _step(opt, model, x, y)
+    x, y, model, opt = _trained(5, averaging=0.1, nonfinite="skip")
     before = {p: opt.state[p]["mean_avg"].clone() for p in model.parameters()}
     opt.zero_grad()
     with opt.sampled_params(train=True):
