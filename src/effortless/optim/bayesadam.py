@@ -17,8 +17,11 @@ Math (per weight; ``N`` = ``n_data``, ``δ`` = prior precision, ``T`` = temperat
                 exponentially (:func:`hess_beta_at`), so h tracks the data within a few hundred
                 steps whatever ``hess_init`` (IVON's h can sit at its init for 1e5 steps).
 
-At any time ``posterior()`` is ``N(μ, diag(T / (N·h + δ)))``: a Laplace-style posterior that
-needs no extra pass. With ``temperature=0`` there is no noise and the mean update is exactly
+    average     μ̄ ← μ̄ + (η+1)/(t+η) · (μ − μ̄)   (after step t; η = 1/``averaging`` − 1)
+
+At any time ``posterior()`` is ``N(μ̄, diag(T / (N·h + δ)))``: a Laplace-style posterior that
+needs no extra pass, its mean the average of the recent mean iterates (``averaging=None``: μ).
+With ``temperature=0`` there is no noise and the mean update is exactly
 ``torch.optim.Adam(lr, betas, eps, weight_decay=δ/N)`` (tested).
 
 The mean follows Adam rather than the Newton-like step of IVON/VOGN so that Adam's learning rate
@@ -1549,7 +1552,8 @@ class BayesAdam(Optimizer):
 
     # -- posterior -----------------------------------------------------------------------------
     def posterior(self, model: nn.Module | None = None) -> DiagGaussian:
-        """``N(μ, diag(T / (N·h + δ)))`` over the trainable parameters (T = 1 if trained at T = 0).
+        """``N(μ̄, diag(T / (N·h + δ)))`` over the trainable parameters (T = 1 if trained at T = 0);
+        μ̄ the averaged means (``averaging``), else the running μ.
 
         Keys: the parameter names when the optimizer was given ``named_parameters()`` or when
         ``model`` is passed (``model``'s names), else positions ``"0"``, ``"1"``, … in the
