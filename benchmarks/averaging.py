@@ -27,6 +27,7 @@ import torch
 
 from effortless.experiments.defaults_study import TASKS
 from effortless.experiments.train import RunResult, evaluate, train
+from effortless.optim.bayesadam import averaging_weight
 from effortless.posterior import DiagGaussian
 
 METRICS = ("accuracy", "nll", "ece")
@@ -38,7 +39,7 @@ class IterateAverage:
     parameters (an ``on_step`` callback of :func:`effortless.experiments.train.train`)."""
 
     def __init__(self, fraction: float):
-        self.eta = 1.0 / fraction - 1.0
+        self.fraction = fraction
         self.t = 0
         self.avg: list[torch.Tensor] | None = None
 
@@ -49,7 +50,8 @@ class IterateAverage:
         if self.avg is None:
             self.avg = [p.detach().clone() for p in params]
         else:
-            torch._foreach_lerp_(self.avg, [p.detach() for p in params], (self.eta + 1) / (self.t + self.eta))
+            weight = averaging_weight(self.fraction, self.t)
+            torch._foreach_lerp_(self.avg, [p.detach() for p in params], weight)
 
 
 def run_seed(task: str, split, seed: int, fraction: float) -> list[dict]:

@@ -67,6 +67,13 @@ _DISTRIBUTED = ("auto", "flipout", "per-rank", "shared", "off")
 _PER_SAMPLE = frozenset({"efisher", "ggn-mc", "ggn", "kfac"})
 
 
+def averaging_weight(fraction: float, step: int) -> float:
+    """Weight of step ``step``'s means (step ≥ 1) in the polynomial-decay average that keeps
+    roughly the last ``fraction`` of the steps: (η+1)/(t+η), η = 1/fraction − 1 (1 at step 1)."""
+    eta = 1.0 / fraction - 1.0
+    return (eta + 1.0) / (step + eta)
+
+
 def hess_beta_at(beta: float | None, k: int, nonnegative: bool) -> float:
     """Weight on the old curvature at the k-th update (k ≥ 1).
 
@@ -1265,17 +1272,13 @@ class BayesAdam(Optimizer):
             for _, st in pairs:  # (turned off: the posterior is the last iterate again)
                 st.pop("mean_avg", None)
             return
-        eta = 1.0 / fraction - 1.0
-        weight = (eta + 1.0) / (step + eta)
         old = [(p, st) for p, st in pairs if "mean_avg" in st]
         for p, st in pairs:
             if "mean_avg" not in st:
                 st["mean_avg"] = p.detach().clone(memory_format=torch.preserve_format)
-        if old and weight < 1.0:
-            torch._foreach_lerp_([st["mean_avg"] for _, st in old], [p.detach() for p, _ in old], weight)
-        elif old:
-            for p, st in old:
-                st["mean_avg"].copy_(p.detach())
+        if old:  # (lerp with weight 1, at step 1, gives μ exactly)
+            avgs, mus = [st["mean_avg"] for _, st in old], [p.detach() for p, _ in old]
+            torch._foreach_lerp_(avgs, mus, averaging_weight(fraction, step))
 
     def _average(self, group: dict, p: torch.Tensor) -> torch.Tensor | None:
         """The averaged means of ``p`` (its posterior mean when averaging), or None (then μ)."""
