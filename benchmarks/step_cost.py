@@ -1,17 +1,23 @@
 """Per-step time and peak memory of BayesAdam against torch.optim.Adam (and ivon-opt if installed).
 
 Protocol (issue #2): MLP 784-256-256-10, batch 128, one CPU thread. Each method is timed against
-its own Adam run: every repetition runs one training iteration (zero_grad, forward, backward,
-step) of Adam and of the method in turn, in the same process, so machine noise hits both alike;
-the reported number is the median over repetitions of the paired ratio t(method) / t(Adam).
-``--cycle`` instead runs all methods in one interleaved cycle (what this script did before): each
-step then follows a different method's step, whose memory traffic leaves the caches in another
-state; that gave BayesAdam 1.26–1.35× where the pairs give 1.12–1.19× on the same machine.
+its own Adam run: every repetition runs a block of ``--block`` training iterations (zero_grad,
+forward, backward, step) of Adam and then of the method, in the same process, so machine noise
+hits both alike; the reported number is the median over repetitions of the paired ratio
+t(method) / t(Adam) per block. Blocks, not single iterations: BayesAdam's antithetic pairs
+alternate an iteration that draws the weight noise with one that reuses it (5.5 against 4.2 ms on
+the MLP here), so single-iteration times are bimodal and their median ratio falls between the two
+kinds (1.29× where the mean is 1.34× and blocks give 1.39×); the default block of 10 holds five of
+each, and its first iteration, which runs just after the other method's, is a tenth of the block.
+Numbers before 2026-11-28 were medians of single-iteration ratios and read low.
+``--cycle`` instead runs all methods in one interleaved cycle.
 Peak memory is counted at the dispatcher (:class:`effortless.experiments.memory.PeakMemory`):
 all tensor bytes alive during one iteration (parameters, gradients, optimizer state,
-activations, temporaries) over the parameter bytes.
+activations, temporaries) over the parameter bytes. The next column subtracts the weights and
+their gradients (2×): that is the measure of DESIGN.md's reference numbers (Adam ≈ 3.7×, ivon-opt
+≈ 10×; here 3.49× and 10.00×) and of issue #2's goal (≤ 4×).
 
-    python benchmarks/step_cost.py --reps 300 --out runs/step_cost
+    python benchmarks/step_cost.py --out runs/step_cost
 """
 
 from __future__ import annotations
@@ -83,8 +89,9 @@ def make_runners(batch, n_data: int, methods: list[str], hidden=(256, 256)):
     return runners
 
 
-def _time(runners, reps, warmup):
-    """Per-iteration times of every runner, interleaved: warmup rounds, then ``reps`` rounds."""
+def _time(runners, reps, warmup, block=10):
+    """Per-iteration times of every runner, interleaved: warmup rounds, then ``reps`` rounds of
+    ``block`` iterations per runner; each time is a block's mean per iteration."""
     for _ in range(warmup):
         for _, _, it in runners.values():
             it()
@@ -92,14 +99,17 @@ def _time(runners, reps, warmup):
     for _ in range(reps):
         for m, (_, _, it) in runners.items():
             t0 = time.perf_counter()
-            it()
-            times[m].append(time.perf_counter() - t0)
+            for _ in range(block):
+                it()
+            times[m].append((time.perf_counter() - t0) / block)
     return times
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=300, help="interleaved repetitions (default 300)")
+    ap.add_argument("--reps", type=int, default=100, help="interleaved repetitions (default 100)")
+    ap.add_argument("--block", type=int, default=10,
+                    help="iterations timed together per repetition (default 10: five antithetic pairs)")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--hidden", default="256,256", help="hidden widths of the MLP (default 256,256)")
@@ -125,13 +135,13 @@ def main(argv=None):
     hidden = [int(h) for h in args.hidden.split(",")]
     if args.cycle:  # one interleaved cycle of every method
         runners = make_runners(batch, 60000, methods, hidden)
-        times = _time(runners, args.reps, args.warmup)
+        times = _time(runners, args.reps, args.warmup, args.block)
         pairs = {m: (runners, times) for m in methods}
     else:  # each method interleaved with its own Adam only
         pairs = {}
         for m in methods[1:] or methods:
             runners = make_runners(batch, 60000, ["adam", m], hidden)
-            pairs[m] = (runners, _time(runners, args.reps, args.warmup))
+            pairs[m] = (runners, _time(runners, args.reps, args.warmup, args.block))
         adam_times = [t for _, times in pairs.values() for t in times["adam"]]
         pairs["adam"] = (next(iter(pairs.values()))[0], {"adam": adam_times})
         methods = ["adam"] + [m for m in methods if m != "adam"]
@@ -155,23 +165,23 @@ def main(argv=None):
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(reps=args.reps, threads=args.threads, hidden=hidden, n_params=n_params,
+    meta = dict(reps=args.reps, block=args.block, threads=args.threads, hidden=hidden, n_params=n_params,
                 torch=torch.__version__, protocol="cycle" if args.cycle else "pairs")  # fmt: skip
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
         f"MLP 784-{'-'.join(map(str, hidden))}-10 ({n_params} parameters), batch 128, "
         f"{args.threads} thread(s), "
-        f"{args.reps} interleaved reps, medians; "
+        f"{args.reps} interleaved reps of {args.block} iterations, medians; "
         + ("all methods in one cycle." if args.cycle else "each method interleaved with its own Adam run."),
         "",
         "| method | step ms | × Adam (median paired ratio) | peak memory during a step (× params) | "
-        "optimizer state (× params) |",
-        "|---|---|---|---|---|",
+        "peak beyond weights and gradients (× params) | optimizer state (× params) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['step_ms']:.2f} | {r['ratio_to_adam']:.2f} | "
-            f"{r['peak_mem_x_params']:.2f} | {r['state_x_params']:.2f} |"
+            f"{r['peak_mem_x_params']:.2f} | {r['peak_mem_x_params'] - 2:.2f} | {r['state_x_params']:.2f} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
