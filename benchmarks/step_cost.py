@@ -53,7 +53,8 @@ def make_runners(batch, n_data: int, methods: list[str], hidden=(256, 256)):
         elif name.startswith("bayesadam"):
             # bayesadam, bayesadam:KEY, bayesadam:KEY:bf16 (bf16 curvature products),
             # bayesadam-eager (fused=False), bayesadam-fused (fused=True), bayesadam-last
-            # (averaging=None: the last iterate, no average of the means kept)
+            # (averaging=None: the last iterate, no average of the means kept), bayesadam-reuseK
+            # (noise_reuse=K)
             parts = name.split(":")
             key = parts[1] if len(parts) > 1 else "reparam"
             product_dtype = torch.bfloat16 if parts[2:] == ["bf16"] else None
@@ -61,6 +62,8 @@ def make_runners(batch, n_data: int, methods: list[str], hidden=(256, 256)):
                 raise ValueError(f"unknown method {name!r}")
             fused = {"bayesadam-eager": False, "bayesadam-fused": True}.get(parts[0])
             extra = {"averaging": None} if parts[0] == "bayesadam-last" else {}
+            if parts[0].startswith("bayesadam-reuse"):  # bayesadam-reuseK: noise_reuse=K
+                extra = {"noise_reuse": int(parts[0][len("bayesadam-reuse"):])}
             opt = ef.BayesAdam(model.parameters(), n_data=n_data, hessian=key, batch_size=len(x), fused=fused,
                                product_dtype=product_dtype, **extra)  # fmt: skip
 
@@ -115,7 +118,7 @@ def main(argv=None):
     ap.add_argument("--hidden", default="256,256", help="hidden widths of the MLP (default 256,256)")
     ap.add_argument("--methods", default="adam,bayesadam,bayesadam-eager,ivon",
                     help="comma list; bayesadam (defaults), bayesadam-eager, bayesadam-fused, bayesadam-last "
-                    "(averaging=None), "
+                    "(averaging=None), bayesadam-reuseK (noise_reuse=K), "
                     "bayesadam:KEY for another Hessian estimator (bayesadam:KEY:bf16 with bf16 curvature "
                     "products), ivon (if installed)")  # fmt: skip
     ap.add_argument("--cycle", action="store_true",

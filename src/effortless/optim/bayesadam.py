@@ -317,6 +317,14 @@ class BayesAdam(Optimizer):
         antithetic: draw weight samples in antithetic pairs (θ = μ + σε, then μ' − σ'ε): each
             sample is still exactly N(μ, σ²); pairs cancel first-order noise, and only every other
             sample costs a Gaussian draw (the slowest part of a step on CPU).
+        noise_reuse: each fresh Gaussian draw serves this many draws (pairs, with ``antithetic``);
+            the later ones reuse each tensor's last unit noise cyclically shifted by a random
+            offset, a copy instead of a draw (torch's CPU ``normal_`` is serial MT19937). A
+            permutation of independent N(0, 1) entries is again independent N(0, 1), so every
+            sample is still exactly N(μ, σ²) and no weight meets its own earlier noise; what
+            repeats is the set of values, across the draws of a cycle. Tensors under
+            ``REUSE_MIN_NUMEL`` elements, later samples of a step (``mc_samples`` > 1) and
+            distributed runs always draw fresh. 1: every draw fresh.
         foreach: batch the many small tensors through ``torch._foreach_*`` ops (same arithmetic as
             the per-tensor loop, which ``foreach=False`` selects).
         fused: run the sampling and the update (``reparam``, and the non-negative model-side keys
@@ -388,6 +396,7 @@ class BayesAdam(Optimizer):
         generator: torch.Generator | None = None,
         nonfinite: str = "raise",
         antithetic: bool = True,
+        noise_reuse: int = 1,
         foreach: bool = True,
         fused: bool | None = None,
         prior_update_every: int = 100,
@@ -422,6 +431,7 @@ class BayesAdam(Optimizer):
         _check_averaging(averaging)
         if not (isinstance(mc_samples, int) and mc_samples >= 1):
             raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
+        _check_noise_reuse(noise_reuse)
         if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
         if nonfinite not in _NONFINITE:
@@ -441,6 +451,7 @@ class BayesAdam(Optimizer):
         self.batch_size = batch_size
         self.nonfinite = nonfinite
         self.antithetic = bool(antithetic)
+        self.noise_reuse = noise_reuse
         self.foreach = bool(foreach)
         if fused not in (None, True, False):
             raise ValueError(f"fused must be True, False or None (auto), got {fused!r}")
@@ -563,6 +574,17 @@ class BayesAdam(Optimizer):
             if mode == "flipout":  # ζ from the shared generator; the ranks' signs from the seed
                 return self.generator
         return self._rank_generator(seed, rank)
+
+    def _reuses_noise(self) -> bool:
+        """Whether this training draw (the ``self._pair``-th) reuses the last pair's unit noise,
+        rolled, instead of drawing (see ``noise_reuse``): not the first draw of each cycle, not
+        a later sample of a step (``mc_samples`` > 1: buffers may hold θ), not distributed."""
+        return (
+            self.noise_reuse > 1
+            and (self._pair - 1) % self.noise_reuse != 0
+            and self._n_samples == 0
+            and self._world()[0] == "off"
+        )
 
     def _refill_generator(self) -> torch.Generator:
         """The generator for unit noise drawn outside a pair's first draw (see sampled_params):
@@ -824,8 +846,11 @@ class BayesAdam(Optimizer):
             with torch.no_grad():
                 todo = []  # (p, h, unit noise, group)
                 gen = self._noise_generator(record=train) if (sign > 0 or not train) else None
+                shift = None  # reused noise: each tensor's last ε rolled by a random offset
                 if train and sign > 0:
                     self._pair += 1
+                    if self._reuses_noise():
+                        shift = int(torch.randint(0, 2**62, (), generator=gen, device=gen.device))
                 for group, p in self._params():
                     if group["temperature"] == 0:
                         continue
@@ -835,7 +860,10 @@ class BayesAdam(Optimizer):
                         if new:
                             st["noise"] = torch.empty_like(p, memory_format=torch.preserve_format)
                         if sign > 0:
-                            _fill_normal(st["noise"], gen)
+                            if shift is not None and _rollable(st, self._pair):
+                                _roll_noise_(st["noise"], shift)
+                            else:
+                                _fill_normal(st["noise"], gen)
                             st["noise_pair"] = self._pair
                         elif new or st.get("noise_pair", self._pair) != self._pair:
                             # an antithetic mirror for a tensor that was not in its pair's first draw
@@ -1618,6 +1646,7 @@ class BayesAdam(Optimizer):
             "mc_samples": self.mc_samples,
             "rng_state": self.generator.get_state(),
             "antithetic_phase": self._phase,
+            "noise_reuse": self.noise_reuse,
             "auto_prior": self.auto_prior,
             "skipped_steps": self.skipped_steps,
             "noise_seed": self._noise_seed,
@@ -1646,6 +1675,8 @@ class BayesAdam(Optimizer):
         super().load_state_dict(state_dict)
         self.generator.set_state(extra["rng_state"])
         self._phase = int(extra["antithetic_phase"])
+        # checkpoints from before `noise_reuse` existed drew fresh noise every pair
+        self.noise_reuse = int(extra.get("noise_reuse", 1))
         self.auto_prior = bool(extra.get("auto_prior", self.auto_prior))
         self.skipped_steps = int(extra.get("skipped_steps", 0))
         self.mc_samples = int(extra["mc_samples"])
@@ -1752,6 +1783,33 @@ def _fill_normal(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     if t.device == generator.device:
         return t.normal_(generator=generator)
     return t.copy_(_rng.randn(t.shape, generator, t))
+
+
+# tensors with fewer elements always get fresh noise: rolled, their few values would repeat
+# (and drawing them costs next to nothing)
+REUSE_MIN_NUMEL = 1024
+
+
+def _rollable(st: dict, pair: int) -> bool:
+    """Whether a tensor's noise buffer holds the unit noise of the previous draw (``pair`` − 1),
+    large enough to be reused rolled."""
+    noise = st.get("noise")
+    return noise is not None and st.get("noise_pair") == pair - 1 and noise.numel() >= REUSE_MIN_NUMEL
+
+
+def _roll_noise_(noise: torch.Tensor, shift: int) -> torch.Tensor:
+    """Cyclically shift ``noise`` (flattened) by 1 + shift mod (n − 1) places, in place: a
+    permutation of N(0, 1) entries is N(0, 1) again, independent across entries, and no entry
+    keeps its own value."""
+    flat = noise.reshape(-1)
+    k = 1 + shift % (flat.numel() - 1)
+    noise.copy_(torch.roll(flat, k).view(noise.shape))
+    return noise
+
+
+def _check_noise_reuse(noise_reuse) -> None:
+    if not (isinstance(noise_reuse, int) and not isinstance(noise_reuse, bool) and noise_reuse >= 1):
+        raise ValueError(f"noise_reuse must be a positive int, got {noise_reuse!r}")
 
 
 def _check_betas(betas) -> None:
