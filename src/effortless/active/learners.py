@@ -197,10 +197,11 @@ def fit_bayesadam(make_model, x, y, seed, cfg, warm):
     model = make_model(cfg.dropout)  # MC dropout's network; its dropout is off when predicting
     if warm is not None:
         model.load_state_dict(warm.models[0].state_dict())
-    # the last iterate (averaging=None): the learner measured in docs/results/active-mnist-dropout.md,
-    # before BayesAdam averaged its means by default; averaging is not measured for active learning
+    # the last iterate (averaging=None) and fresh noise every pair (noise_reuse=1): the learner
+    # measured in docs/results/active-mnist-dropout.md, before BayesAdam averaged its means and reused
+    # its noise by default; neither is measured for active learning
     opt = BayesAdam(model.named_parameters(), n_data=len(x), lr=cfg.lr, temperature=cfg.temperature,
-                    prior_precision=cfg.prior_precision, hessian=cfg.hessian, averaging=None,
+                    prior_precision=cfg.prior_precision, hessian=cfg.hessian, averaging=None, noise_reuse=1,
                     generator=torch.Generator().manual_seed(seed))  # fmt: skip
     if warm is not None and warm.optimizer is not None:  # keep the curvature; the data size changed
         old = warm.optimizer.state_dict()

@@ -324,7 +324,11 @@ class BayesAdam(Optimizer):
             sample is still exactly N(μ, σ²) and no weight meets its own earlier noise; what
             repeats is the set of values, across the draws of a cycle. Tensors under
             ``REUSE_MIN_NUMEL`` elements, later samples of a step (``mc_samples`` > 1) and
-            distributed runs always draw fresh. 1: every draw fresh.
+            distributed runs with per-rank noise (``"per-rank"``, ``"flipout"``) always draw
+            fresh. 1: every draw fresh. The default 4 takes the step from 1.41× to 1.29–1.31×
+            Adam's (MLP 784-256-256-10, one CPU thread, ``benchmarks/step_cost.py``); on the
+            seven tasks of ``benchmarks/defaults.py`` (3 seeds) 4 and 8 are within the seeds'
+            spread of fresh noise (docs/results/noise-reuse.md).
         foreach: batch the many small tensors through ``torch._foreach_*`` ops (same arithmetic as
             the per-tensor loop, which ``foreach=False`` selects).
         fused: run the sampling and the update (``reparam``, and the non-negative model-side keys
@@ -396,7 +400,7 @@ class BayesAdam(Optimizer):
         generator: torch.Generator | None = None,
         nonfinite: str = "raise",
         antithetic: bool = True,
-        noise_reuse: int = 1,
+        noise_reuse: int = 4,
         foreach: bool = True,
         fused: bool | None = None,
         prior_update_every: int = 100,
@@ -578,12 +582,13 @@ class BayesAdam(Optimizer):
     def _reuses_noise(self) -> bool:
         """Whether this training draw (the ``self._pair``-th) reuses the last pair's unit noise,
         rolled, instead of drawing (see ``noise_reuse``): not the first draw of each cycle, not
-        a later sample of a step (``mc_samples`` > 1: buffers may hold θ), not distributed."""
+        a later sample of a step (``mc_samples`` > 1: buffers may hold θ), not with per-rank
+        noise (a rank's noise is regenerated from its seed on resume: it must be a fresh draw)."""
         return (
             self.noise_reuse > 1
             and (self._pair - 1) % self.noise_reuse != 0
             and self._n_samples == 0
-            and self._world()[0] == "off"
+            and self._world()[0] in ("off", "shared")
         )
 
     def _refill_generator(self) -> torch.Generator:
