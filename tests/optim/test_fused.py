@@ -209,3 +209,28 @@ def test_model_side_kernel_failure_converts_the_sample_and_goes_eager(monkeypatc
     assert not fused[1].fused
     assert sum("torch.compile failed" in str(w.message) for w in caught) == 1
     _assert_same_run(_run_model_side(False, "ggn-mc"), fused)
+
+
+def test_only_a_kernels_first_call_compiles_without_inductors_worker_pool(monkeypatch):
+    """The first call (which compiles) runs with compile_threads=1; later calls and everything
+    outside see the global setting again."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "compile_threads", 3)
+    monkeypatch.setattr(_fused, "_CACHE", {})
+    monkeypatch.setattr(_fused, "_COMPILED", set())
+    seen = []
+
+    def spy(name, compiled, args):  # record the setting; run the math eagerly (no compilation)
+        seen.append(inductor_config.compile_threads)
+        return _fused.eager(name)(*args)
+
+    monkeypatch.setattr(_fused, "_chunked", spy)
+    k = _fused.kernel("sample")
+    mu, h, e = torch.zeros(4), torch.ones(4), torch.ones(4)
+    hp = torch.tensor([1.0, 3.0, 1.0])
+    for _ in range(2):
+        out = k([mu], [h], [e], hp)
+        torch.testing.assert_close(out[0], torch.full((4,), 0.5))  # 0 + 1 / √(1·3 + 1)
+    assert seen == [1, 3]
+    assert inductor_config.compile_threads == 3
