@@ -37,7 +37,7 @@ def test_fused_matches_eager_in_float64():
     assert o2.fused, "the fused path did not run"
     for p, q in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
-        for k in ("hess", "exp_avg", "exp_avg_sq"):
+        for k in ("hess", "exp_avg", "exp_avg_sq", "mean_avg"):
             torch.testing.assert_close(o1.state[p][k], o2.state[q][k], rtol=1e-11, atol=1e-15)
 
 
