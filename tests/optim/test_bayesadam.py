@@ -572,6 +572,7 @@ def test_default_generator_follows_torch_manual_seed():
         ({"n_data": 10, "hess_beta": 1.5}, "hess_beta"),
         ({"n_data": 10, "temperature": -0.1}, "temperature"),
         ({"n_data": 10, "mc_samples": 0}, "mc_samples"),
+        *(({"n_data": 10, "noise_reuse": v}, "noise_reuse") for v in (0, -1, 1.5, True, "2", None)),
         ({"n_data": 10, "batch_size": 0}, "batch_size"),
         ({"n_data": 10, "nonfinite": "ignore"}, "nonfinite"),
         ({"n_data": 10, "generator": 3}, "generator"),

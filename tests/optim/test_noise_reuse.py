@@ -150,9 +150,3 @@ def test_a_checkpoint_from_before_noise_reuse_resumes_drawing_fresh():
     sd = opt.state_dict()
     opt2.load_state_dict(sd)
     assert opt2.noise_reuse == 4
-
-
-@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2", None])
-def test_invalid_noise_reuse_is_refused_naming_it(value):
-    with pytest.raises(ValueError, match="noise_reuse"):
-        ef.BayesAdam(nn.Linear(2, 2).parameters(), n_data=10, noise_reuse=value)
