@@ -28,7 +28,8 @@ import torch
 
 import effortless as ef
 from effortless import metrics
-from effortless.baselines.methods import _chunked, _run
+from effortless.baselines._common import chunked as _chunked
+from effortless.baselines._common import run as _run
 from effortless.data import loader
 from effortless.experiments.tasks import TASKS
 

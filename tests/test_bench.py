@@ -336,14 +336,14 @@ def test_regression_model_side_keys_train_on_the_squared_error_like_the_other_pa
 
 def test_laplace_diag_is_the_all_weights_diagonal_laplace_of_the_map_network():
     import effortless as ef
-    from effortless.baselines import methods
+    from effortless.baselines import METHODS, _common
     from effortless.data import loader
     from effortless.experiments.tasks import TASKS
 
     task = TASKS["mnist1d-mlp"]
     split = task.load().subset(400, 100)
-    fitted = methods.METHODS["laplace-diag"](task, split, 0, 1, False)
-    run = methods._map_run(task, split, 0, 1, False)  # the same seed: the same MAP network
+    fitted = METHODS["laplace-diag"](task, split, 0, 1, False)
+    run = _common.run(task, split, 0, 1, False)  # the same seed: the same MAP network
     post = ef.laplace(run.model, loader(split.x_train, split.y_train, 512, shuffle=False), hessian="ggn",
                       prior_precision="marglik")  # fmt: skip
     assert isinstance(post, ef.DiagGaussian) and len(post.mean) == len(list(run.model.parameters()))
@@ -356,15 +356,17 @@ def test_every_registered_method_runs_on_a_tiny_task(tmp_path):
     """Each method of the registry (the peers where installed) trains, predicts and gets a row with
     finite metrics: MC dropout, the ensemble, every bayesadam-<key> and the regression versions
     had no test that ran them."""
-    from effortless.baselines import methods as bm
-    from effortless.baselines.regression import REGRESSION_METHODS
+    from effortless import baselines as bm
+    from effortless.baselines import REGRESSION_METHODS
 
     names = [m for m in bm.METHODS if bm.available(m) is None]
-    rows = bench.run(tasks=["mnist1d-mlp"], methods=names, seeds=1, epochs=1, out=tmp_path / "c", subset=200,
+    # (2 epochs of 2 steps: the memory is measured at the fourth step)
+    rows = bench.run(tasks=["mnist1d-mlp"], methods=names, seeds=1, epochs=2, out=tmp_path / "c", subset=200,
                      progress=False)  # fmt: skip
     assert sorted(r["method"] for r in rows) == sorted(names)
     for r in rows:
         assert 0 <= r["accuracy"] <= 100 and math.isfinite(r["nll"]) and 0 <= r["ece"] <= 100, r["method"]
+        assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] > 0, r["method"]  # every method measured
     rows = bench.run(tasks=["toy-regression"], methods=list(REGRESSION_METHODS), seeds=1, epochs=2,
                      out=tmp_path / "r", subset=100, progress=False)  # fmt: skip
     assert sorted(r["method"] for r in rows) == sorted(REGRESSION_METHODS)

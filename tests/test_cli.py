@@ -197,7 +197,7 @@ def test_an_out_path_that_is_a_file_is_refused_before_any_work(command, tmp_path
 
 def test_bench_help_names_every_task_and_method():
     """The help text is static (no torch import for --help): it must not fall behind the registry."""
-    from effortless.baselines.methods import METHODS
+    from effortless.baselines import METHODS
     from effortless.experiments.bench import PROFILES
     from effortless.experiments.tasks import TASKS
 

@@ -1,4 +1,4 @@
-"""SWAG (Maddox et al. 2019): a Gaussian fitted to the iterates of the optimizer.
+"""``swag``: SWAG (Maddox et al. 2019): a Gaussian fitted to the iterates of the optimizer.
 
 Weights are snapshotted ``snapshots`` times, evenly, during the last epoch of training (the same
 epochs as MAP, so its cost is MAP's plus the snapshots). With the snapshot mean θ̄, the diagonal
@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from .._weights import weights_changed
 from ..data import loader
+from ..experiments.memory import measure_step
+from ._common import Fitted
 
 
 class SWAG:
@@ -69,9 +71,7 @@ class SWAG:
         weights_changed()
 
 
-def fit_swag(task, split, seed, epochs, progress, snapshots=20, rank=20, samples=30):
-    from . import methods  # noqa: F401  (Fitted lives there)
-
+def fit(task, split, seed, epochs, progress, snapshots=20, rank=20, samples=30) -> Fitted:
     torch.manual_seed(seed)
     model = task.model(0.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -79,15 +79,26 @@ def fit_swag(task, split, seed, epochs, progress, snapshots=20, rank=20, samples
     per_epoch = len(data)
     every = max(1, per_epoch // snapshots)
     swag = SWAG(model, rank=rank)
-    steps, t0, history = 0, time.perf_counter(), []
+
+    def one_step(x, y):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    steps, peak, t0, history = 0, None, time.perf_counter(), []
     model.train()
     for epoch in range(epochs):
         total = 0.0
         for i, (x, y) in enumerate(data):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
+            if steps == 3:  # one step after warm-up, kept out of the timing (as for every method)
+                t1 = time.perf_counter()
+                loss, peak = measure_step(lambda x=x, y=y: one_step(x, y), model, opt, (x, y))
+                peak /= 2**20
+                t0 += time.perf_counter() - t1
+            else:
+                loss = one_step(x, y)
             total += float(loss.detach()) * len(x)
             steps += 1
             if epoch == epochs - 1 and (i + 1) % every == 0:
@@ -110,4 +121,4 @@ def fit_swag(task, split, seed, epochs, progress, snapshots=20, rank=20, samples
             swag.load(final)
         return out / samples
 
-    return methods.Fitted(predict, seconds, 1000 * seconds / max(steps, 1), None, history)
+    return Fitted(predict, seconds, 1000 * seconds / max(steps, 1), peak, history)

@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import metrics
-from ..baselines import METHODS, available
-from ..baselines.regression import REGRESSION_METHODS
+from ..baselines import METHODS, REGRESSION_METHODS, available
 from . import plots
 from .tasks import REGRESSION as REGRESSION_TASKS
 from .tasks import TASKS

@@ -1,0 +1,46 @@
+"""``bayesadam`` and ``bayesadam-<key>``: the network trained with :class:`effortless.BayesAdam`
+(defaults, ``hessian=key``), predictions by Monte Carlo over its posterior (32 samples)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import api
+from ._common import Fitted, FittedRegression, chunked, residual_sigma, run, run_regression
+
+SAMPLES = 32
+
+
+def make_fit(key: str = "reparam"):
+    """The classification method for the Hessian key ``key``."""
+
+    def fit(task, split, seed, epochs, progress) -> Fitted:
+        r = run(task, split, seed, epochs, progress, method="bayesadam", hessian=key)
+
+        def predict(x):
+            gen = torch.Generator().manual_seed(seed)
+            return chunked(
+                lambda xb: api.predict(r.model, r.posterior, xb, n_samples=SAMPLES, generator=gen), x
+            )
+
+        return Fitted(predict, r.train_seconds, r.step_ms, r.peak_mem_mb, r.history)
+
+    return fit
+
+
+def make_fit_regression(key: str = "reparam"):
+    """The regression method for ``key``: the noise σ is the posterior mean's training residual."""
+
+    def fit(task, split, seed, epochs, progress) -> FittedRegression:
+        r = run_regression(task, split, seed, epochs, "bayesadam", hessian=key)
+        sigma = residual_sigma(r.model, split)
+
+        def predict(x):
+            gen = torch.Generator().manual_seed(seed)
+            r.model.eval()
+            return api.predict(r.model, r.posterior, x, n_samples=SAMPLES, likelihood="regression",
+                               sigma_noise=sigma, generator=gen)  # fmt: skip
+
+        return FittedRegression(predict, r.train_seconds, r.step_ms, None, r.history)
+
+    return fit

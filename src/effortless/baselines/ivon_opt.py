@@ -1,0 +1,60 @@
+"""``ivon``, the peer from its own package (ivon-opt, ``pip install effortless-bayes[peers]``):
+IVON (Shen et al. 2024) with lr 0.1 and ``hess_init`` 0.1, ``ess`` the training-set size, the
+same user loop as BayesAdam's, predictions averaged over 30 posterior samples."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..data import loader
+from ..experiments.memory import measure_step
+from ._common import Fitted, chunked
+
+PACKAGE = "ivon"  # the import name (distribution ivon-opt)
+
+
+def fit(task, split, seed, epochs, progress, lr=0.1, hess_init=0.1, samples=30) -> Fitted:
+    import ivon
+
+    torch.manual_seed(seed)
+    model = task.model(0.0)
+    opt = ivon.IVON(model.parameters(), lr=lr, ess=len(split.x_train), hess_init=hess_init)
+    data = loader(split.x_train, split.y_train, batch_size=task.batch_size, seed=seed)
+
+    def one_step(x, y):
+        opt.zero_grad()
+        with opt.sampled_params(train=True):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        opt.step()
+        return loss
+
+    steps, peak, t0, history = 0, None, time.perf_counter(), []
+    for _ in range(epochs):
+        total = 0.0
+        for x, y in data:
+            if steps == 3:  # one step after warm-up, kept out of the timing
+                t1 = time.perf_counter()
+                loss, peak = measure_step(lambda x=x, y=y: one_step(x, y), model, opt, (x, y))
+                peak /= 2**20
+                t0 += time.perf_counter() - t1
+            else:
+                loss = one_step(x, y)
+            total += float(loss.detach()) * len(x)
+            steps += 1
+        history.append(total / len(split.x_train))
+    seconds = time.perf_counter() - t0
+
+    def predict(x):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            outs = []
+            for _ in range(samples):
+                with opt.sampled_params():
+                    outs.append(chunked(lambda xb: model(xb).softmax(-1), x))
+            return torch.stack(outs).mean(0)
+
+    return Fitted(predict, seconds, 1000 * seconds / max(steps, 1), peak, history)
