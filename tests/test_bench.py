@@ -149,6 +149,25 @@ def test_peers_missing_are_refused_by_name(tmp_path, monkeypatch):
             bench.run(tasks=["mnist1d-mlp"], methods=[m], out=tmp_path, progress=False)
 
 
+def test_profiles_run_the_installed_peers_and_name_the_missing(monkeypatch, capsys):
+    """#5: the quick profile runs *every* method; the peers are an optional extra, so a profile adds
+    the installed ones and says which are left out and why."""
+    import effortless.baselines as bl
+
+    have = {"ivon": None, "laplace-torch": "laplace-torch is not installed (scripts/setup.sh --peers)"}
+    monkeypatch.setattr(bl, "available", lambda m: have.get(m))
+    monkeypatch.setattr(bench, "available", lambda m: have.get(m))
+    cfg = bench.resolve_config("quick")
+    assert cfg["methods"][-1] == "ivon" and "laplace-torch" not in cfg["methods"]
+    assert cfg["methods"][:-1] == bench.PROFILES["quick"]["methods"]
+    err = capsys.readouterr().err
+    assert "without laplace-torch" in err and "not installed" in err
+    have["laplace-torch"] = None
+    assert bench.resolve_config("full")["methods"][-2:] == ["ivon", "laplace-torch"]
+    assert "without" not in capsys.readouterr().err
+    assert "ivon" not in bench.resolve_config(methods="map,swag")["methods"]  # no profile: as given
+
+
 def test_config_layers_profile_file_and_flags(tmp_path):
     cfg = bench.resolve_config()
     assert cfg["task"] == ["fmnist-mlp"] and cfg["seeds"] == 1

@@ -265,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--epochs", type=_positive, default=None, help="override the task's epochs")
     b.add_argument("--profile", choices=["quick", "full"], default=None,
                    help="quick: every method of ≤5x training cost on fmnist-mlp, mnist1d-mlp and "
-                   "toy-regression, 1 seed (~20 min on 2 cores); full: every task, 5 seeds. Flags "
-                   "given next to it win")
+                   "toy-regression, 1 seed (~20 min on 2 cores); full: every task, 5 seeds. Both add "
+                   "the installed peers (ivon, laplace-torch). Flags given next to it win")
     b.add_argument("--config", default=None,
                    help="JSON (or YAML) file with any of task, methods, seeds, epochs, subset, out; "
                    "command-line flags override it")

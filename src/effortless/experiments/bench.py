@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -42,6 +43,8 @@ PROFILES = {
              "methods": ["map", "bayesadam", "bayesadam-ggn-mc", "bayesadam-efisher", "mc-dropout",
                          "ensemble", "temperature", "laplace", "adam-laplace", "swag"]},
 }  # fmt: skip
+# a profile also runs the peers that are installed (an optional extra: scripts/setup.sh --peers)
+PEERS = ("ivon", "laplace-torch")
 
 
 def resolve_config(profile=None, config=None, **overrides) -> dict:
@@ -52,6 +55,7 @@ def resolve_config(profile=None, config=None, **overrides) -> dict:
         if profile not in PROFILES:
             raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
         out.update(PROFILES[profile])
+        out["methods"] = list(out["methods"]) + installed_peers()
     if config is not None:
         path = Path(config)
         try:
@@ -84,6 +88,16 @@ def resolve_config(profile=None, config=None, **overrides) -> dict:
         if isinstance(out[k], str):
             out[k] = [x.strip() for x in out[k].split(",") if x.strip()]
     return out
+
+
+def installed_peers() -> list[str]:
+    """The peers a profile runs: those installed; the others are named on stderr."""
+    have = [m for m in PEERS if available(m) is None]
+    missing = [m for m in PEERS if m not in have]
+    if missing:
+        why = "; ".join(f"{m}: {available(m)}" for m in missing)
+        print(f"bench: the profile runs without {', '.join(missing)} ({why})", file=sys.stderr)
+    return have
 
 
 COLUMNS = ("accuracy", "nll", "ece", "brier", "ood_auroc", "train_seconds", "step_ms", "peak_mem_mb")
