@@ -391,3 +391,59 @@ def test_every_registered_method_runs_on_a_tiny_task(tmp_path):
     assert sorted(r["method"] for r in rows) == sorted(REGRESSION_METHODS)
     for r in rows:
         assert math.isfinite(r["rmse"]) and math.isfinite(r["nll"]) and r["rmse"] > 0, r["method"]
+
+
+def _row(task, method, seed=0, **kw):
+    from effortless.experiments.tasks import TASKS
+
+    return {"task": task, "method": method, "seed": seed, "epochs": TASKS[task].epochs, "subset": None, **kw}
+
+
+def test_goal_checks_state_what_issue_5_asks_and_whether_it_is_met():
+    fm = dict(accuracy=0.8785, nll=0.343, ece=0.0173, ood_auroc=0.802, train_seconds=10.0)
+    rows = [
+        _row("fmnist-mlp", "map", **fm),
+        _row("fmnist-mlp", "swag", **{**fm, "nll": 0.314}),
+        _row("fmnist-mlp", "ensemble", **{**fm, "nll": 0.312, "train_seconds": 50.0}),
+        _row("fmnist-mlp", "bayesadam", accuracy=0.8861, nll=0.318, ece=0.0106, ood_auroc=0.819,
+             train_seconds=15.0),  # fmt: skip
+        _row("fmnist-mlp", "bayesadam", seed=1, accuracy=0.8861, nll=0.318, ece=0.0106, ood_auroc=0.819,
+             train_seconds=15.0),  # fmt: skip
+        _row("mnist1d-mlp", "map", accuracy=0.62, nll=1.05, ece=0.12, train_seconds=1.0),
+        _row("mnist1d-mlp", "bayesadam", accuracy=0.63, nll=0.97, ece=0.13, train_seconds=1.2),
+        _row("mnist1d-cnn", "bayesadam", accuracy=0.8, nll=0.5, ece=0.03, train_seconds=1.0),  # no MAP row
+        _row("boston", "bayesadam", nll=2.65, rmse=3.0),
+    ]
+    tasks = ["fmnist-mlp", "mnist1d-mlp", "mnist1d-cnn", "boston"]
+    methods = ["map", "bayesadam", "swag", "ensemble"]
+    got = {(c["task"], c["goal"].split(" (")[0]): c for c in bench.goal_checks(rows, tasks, methods)}
+    verdict = {k: c["met"] for k, c in got.items()}
+    assert verdict == {
+        ("fmnist-mlp", "accuracy ≥ MAP − 0.3 points"): True,
+        ("fmnist-mlp", "NLL below every method of 1× training cost"): False,  # swag's 0.314
+        ("fmnist-mlp", "NLL no worse than the ensemble's"): False,
+        ("fmnist-mlp", "ECE ≤ 0.7 %"): False,
+        ("fmnist-mlp", "OOD AUROC ≥ 88 %"): False,
+        ("fmnist-mlp", "training time ≤ 1.3× MAP's"): False,  # 1.5x
+        ("mnist1d-mlp", "accuracy ≥ MAP − 0.3 points"): True,
+        ("mnist1d-mlp", "NLL below MAP's"): True,
+        ("mnist1d-mlp", "ECE below MAP's"): False,
+        ("boston", "NLL ≤ the deep ensemble's published 2.41"): False,
+    }
+    nll = got[("fmnist-mlp", "NLL below every method of 1× training cost")]
+    assert "(map, swag)" in nll["goal"] and nll["target"] == "< 0.314 (swag)" and nll["value"] == "0.318"
+    assert got[("fmnist-mlp", "training time ≤ 1.3× MAP's")]["value"] == "1.50×"
+    table = "\n".join(bench.goals_table(rows, tasks, methods))
+    assert "| fmnist-mlp | ECE ≤ 0.7 % | 1.06 % | ≤ 0.70 % | **no** |" in table
+    assert "3 of 10 goals met." in table and "other epochs or a subset" not in table
+
+    better = dict(accuracy=0.884, nll=0.30, ece=0.006, ood_auroc=0.90, train_seconds=12.0)
+    rows2 = [r for r in rows if not (r["task"] == "fmnist-mlp" and r["method"] == "bayesadam")]
+    rows2 += [_row("fmnist-mlp", "bayesadam", **better), _row("boston", "bayesadam", seed=1, nll=2.0)]
+    rows2 = [r for r in rows2 if not (r["task"] == "boston" and r["seed"] == 0)]
+    checks = bench.goal_checks(rows2, tasks, methods)
+    assert all(c["met"] for c in checks if c["task"] in ("fmnist-mlp", "boston")), checks
+    rows2[0]["subset"] = 500  # (a map row: the note names only bayesadam's protocol)
+    rows2[-2]["subset"] = 500
+    assert "other epochs or a subset on fmnist-mlp" in "\n".join(bench.goals_table(rows2, tasks, methods))
+    assert bench.goal_checks(rows, tasks, ["map", "swag"]) == []  # no bayesadam: nothing to check
