@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import loader
-from ..experiments.memory import measure_step
+from ..experiments.train import step_measured_once
 from ._common import Fitted, chunked
 
 PACKAGE = "ivon"  # the import name (distribution ivon-opt)
@@ -36,13 +36,8 @@ def fit(task, split, seed, epochs, progress, lr=0.1, hess_init=0.1, samples=30) 
     for _ in range(epochs):
         total = 0.0
         for x, y in data:
-            if steps == 3:  # one step after warm-up, kept out of the timing
-                t1 = time.perf_counter()
-                loss, peak = measure_step(lambda x=x, y=y: one_step(x, y), model, opt, (x, y))
-                peak /= 2**20
-                t0 += time.perf_counter() - t1
-            else:
-                loss = one_step(x, y)
+            loss, mem, spent = step_measured_once(one_step, x, y, steps, model, opt)
+            peak, t0 = mem or peak, t0 + spent
             total += float(loss.detach()) * len(x)
             steps += 1
         history.append(total / len(split.x_train))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .._weights import weights_changed
 from ..data import loader
-from ..experiments.memory import measure_step
+from ..experiments.train import step_measured_once
 from ._common import Fitted
 
 
@@ -92,13 +92,8 @@ def fit(task, split, seed, epochs, progress, snapshots=20, rank=20, samples=30) 
     for epoch in range(epochs):
         total = 0.0
         for i, (x, y) in enumerate(data):
-            if steps == 3:  # one step after warm-up, kept out of the timing (as for every method)
-                t1 = time.perf_counter()
-                loss, peak = measure_step(lambda x=x, y=y: one_step(x, y), model, opt, (x, y))
-                peak /= 2**20
-                t0 += time.perf_counter() - t1
-            else:
-                loss = one_step(x, y)
+            loss, mem, spent = step_measured_once(one_step, x, y, steps, model, opt)
+            peak, t0 = mem or peak, t0 + spent
             total += float(loss.detach()) * len(x)
             steps += 1
             if epoch == epochs - 1 and (i + 1) % every == 0:

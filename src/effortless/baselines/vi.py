@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import loader
-from ..experiments.memory import measure_step
+from ..experiments.train import step_measured_once
 from ._common import Fitted
 
 
@@ -91,13 +91,8 @@ def fit(task, split, seed, epochs, progress, samples=30, lr=1e-3) -> Fitted:
     for _ in range(epochs):
         total = 0.0
         for x, y in data:
-            if steps == 3:  # one step after warm-up, kept out of the timing (as for every method)
-                t1 = time.perf_counter()
-                nll, peak = measure_step(lambda x=x, y=y: one_step(x, y), model, opt, (x, y))
-                peak /= 2**20
-                t0 += time.perf_counter() - t1
-            else:
-                nll = one_step(x, y)
+            nll, mem, spent = step_measured_once(one_step, x, y, steps, model, opt)
+            peak, t0 = mem or peak, t0 + spent
             total += float(nll.detach()) * len(x)
             steps += 1
         history.append(total / n)

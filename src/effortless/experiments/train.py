@@ -33,6 +33,20 @@ class RunResult:
     peak_mem_mb: float | None = None  # all tensor memory during one training step
 
 
+MEASURED_STEP = 3  # the step (0-based) whose memory is counted: after warm-up
+
+
+def step_measured_once(one_step, x, y, step: int, model, opt):
+    """``one_step(x, y)``, under the memory counter if ``step`` is ``MEASURED_STEP``. Returns (its
+    loss, the peak tensor memory in MiB or None, the seconds the counted step took: the caller
+    leaves them out of its timing, as the counter slows the step down)."""
+    if step != MEASURED_STEP:
+        return one_step(x, y), None, 0.0
+    t0 = time.perf_counter()
+    loss, peak = measure_step(lambda: one_step(x, y), model, opt, (x, y))
+    return loss, peak / 2**20, time.perf_counter() - t0
+
+
 def train(
     method: str,
     make_model: Callable[[], torch.nn.Module],
@@ -91,13 +105,8 @@ def train(
     for _ in bar:
         total = 0.0
         for x, y in data:
-            if measure_memory and steps == 3:  # one step after warm-up, kept out of the timing
-                t0 = time.perf_counter()
-                loss, peak = measure_step(lambda x=x, y=y: one_step(x, y), model, opt, (x, y))
-                peak /= 2**20
-                start += time.perf_counter() - t0
-            else:
-                loss = one_step(x, y)
+            loss, mem, spent = step_measured_once(one_step, x, y, steps if measure_memory else -1, model, opt)
+            peak, start = mem or peak, start + spent
             if on_step is not None:
                 t0 = time.perf_counter()
                 on_step(opt)
