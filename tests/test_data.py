@@ -101,3 +101,26 @@ def test_translation_shifts_right_and_zero_fills():
     torch.testing.assert_close(out[:, 3:], img.view(28, 28)[:, :-3])
     assert bool((out[:, :3] == 0).all())
     assert bool((data.translate(img, 28) == 0).all())
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_loader_gives_torch_dataloaders_batches_gathered_at_once(shuffle):
+    """``data.loader`` indexes each batch in one op; its batches (order, values, dtypes, the last
+    short one) must stay those of the per-example DataLoader with the same seeded generator, epoch
+    after epoch, and it must not touch the global RNG."""
+    from effortless.data import loader
+
+    x, y = torch.randn(300, 5), torch.randint(0, 10, (300,))
+    ours = loader(x, y, batch_size=64, shuffle=shuffle, seed=3)
+    ref = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=shuffle,
+                                      generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert len(ours) == len(ref) == 5
+    state = torch.get_rng_state()
+    for _ in range(2):
+        got, want = list(ours), list(ref)
+        assert [len(b[0]) for b in got] == [64, 64, 64, 64, 44]
+        for (a, b), (c, d) in zip(got, want):
+            assert torch.equal(a, c) and torch.equal(b, d) and b.dtype == d.dtype == torch.int64
+    assert torch.equal(torch.get_rng_state(), state)
+    if shuffle:
+        assert not torch.equal(got[0][1], y[:64])

@@ -344,7 +344,16 @@ def add_noise(x: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:
 
 
 def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 128, shuffle: bool = True, seed: int = 0):
-    """A DataLoader over tensors with its own seeded shuffling generator."""
+    """A DataLoader over tensors with its own seeded shuffling generator.
+
+    The batches are those of ``DataLoader(TensorDataset(x, y), batch_size, shuffle=shuffle,
+    generator=torch.Generator().manual_seed(seed))`` — the same order, the same values — but each
+    is gathered with one indexing op instead of collated from ``batch_size`` single examples, on
+    the tensors' own device (a GPU-resident dataset stays there)."""
     g = torch.Generator().manual_seed(seed)
     ds = torch.utils.data.TensorDataset(x, y)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g)
+    data = torch.utils.data
+    order = data.RandomSampler(ds, generator=g) if shuffle else data.SequentialSampler(ds)
+    # (the loader draws its base seed from g before the order, as DataLoader(shuffle=True) does)
+    return data.DataLoader(ds, sampler=data.BatchSampler(order, batch_size, drop_last=False), batch_size=None,
+                           generator=g)  # fmt: skip
