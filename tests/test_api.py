@@ -232,7 +232,14 @@ def test_fit_counts_the_examples_the_loader_trains_on(monkeypatch):
     ef.fit(model, DataLoader(ds, batch_size=20, shuffle=True), epochs=1, progress=False)
     ef.fit(model, DataLoader(ds, batch_size=20, sampler=SubsetRandomSampler(range(70))), epochs=1,
            progress=False)  # fmt: skip
-    assert seen == [100, 70]
+    from torch.utils.data import BatchSampler
+
+    from effortless.data import loader  # (batches gathered whole: a BatchSampler as the sampler)
+
+    ef.fit(model, loader(*ds.tensors, batch_size=20), epochs=1, progress=False)
+    ef.fit(model, DataLoader(ds, sampler=BatchSampler(SubsetRandomSampler(range(60)), 20, False),
+                             batch_size=None), epochs=1, progress=False)  # fmt: skip
+    assert seen == [100, 70, 100, 60]
     with pytest.raises(ValueError, match="WeightedRandomSampler .* pass n_data="):
         ef.fit(model, DataLoader(ds, batch_size=20, sampler=WeightedRandomSampler(torch.ones(100), 50)),
                epochs=1, progress=False)  # fmt: skip

@@ -447,3 +447,33 @@ def test_goal_checks_state_what_issue_5_asks_and_whether_it_is_met():
     rows2[-2]["subset"] = 500
     assert "other epochs or a subset on fmnist-mlp" in "\n".join(bench.goals_table(rows2, tasks, methods))
     assert bench.goal_checks(rows, tasks, ["map", "swag"]) == []  # no bayesadam: nothing to check
+
+
+def test_devices_are_resolved_or_refused_by_name():
+    assert bench.resolve_device("cpu") == torch.device("cpu")
+    assert bench.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "gpu", 3):
+        with pytest.raises(ValueError, match="device must be"):
+            bench.resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA device"):
+            bench.resolve_device("cuda:0")
+
+
+def test_rows_record_their_device_and_another_devices_rows_are_not_mixed_in(tmp_path):
+    rows = bench.run(tasks=["mnist1d-mlp"], methods=["map"], seeds=1, epochs=1, out=tmp_path, subset=200,
+                     progress=False, device="cpu")  # fmt: skip
+    assert rows[0]["device"] == "cpu"
+    assert len(bench.run(tasks=["mnist1d-mlp"], methods=["map"], seeds=1, epochs=1, out=tmp_path, subset=200,
+                         progress=False, device="cpu")) == 1  # fmt: skip  (resumed: nothing new)
+    path = tmp_path / "results.json"
+    old = json.loads(path.read_text())
+    old[0]["device"] = "cuda"
+    path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="'device': 'cuda'"):
+        bench.run(tasks=["mnist1d-mlp"], methods=["map"], seeds=1, epochs=1, out=tmp_path, subset=200,
+                  progress=False, device="cpu")  # fmt: skip
+    del old[0]["device"]  # a row from before devices were recorded: it ran on the CPU
+    path.write_text(json.dumps(old))
+    assert len(bench.run(tasks=["mnist1d-mlp"], methods=["map"], seeds=1, epochs=1, out=tmp_path, subset=200,
+                         progress=False, device="cpu")) == 1  # fmt: skip

@@ -57,7 +57,8 @@ def _peek(loader: Iterable):
 
 def _n_data(loader) -> int:
     """The number of training examples behind a DataLoader: its dataset's length when the sampler
-    walks the whole dataset (sequential, random, distributed), the subset's for a
+    walks the whole dataset (sequential, random, distributed; also inside a ``BatchSampler`` given as the
+    sampler), the subset's for a
     ``SubsetRandomSampler`` (``len(dataset)`` counted the examples held out by it, silently);
     other samplers have to be told."""
     from torch.utils import data as tud
@@ -67,6 +68,8 @@ def _n_data(loader) -> int:
     except (AttributeError, TypeError):
         raise ValueError("n_data: the loader has no dataset length; pass n_data=") from None
     sampler = getattr(loader, "sampler", None)
+    while isinstance(sampler, tud.BatchSampler):  # batches drawn whole (effortless.data.loader): its order
+        sampler = sampler.sampler
     if sampler is None or isinstance(sampler, (tud.SequentialSampler, tud.RandomSampler,
                                                tud.DistributedSampler)):  # fmt: skip
         return n

@@ -113,7 +113,7 @@ def _bench(args) -> int:
     try:
         cfg = bench.resolve_config(
             args.profile, args.config, task=args.task, methods=args.methods, seeds=args.seeds,
-            epochs=args.epochs, subset=args.subset, out=args.out,
+            epochs=args.epochs, subset=args.subset, out=args.out, device=args.device,
         )  # fmt: skip
     except (ValueError, OSError) as err:
         raise SystemExit(f"effortless bench: {err}") from None
@@ -128,6 +128,7 @@ def _bench(args) -> int:
             progress=not args.no_progress,
             shard=shard,
             tensorboard=args.tensorboard,
+            device=cfg["device"],
         )
     except ValueError as err:  # bad task/method names, a missing optional package
         raise SystemExit(f"effortless bench: {err}") from None
@@ -268,8 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "toy-regression, 1 seed (~20 min on 2 cores); full: every task, 5 seeds. Both add "
                    "the installed peers (ivon, laplace-torch). Flags given next to it win")
     b.add_argument("--config", default=None,
-                   help="JSON (or YAML) file with any of task, methods, seeds, epochs, subset, out; "
-                   "command-line flags override it")
+                   help="JSON (or YAML) file with any of task, methods, seeds, epochs, subset, out, "
+                   "device; command-line flags override it")
+    b.add_argument("--device", default=None,
+                   help="where the networks train and predict: auto (default: CUDA if available, else "
+                   "CPU), cpu, cuda or cuda:N; rows record it, and an --out holding rows from another "
+                   "device type is refused")
     b.add_argument(
         "--subset", type=_positive, default=None, help="first N training / N/5 test examples (quick runs)"
     )

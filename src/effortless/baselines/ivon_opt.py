@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import loader
-from ..experiments.train import step_measured_once
+from ..experiments.train import step_measured_once, synchronize
 from ._common import Fitted, chunked
 
 PACKAGE = "ivon"  # the import name (distribution ivon-opt)
@@ -20,7 +20,7 @@ def fit(task, split, seed, epochs, progress, lr=0.1, hess_init=0.1, samples=30) 
     import ivon
 
     torch.manual_seed(seed)
-    model = task.model(0.0)
+    model = task.model(0.0).to(split.x_train.device)
     opt = ivon.IVON(model.parameters(), lr=lr, ess=len(split.x_train), hess_init=hess_init)
     data = loader(split.x_train, split.y_train, batch_size=task.batch_size, seed=seed)
 
@@ -41,6 +41,7 @@ def fit(task, split, seed, epochs, progress, lr=0.1, hess_init=0.1, samples=30) 
             total += float(loss.detach()) * len(x)
             steps += 1
         history.append(total / len(split.x_train))
+    synchronize(split.x_train.device)
     seconds = time.perf_counter() - t0
 
     def predict(x):

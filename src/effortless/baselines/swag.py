@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .._weights import weights_changed
 from ..data import loader
-from ..experiments.train import step_measured_once
+from ..experiments.train import step_measured_once, synchronize
 from ._common import Fitted
 
 
@@ -53,12 +53,13 @@ class SWAG:
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.n < 2:
             raise ValueError("SWAG needs at least 2 snapshots")
-        z1 = torch.randn(self.mean.shape, generator=generator, dtype=torch.float64)
+        dev = self.mean.device  # (drawn on the generator's device, used on the weights')
+        z1 = torch.randn(self.mean.shape, generator=generator, dtype=torch.float64).to(dev)
         out = self.mean + (self.diag / 2).sqrt() * z1
         k = len(self.deviations)
         if k >= 2:
             D = torch.stack(self.deviations, 1)  # (P, K)
-            z2 = torch.randn(k, generator=generator, dtype=torch.float64)
+            z2 = torch.randn(k, generator=generator, dtype=torch.float64).to(dev)
             out = out + D @ z2 / (2 * (k - 1)) ** 0.5
         return out
 
@@ -73,7 +74,7 @@ class SWAG:
 
 def fit(task, split, seed, epochs, progress, snapshots=20, rank=20, samples=30) -> Fitted:
     torch.manual_seed(seed)
-    model = task.model(0.0)
+    model = task.model(0.0).to(split.x_train.device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     data = loader(split.x_train, split.y_train, batch_size=task.batch_size, seed=seed)
     per_epoch = len(data)
@@ -102,6 +103,7 @@ def fit(task, split, seed, epochs, progress, snapshots=20, rank=20, samples=30) 
     if swag.n < 2:  # a very short last epoch: take the final weights twice at least
         swag.collect()
         swag.collect()
+    synchronize(split.x_train.device)
     seconds = time.perf_counter() - t0
     final = swag._flat().clone()
 

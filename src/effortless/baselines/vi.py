@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import loader
-from ..experiments.train import step_measured_once
+from ..experiments.train import step_measured_once, synchronize
 from ._common import Fitted
 
 
@@ -69,7 +69,7 @@ def kl(model: nn.Module) -> torch.Tensor:
 
 def fit(task, split, seed, epochs, progress, samples=30, lr=1e-3) -> Fitted:
     torch.manual_seed(seed)
-    model = bayesianize(task.model(0.0))
+    model = bayesianize(task.model(0.0)).to(split.x_train.device)
     if not any(isinstance(m, BayesLinear) for m in model.modules()):
         raise ValueError("vi: the network has no nn.Linear layers to make Bayesian")
     others = [n for n, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d)]
@@ -96,6 +96,7 @@ def fit(task, split, seed, epochs, progress, samples=30, lr=1e-3) -> Fitted:
             total += float(nll.detach()) * len(x)
             steps += 1
         history.append(total / n)
+    synchronize(split.x_train.device)
     seconds = time.perf_counter() - t0
 
     def predict(x):

@@ -62,6 +62,14 @@ class Split:
     def in_features(self) -> int:
         return int(np.prod(self.x_train.shape[1:]))
 
+    def to(self, device: torch.device | str) -> Split:
+        """The same split with its tensors on ``device`` (itself if they are there already)."""
+        device = torch.device(device)
+        if self.x_train.device == device:
+            return self
+        return Split(self.name, self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
+                     self.y_test.to(device), self.n_classes, self.y_scale)  # fmt: skip
+
     def subset(self, n_train: int | None = None, n_test: int | None = None) -> Split:
         """The first ``n_train`` / ``n_test`` examples (for quick runs and tests)."""
         return Split(

@@ -31,6 +31,7 @@ DEFAULTS = {
     "epochs": None,
     "subset": None,
     "out": "runs/bench",
+    "device": "auto",
 }
 PROFILES = {
     # every method of 1x-5x training cost on the quick tasks (issue #5: fmnist-mlp, mnist1d-mlp and
@@ -104,9 +105,33 @@ COLUMNS = ("accuracy", "nll", "ece", "brier", "ood_auroc", "train_seconds", "ste
 LOWER_IS_BETTER = {"nll", "ece", "brier", "train_seconds", "step_ms", "peak_mem_mb"}
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: the first CUDA device if there is one, else the CPU; anything else as given,
+    refused with a clear error when it is not there."""
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch {torch.__version__} sees no CUDA device here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return dev
+
+
 def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, progress=True, log=print,
-        shard=None, tensorboard=False):  # fmt: skip
+        shard=None, tensorboard=False, device="auto"):  # fmt: skip
     """Run every (task, method, seed) not already in ``out/results.json``; write the reports.
+
+    ``device``: where the networks train and predict (``"auto"``: CUDA if available); the data
+    moves there once per task, the metrics are computed on CPU. Rows record it, and a results
+    file from another device type is refused rather than mixed.
 
     ``shard=(i, n)`` runs only the i-th of n interleaved slices of the grid (0-based), for job
     arrays: give each array task its own ``out`` and combine them with :func:`merge`.
@@ -123,6 +148,7 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
         i, n = shard
         if not (isinstance(n, int) and n >= 1 and isinstance(i, int) and 0 <= i < n):
             raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
+    dev = resolve_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
@@ -148,8 +174,8 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
         grid = grid[shard[0] :: shard[1]]
     for r in rows:  # rows already there count as done only if they were run the same way
         if (r["task"], r["method"], r["seed"]) in grid and r["task"] in TASKS:
-            want = {"epochs": epochs or TASKS[r["task"]].epochs, "subset": subset}
-            have = {k: r.get(k) for k in want}
+            want = {"epochs": epochs or TASKS[r["task"]].epochs, "subset": subset, "device": dev.type}
+            have = {k: r.get(k, "cpu" if k == "device" else None) for k in want}  # (rows before devices: cpu)
             if have != want:
                 raise ValueError(
                     f"{path} already holds {r['task']} / {r['method']} / seed {r['seed']} run with "
@@ -162,19 +188,20 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
         bar = tqdm(todo, desc="bench", unit="run", disable=not progress)
     except ImportError:  # pragma: no cover
         bar = todo
-    splits, last, bands = {}, {}, {}
+    splits, on_dev, last, bands = {}, {}, {}, {}
     for t, m, s in bar:
         task = TASKS[t]
         key = (t, s) if task.split_per_seed else t
         if key not in splits:
             split = task.load(s) if task.split_per_seed else task.load()
             splits[key] = split.subset(subset, subset // 5) if subset else split
-        split = splits[key]
+            on_dev[key] = splits[key].to(dev)  # (moved once per task and split)
+        split = splits[key]  # (on CPU: the test sets, shifts and metrics; the methods get it on dev)
         if split.n_classes == 0:  # regression: predictive mean and variance, no OOD or shift
-            fitted = REGRESSION_METHODS[m](task, split, s, epochs or task.epochs, False)
-            mean, var = fitted.predict(split.x_test)
+            fitted = REGRESSION_METHODS[m](task, on_dev[key], s, epochs or task.epochs, False)
+            mean, var = (v.cpu() for v in fitted.predict(split.x_test.to(dev)))
             row = metrics.regression_report(mean, var, split.y_test, split.y_scale)
-            row.update(task=t, method=m, seed=s, epochs=epochs or task.epochs,
+            row.update(task=t, method=m, seed=s, epochs=epochs or task.epochs, device=dev.type,
                        train_seconds=fitted.train_seconds, step_ms=fitted.step_ms, peak_mem_mb=None,
                        train_loss_per_epoch=fitted.train_loss)  # fmt: skip
             rows.append(row)
@@ -188,23 +215,27 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
         ood = task.ood(split) if task.ood else None
         if subset and ood is not None:
             ood = ood[: subset // 5]
-        fitted = METHODS[m](task, split, s, epochs or task.epochs, False)
-        probs = fitted.predict(split.x_test)
-        probs_ood = fitted.predict(ood) if ood is not None else None
+        fitted = METHODS[m](task, on_dev[key], s, epochs or task.epochs, False)
+
+        def predict(x, fitted=fitted):
+            return fitted.predict(x.to(dev)).cpu()
+
+        probs = predict(split.x_test)
+        probs_ood = predict(ood) if ood is not None else None
         row = metrics.classification_report(probs, split.y_test, probs_ood)
         if task.ood_noise:  # a second OOD set: uniform noise in the inputs' range
             g = torch.Generator().manual_seed(0)
             lo, hi = float(split.x_test.min()), float(split.x_test.max())
             shape = (min(1000, len(split.x_test)), *split.x_test.shape[1:])
             noise = lo + (hi - lo) * torch.rand(shape, generator=g)
-            p_noise = fitted.predict(noise)
+            p_noise = predict(noise)
             row["ood_auroc_uniform_noise"] = metrics.auroc(probs.max(-1).values, p_noise.max(-1).values)
         if task.shifts:  # accuracy / NLL / ECE on shifted copies of the test set
             row["shift"] = {}
             for name, (_, levels, fn) in task.shifts.items():
                 row["shift"][name] = {}
                 for lv in levels:
-                    p = probs if lv == 0 else fitted.predict(fn(split.x_test, lv))
+                    p = probs if lv == 0 else predict(fn(split.x_test, lv))
                     y = split.y_test
                     row["shift"][name][str(lv)] = {
                         "accuracy": metrics.accuracy(p, y), "nll": metrics.nll(p, y),
@@ -216,6 +247,7 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
             seed=s,
             epochs=epochs or task.epochs,
             subset=subset,
+            device=dev.type,
             train_seconds=fitted.train_seconds,
             step_ms=fitted.step_ms,
             peak_mem_mb=fitted.peak_mem_mb,

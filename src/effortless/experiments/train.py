@@ -42,9 +42,18 @@ def step_measured_once(one_step, x, y, step: int, model, opt):
     leaves them out of its timing, as the counter slows the step down)."""
     if step != MEASURED_STEP:
         return one_step(x, y), None, 0.0
+    synchronize(x.device)  # (queued GPU work before it stays in the timing)
     t0 = time.perf_counter()
     loss, peak = measure_step(lambda: one_step(x, y), model, opt, (x, y))
+    synchronize(x.device)
     return loss, peak / 2**20, time.perf_counter() - t0
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a CUDA device runs asynchronously: a clock read
+    without it times the queueing, not the work); nothing on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train(
@@ -69,14 +78,15 @@ def train(
     Gaussian likelihood up to the noise scale, for Adam and the user loop alike.)
     """
     torch.manual_seed(seed)
-    model = make_model()
+    device = split.x_train.device  # the network trains where the data is (the same init everywhere)
+    model = make_model().to(device)
     data = loader(split.x_train, split.y_train, batch_size=batch_size, seed=seed)
     regression = split.n_classes == 0
     lossf = F.mse_loss if regression else F.cross_entropy
     if method == "map":
         opt = torch.optim.Adam(model.parameters(), lr=kwargs.pop("lr", 1e-3), **kwargs)
     elif method == "bayesadam":
-        gen = torch.Generator().manual_seed(seed + 1)
+        gen = torch.Generator(device=device).manual_seed(seed + 1)  # (noise drawn where it is used)
         opt = BayesAdam(model.named_parameters(), n_data=len(split.x_train), generator=gen, **kwargs)
     else:
         raise ValueError(f"method must be 'map' or 'bayesadam', got {method!r}")
@@ -116,6 +126,7 @@ def train(
         history.append(total / len(split.x_train))
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{history[-1]:.4f}")
+    synchronize(device)
     seconds = time.perf_counter() - start
     model.eval()
     post = opt.posterior() if method == "bayesadam" else None
