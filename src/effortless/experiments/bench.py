@@ -433,7 +433,8 @@ def goals_table(rows, tasks, methods) -> list[str]:
         lines.append(f"| {c['task']} | {c['goal']} | {c['value']} | {c['target']} | "
                      f"{'yes' if c['met'] else '**no**'} |")  # fmt: skip
     met = sum(c["met"] for c in checks)
-    return lines + ["", f"{met} of {len(checks)} goals met.", ""]
+    return lines + ["", f"{met} of {len(checks)} goals met. Goals that compare with other methods compare "
+                    "with those in this run only.", ""]  # fmt: skip
 
 
 def _shift_table(sel, methods, task):
