@@ -14,10 +14,20 @@ def test_help_lists_the_demo(capsys):
     assert "demo" in capsys.readouterr().out
 
 
-def test_module_entry_point_help():
-    cmd = [sys.executable, "-m", "effortless", "demo", "--help"]
+@pytest.mark.parametrize("command, flag", [("demo", "--quick"), ("bench", "--device")])
+def test_module_entry_point_help(command, flag):
+    cmd = [sys.executable, "-m", "effortless", command, "--help"]
     out = subprocess.run(cmd, capture_output=True, text=True)
-    assert out.returncode == 0 and "--quick" in out.stdout
+    assert out.returncode == 0 and flag in out.stdout
+
+
+def test_bench_on_a_device_that_is_not_there_says_so(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is there")
+    with pytest.raises(SystemExit, match="sees no CUDA device"):
+        cli.main(["bench", "--task", "mnist1d-mlp", "--methods", "map", "--device", "cuda",
+                  "--out", str(tmp_path)])  # fmt: skip
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_quick_demo_writes_results_and_plots(tmp_path):
