@@ -3,12 +3,14 @@ chunked, no-grad evaluation helpers."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..experiments.train import RunResult, train
+from ..data import loader
+from ..experiments.train import RunResult, step_measured_once, synchronize, train
 
 
 @dataclass
@@ -68,3 +70,25 @@ def residual_sigma(model, split) -> float:
     with torch.no_grad():
         model.eval()
         return float((model(split.x_train) - split.y_train).pow(2).mean().sqrt())
+
+
+def train_loop(one_step, model, opt, split, batch_size, seed, epochs, after_step=None):
+    """The bench's loop for methods with their own training step (``one_step(x, y) -> loss``):
+    the shared data order, one step's memory counted (outside the timing), the mean loss per
+    epoch. ``after_step(epoch, i)`` runs after step ``i`` of ``epoch``, inside the timing (a
+    method's own extra work). Returns (seconds, ms per step, peak MiB, loss per epoch)."""
+    data = loader(split.x_train, split.y_train, batch_size=batch_size, seed=seed)
+    steps, peak, t0, history = 0, None, time.perf_counter(), []
+    for epoch in range(epochs):
+        total = 0.0
+        for i, (x, y) in enumerate(data):
+            loss, mem, spent = step_measured_once(one_step, x, y, steps, model, opt)
+            peak, t0 = mem or peak, t0 + spent
+            total += float(loss.detach()) * len(x)
+            steps += 1
+            if after_step is not None:
+                after_step(epoch, i)
+        history.append(total / len(split.x_train))
+    synchronize(split.x_train.device)
+    seconds = time.perf_counter() - t0
+    return seconds, 1000 * seconds / max(steps, 1), peak, history

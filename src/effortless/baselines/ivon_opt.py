@@ -4,14 +4,10 @@ same user loop as BayesAdam's, predictions averaged over 30 posterior samples.""
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
-from ..data import loader
-from ..experiments.train import step_measured_once, synchronize
-from ._common import Fitted, chunked
+from ._common import Fitted, chunked, train_loop
 
 PACKAGE = "ivon"  # the import name (distribution ivon-opt)
 
@@ -22,7 +18,6 @@ def fit(task, split, seed, epochs, progress, lr=0.1, hess_init=0.1, samples=30) 
     torch.manual_seed(seed)
     model = task.model(0.0).to(split.x_train.device)
     opt = ivon.IVON(model.parameters(), lr=lr, ess=len(split.x_train), hess_init=hess_init)
-    data = loader(split.x_train, split.y_train, batch_size=task.batch_size, seed=seed)
 
     def one_step(x, y):
         opt.zero_grad()
@@ -32,17 +27,7 @@ def fit(task, split, seed, epochs, progress, lr=0.1, hess_init=0.1, samples=30) 
         opt.step()
         return loss
 
-    steps, peak, t0, history = 0, None, time.perf_counter(), []
-    for _ in range(epochs):
-        total = 0.0
-        for x, y in data:
-            loss, mem, spent = step_measured_once(one_step, x, y, steps, model, opt)
-            peak, t0 = mem or peak, t0 + spent
-            total += float(loss.detach()) * len(x)
-            steps += 1
-        history.append(total / len(split.x_train))
-    synchronize(split.x_train.device)
-    seconds = time.perf_counter() - t0
+    seconds, step_ms, peak, history = train_loop(one_step, model, opt, split, task.batch_size, seed, epochs)
 
     def predict(x):
         torch.manual_seed(seed)
@@ -53,4 +38,4 @@ def fit(task, split, seed, epochs, progress, lr=0.1, hess_init=0.1, samples=30) 
                     outs.append(chunked(lambda xb: model(xb).softmax(-1), x))
             return torch.stack(outs).mean(0)
 
-    return Fitted(predict, seconds, 1000 * seconds / max(steps, 1), peak, history)
+    return Fitted(predict, seconds, step_ms, peak, history)

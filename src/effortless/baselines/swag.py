@@ -10,15 +10,11 @@ here the iterates are Adam's (lr 1e-3), as the rest of the benchmark trains.
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
 from .._weights import weights_changed
-from ..data import loader
-from ..experiments.train import step_measured_once, synchronize
-from ._common import Fitted
+from ._common import Fitted, train_loop
 
 
 class SWAG:
@@ -76,8 +72,7 @@ def fit(task, split, seed, epochs, progress, snapshots=20, rank=20, samples=30) 
     torch.manual_seed(seed)
     model = task.model(0.0).to(split.x_train.device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    data = loader(split.x_train, split.y_train, batch_size=task.batch_size, seed=seed)
-    per_epoch = len(data)
+    per_epoch = -(-len(split.x_train) // task.batch_size)  # batches per epoch (the last may be short)
     every = max(1, per_epoch // snapshots)
     swag = SWAG(model, rank=rank)
 
@@ -88,23 +83,16 @@ def fit(task, split, seed, epochs, progress, snapshots=20, rank=20, samples=30) 
         opt.step()
         return loss
 
-    steps, peak, t0, history = 0, None, time.perf_counter(), []
+    def snapshot(epoch, i):  # evenly through the last epoch (inside the timing: SWAG's own cost)
+        if epoch == epochs - 1 and (i + 1) % every == 0:
+            swag.collect()
+        if epoch == epochs - 1 and i == per_epoch - 1 and swag.n < 2:  # a very short last epoch:
+            swag.collect()  # take the final weights twice at least
+            swag.collect()
+
     model.train()
-    for epoch in range(epochs):
-        total = 0.0
-        for i, (x, y) in enumerate(data):
-            loss, mem, spent = step_measured_once(one_step, x, y, steps, model, opt)
-            peak, t0 = mem or peak, t0 + spent
-            total += float(loss.detach()) * len(x)
-            steps += 1
-            if epoch == epochs - 1 and (i + 1) % every == 0:
-                swag.collect()
-        history.append(total / len(split.x_train))
-    if swag.n < 2:  # a very short last epoch: take the final weights twice at least
-        swag.collect()
-        swag.collect()
-    synchronize(split.x_train.device)
-    seconds = time.perf_counter() - t0
+    seconds, step_ms, peak, history = train_loop(one_step, model, opt, split, task.batch_size, seed, epochs,
+                                                 snapshot)  # fmt: skip
     final = swag._flat().clone()
 
     def predict(x):
@@ -118,4 +106,4 @@ def fit(task, split, seed, epochs, progress, snapshots=20, rank=20, samples=30) 
             swag.load(final)
         return out / samples
 
-    return Fitted(predict, seconds, 1000 * seconds / max(steps, 1), peak, history)
+    return Fitted(predict, seconds, step_ms, peak, history)

@@ -12,15 +12,12 @@ per example); μ starts at the network's initialisation, σ at ``sigma_init``.
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import loader
-from ..experiments.train import step_measured_once, synchronize
-from ._common import Fitted
+from ._common import Fitted, train_loop
 
 
 class BayesLinear(nn.Module):
@@ -76,7 +73,6 @@ def fit(task, split, seed, epochs, progress, samples=30, lr=1e-3) -> Fitted:
     if others:
         raise ValueError(f"vi: only Linear layers are supported; the network has {others}")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    data = loader(split.x_train, split.y_train, batch_size=task.batch_size, seed=seed)
     n = len(split.x_train)
 
     def one_step(x, y):
@@ -86,18 +82,8 @@ def fit(task, split, seed, epochs, progress, samples=30, lr=1e-3) -> Fitted:
         opt.step()
         return nll
 
-    steps, peak, t0, history = 0, None, time.perf_counter(), []
     model.train()
-    for _ in range(epochs):
-        total = 0.0
-        for x, y in data:
-            nll, mem, spent = step_measured_once(one_step, x, y, steps, model, opt)
-            peak, t0 = mem or peak, t0 + spent
-            total += float(nll.detach()) * len(x)
-            steps += 1
-        history.append(total / n)
-    synchronize(split.x_train.device)
-    seconds = time.perf_counter() - t0
+    seconds, step_ms, peak, history = train_loop(one_step, model, opt, split, task.batch_size, seed, epochs)
 
     def predict(x):
         torch.manual_seed(seed)
@@ -107,4 +93,4 @@ def fit(task, split, seed, epochs, progress, samples=30, lr=1e-3) -> Fitted:
                 for _ in range(samples)
             ]).mean(0)  # fmt: skip
 
-    return Fitted(predict, seconds, 1000 * seconds / max(steps, 1), peak, history)
+    return Fitted(predict, seconds, step_ms, peak, history)
