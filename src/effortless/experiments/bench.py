@@ -93,12 +93,12 @@ def resolve_config(profile=None, config=None, **overrides) -> dict:
 
 def installed_peers() -> list[str]:
     """The peers a profile runs: those installed; the others are named on stderr."""
-    have = [m for m in PEERS if available(m) is None]
-    missing = [m for m in PEERS if m not in have]
+    why = {m: available(m) for m in PEERS}  # (each tries its import once)
+    missing = [m for m in PEERS if why[m] is not None]
     if missing:
-        why = "; ".join(f"{m}: {available(m)}" for m in missing)
-        print(f"bench: the profile runs without {', '.join(missing)} ({why})", file=sys.stderr)
-    return have
+        reasons = "; ".join(f"{m}: {why[m]}" for m in missing)
+        print(f"bench: the profile runs without {', '.join(missing)} ({reasons})", file=sys.stderr)
+    return [m for m in PEERS if why[m] is None]
 
 
 COLUMNS = ("accuracy", "nll", "ece", "brier", "ood_auroc", "train_seconds", "step_ms", "peak_mem_mb")

@@ -19,6 +19,7 @@ platform) the optimizer warns once and stays eager.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import warnings
 
 import torch
@@ -172,19 +173,25 @@ def kernel(name: str):
 _COMPILED: set[str] = set()  # kernels called (so compiled) once already
 
 
+def _config_patch(module: str, **values):
+    """``module.patch(**values)`` for one of torch's private config modules, or a null context when
+    this torch lacks the module or a setting (another version: then things run as usual)."""
+    try:
+        config = importlib.import_module(module)
+    except ImportError:  # pragma: no cover (a torch without it)
+        return contextlib.nullcontext()
+    if not hasattr(config, "patch") or not all(hasattr(config, k) for k in values):
+        return contextlib.nullcontext()
+    return config.patch(**values)
+
+
 def _in_process_compile():
     """Compile in this process, without inductor's pool of compile workers: starting the pool
     costs ~0.9 s of the first step on a 2-core machine even when every kernel comes from the
     inductor cache, and the two small kernels gain nothing from it with an empty cache (first step
     of the 784-512-256-10 MLP, 2 threads: 3.8 against 4.7 s warm, 14.6 against 15.3 s cold). Only
     around the first call: the user's own torch.compile keeps the global setting."""
-    try:
-        from torch._inductor import config as inductor_config
-    except ImportError:  # pragma: no cover (a torch without inductor: compilation fails anyway)
-        return contextlib.nullcontext()
-    if not hasattr(inductor_config, "compile_threads") or not hasattr(inductor_config, "patch"):
-        return contextlib.nullcontext()
-    return inductor_config.patch(compile_threads=1)
+    return _config_patch("torch._inductor.config", compile_threads=1)
 
 
 def _sizes_apart():
@@ -192,13 +199,7 @@ def _sizes_apart():
     separate size symbols, so the next chunk (other equalities, e.g. a ResNet's 64- and 128-wide
     BatchNorm vectors) reuses the graph instead of recompiling it. A private switch of
     torch.fx; without it (another torch version) tracing is as usual."""
-    try:
-        from torch.fx.experimental import _config as fx_config
-    except ImportError:
-        return contextlib.nullcontext()
-    if not hasattr(fx_config, "use_duck_shape") or not hasattr(fx_config, "patch"):
-        return contextlib.nullcontext()
-    return fx_config.patch(use_duck_shape=False)
+    return _config_patch("torch.fx.experimental._config", use_duck_shape=False)
 
 
 def _alias(t: torch.Tensor) -> torch.Tensor:
