@@ -11,9 +11,11 @@ kinds (1.29× where the mean is 1.34× and blocks give 1.39×); the default bloc
 each, and its first iteration, which runs just after the other method's, is a tenth of the block.
 Numbers before 2026-11-28 were medians of single-iteration ratios and read low.
 ``--cycle`` instead runs all methods in one interleaved cycle.
-Peak memory is counted at the dispatcher (:class:`effortless.experiments.memory.PeakMemory`):
-all tensor bytes alive during one iteration (parameters, gradients, optimizer state,
-activations, temporaries) over the parameter bytes. The next column subtracts the weights and
+Peak memory (:func:`effortless.experiments.memory.measure_step`): all tensor bytes alive during
+one iteration (parameters, gradients, optimizer state, activations, temporaries) over the
+parameter bytes, counted at the dispatcher for eager optimizers and from the profiler's memory
+timeline for compiled (fused) ones, whose kernels the dispatcher cannot see (numbers before
+2026-11-29 measured BayesAdam's eager path instead: 5.49 for a fused step that needs 5.12). The next column subtracts the weights and
 their gradients (2×): that is the measure of DESIGN.md's reference numbers (Adam ≈ 3.7×, ivon-opt
 ≈ 10×; here 3.49× and 10.00×) and of issue #2's goal (≤ 4×).
 

@@ -1,5 +1,6 @@
 """The compiled (fused) kernels against the eager ones."""
 
+import contextlib
 import warnings
 
 import pytest
@@ -216,7 +217,6 @@ def test_only_a_kernels_first_call_compiles_without_inductors_worker_pool(monkey
     outside see the global setting again."""
     from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "compile_threads", 3)
     monkeypatch.setattr(_fused, "_CACHE", {})
     monkeypatch.setattr(_fused, "_COMPILED", set())
     seen = []
@@ -226,11 +226,63 @@ def test_only_a_kernels_first_call_compiles_without_inductors_worker_pool(monkey
         return _fused.eager(name)(*args)
 
     monkeypatch.setattr(_fused, "_chunked", spy)
-    k = _fused.kernel("sample")
-    mu, h, e = torch.zeros(4), torch.ones(4), torch.ones(4)
-    hp = torch.tensor([1.0, 3.0, 1.0])
-    for _ in range(2):
-        out = k([mu], [h], [e], hp)
-        torch.testing.assert_close(out[0], torch.full((4,), 0.5))  # 0 + 1 / √(1·3 + 1)
-    assert seen == [1, 3]
-    assert inductor_config.compile_threads == 3
+    # the config module's own patch: monkeypatch's undo deletes a config entry (every later
+    # compilation in the process then fails)
+    with inductor_config.patch(compile_threads=3):
+        k = _fused.kernel("sample")
+        mu, h, e = torch.zeros(4), torch.ones(4), torch.ones(4)
+        hp = torch.tensor([1.0, 3.0, 1.0])
+        for _ in range(2):
+            out = k([mu], [h], [e], hp)
+            torch.testing.assert_close(out[0], torch.full((4,), 0.5))  # 0 + 1 / √(1·3 + 1)
+        assert seen == [1, 3]
+        assert inductor_config.compile_threads == 3
+
+
+def test_steps_under_a_dispatch_mode_run_uncompiled_and_keep_the_kernels(monkeypatch):
+    """torch.compile does not run under a user's dispatch mode (FlopCounterMode, a memory counter),
+    and a frame it refused stays refused: such steps run the same math uncompiled, without a
+    warning, the optimizer stays fused, and the run equals the eager one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    compiled_calls = []
+    real = _fused._chunked
+
+    def counted(name, fn, args):
+        compiled_calls.append(name)
+        return real(name, fn, args)
+
+    monkeypatch.setattr(_fused, "_chunked", counted)
+    for name in ("_CACHE", "_BROKEN", "_COMPILED"):  # nothing left over from other tests
+        monkeypatch.setattr(_fused, name, type(getattr(_fused, name))())
+
+    def run(fused, counted_steps):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3)).double()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (40,), generator=g)
+        opt = ef.BayesAdam(model.parameters(), n_data=40, fused=fused, lr=1e-2, temperature=0.5,
+                           generator=torch.Generator().manual_seed(1))  # fmt: skip
+        for i in range(6):
+            mode = FlopCounterMode(display=False) if i in counted_steps else contextlib.nullcontext()
+            with mode:
+                opt.zero_grad()
+                with opt.sampled_params(train=True):
+                    F.cross_entropy(model(x), y).backward()
+                opt.step()
+        return model, opt
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = run(True, counted_steps={1, 2})
+    assert fused[1].fused and not [w for w in caught if "BayesAdam" in str(w.message)]
+    n_compiled = len(compiled_calls)
+    assert n_compiled == 8, compiled_calls  # 4 of the 6 steps compiled: a sample and an update each
+    eager = run(False, counted_steps=set())
+    _assert_same_run(eager, fused)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = run(True, counted_steps=set())  # the kernels still compile and run afterwards
+    assert again[1].fused and not [w for w in caught if "BayesAdam" in str(w.message)]
+    assert len(compiled_calls) == n_compiled + 12

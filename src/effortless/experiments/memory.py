@@ -72,18 +72,57 @@ def optimizer_tensors(opt) -> list[torch.Tensor]:
     return out
 
 
-def measure_step(step, model, opt, batch=()):
-    """Run ``step()`` once under :class:`PeakMemory`, counting the model's parameters, the
-    optimizer's state and ``batch`` from the start. Returns (step's result, peak bytes). Compiled
-    (fused) kernels cannot run under a dispatch mode, so an optimizer with ``fused`` is measured on
-    its eager path, which allocates at least what the fused kernels do."""
-    fused = getattr(opt, "fused", False)
-    if fused:
-        opt.fused = False
+def profiled_peak(fn, device: str | torch.device = "cpu", baseline=()):
+    """Run ``fn()`` under torch's profiler with memory recording and return (its result, the peak of
+    tensor bytes on ``device`` during the call), or (result, None) where this torch lacks the
+    profiler's memory timeline (a private module). Unlike :class:`PeakMemory` it sees compiled
+    (inductor) code, whose buffers never pass the dispatcher. Tensors alive before the call count
+    if they are in ``baseline`` or an eager op of the call touches them (a compiled kernel's
+    inputs alone are not seen: pass them as ``baseline``)."""
     try:
-        with PeakMemory([*model.parameters(), *optimizer_tensors(opt), *batch]) as mem:
-            out = step()
-    finally:
-        if fused:
-            opt.fused = True
+        from torch.profiler._memory_profiler import Action, MemoryProfile
+    except ImportError:
+        return fn(), None
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    storages = {}
+    for t in baseline:
+        if isinstance(t, torch.Tensor) and t.device == device and t.untyped_storage().data_ptr():
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts, profile_memory=True, record_shapes=True) as prof:
+        out = fn()
+    timeline = MemoryProfile(prof.profiler.kineto_results).timeline
+    current = peak = sum(storages.values())
+    for _, action, (key, _), nbytes in timeline:
+        if key.device != device:
+            continue
+        storage = getattr(key, "storage", None)  # (allocations without a tensor have none)
+        if action == Action.PREEXISTING and storage is not None and storage.ptr in storages:
+            continue  # counted from the start
+        if action in (Action.PREEXISTING, Action.CREATE):
+            current += nbytes
+        elif action == Action.DESTROY:
+            current -= nbytes
+        peak = max(peak, current)
+    return out, peak
+
+
+def measure_step(step, model, opt, batch=()):
+    """Run ``step()`` once and return (step's result, peak tensor bytes during it), counting the
+    model's parameters, the optimizer's state and ``batch`` from the start. An optimizer with
+    ``fused`` (compiled kernels, which a dispatch mode cannot see) is measured on its compiled path
+    with :func:`profiled_peak`; where that is unavailable, with :class:`PeakMemory`, under which
+    BayesAdam runs the kernels' math uncompiled (at least the compiled kernels' allocations)."""
+    if getattr(opt, "fused", False):
+        params = list(model.parameters())
+        base = [*params, *optimizer_tensors(opt), *batch]
+        out, peak = profiled_peak(step, params[0].device if params else "cpu", base)
+        if peak is not None:
+            return out, peak
+    with PeakMemory([*model.parameters(), *optimizer_tensors(opt), *batch]) as mem:
+        out = step()
     return out, mem.peak_bytes

@@ -241,6 +241,16 @@ def _chunked(name: str, compiled, args):
     return out or None
 
 
+def user_dispatch_mode() -> bool:
+    """Whether a Python dispatch mode other than torch's own is active (torch.compile does not run
+    under one; the optimizer then runs the uncompiled math for that call)."""
+    try:
+        from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+    except ImportError:  # pragma: no cover (a torch without it)
+        return False
+    return is_in_torch_dispatch_mode(include_infra_modes=False)
+
+
 def eager(name: str):
     """The same math without compilation (the reference the fused path is tested against)."""
     return _MATH[name]

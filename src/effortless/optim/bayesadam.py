@@ -731,7 +731,12 @@ class BayesAdam(Optimizer):
         return out
 
     def _run_fused(self, name: str, *args):
-        """Run a compiled kernel; on a compilation failure warn once and return _FAILED (go eager)."""
+        """Run a compiled kernel; on a compilation failure warn once and return _FAILED (go eager).
+        Under a user's dispatch mode (``FlopCounterMode``, a memory counter) torch.compile refuses to
+        run, and a refused frame stays refused for the process: the same math then runs uncompiled
+        for this call, and the kernels stay fused for the calls after it."""
+        if _fused.user_dispatch_mode():
+            return _fused.eager(name)(*args)
         try:
             return _fused.kernel(name)(*args)
         except Exception as err:  # compilation problems surface as many exception types; a real
