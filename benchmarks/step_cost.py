@@ -14,10 +14,11 @@ Numbers before 2026-11-28 were medians of single-iteration ratios and read low.
 Peak memory (:func:`effortless.experiments.memory.measure_step`): all tensor bytes alive during
 one iteration (parameters, gradients, optimizer state, activations, temporaries) over the
 parameter bytes, counted at the dispatcher for eager optimizers and from the profiler's memory
-timeline for compiled (fused) ones, whose kernels the dispatcher cannot see (numbers before
-2026-11-29 measured BayesAdam's eager path instead: 5.49 for a fused step that needs 5.12). The next column subtracts the weights and
-their gradients (2×): that is the measure of DESIGN.md's reference numbers (Adam ≈ 3.7×, ivon-opt
-≈ 10×; here 3.49× and 10.00×) and of issue #2's goal (≤ 4×).
+timeline for compiled (fused) ones, whose kernels the dispatcher cannot see (until commit 5231568
+the fused default was measured on its eager path: 5.49 for a step that needs 5.12). The next
+column subtracts the weights and their gradients (2×): that is the measure of DESIGN.md's
+reference numbers (Adam ≈ 3.7×, ivon-opt ≈ 10×; here 3.49× and 10.00×) and of issue #2's goal
+(≤ 4×).
 
     python benchmarks/step_cost.py --out runs/step_cost
 """
