@@ -82,3 +82,17 @@ def test_measure_step_counts_the_compiled_step_and_leaves_it_compiled():
         assert floor <= peak_fused < peak_eager
     else:
         assert floor <= peak_fused
+
+
+def test_measure_step_runs_the_step_once_without_the_profiler_timeline(monkeypatch):
+    """In a torch without the profiler's memory timeline the fused step is counted at the
+    dispatcher (BayesAdam runs its kernels' math uncompiled there), and still runs once."""
+    from effortless.experiments import memory
+
+    monkeypatch.setattr(memory, "_memory_timeline", lambda: None)
+    model, opt, it, batch = _mlp_run(True)
+    calls = []
+    _, peak = measure_step(lambda: calls.append(1) or it(), model, opt, batch)
+    assert calls == [1] and opt.fused
+    n_bytes = 4 * sum(p.numel() for p in model.parameters())
+    assert peak >= 7 * n_bytes  # weights, gradients, five state tensors

@@ -72,6 +72,15 @@ def optimizer_tensors(opt) -> list[torch.Tensor]:
     return out
 
 
+def _memory_timeline():
+    """(Action, MemoryProfile) from torch's private profiler module, or None in a torch without it."""
+    try:
+        from torch.profiler._memory_profiler import Action, MemoryProfile
+    except ImportError:
+        return None
+    return Action, MemoryProfile
+
+
 def profiled_peak(fn, device: str | torch.device = "cpu", baseline=()):
     """Run ``fn()`` under torch's profiler with memory recording and return (its result, the peak of
     tensor bytes on ``device`` during the call), or (result, None) where this torch lacks the
@@ -79,10 +88,10 @@ def profiled_peak(fn, device: str | torch.device = "cpu", baseline=()):
     (inductor) code, whose buffers never pass the dispatcher. Tensors alive before the call count
     if they are in ``baseline`` or an eager op of the call touches them (a compiled kernel's
     inputs alone are not seen: pass them as ``baseline``)."""
-    try:
-        from torch.profiler._memory_profiler import Action, MemoryProfile
-    except ImportError:
+    timeline_api = _memory_timeline()
+    if timeline_api is None:
         return fn(), None
+    Action, MemoryProfile = timeline_api
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -117,12 +126,10 @@ def measure_step(step, model, opt, batch=()):
     ``fused`` (compiled kernels, which a dispatch mode cannot see) is measured on its compiled path
     with :func:`profiled_peak`; where that is unavailable, with :class:`PeakMemory`, under which
     BayesAdam runs the kernels' math uncompiled (at least the compiled kernels' allocations)."""
-    if getattr(opt, "fused", False):
+    if getattr(opt, "fused", False) and _memory_timeline() is not None:  # (the step runs once)
         params = list(model.parameters())
         base = [*params, *optimizer_tensors(opt), *batch]
-        out, peak = profiled_peak(step, params[0].device if params else "cpu", base)
-        if peak is not None:
-            return out, peak
+        return profiled_peak(step, params[0].device if params else "cpu", base)
     with PeakMemory([*model.parameters(), *optimizer_tensors(opt), *batch]) as mem:
         out = step()
     return out, mem.peak_bytes
