@@ -1293,3 +1293,35 @@ def test_a_failed_block_on_gradients_that_were_there_before_asks_for_zero_grad()
         opt.step()
     _loop_step(opt, model, x, y)  # (zero_grad first): trains again
     assert opt.state[model[0].weight]["step"] == 2
+
+
+def test_posterior_warns_where_the_curvature_was_never_estimated():
+    """reparam estimates h from the weight noise; at temperature 0 there is none, h stays at
+    hess_init and the posterior's variance says nothing about the data: posterior() says so. With
+    an estimate (gradsq at T = 0, reparam at T > 0) or before any step it stays quiet."""
+    import warnings
+
+    x, y = _data(n=16)
+
+    def trained(**kw):
+        model = _mlp()
+        opt = ef.BayesAdam(model.parameters(), n_data=100, **kw)
+        opt.batch_size = 16
+        for _ in range(2):
+            opt.zero_grad()
+            with opt.sampled_params(train=True):
+                F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return opt
+
+    opt = trained(temperature=0.0)
+    with pytest.warns(RuntimeWarning, match=r"curvature of 4 of 4 .*temperature=0 draws no weight noise"):
+        post = opt.posterior()
+    for p, prec in zip(opt.param_groups[0]["params"], post.precision.values()):
+        assert torch.equal(opt.state[p]["hess"], torch.full_like(p, opt.defaults["hess_init"]))
+        torch.testing.assert_close(prec, torch.full_like(p, 100 * opt.defaults["hess_init"] + 1.0))
+    for quiet in (trained(temperature=0.0, hessian="gradsq"), trained(temperature=0.5),
+                  ef.BayesAdam(_mlp().parameters(), n_data=100, temperature=0.0)):  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            quiet.posterior()

@@ -1601,7 +1601,9 @@ class BayesAdam(Optimizer):
         optimizer's order. A positional posterior matches a model through the parameters it came
         from while they live; saved and loaded, it matches by the model's order, so pass ``model``
         to save one that is keyed by name. After a regression :meth:`train_step` the posterior
-        records its ``sigma_noise`` (``ef.predict``'s default)."""
+        records its ``sigma_noise`` (``ef.predict``'s default). Warns if the curvature of a
+        trained parameter was never estimated (``reparam`` at ``temperature=0``: no noise to
+        estimate it from), whose precision is then only ``hess_init``'s."""
         self._refuse_inside("posterior()")  # (its mean would be the sample)
         self._check_groups()
         by_param = None
@@ -1622,6 +1624,25 @@ class BayesAdam(Optimizer):
                 mean[key] = (p.detach() if avg is None else avg).clone()
                 prec[key] = h.mul(group["n_data"]).add_(group["prior_precision"]).div_(temp)
                 sources[key] = p
+        unestimated = [
+            k for k, p in sources.items() if self.state[p]["step"] and not self.state[p]["hess_step"]
+        ]
+        if unestimated:
+            why = (
+                "temperature=0 draws no weight noise, from which hessian='reparam' estimates it"
+                if self.hessian == "reparam" and any(g["temperature"] == 0 for g in self.param_groups)
+                else "no step has updated it"
+            )
+            warnings.warn(
+                f"posterior(): the curvature of {len(unestimated)} of {len(sources)} parameter tensors "
+                f"({', '.join(unestimated[:3])}{', …' if len(unestimated) > 3 else ''}) was never "
+                f"estimated ({why}): their precision N·hess_init + δ is set by hess_init, not by the "
+                "data, and predictions sampled from it are meaningless. Fit the curvature after "
+                "training with ef.laplace(model, loader, hessian='ggn'), or train with temperature > 0 "
+                "or a model-side hessian key",
+                RuntimeWarning,
+                stacklevel=outside_stacklevel(),
+            )
         post = DiagGaussian(mean, prec)
         post.sources = sources  # which parameter each key came from (positional keys match by it)
         if self.sigma_noise is not None:  # ef.predict's default σ (it used σ = 1 whatever train_step's)
