@@ -42,6 +42,12 @@ def test_quick_demo_writes_results_and_plots(tmp_path):
     for r in rows:
         if "accuracy" in r:
             assert {"accuracy", "nll", "ece", "brier", "ood_auroc", "train_seconds", "step_ms"} <= set(r)
+            # the first step (BayesAdam compiles in it) apart from the steps after it
+            assert 0 < r["first_step_s"] < r["train_seconds"]
+            steps = round(1000 * r["train_seconds"] / r["step_ms"])
+            later = 1000 * (r["train_seconds"] - r["first_step_s"]) / (steps - 1)
+            assert abs(r["later_step_ms"] - later) < 1e-6 * later
+    assert "first step" in (tmp_path / "results.md").read_text()
     for name in ("results.md", "reliability.png", "confidence_hist.png", "toy_regression.png"):
         assert (tmp_path / name).stat().st_size > 0
 
