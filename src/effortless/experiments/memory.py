@@ -18,6 +18,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
 import weakref
 
 import torch
@@ -72,6 +77,42 @@ def optimizer_tensors(opt) -> list[torch.Tensor]:
     return out
 
 
+# what torch's profiler itself writes to stderr around a profiled call: kineto's start/stop lines and
+# the CPU allocator's note on blocks allocated before profiling (they are not in the count anyway)
+_CHATTER = re.compile(
+    r"SyncActivityProfilerHandler|Memory block of unknown size was allocated before the profiling"
+)
+
+
+@contextlib.contextmanager
+def _without_profiler_chatter():
+    """Keep the profiler's own log lines off stderr (the bench measures one step per run with it);
+    anything else written to stderr meanwhile, by Python or C++, is passed on after the call."""
+    fd = 2  # the file descriptor, which C++ writes to whatever ``sys.stderr`` is
+    try:
+        os.fstat(fd)
+    except OSError:  # no stderr at all
+        yield
+        return
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            lines = tmp.read().splitlines(keepends=True)
+            kept = b"".join(line for line in lines if not _CHATTER.search(line.decode(errors="replace")))
+            if kept:
+                os.write(fd, kept)
+
+
 def _memory_timeline():
     """(Action, MemoryProfile) from torch's private profiler module, or None in a torch without it."""
     try:
@@ -102,7 +143,9 @@ def profiled_peak(fn, device: str | torch.device = "cpu", baseline=()):
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts, profile_memory=True, record_shapes=True) as prof:
+    with _without_profiler_chatter(), torch.profiler.profile(
+        activities=acts, profile_memory=True, record_shapes=True
+    ) as prof:
         out = fn()
     timeline = MemoryProfile(prof.profiler.kineto_results).timeline
     current = peak = sum(storages.values())
