@@ -22,6 +22,7 @@ class Fitted:
     step_ms: float
     peak_mem_mb: float | None = None  # all tensor memory during one training step (one member)
     train_loss: list[float] | None = None  # mean training loss per epoch (first member)
+    first_step_s: float | None = None  # the first step alone, in train_seconds (where recorded)
 
 
 @dataclass

@@ -23,7 +23,8 @@ def make_fit(key: str = "reparam"):
                 lambda xb: api.predict(r.model, r.posterior, xb, n_samples=SAMPLES, generator=gen), x
             )
 
-        return Fitted(predict, r.train_seconds, r.step_ms, r.peak_mem_mb, r.history)
+        return Fitted(predict, r.train_seconds, r.step_ms, r.peak_mem_mb, r.history,
+                      first_step_s=r.first_step_s)
 
     return fit
 

@@ -10,7 +10,8 @@ from ._common import Fitted, FittedRegression, residual_sigma, run, run_regressi
 
 def fit(task, split, seed, epochs, progress) -> Fitted:
     r = run(task, split, seed, epochs, progress)
-    return Fitted(softmax_predict(r.model), r.train_seconds, r.step_ms, r.peak_mem_mb, r.history)
+    return Fitted(softmax_predict(r.model), r.train_seconds, r.step_ms, r.peak_mem_mb, r.history,
+                  first_step_s=r.first_step_s)
 
 
 def fit_regression(task, split, seed, epochs, progress) -> FittedRegression:

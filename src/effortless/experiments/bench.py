@@ -251,6 +251,7 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
             train_seconds=fitted.train_seconds,
             step_ms=fitted.step_ms,
             peak_mem_mb=fitted.peak_mem_mb,
+            first_step_s=fitted.first_step_s,
             train_loss_per_epoch=fitted.train_loss,
         )
         rows.append(row)
@@ -361,6 +362,12 @@ EQUAL_ACCURACY = 0.003  # "at equal accuracy": at most 0.3 points below MAP's (f
 BOSTON_NLL = 2.41  # the deep ensemble of Lakshminarayanan et al. (2017), Table 1
 
 
+def _times(ratio: float, after_first: float | None) -> str:
+    if after_first is None:
+        return f"{ratio:.2f}×"
+    return f"{ratio:.2f}× ({after_first:.2f}× after the first step, which compiles)"
+
+
 def goal_checks(rows, tasks, methods) -> list[dict]:
     """Issue #5's goals for ``bayesadam`` on the tasks run, each with BayesAdam's value (means over
     seeds), the target and whether it is met; a goal whose comparison rows are missing is left out.
@@ -383,9 +390,10 @@ def goal_checks(rows, tasks, methods) -> list[dict]:
     for t in tasks:
         if "bayesadam" not in methods or mean(t, "bayesadam", "nll") is None:
             continue
-        ba = {c: mean(t, "bayesadam", c) for c in ("accuracy", "nll", "ece", "ood_auroc", "train_seconds")}
+        cols = ("accuracy", "nll", "ece", "ood_auroc", "train_seconds", "first_step_s")
+        ba = {c: mean(t, "bayesadam", c) for c in cols}
         has_map = mean(t, "map", "nll") is not None
-        mp = {c: mean(t, "map", c) for c in ("accuracy", "nll", "ece", "train_seconds")} if has_map else {}
+        mp = {c: mean(t, "map", c) for c in cols} if has_map else {}
         if t == "boston":
             check(t, "NLL ≤ the deep ensemble's published 2.41", ba["nll"], f"≤ {BOSTON_NLL}",
                   ba["nll"] <= BOSTON_NLL, num)  # fmt: skip
@@ -410,7 +418,12 @@ def goal_checks(rows, tasks, methods) -> list[dict]:
             if ba["ood_auroc"] is not None:
                 check(t, "OOD AUROC ≥ 88 %", ba["ood_auroc"], "≥ 88.00 %", ba["ood_auroc"] >= 0.88, pct)
             ratio = ba["train_seconds"] / mp["train_seconds"]
-            check(t, "training time ≤ 1.3× MAP's", ratio, "≤ 1.30×", ratio <= 1.3, lambda x: f"{x:.2f}×")
+            after = None  # the ratio without each run's first step (rows recorded since 2026-11-28)
+            if ba["first_step_s"] is not None and mp["first_step_s"] is not None:
+                rest = [d["train_seconds"] - d["first_step_s"] for d in (ba, mp)]
+                after = rest[0] / rest[1]
+            check(t, "training time ≤ 1.3× MAP's", ratio, "≤ 1.30×", ratio <= 1.3,
+                  lambda x, after=after: _times(x, after))  # fmt: skip
         elif t in ("fmnist-cnn", "mnist1d-mlp", "mnist1d-cnn"):
             check(t, "NLL below MAP's", ba["nll"], f"< {mp['nll']:.3f}", ba["nll"] < mp["nll"], num)
             check(t, "ECE below MAP's", ba["ece"], f"< {pct(mp['ece'])}", ba["ece"] < mp["ece"], pct)
