@@ -93,12 +93,7 @@ def main(argv=None):
         "| task | setting | evaluation | acc % | NLL | ECE % | confidence − accuracy |",
         "|---|---|---|---|---|---|---|",
     ]
-    seen = []
-    for r in rows:
-        key = (r["task"], r["setting"], r["evaluation"])
-        if key not in seen:
-            seen.append(key)
-    for task, name, how in seen:
+    for task, name, how in dict.fromkeys((r["task"], r["setting"], r["evaluation"]) for r in rows):
         sel = [r for r in rows if (r["task"], r["setting"], r["evaluation"]) == (task, name, how)]
         m = {k: statistics.fmean(r[k] for r in sel) for k in KEYS}
         lines.append(

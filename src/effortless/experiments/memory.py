@@ -169,10 +169,10 @@ def measure_step(step, model, opt, batch=()):
     ``fused`` (compiled kernels, which a dispatch mode cannot see) is measured on its compiled path
     with :func:`profiled_peak`; where that is unavailable, with :class:`PeakMemory`, under which
     BayesAdam runs the kernels' math uncompiled (at least the compiled kernels' allocations)."""
+    params = list(model.parameters())
+    base = [*params, *optimizer_tensors(opt), *batch]
     if getattr(opt, "fused", False) and _memory_timeline() is not None:  # (the step runs once)
-        params = list(model.parameters())
-        base = [*params, *optimizer_tensors(opt), *batch]
         return profiled_peak(step, params[0].device if params else "cpu", base)
-    with PeakMemory([*model.parameters(), *optimizer_tensors(opt), *batch]) as mem:
+    with PeakMemory(base) as mem:
         out = step()
     return out, mem.peak_bytes
