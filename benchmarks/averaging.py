@@ -128,9 +128,8 @@ def main(argv=None):
     tasks = args.tasks.split(",")
     rows = []
     for task in tasks:
-        split = TASKS[task].load()
         for seed in range(args.seeds):
-            new = run_seed(task, split, seed, args.averaging)
+            new = run_seed(task, TASKS[task].split(seed), seed, args.averaging)
             for r in new:
                 print(json.dumps(r), flush=True)
             rows += new

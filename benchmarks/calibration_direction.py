@@ -72,9 +72,9 @@ def main(argv=None):
     rows = []
     for task in args.tasks.split(","):
         spec = TASKS[task]
-        split = spec.load()
         for name, kwargs in [("adam", None), *settings.items()]:
             for seed in range(args.seeds):
+                split = spec.split(seed)
                 method = "map" if kwargs is None else "bayesadam"
                 run = train(method, lambda spec=spec: spec.model(0.0), split, epochs=spec.epochs,
                             batch_size=spec.batch_size, seed=seed, progress=False,

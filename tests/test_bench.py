@@ -253,6 +253,32 @@ def test_boston_loader_when_the_data_is_there():
     assert not torch.equal(s.y_test, other.y_test)  # a different split per seed
 
 
+def test_tabular_tasks_split_anew_per_seed_and_the_studies_use_it(monkeypatch):
+    """The small tabular sets (18–180 test rows in one split) get a new 90/10 split per seed, the
+    same for the same seed; tasks without per-seed splits ignore the seed; the defaults study
+    trains and evaluates each seed on that seed's split."""
+    pytest.importorskip("sklearn")
+    from effortless.experiments import defaults_study
+
+    wine = bench.TASKS["wine"]
+    a, b, a2 = wine.split(0), wine.split(1), wine.split(0)
+    assert torch.equal(a.y_test, a2.y_test) and torch.equal(a.x_train, a2.x_train)
+    assert not torch.equal(a.x_test, b.x_test) and a.x_test.shape == b.x_test.shape == (18, 13)
+    assert not bench.TASKS["mnist1d-mlp"].split_per_seed
+    seen = []
+
+    def fake_train(method, model, split, seed, **kw):
+        seen.append((method, seed, split.x_test.clone()))
+        return method
+
+    monkeypatch.setattr(defaults_study, "train", fake_train)
+    monkeypatch.setattr(defaults_study, "evaluate", lambda run, split: {"method": run})
+    defaults_study.run_task("wine", seeds=2)
+    assert [(m, s) for m, s, _ in seen] == [("map", 0), ("bayesadam", 0), ("map", 1), ("bayesadam", 1)]
+    assert torch.equal(seen[0][2], seen[1][2]) and torch.equal(seen[0][2], a.x_test)  # paired per seed
+    assert torch.equal(seen[2][2], b.x_test)
+
+
 def test_vi_layer_kl_and_local_reparameterisation():
     from effortless.baselines.vi import BayesLinear, bayesianize, kl
 

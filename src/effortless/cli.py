@@ -256,9 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--task",
         default=None,
-        help="comma list of classification tasks (fmnist-mlp, fmnist-cnn, mnist1d-mlp, mnist1d-cnn, digits, "
-        "breast_cancer, wine) and regression tasks (toy-regression, diabetes, boston: 90/10 split per "
-        "seed; methods without a regression version skip them) (default fmnist-mlp)",
+        help="comma list of classification tasks (fmnist-mlp, fmnist-cnn, mnist1d-mlp, mnist1d-cnn; digits, "
+        "breast_cancer, wine: 90/10 split per seed) and regression tasks (toy-regression; diabetes, boston: "
+        "90/10 split per seed; methods without a regression version skip them) (default fmnist-mlp)",
     )
     b.add_argument("--methods", default=None,
                    help="comma list (default map,bayesadam,mc-dropout,temperature,laplace,adam-laplace)")

@@ -584,6 +584,30 @@ def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
         ef.BayesAdam(_mlp().parameters(), **kwargs)
 
 
+def test_numpy_scalars_are_numbers_and_a_tensor_lr_is_named():
+    """``n_data=np.int64(...)`` (a shape or a count from NumPy) works like the int, and the
+    groups hold Python floats; a tensor lr (torch.optim's capturable form) is refused by name."""
+    np = pytest.importorskip("numpy")
+    x, y = _data()
+    m1, m2 = _mlp(), _mlp()
+    m2.load_state_dict(m1.state_dict())
+    o1 = ef.BayesAdam(m1.parameters(), n_data=64, lr=1e-3, betas=(0.9, 0.999),
+                      generator=torch.Generator().manual_seed(2))  # fmt: skip
+    o2 = ef.BayesAdam(m2.parameters(), n_data=np.int64(64), lr=np.float32(1e-3),
+                      betas=(np.float64(0.9), np.float64(0.999)), averaging=np.float64(0.05),
+                      generator=torch.Generator().manual_seed(2))  # fmt: skip
+    g = o2.param_groups[0]
+    assert all(type(g[k]) is float for k in ("n_data", "lr", "eps", "averaging", "hess_beta"))
+    assert all(type(b) is float for b in g["betas"])
+    for _ in range(2):
+        _loop_step(o1, m1, x, y), _loop_step(o2, m2, x, y)
+    # (np.float32(1e-3) is not the double 1e-3: the weights agree closely, not bit for bit)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="lr must be a Python number.*got a tensor"):
+        ef.BayesAdam(_mlp().parameters(), n_data=64, lr=torch.tensor(1e-3))
+
+
 @pytest.mark.parametrize(
     "key,value",
     [
@@ -869,6 +893,31 @@ def test_step_with_a_closure_samples_around_it():
         assert torch.equal(l1.detach(), l2.detach())
     for p, q in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_closure_with_its_own_sampling_block_is_told_why_it_fails():
+    """step(closure) samples around the closure; a closure that also enters sampled_params gets
+    an error that says so (not only "cannot be nested"), and the optimizer is usable after it."""
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64)
+    mu = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        with opt.sampled_params():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="already runs the closure inside sampled_params"):
+        opt.step(closure)
+    assert all(torch.equal(p, m) for p, m in zip(model.parameters(), mu))  # means back, untouched
+    opt.zero_grad()
+    _loop_step(opt, model, x, y)  # and an ordinary step works after it
+    # (a plain nesting keeps its message)
+    with pytest.raises(RuntimeError, match="cannot be nested"), opt.sampled_params(), opt.sampled_params():
+        pass
 
 
 @pytest.mark.parametrize("key", ["efisher", "ggn", "ggn-mc", "kfac"])

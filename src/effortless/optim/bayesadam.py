@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from collections.abc import Iterator
 
@@ -462,12 +463,12 @@ class BayesAdam(Optimizer):
         self._phase = 0  # antithetic: 0 draws new unit noise ε, 1 reuses it as −ε
         self._pair = 0  # training draws of fresh unit noise so far (state["noise_pair"]: whose ε it holds)
         defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
+            lr=float(lr),
+            betas=tuple(float(b) for b in betas),
+            eps=float(eps),
             n_data=float(n_data),
             prior_precision=float(prior_precision),
-            hess_beta=hess_beta,
+            hess_beta=None if hess_beta is None else float(hess_beta),
             hess_init=float(hess_init),
             temperature=float(temperature),
             averaging=None if averaging is None else float(averaging),
@@ -488,6 +489,7 @@ class BayesAdam(Optimizer):
         self.likelihood = None  # the likelihood train_step trained with (posterior() records it)
         self._plans: dict[int, object] = {}  # id(model) -> hook-engine plan (or None) for train_step
         self._inside = False
+        self._closure_sampled = False  # step(closure) is running the closure in its own block
         self._clear_pending()
 
     def add_param_group(self, param_group: dict) -> None:
@@ -829,6 +831,12 @@ class BayesAdam(Optimizer):
         each block ``p.grad`` holds the mean gradient so far (what clipping sees and the step uses).
         ``train=False`` draws an independent sample and records nothing.
         """
+        if self._inside and self._closure_sampled:
+            raise RuntimeError(
+                "step(closure) already runs the closure inside sampled_params(train=True): take the "
+                "`with opt.sampled_params():` block out of the closure (or run your block, then call "
+                "step() without a closure)"
+            )
         if self._inside:
             raise RuntimeError("sampled_params() contexts cannot be nested")
         self._check_groups()
@@ -1164,8 +1172,12 @@ class BayesAdam(Optimizer):
             # a sample already pending (Lightning's manual optimisation passes a do-nothing closure
             # after the user's own block): the closure runs as it is, not as a second sample
             block = contextlib.nullcontext() if self._n_samples else self.sampled_params(train=True)
-            with torch.enable_grad(), block:
-                loss = closure()
+            self._closure_sampled = not self._n_samples
+            try:
+                with torch.enable_grad(), block:
+                    loss = closure()
+            finally:
+                self._closure_sampled = False
             if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
                 return self._reject(f"the loss is {float(loss)}", loss)
         needs_sample = any(g["temperature"] > 0 for g in self.param_groups)
@@ -1843,30 +1855,35 @@ def _check_noise_reuse(noise_reuse) -> None:
         raise ValueError(f"noise_reuse must be a positive int, got {noise_reuse!r}")
 
 
+def _is_number(value) -> bool:
+    """A real Python or NumPy scalar (``len(dataset)``, ``np.int64``, ``np.float32``), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_betas(betas) -> None:
     ok = isinstance(betas, (tuple, list)) and len(betas) == 2
-    if not (ok and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+    if not (ok and all(_is_number(b) and 0 <= b < 1 for b in betas)):
         raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
 
 
 def _check_averaging(averaging) -> None:
-    ok = averaging is None or (
-        isinstance(averaging, (int, float)) and not isinstance(averaging, bool) and 0 < averaging <= 1
-    )
+    ok = averaging is None or (_is_number(averaging) and 0 < averaging <= 1)
     if not ok:
         raise ValueError(f"averaging must be a fraction in (0, 1] or None, got {averaging!r}")
 
 
 def _check_hess_beta(hess_beta) -> None:
-    if hess_beta is not None and not (isinstance(hess_beta, (int, float)) and 0 <= hess_beta < 1):
+    if hess_beta is not None and not (_is_number(hess_beta) and 0 <= hess_beta < 1):
         raise ValueError(f"hess_beta must be in [0, 1) or None, got {hess_beta!r}")
 
 
 def _check_positive(name, value, allow_zero=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    bound = "≥ 0" if allow_zero else "> 0"
+    if isinstance(value, torch.Tensor):  # (torch.optim takes a tensor lr for capturable steps)
+        raise ValueError(f"{name} must be a Python number {bound}, got a tensor; pass float({name})")
+    ok = _is_number(value) and math.isfinite(value)
     ok = ok and (value >= 0 if allow_zero else value > 0)
     if not ok:
-        bound = "≥ 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
