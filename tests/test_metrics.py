@@ -191,3 +191,29 @@ def test_inputs_that_would_broadcast_or_are_not_probabilities_are_refused():
             metrics.ece(probs, labels, n_bins=bad)
     with pytest.raises(ValueError, match="tpr"):
         metrics.fpr_at_tpr(torch.rand(5), torch.rand(5), tpr=1.5)
+
+
+def test_ece_floor_is_the_ece_of_labels_drawn_from_the_predictions():
+    """The floor is E[ECE] when labels come from the predictive itself (a calibrated predictor):
+    it matches the mean ECE over label sets drawn from the probabilities, shrinks like 1/√N with
+    the test set, and is zero for certain predictions."""
+    g = torch.Generator().manual_seed(0)
+
+    def probs_for(n):
+        return (2.0 * torch.randn(n, 4, generator=g, dtype=torch.float64)).softmax(-1)
+
+    p = probs_for(200)
+    draws = [metrics.ece(p, torch.multinomial(p, 1, generator=g).squeeze(1)) for _ in range(2000)]
+    mean, se = sum(draws) / len(draws), torch.tensor(draws).std().item() / math.sqrt(len(draws))
+    floor = metrics.ece_floor(p, n_draws=2000, generator=torch.Generator().manual_seed(1))
+    assert abs(floor - mean) < 4 * se * math.sqrt(2)  # two independent estimates of one expectation
+    assert floor > 0.03  # 200 points in 15 bins: a few points of ECE from the bins' noise alone
+    small = metrics.ece_floor(probs_for(250), n_draws=300, generator=g)
+    large = metrics.ece_floor(probs_for(4000), n_draws=300, generator=g)
+    assert 2.5 < small / large < 6  # √16 = 4
+    certain = torch.nn.functional.one_hot(torch.arange(5) % 3, 3).double()
+    assert metrics.ece_floor(certain, n_draws=10) == 0.0
+    with pytest.raises(ValueError, match="n_draws"):
+        metrics.ece_floor(p, n_draws=0)
+    with pytest.raises(ValueError, match="probs"):
+        metrics.ece_floor(p.log())

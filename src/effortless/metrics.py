@@ -19,7 +19,7 @@ import math
 import torch
 
 __all__ = [
-    "accuracy", "nll", "ece", "mce", "brier", "auroc", "aupr", "fpr_at_tpr", "aurc",
+    "accuracy", "nll", "ece", "ece_floor", "mce", "brier", "auroc", "aupr", "fpr_at_tpr", "aurc",
     "entropy", "mutual_information", "classification_report", "gaussian_nll", "rmse", "picp",
     "quantile_calibration_error",
 ]  # fmt: skip
@@ -127,6 +127,34 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, adaptive: b
     """Expected calibration error (fraction, not %), equal-width or equal-mass (adaptive) bins."""
     conf, acc, count = calibration_bins(probs, labels, n_bins, adaptive)
     return float(((conf - acc).abs() * count).sum() / count.sum())
+
+
+def ece_floor(
+    probs: torch.Tensor,
+    n_bins: int = 15,
+    adaptive: bool = False,
+    n_draws: int = 1000,
+    generator: torch.Generator | None = None,
+) -> float:
+    """The ECE a perfectly calibrated predictor with these confidences would show on this many
+    test points: the mean of :func:`ece` over ``n_draws`` label sets in which each top-class
+    prediction is correct with probability equal to its confidence (fraction, not %).
+
+    ECE from a finite test set is biased upwards by the bins' sampling noise, most where bins hold
+    few points (a small test set, or low confidences spread over many bins): an ECE near this floor
+    is calibrated within what the test set can resolve; compare methods by how far above it they are.
+    """
+    _check_classification(probs, torch.zeros(probs.shape[0], dtype=torch.long))
+    if not (isinstance(n_draws, int) and n_draws >= 1):
+        raise ValueError(f"n_draws must be a positive int, got {n_draws!r}")
+    conf, pred = probs.double().max(-1)
+    # labels that make the prediction right with probability conf: the predicted class, or another
+    correct = torch.rand(n_draws, len(conf), generator=generator, dtype=torch.float64) < conf
+    wrong_label = (pred + 1) % max(probs.shape[-1], 2)
+    total = 0.0
+    for c in correct:
+        total += ece(probs, torch.where(c, pred, wrong_label), n_bins, adaptive)
+    return total / n_draws
 
 
 def mce(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
