@@ -31,7 +31,7 @@ METHODS = {"map": "Adam", "bayesadam": "BayesAdam (defaults)"}
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="digits,breast_cancer,wine", help=f"comma list from {list(TASKS)}")
-    ap.add_argument("--splits", type=int, default=10, help="seeds, each with its own split (tabular sets)")
+    ap.add_argument("--splits", type=int, default=10, help="seeds (tabular sets: a split each)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/small-test-sets")
     args = ap.parse_args(argv)
@@ -59,8 +59,8 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
         (out / "results.json").write_text(json.dumps(rows, indent=1))
     lines = [
-        f"{args.splits} splits per task (a new 90/10 split per seed); ECE and its floor in %, "
-        "confidence − accuracy in points (negative: underconfident).",
+        f"{args.splits} seeds per task (the tabular sets: a new 90/10 split per seed; the others their "
+        "one split); ECE and its floor in %, confidence − accuracy in points (negative: underconfident).",
         "",
         "| task (test rows) | method | acc % | NLL | ECE | ECE floor | ECE − floor | confidence − accuracy "
         "| pooled ECE | pooled floor |",

@@ -162,6 +162,101 @@ def test_predictions_leave_batchnorm_statistics_alone_and_glm_refuses_batch_stat
     assert ef.predict(model, post, x, method="glm").shape == (32, 3)
 
 
+def _bn_net():
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                               torch.nn.Linear(8, 3)).double()  # fmt: skip
+
+
+def test_bn_data_recomputes_batchnorm_statistics_for_each_weight_sample():
+    """With bn_data, each weight sample predicts with BatchNorm statistics recomputed at its own
+    weights (reference: load the same draw, torch's swa_utils.update_bn, eval forward, float64);
+    without it the running statistics of other weights are used and it warns. The model's
+    buffers, modes and momenta are as they were; predict_samples draws the same."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _bn_net()
+    x, data = torch.randn(16, 5, dtype=torch.float64), torch.randn(300, 5, dtype=torch.float64) * 2 + 1
+    model.train()
+    for _ in range(3):
+        model(torch.randn(64, 5, dtype=torch.float64))  # running statistics of other inputs
+    model.eval()
+    post = ef.DiagGaussian.from_model(model, precision=4.0)
+    post.from_training = True  # (as BayesAdam's and Adam's posteriors: the warning is for them)
+    before = [b.clone() for b in model.buffers()]
+    bn = model[1]
+    got = ef.predict(model, post, x, n_samples=5, generator=torch.Generator().manual_seed(3), bn_data=data)
+    gen, ref = torch.Generator().manual_seed(3), 0
+    for _ in range(5):
+        m = copy.deepcopy(model)
+        draw = post.sample(gen)
+        with torch.no_grad():
+            for k, p in m.named_parameters():
+                p.copy_(draw[k])
+        torch.optim.swa_utils.update_bn(list(data.split(256)), m)  # (batches of 256, as bn_data's)
+        m.eval()
+        ref = ref + m(x).softmax(-1) / 5
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    assert not bn.training and bn.momentum == 0.1
+    with pytest.warns(RuntimeWarning, match="pass bn_data="):
+        stale = ef.predict(model, post, x, n_samples=5, generator=torch.Generator().manual_seed(3))
+    assert (stale - ref).abs().max() > 1e-2  # (the statistics matter here: the test can fail)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data, data[:, 0]), batch_size=256)
+    logp = ef.predict_samples(model, post, x, 5, generator=torch.Generator().manual_seed(3), bn_data=loader)
+    torch.testing.assert_close(logp.exp().mean(-1), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_bn_data_is_checked_and_the_warning_only_where_it_applies():
+    import warnings
+
+    model = _bn_net().eval()
+    x = torch.randn(8, 5, dtype=torch.float64)
+    post = ef.DiagGaussian.from_model(model, precision=4.0)
+    post.from_training = True
+    with pytest.raises(ValueError, match="method='mc' only"):
+        ef.predict(model, post, x, method="glm", bn_data=x)
+    with pytest.warns(RuntimeWarning, match="use method='mc' with bn_data="):
+        ef.predict(model, post, x, method="glm")
+    with pytest.raises(TypeError, match="bn_data must be a tensor of inputs or an iterable"):
+        ef.predict(model, post, x, bn_data=3)
+    with pytest.raises(TypeError, match="bn_data must be"):
+        ef.predict(model, post, x, bn_data=[{"x": x}])
+    with pytest.raises(ValueError, match="at least one batch of 2"):
+        ef.predict(model, post, x, bn_data=x[:1])
+    plain = torch.nn.Linear(5, 3).double()
+    with pytest.warns(RuntimeWarning, match="bn_data is ignored"):
+        ef.predict(plain, ef.DiagGaussian.from_model(plain, precision=4.0), x, bn_data=x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ef.predict(plain, ef.DiagGaussian.from_model(plain, precision=4.0), x)  # no BatchNorm
+        model.train()  # batch statistics: nothing stale
+        ef.predict(model, post, x, n_samples=2)
+        model.eval()
+        ef.predict(model, post, x, n_samples=2, bn_data=x)
+        del post.from_training  # a posterior fitted on the eval-mode network (ef.laplace): no warning
+        ef.predict(model, post, x, n_samples=2)
+    state = ef.BayesAdam(model.parameters(), n_data=10).posterior(model).state_dict()
+    assert state["from_training"] is True  # (kept with a saved posterior)
+
+
+def test_fit_leaves_batchnorm_statistics_of_its_posterior_mean():
+    """ef.fit ends at the averaged means; the running statistics, collected at the training
+    samples, are recomputed there (one pass over the loader, as torch's update_bn)."""
+    import copy
+
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 5), torch.randint(0, 3, (256,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    model = _bn_net().float()
+    ef.fit(model, loader, epochs=3, progress=False)
+    ref = copy.deepcopy(model)
+    torch.optim.swa_utils.update_bn(loader, ref)
+    torch.testing.assert_close(model[1].running_mean, ref[1].running_mean)
+    torch.testing.assert_close(model[1].running_var, ref[1].running_var)
+    assert model[1].momentum == 0.1
+
+
 def test_linearised_moments_are_computed_in_chunks_with_the_same_result(monkeypatch):
     """The hook path held C output gradients for every input at once (3.7 GB for 60,000 inputs of
     784-512-256-10); chunks of inputs bound it, with the same moments."""

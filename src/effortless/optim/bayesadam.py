@@ -1657,6 +1657,7 @@ class BayesAdam(Optimizer):
             )
         post = DiagGaussian(mean, prec)
         post.sources = sources  # which parameter each key came from (positional keys match by it)
+        post.from_training = True  # (curvature from training passes: see ef.predict's bn_data)
         if self.sigma_noise is not None:  # ef.predict's default σ (it used σ = 1 whatever train_step's)
             post.sigma_noise = self.sigma_noise
         if self.likelihood is not None:  # ef.predict's default likelihood, and its check

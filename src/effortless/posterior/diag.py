@@ -148,8 +148,10 @@ class DiagGaussian:
 
     # -- persistence ---------------------------------------------------------------------------
     # what a fit records beside the moments (ef.laplace: the δ and σ it chose), kept by state_dict
-    # and to(): a posterior saved without its tuned σ predicted with the default σ = 1
-    _EXTRAS = ("prior_precision", "sigma_noise", "likelihood")
+    # and to(): a posterior saved without its tuned σ predicted with the default σ = 1.
+    # ``from_training``: the curvature came from training passes (BayesAdam, Adam's moments), where
+    # BatchNorm normalised with each batch's statistics (ef.predict's BatchNorm warning reads it)
+    _EXTRAS = ("prior_precision", "sigma_noise", "likelihood", "from_training")
 
     def state_dict(self) -> dict:
         out = {"mean": dict(self.mean), "precision": dict(self.precision)}

@@ -99,4 +99,5 @@ def posterior_from_adam(
     prec = {n: h + (delta[n] if isinstance(delta, dict) else delta) for n, h in fisher.items()}
     post = DiagGaussian(mean, prec)
     post.prior_precision = delta
+    post.from_training = True  # (Adam's moments come from training passes: see ef.predict's bn_data)
     return post
