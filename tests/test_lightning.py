@@ -79,6 +79,40 @@ def test_trains_in_automatic_and_manual_optimisation(tmp_path, cls):
     assert float(logged["posterior/mean_weight_std"]) > 0
 
 
+class WithBatchNorm(Auto):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(),
+                                       torch.nn.Linear(16, 4))  # fmt: skip
+
+
+def test_metrics_callback_recomputes_batchnorm_statistics_with_bn_data(tmp_path, recwarn):
+    """Without bn_data the callback's predictive meets BatchNorm's running statistics and warns;
+    with it, no warning, and the logged NLL is that of ef.predict with the same bn_data."""
+    train, val = _data()
+    bn_x = train.dataset.tensors[0][:128]
+    L.seed_everything(0)
+    model = WithBatchNorm()
+    _trainer(tmp_path, 2, callbacks=[PosteriorMetrics(n_samples=2)]).fit(model, train, val)
+    assert any("pass bn_data=" in str(w.message) for w in recwarn.list)
+    recwarn.clear()
+    L.seed_everything(0)
+    model = WithBatchNorm()
+    trainer = _trainer(tmp_path, 2, callbacks=[PosteriorMetrics(n_samples=2, bn_data=bn_x)])
+    trainer.fit(model, train, val)
+    assert not any("BatchNorm" in str(w.message) for w in recwarn.list)
+    post = trainer.optimizers[0].posterior()
+    gen = torch.Generator().manual_seed(trainer.global_step)  # (the callback's: seed + global step)
+    x, y = val.dataset.tensors
+    model.eval()
+    probs = torch.cat([ef.predict(model, post, xb, n_samples=2, generator=gen, bn_data=bn_x)
+                       for xb in x.split(64)])  # fmt: skip
+    nll = float(-probs[torch.arange(len(y)), y].log().mean())
+    assert float(trainer.callback_metrics["posterior/nll"]) == pytest.approx(nll, rel=1e-5)
+    with pytest.raises(TypeError, match="bn_data must be a tensor"):
+        PosteriorMetrics(bn_data=[bn_x])
+
+
 def test_checkpoint_resume_is_exact(tmp_path):
     """Lightning restores the optimizer (means, curvature, sampler state); the data order is fixed
     here because a single-device Lightning run does not restore the global RNG that shuffles."""

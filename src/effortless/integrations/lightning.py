@@ -30,14 +30,21 @@ class PosteriorMetrics(L.Callback):
     adding the callback leaves training bitwise as it was (it drew from the optimizer's sampler
     before, which changed every later training sample).
 
-    The module's ``forward`` must return logits; batches are ``(x, y)``.
+    The module's ``forward`` must return logits; batches are ``(x, y)``. For a network with
+    BatchNorm pass ``bn_data`` (a tensor of a few hundred to a few thousand training inputs): each
+    weight sample then predicts with BatchNorm statistics recomputed at its weights (see
+    :func:`effortless.predict`; it costs a forward pass over ``bn_data`` per sample and validation
+    batch), without it the logged predictive uses statistics of other weights.
     """
 
-    def __init__(self, n_samples: int = 8, seed: int = 0):
+    def __init__(self, n_samples: int = 8, seed: int = 0, bn_data: torch.Tensor | None = None):
         if not (isinstance(n_samples, int) and n_samples >= 1):
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+        if bn_data is not None and not isinstance(bn_data, torch.Tensor):
+            raise TypeError(f"bn_data must be a tensor of training inputs, got {type(bn_data).__name__}")
         self.n_samples = n_samples
         self.seed = seed
+        self.bn_data = bn_data
         self._probs, self._mean_probs, self._labels = [], [], []
         self._post, self._gen = None, None
 
@@ -60,7 +67,9 @@ class PosteriorMetrics(L.Callback):
         if trainer.sanity_checking:
             return
         x, y = batch
-        self._probs.append(predict(pl_module, self._post, x, n_samples=self.n_samples, generator=self._gen))
+        bn = None if self.bn_data is None else self.bn_data.to(x.device)
+        self._probs.append(predict(pl_module, self._post, x, n_samples=self.n_samples, generator=self._gen,
+                                   bn_data=bn))  # fmt: skip
         self._mean_probs.append(pl_module(x).softmax(-1))
         self._labels.append(y)
 
