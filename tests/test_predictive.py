@@ -255,6 +255,11 @@ def test_fit_leaves_batchnorm_statistics_of_its_posterior_mean():
     torch.testing.assert_close(model[1].running_mean, ref[1].running_mean)
     torch.testing.assert_close(model[1].running_var, ref[1].running_var)
     assert model[1].momentum == 0.1
+    # a one-shot iterator is used up by its one epoch: the statistics stay the training ones, said
+    model = _bn_net().float()
+    with pytest.warns(RuntimeWarning, match="not recomputed at the posterior mean"):
+        ef.fit(model, iter(list(loader)), epochs=1, n_data=256, scheduler=None, progress=False)
+    assert model[1].num_batches_tracked == 4 and model[1].running_mean.abs().sum() > 0  # (not reset)
 
 
 def test_linearised_moments_are_computed_in_chunks_with_the_same_result(monkeypatch):

@@ -254,9 +254,27 @@ def _refresh_bn_statistics(model: nn.Module, loader: Iterable, device) -> None:
     bns = _running_stat_bns(model)
     if not bns:
         return
-    batches = (pair(batch)[0].to(device) for batch in loader)
-    with _fresh_bn_statistics(model, batches) as refresh:
+    saved = [(b, b.clone()) for m in bns for b in m.buffers()]
+    seen = []
+
+    def batches():
+        for batch in loader:
+            seen.append(1)
+            yield pair(batch)[0].to(device)
+
+    with _fresh_bn_statistics(model, batches()) as refresh:
         refresh()
+    if not seen:  # a one-shot iterator, used up by training: keep the statistics it had
+        with torch.no_grad():
+            for b, old in saved:
+                b.copy_(old)
+        warnings.warn(
+            "fit: BatchNorm's running statistics were not recomputed at the posterior mean: the loader "
+            "yielded nothing on a second pass (pass a DataLoader or a list); they are the training "
+            "samples' (torch.optim.swa_utils.update_bn(loader, model) recomputes them)",
+            RuntimeWarning,
+            stacklevel=outside_stacklevel(),
+        )
 
 
 @torch.no_grad()
