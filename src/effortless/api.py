@@ -71,8 +71,10 @@ def _warn_stale_batchnorm(model: nn.Module, posterior, what: str, method: str) -
     fix = (f"pass bn_data= {inputs} to recompute them for each sample" if method == "mc"
            else f"use method='mc' with bn_data= {inputs}")  # fmt: skip
     warnings.warn(
-        f"{what}: the model has BatchNorm with running statistics (eval mode), collected at other "
-        f"weights than the posterior's samples, which makes the predictive badly calibrated; {fix}",
+        f"{what}: the model has BatchNorm with running statistics (eval mode); if it normalised with "
+        "batch statistics during training, they were collected at other weights than the posterior's "
+        f"samples, which makes the predictive badly calibrated: {fix} (not needed where BatchNorm "
+        "stayed frozen in eval mode during training)",
         RuntimeWarning,
         stacklevel=outside_stacklevel(),
     )
