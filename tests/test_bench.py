@@ -279,6 +279,24 @@ def test_tabular_tasks_split_anew_per_seed_and_the_studies_use_it(monkeypatch):
     assert torch.equal(seen[2][2], b.x_test)
 
 
+def test_bench_rows_of_the_old_fixed_tabular_split_are_not_resumed(tmp_path):
+    """Rows record their split; a results.json from before the tabular sets split per seed (rows
+    without "split": the fixed split) is refused, not mixed with per-seed rows."""
+    pytest.importorskip("sklearn")
+    kw = dict(tasks=["wine"], methods=["map"], seeds=2, epochs=1, out=tmp_path, progress=False,
+              log=lambda s: None)  # fmt: skip
+    rows = bench.run(**kw)
+    assert [r["split"] for r in rows] == ["a split per seed"] * 2
+    assert bench.run(**kw) == rows  # (resumed: nothing new to run)
+    path = tmp_path / "results.json"
+    old = json.loads(path.read_text())
+    for r in old:
+        del r["split"]
+    path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="'split': 'one split'"):
+        bench.run(**kw)
+
+
 def test_vi_layer_kl_and_local_reparameterisation():
     from effortless.baselines.vi import BayesLinear, bayesianize, kl
 
