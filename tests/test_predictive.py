@@ -227,6 +227,10 @@ def test_bn_data_is_checked_and_the_warning_only_where_it_applies():
     plain = torch.nn.Linear(5, 3).double()
     with pytest.warns(RuntimeWarning, match="bn_data is ignored"):
         ef.predict(plain, ef.DiagGaussian.from_model(plain, precision=4.0), x, bn_data=x)
+    model.train()
+    with pytest.warns(RuntimeWarning, match="bn_data is ignored.*in training mode"):
+        ef.predict(model, post, x, n_samples=2, bn_data=x)
+    model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ef.predict(plain, ef.DiagGaussian.from_model(plain, precision=4.0), x)  # no BatchNorm

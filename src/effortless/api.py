@@ -362,7 +362,8 @@ def _bn_argument(bn_data, method, model, x, what):
     if method != "mc":
         raise ValueError(f"{what}: bn_data recomputes BatchNorm's statistics per sample: method='mc' only")
     if not _running_stat_bns(model):
-        warnings.warn(f"{what}: bn_data is ignored: the model has no BatchNorm with running statistics",
+        warnings.warn(f"{what}: bn_data is ignored: no BatchNorm of the model uses running statistics "
+                      "(none there, or in training mode, where it normalises with each batch's own)",
                       RuntimeWarning, stacklevel=outside_stacklevel())  # fmt: skip
         return None
     return _bn_batches(bn_data, x.device)
