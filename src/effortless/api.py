@@ -47,7 +47,7 @@ def _warn_active_dropout(model: nn.Module, what: str, consequence: str) -> None:
 
 
 def _running_stat_bns(model: nn.Module) -> list[nn.Module]:
-    """BatchNorm modules that normalise with running statistics (eval mode, tracking them)."""
+    """BatchNorm modules that keep running statistics (what eval mode normalises with)."""
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             and m.track_running_stats and m.running_mean is not None]  # fmt: skip
 
