@@ -211,6 +211,12 @@ def test_ece_floor_is_the_ece_of_labels_drawn_from_the_predictions():
     small = metrics.ece_floor(probs_for(250), n_draws=300, generator=g)
     large = metrics.ece_floor(probs_for(4000), n_draws=300, generator=g)
     assert 2.5 < small / large < 6  # √16 = 4
+    for adaptive in (False, True):  # exactly ECE's mean over the same draws, made into labels
+        conf, pred = p.max(-1)
+        right = torch.rand(50, 200, generator=torch.Generator().manual_seed(7), dtype=torch.float64) < conf
+        by_hand = sum(metrics.ece(p, torch.where(r, pred, (pred + 1) % 4), adaptive=adaptive) for r in right)
+        got = metrics.ece_floor(p, adaptive=adaptive, n_draws=50, generator=torch.Generator().manual_seed(7))
+        assert got == pytest.approx(by_hand / 50, rel=1e-12)
     certain = torch.nn.functional.one_hot(torch.arange(5) % 3, 3).double()
     assert metrics.ece_floor(certain, n_draws=10) == 0.0
     with pytest.raises(ValueError, match="n_draws"):
