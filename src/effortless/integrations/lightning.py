@@ -46,7 +46,7 @@ class PosteriorMetrics(L.Callback):
         self.seed = seed
         self.bn_data = bn_data
         self._probs, self._mean_probs, self._labels = [], [], []
-        self._post, self._gen = None, None
+        self._post, self._gen, self._bn = None, None, None
 
     @staticmethod
     def _optimizer(trainer) -> BayesAdam:
@@ -61,15 +61,15 @@ class PosteriorMetrics(L.Callback):
             return
         self._post = self._optimizer(trainer).posterior()
         self._gen = torch.Generator().manual_seed(self.seed + trainer.global_step)
+        self._bn = None if self.bn_data is None else self.bn_data.to(pl_module.device)  # (once an epoch)
 
     @torch.no_grad()
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if trainer.sanity_checking:
             return
         x, y = batch
-        bn = None if self.bn_data is None else self.bn_data.to(x.device)
         self._probs.append(predict(pl_module, self._post, x, n_samples=self.n_samples, generator=self._gen,
-                                   bn_data=bn))  # fmt: skip
+                                   bn_data=self._bn))  # fmt: skip
         self._mean_probs.append(pl_module(x).softmax(-1))
         self._labels.append(y)
 
