@@ -829,7 +829,9 @@ class BayesAdam(Optimizer):
         With ``train=True`` the sample is recorded for the next :meth:`step` (call ``backward``
         inside the block). Entering several times before ``step`` averages over the samples: after
         each block ``p.grad`` holds the mean gradient so far (what clipping sees and the step uses).
-        ``train=False`` draws an independent sample and records nothing.
+        ``train=False`` draws an independent sample and records nothing (through eval-mode
+        BatchNorm, whose running statistics belong to other weights, prefer
+        ``ef.predict(..., bn_data=...)``, which recomputes them for each sample).
         """
         if self._inside and self._closure_sampled:
             raise RuntimeError(
