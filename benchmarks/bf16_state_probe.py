@@ -1,0 +1,140 @@
+"""What-if: BayesAdam's Adam momentum m and curvature h kept in bfloat16 (the memory goal's path).
+
+Not an option of the optimizer: this probe converts ``exp_avg`` and ``hess`` of an ordinary
+``ef.BayesAdam`` to bf16 after its state exists (the fused kernels compute in float32 and round on
+store, so they run unchanged), and measures on the MLP 784-256-256-10, batch 128, one thread:
+
+* the peak tensor memory of a step beyond weights, gradients and the batch (as
+  ``benchmarks/step_cost.py`` counts it), float32 state against bf16 m and h, with and without the
+  averaged mean (which stays float32 here);
+* the step time against ``torch.optim.Adam``: the three run in one interleaved cycle of blocks of
+  10 iterations, medians of the per-repetition ratios;
+* with ``--quality-seeds K``: Fashion-MNIST MLP (the defaults study's task, BayesAdam's defaults)
+  accuracy / NLL / ECE with float32 and with bf16 m and h, K seeds each.
+
+    python benchmarks/bf16_state_probe.py --reps 80 --quality-seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import effortless as ef
+from effortless.experiments.memory import measure_step
+from effortless.models import MLP
+from effortless.optim import bayesadam
+
+LOW = ("exp_avg", "hess")  # the state kept in bf16 by the probe
+
+
+def _to_bf16(opt) -> None:
+    for st in opt.state.values():
+        for k in LOW:
+            if k in st and st[k].dtype == torch.float32:
+                st[k] = st[k].to(torch.bfloat16)
+
+
+def _runner(kind: str, x, y, averaging=0.05):
+    torch.manual_seed(0)
+    model = MLP(784, [256, 256], 10)
+    if kind == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def it():
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        return model, opt, it
+    opt = ef.BayesAdam(model.parameters(), n_data=60000, averaging=averaging)
+
+    def it():
+        opt.zero_grad()
+        with opt.sampled_params():
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    it()  # (the state exists after the first step)
+    if kind == "bf16":
+        _to_bf16(opt)
+    for _ in range(4):
+        it()
+    return model, opt, it
+
+
+def _quality(kind: str, seeds: int) -> dict:
+    from effortless.experiments.defaults_study import TASKS
+    from effortless.experiments.train import evaluate, train
+
+    original = bayesadam.BayesAdam._state
+
+    def state_bf16(self, group, p):
+        st = original(self, group, p)
+        if group["temperature"] > 0:
+            for k in LOW:
+                if st[k].dtype == torch.float32:
+                    st[k] = st[k].to(torch.bfloat16)
+        return st
+
+    spec, rows = TASKS["fmnist-mlp"], []
+    if kind == "bf16":
+        bayesadam.BayesAdam._state = state_bf16
+    try:
+        for seed in range(seeds):
+            split = spec.split(seed)
+            run = train("bayesadam", lambda: spec.model(0.0), split, epochs=spec.epochs,
+                        batch_size=spec.batch_size, seed=seed, progress=False)  # fmt: skip
+            rows.append(evaluate(run, split))
+    finally:
+        bayesadam.BayesAdam._state = original
+    return {k: statistics.fmean(r[k] for r in rows) for k in ("accuracy", "nll", "ece")}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=80, help="interleaved repetitions of 10 iterations")
+    ap.add_argument("--quality-seeds", type=int, default=0, help="Fashion-MNIST MLP seeds (0: skip)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
+    n = 269322
+    batch = x.numel() + y.numel() * 8 / 4  # (the batch's bytes in float32 numbers)
+    print("| state | averaged mean | peak beyond weights and gradients (× params) |")
+    print("|---|---|---|")
+    for kind in ("fp32", "bf16"):
+        for averaging in (0.05, None):
+            model, opt, it = _runner(kind, x, y, averaging)
+            _, peak = measure_step(it, model, opt, (x, y))
+            print(f"| {'float32' if kind == 'fp32' else 'm, h in bf16'} | {'yes' if averaging else 'no'} | "
+                  f"{(peak / 4 - batch) / n - 2:.2f} |")  # fmt: skip
+    its = {k: _runner(k, x, y)[2] for k in ("adam", "fp32", "bf16")}
+    for f in its.values():
+        for _ in range(20):
+            f()
+    ratios = {"fp32": [], "bf16": []}
+    for _ in range(args.reps):
+        t = {}
+        for k, f in its.items():
+            t0 = time.perf_counter()
+            for _ in range(10):
+                f()
+            t[k] = time.perf_counter() - t0
+        for k in ratios:
+            ratios[k].append(t[k] / t["adam"])
+    print(f"\nstep time × Adam (one interleaved cycle, {args.reps} reps of 10 iterations, medians): "
+          f"float32 state {statistics.median(ratios['fp32']):.3f}, m and h in bf16 "
+          f"{statistics.median(ratios['bf16']):.3f}")  # fmt: skip
+    if args.quality_seeds:
+        for kind in ("fp32", "bf16"):
+            q = _quality(kind, args.quality_seeds)
+            print(f"fmnist-mlp, {kind} state, {args.quality_seeds} seeds: accuracy "
+                  f"{100 * q['accuracy']:.2f} %, NLL {q['nll']:.4f}, ECE {100 * q['ece']:.2f} %")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
