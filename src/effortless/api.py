@@ -320,9 +320,7 @@ def predict(
     if method not in ("mc", "glm", "probit"):
         raise ValueError(f"method must be one of ('mc', 'glm', 'probit'), got {method!r}")
     _check_inputs(x, "ef.predict")
-    bn_batches = _bn_argument(bn_data, method, model, x, "ef.predict")
-    if bn_batches is None:
-        _warn_stale_batchnorm(model, posterior, "ef.predict", method)
+    bn_batches = _bn_argument(bn_data, method, model, posterior, x, "ef.predict")
     _warn_active_dropout(model, "ef.predict", "the predictive mixes dropout masks with the weight samples")
     if not (isinstance(n_samples, int) and n_samples >= 1):
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
@@ -355,9 +353,11 @@ MC_BATCH_NUMBERS = 2**24  # weight-sample numbers held at once by the batched MC
 MC_VMAP_MAX_CPU = 2**17
 
 
-def _bn_argument(bn_data, method, model, x, what):
-    """``bn_data`` checked and as device batches, or None (not given, or no BatchNorm to refresh)."""
+def _bn_argument(bn_data, method, model, posterior, x, what):
+    """``bn_data`` checked and as device batches, or None (not given: then the stale-statistics
+    warning where it applies; or no BatchNorm to refresh)."""
     if bn_data is None:
+        _warn_stale_batchnorm(model, posterior, what, method)
         return None
     if method != "mc":
         raise ValueError(f"{what}: bn_data recomputes BatchNorm's statistics per sample: method='mc' only")
@@ -485,9 +485,7 @@ def predict_samples(
             "likelihood='regression' (use ef.predict for its predictive mean and variance)"
         )
     _warn_active_dropout(model, "ef.predict_samples", "each draw also has its own dropout mask")
-    bn_batches = _bn_argument(bn_data, method, model, x, "ef.predict_samples")
-    if bn_batches is None:
-        _warn_stale_batchnorm(model, posterior, "ef.predict_samples", method)
+    bn_batches = _bn_argument(bn_data, method, model, posterior, x, "ef.predict_samples")
     if not (isinstance(n_samples, int) and n_samples >= 1):
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     if method == "glm":
