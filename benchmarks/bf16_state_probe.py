@@ -10,9 +10,14 @@ store, so they run unchanged), and measures on the MLP 784-256-256-10, batch 128
 * the step time against ``torch.optim.Adam``: the three run in one interleaved cycle of blocks of
   10 iterations, medians of the per-repetition ratios;
 * with ``--quality-seeds K``: Fashion-MNIST MLP (the defaults study's task, BayesAdam's defaults)
-  accuracy / NLL / ECE with float32 and with bf16 m and h, K seeds each.
+  accuracy / NLL / ECE with float32 and with bf16 m and h, K seeds each;
+* with ``--kernels``: where the step time goes, the compiled step kernel alone
+  (``reparam_step_theta`` on the MLP's six tensors) with float32 state, m and h in bf16, and m, v
+  and h in bf16, interleaved, medians. ``TORCH_LOGS=output_code`` shows the C++ inductor writes
+  for each.
 
     python benchmarks/bf16_state_probe.py --reps 80 --quality-seeds 3
+    python benchmarks/bf16_state_probe.py --reps 0 --kernels
 """
 
 from __future__ import annotations
@@ -95,12 +100,50 @@ def _quality(kind: str, seeds: int) -> dict:
     return {k: statistics.fmean(r[k] for r in rows) for k in ("accuracy", "nll", "ece")}
 
 
+def _kernel_times(reps: int = 200) -> dict:
+    from effortless.optim import _fused
+
+    sizes = [784 * 256, 256, 256 * 256, 256, 256 * 10, 10]
+    f32, b16 = torch.float32, torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+
+    def tensors(dm, dv, dh):
+        def r(scale=1.0):
+            return [torch.randn(s, generator=gen) * scale for s in sizes]
+
+        mu = r()
+        return (mu, r(1e-2), [t.to(dm) for t in r(1e-3)], [(t * t).to(dv) for t in r(1e-2)],
+                [(t.abs()).to(dh) for t in r(0.1)], [a + b for a, b in zip(mu, r(1e-3))])  # fmt: skip
+
+    # hp as the optimizer builds it: sign, N/T, δ/T, 1−β, riemann, δ/N, 1−β₁, β₂, 1−β₂, √bc₂, eps, −lr/bc₁
+    hp = torch.tensor([1.0, 6e6, 100.0, 1e-3, 1e-3, 1 / 6e4, 0.1, 0.999, 1e-3, 0.1, 1e-8, -1e-3])
+    step = _fused.kernel("reparam_step_theta")
+    cases = {"float32": tensors(f32, f32, f32), "m, h in bf16": tensors(b16, f32, b16),
+             "m, v, h in bf16": tensors(b16, b16, b16)}  # fmt: skip
+    for args in cases.values():  # (compiles once per dtype combination)
+        step(*args, hp)
+    times = {k: [] for k in cases}
+    for _ in range(reps):
+        for k, args in cases.items():
+            t0 = time.perf_counter()
+            step(*args, hp)
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=80, help="interleaved repetitions of 10 iterations")
     ap.add_argument("--quality-seeds", type=int, default=0, help="Fashion-MNIST MLP seeds (0: skip)")
+    ap.add_argument("--kernels", action="store_true", help="time the step kernel alone per state dtype")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.kernels:
+        print("| state | compiled step kernel, ms (median) |\n|---|---|")
+        for k, ms in _kernel_times().items():
+            print(f"| {k} | {ms:.3f} |")
+        if not args.reps:
+            return
     x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
     n = 269322
     batch = x.numel() + y.numel() * 8 / 4  # (the batch's bytes in float32 numbers)
