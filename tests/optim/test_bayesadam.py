@@ -995,6 +995,13 @@ def test_half_precision_and_complex_parameters_are_refused(dtype):
         opt.add_param_group({"params": {nn.Parameter(torch.zeros(2))}})
 
 
+def test_meta_parameters_are_refused_by_name():
+    """A model built on the meta device (deferred initialisation) got torch's "META device type
+    not an accelerator" from the generator's construction, which does not say what to do."""
+    with pytest.raises(ValueError, match="meta device.*materialise"):
+        ef.BayesAdam(nn.Linear(3, 2, device="meta").parameters(), n_data=4)
+
+
 def test_backward_outside_the_block_is_refused_before_anything_moves():
     """The block swaps θ out for μ on exit without an in-place write, so autograd did not object
     to a backward after it: the gradient mixed the sample (saved inputs) and the mean (saved

@@ -511,6 +511,12 @@ class BayesAdam(Optimizer):
                 )
             if t.is_complex():
                 raise ValueError(f"params: a {t.dtype} parameter; BayesAdam needs real parameters")
+            if t.is_meta:
+                raise ValueError(
+                    "params: a parameter on the meta device (no data); materialise the model first "
+                    "(e.g. model.to_empty(device=...) and load or initialise its weights), then "
+                    "create the optimizer"
+                )
         param_group = dict(param_group, params=params)
         super().add_param_group(param_group)
         try:  # a group's own hyperparameters, checked now rather than at the next sample or step
