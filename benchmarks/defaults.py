@@ -5,6 +5,7 @@ from :mod:`effortless.experiments.defaults_study`. Writes results.json and resul
 
     python benchmarks/defaults.py --tasks fmnist-mlp,mnist1d-mlp,digits --seeds 3 --out runs/defaults
     python benchmarks/defaults.py --bayesadam '{"temperature": 0.03}'   # try other settings
+    python benchmarks/defaults.py --bayesadam '{"state_dtype": "bfloat16"}'  # m, v, h in bf16
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     kwargs = json.loads(args.bayesadam)
+    run_kwargs = dict(kwargs)
+    if isinstance(kwargs.get("state_dtype"), str):  # JSON has no dtypes: "bfloat16" → torch.bfloat16
+        run_kwargs["state_dtype"] = getattr(torch, kwargs["state_dtype"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -37,7 +41,7 @@ def main(argv=None):
         print(json.dumps({k: row[k] for k in ("task", "method", "seed", *METRICS)}), flush=True)
 
     for task in tasks:
-        rows += run_task(task, args.seeds, kwargs, log=log)
+        rows += run_task(task, args.seeds, run_kwargs, log=log)
         (out / "results.json").write_text(json.dumps({"bayesadam_kwargs": kwargs, "rows": rows}, indent=2))
     lines = [
         f"BayesAdam {kwargs or '(defaults)'} vs Adam lr 1e-3; mean ± std over {args.seeds} seeds.",

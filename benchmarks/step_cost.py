@@ -57,7 +57,7 @@ def make_runners(batch, n_data: int, methods: list[str], hidden=(256, 256)):
             # bayesadam, bayesadam:KEY, bayesadam:KEY:bf16 (bf16 curvature products),
             # bayesadam-eager (fused=False), bayesadam-fused (fused=True), bayesadam-last
             # (averaging=None: the last iterate, no average of the means kept), bayesadam-reuseK
-            # (noise_reuse=K)
+            # (noise_reuse=K), bayesadam-bf16 (state_dtype=torch.bfloat16: m, v and h in bf16)
             parts = name.split(":")
             key = parts[1] if len(parts) > 1 else "reparam"
             product_dtype = torch.bfloat16 if parts[2:] == ["bf16"] else None
@@ -67,6 +67,8 @@ def make_runners(batch, n_data: int, methods: list[str], hidden=(256, 256)):
             extra = {"averaging": None} if parts[0] == "bayesadam-last" else {}
             if parts[0].startswith("bayesadam-reuse"):  # bayesadam-reuseK: noise_reuse=K
                 extra = {"noise_reuse": int(parts[0][len("bayesadam-reuse"):])}
+            if parts[0] == "bayesadam-bf16":
+                extra = {"state_dtype": torch.bfloat16}
             opt = ef.BayesAdam(model.parameters(), n_data=n_data, hessian=key, batch_size=len(x), fused=fused,
                                product_dtype=product_dtype, **extra)  # fmt: skip
 
@@ -121,7 +123,7 @@ def main(argv=None):
     ap.add_argument("--hidden", default="256,256", help="hidden widths of the MLP (default 256,256)")
     ap.add_argument("--methods", default="adam,bayesadam,bayesadam-eager,ivon",
                     help="comma list; bayesadam (defaults), bayesadam-eager, bayesadam-fused, bayesadam-last "
-                    "(averaging=None), bayesadam-reuseK (noise_reuse=K), "
+                    "(averaging=None), bayesadam-reuseK (noise_reuse=K), bayesadam-bf16 (bf16 state), "
                     "bayesadam:KEY for another Hessian estimator (bayesadam:KEY:bf16 with bf16 curvature "
                     "products), ivon (if installed)")  # fmt: skip
     ap.add_argument("--cycle", action="store_true",
@@ -165,7 +167,8 @@ def main(argv=None):
                 step_ms=1000 * statistics.median(times[m]),
                 ratio_to_adam=statistics.median(ratios),
                 peak_mem_x_params=(peak_bytes - 4 * batch[0].numel() - 8 * batch[1].numel()) / pbytes,
-                state_x_params=sum(t.numel() for t in optimizer_tensors(opt)) / n_params,
+                # (in float32 parameters' worth of bytes: bf16 state counts half)
+                state_x_params=sum(t.numel() * t.element_size() for t in optimizer_tensors(opt)) / pbytes,
                 fused=bool(getattr(opt, "fused", False)),
             )
         )

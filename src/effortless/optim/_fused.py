@@ -39,50 +39,87 @@ CHUNK_ABOVE = 32
 
 def _sample_math(mu, h, e, hp):
     # hp = [sign, N/T, δ/T]
-    return mu + hp[0] * e / torch.sqrt(h * hp[1] + hp[2])
+    return mu + hp[0] * e / torch.sqrt(h.to(mu.dtype) * hp[1] + hp[2])
 
 
-def _adam_mean_math(mu, g, m, v, hp):
+def round_stochastic(x, u, old):
+    """``x`` (float32) dithered by ``(u − ½)`` of the bf16 spacing at ``old`` (the bf16 value it
+    replaces, in float32), for a store into a bf16 tensor (which rounds to nearest): over ``u``
+    uniform in [0, 1) the stored value is ``x`` in expectation wherever ``x`` and ``old`` share a
+    binade (a running average moves by ~0.1 % a step, so nearly everywhere). A running average kept
+    in bf16 and updated by round-to-nearest stalls: with weight 0.001 on the new term a step moves
+    it by less than half a bf16 spacing (2⁻⁹ of its value) whenever the new term is within about
+    twice its value, so it can never decrease. The spacing is one round trip through bf16 (kept by
+    torch.compile under ``emulate_precision_casts``, which the kernels compile with). A value equal
+    to ``old`` is stored as it is (a dither of −½ spacing would be a tie, rounded to even)."""
+    spacing = (old * (1.0 + 0.75 * 2.0**-7)).to(torch.bfloat16).to(old.dtype) - old
+    return torch.where(x == old, x, x + (u - 0.5) * spacing)  # (a value left alone stays put)
+
+
+def _store(dst, value, u=None, old=None, floor=None):
+    # dst ← value, in dst's dtype: round to nearest, or stochastically (u given) into bf16 state,
+    # old = dst's value before, in value's dtype; floor: a lower bound for the rounded value
+    if u is not None and dst.dtype != value.dtype:
+        value = round_stochastic(value, u, old)
+        if floor is not None:
+            value = torch.clamp(value, min=floor)
+    dst.copy_(value)
+
+
+# The signed curvature of the reparam update may be negative as long as N·h + δ > 0 (IVON's update
+# keeps that exactly); rounding h into bf16 near h = −δ/N could break it (σ NaN): bf16 state is kept
+# at h ≥ −FLOOR · δ/N.
+FLOOR = 0.97
+
+
+def _adam_mean_math(mu, g, m, v, hp, u_v=None):
     # Adam on the per-sample negative log joint (the prior's pull wd · μ added to the gradient)
-    # hp = [wd, 1−β₁, β₂, 1−β₂, √bc₂, eps, −lr/bc₁]
+    # hp = [wd, 1−β₁, β₂, 1−β₂, √bc₂, eps, −lr/bc₁]; m and v may be bf16 (computed in μ's dtype)
+    m32, v32 = m.to(mu.dtype), v.to(mu.dtype)
     g_tot = g + hp[0] * mu
-    m_new = m + hp[1] * (g_tot - m)
-    v_new = hp[2] * v + hp[3] * (g_tot * g_tot)
+    m_new = m32 + hp[1] * (g_tot - m32)
+    v_new = hp[2] * v32 + hp[3] * (g_tot * g_tot)
     mu.copy_(mu + hp[6] * m_new / (torch.sqrt(v_new) / hp[4] + hp[5]))
-    m.copy_(m_new)
-    v.copy_(v_new)
+    _store(m, m_new)  # (β₁ = 0.9 moves m by 10 % of the gap: round to nearest keeps it moving)
+    _store(v, v_new, u_v, v32)
+
+
+# Every step kernel's hp ends with (u_v, u_h): the dither of the stochastic rounding of v and h
+# into bf16 state (unused with float32 state).
 
 
 def _reparam_step_math(mu, g, m, v, h, e, hp):
-    # hp = [sign, N/T, δ/T, 1−β, riemann, wd, 1−β₁, β₂, 1−β₂, √bc₂, eps, −lr/bc₁]
-    inv_sigma = torch.sqrt(h * hp[1] + hp[2])
-    d = h - hp[0] * (g * e * inv_sigma)
+    # hp = [sign, N/T, δ/T, 1−β, riemann, wd, 1−β₁, β₂, 1−β₂, √bc₂, eps, −lr/bc₁, u_v, u_h]
+    h32 = h.to(mu.dtype)
+    inv_sigma = torch.sqrt(h32 * hp[1] + hp[2])
+    d = h32 - hp[0] * (g * e * inv_sigma)
     q = d / inv_sigma
-    h_new = h - hp[3] * d + hp[4] * (q * q)
-    _adam_mean_math(mu, g, m, v, hp[5:])
-    h.copy_(h_new)
+    h_new = h32 - hp[3] * d + hp[4] * (q * q)
+    _adam_mean_math(mu, g, m, v, hp[5:12], hp[12])
+    _store(h, h_new, hp[13], h32, -FLOOR * hp[2] / hp[1])
 
 
 def _reparam_step_theta_math(mu, g, m, v, h, th, hp):
     # the sample θ sits in the noise buffer: sign · ε = (θ − μ)/σ from the old μ and h, used (with
     # hp[0] = 1) and left in the buffer for an antithetic mirror
-    e = (th - mu) * torch.sqrt(h * hp[1] + hp[2])
+    e = (th - mu) * torch.sqrt(h.to(mu.dtype) * hp[1] + hp[2])
     _reparam_step_math(mu, g, m, v, h, e, hp)
     th.copy_(e)
 
 
 def _given_step_math(mu, g, m, v, h, hhat, hp):
     # a model-side estimate ĥ (non-negative keys): h ← lerp(h, ĥ, 1−β), then Adam on μ
-    # hp = [N/T, δ/T, 1−β, wd, 1−β₁, β₂, 1−β₂, √bc₂, eps, −lr/bc₁]
-    h_new = torch.lerp(h, hhat, hp[2])
-    _adam_mean_math(mu, g, m, v, hp[3:])
-    h.copy_(h_new)
+    # hp = [N/T, δ/T, 1−β, wd, 1−β₁, β₂, 1−β₂, √bc₂, eps, −lr/bc₁, u_v, u_h]
+    h32 = h.to(mu.dtype)
+    h_new = torch.lerp(h32, hhat, hp[2])
+    _adam_mean_math(mu, g, m, v, hp[3:10], hp[10])
+    _store(h, h_new, hp[11], h32)
 
 
 def _given_step_theta_math(mu, g, m, v, h, hhat, th, hp):
     # the sample θ sits in the noise buffer: it becomes sign · ε = (θ − μ)/σ (old μ and h), kept
     # for an antithetic mirror, in the same pass as the update
-    th.copy_((th - mu) * torch.sqrt(h * hp[0] + hp[1]))
+    th.copy_((th - mu) * torch.sqrt(h.to(mu.dtype) * hp[0] + hp[1]))
     _given_step_math(mu, g, m, v, h, hhat, hp)
 
 
@@ -98,7 +135,7 @@ def _flipout_sample_many(mus, hs, zs, As, Bs, owns, hp, rank):
     # 2-D views (rows, cols) of each tensor; A (R, rows, 1) and B (R, 1, cols) hold the ranks'
     # sign factors: rank r's sample μ + sign · σ ⊙ ζ ⊙ a_r b_rᵀ goes into ``own``
     for mu, h, z, A, B, own in zip(mus, hs, zs, As, Bs, owns):
-        own.copy_(mu + hp[0] * (z * A[rank] * B[rank]) / torch.sqrt(h * hp[1] + hp[2]))
+        own.copy_(mu + hp[0] * (z * A[rank] * B[rank]) / torch.sqrt(h.to(mu.dtype) * hp[1] + hp[2]))
 
 
 def _reparam_step_flipout_many(mus, gs, ms, vs, hs, zs, As, Bs, hp):
@@ -159,18 +196,89 @@ def kernel(name: str):
         compiled = torch.compile(_MATH[name], dynamic=True, fullgraph=True)
 
         def call(*args, compiled=compiled):
-            if name in _COMPILED:
+            key = (name, _dtypes(args))  # (another dtype of the state compiles again)
+            if key in _COMPILED:
                 return _chunked(name, compiled, args)
-            with _in_process_compile():  # the first call compiles
+            with _compile_settings(lowp=any(d in _LOWP for d in key[1])):
                 out = _chunked(name, compiled, args)
-            _COMPILED.add(name)
+            _COMPILED.add(key)
             return out
 
         _CACHE[name] = call
     return _CACHE[name]
 
 
-_COMPILED: set[str] = set()  # kernels called (so compiled) once already
+_COMPILED: set[tuple] = set()  # (kernel, dtypes) called (so compiled) once already
+_LOWP = (torch.bfloat16, torch.float16)
+
+
+def _dtypes(args) -> frozenset:
+    return frozenset(t.dtype for a in args if isinstance(a, (list, tuple)) for t in a)
+
+
+@contextlib.contextmanager
+def _compile_settings(lowp: bool):
+    """The settings the kernels compile under (see :func:`_in_process_compile`); with bf16 state,
+    also inductor's ``emulate_precision_casts`` (keeps the explicit round trips through bf16 that
+    the stochastic rounding's spacing is made of: without it inductor drops them and the dither
+    no longer matches the grid) and :func:`_lowp_lanes`."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_in_process_compile())
+        if lowp:
+            stack.enter_context(_config_patch("torch._inductor.config", emulate_precision_casts=True))
+            stack.enter_context(_lowp_lanes())
+        yield
+
+
+def lowp_state_supported() -> bool:
+    """Whether this torch keeps the explicit bf16 round trips in compiled code (the setting
+    :func:`_compile_settings` relies on for bf16 state); else bf16 state runs eagerly."""
+    try:
+        import torch._inductor.config as config
+    except ImportError:  # pragma: no cover
+        return False
+    return hasattr(config, "emulate_precision_casts")
+
+
+@contextlib.contextmanager
+def _lowp_lanes():
+    """Vectorise a kernel that mixes bf16 and float32 tensors at bf16's width (16 lanes with AVX2)
+    instead of float32's. Inductor's C++ backend picks the low-precision width only when every
+    node of a fused kernel touches a bf16 value, and a step kernel always has nodes that touch only
+    float32 ones (the copies back into μ and the sample); at 8 lanes each bf16 load and store goes
+    through a partial-vector copy, and the MLP's step kernel took 0.84 against 0.49 ms for float32
+    state, at 16 lanes 0.56 ms (``benchmarks/bf16_state_probe.py --kernels``). Changes only the
+    tiling choice, never the arithmetic; a torch without these private hooks compiles as usual."""
+    try:
+        from torch._inductor.codegen import cpp
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    select = getattr(getattr(cpp, "TilingSelect", None), "select_tiling", None)
+    if select is None or not hasattr(cpp, "get_loop_body_lowp_fp") or not hasattr(cpp, "_get_loop_body"):
+        yield
+        return
+    real = cpp.get_loop_body_lowp_fp
+
+    def select_tiling(self, fn_list, var_sizes_list):
+        try:
+            kinds = {real(b)[0] for b in cpp._get_loop_body(fn_list)} - {None}
+        except Exception:  # pragma: no cover (another torch's internals)
+            kinds = set()
+        if len(kinds) != 1:
+            return select(self, fn_list, var_sizes_list)
+        lowp = kinds.pop()
+        cpp.get_loop_body_lowp_fp = lambda body: (lowp, True) if real(body)[0] is None else real(body)
+        try:
+            return select(self, fn_list, var_sizes_list)
+        finally:
+            cpp.get_loop_body_lowp_fp = real
+
+    cpp.TilingSelect.select_tiling = select_tiling
+    try:
+        yield
+    finally:
+        cpp.TilingSelect.select_tiling = select
 
 
 def _config_patch(module: str, **values):
