@@ -13,7 +13,9 @@ store, so they run unchanged), and measures on the MLP 784-256-256-10, batch 128
   accuracy / NLL / ECE with float32 and with bf16 m and h, K seeds each;
 * with ``--kernels``: where the step time goes, the compiled step kernel alone
   (``reparam_step`` on the MLP's six tensors) with float32 state, m and h in bf16, and m, v
-  and h in bf16, and a one-tensor update in float32 and bf16, interleaved, medians.
+  and h in bf16, float32 followed by the averaging pass, m, h and the averaged mean's difference
+  from μ in bf16 with the averaging inside the kernel (a sketch of another split of the state),
+  and a one-tensor update in float32 and bf16, interleaved, medians.
   ``TORCH_LOGS=output_code`` shows the C++ inductor writes for each.
 
     python benchmarks/bf16_state_probe.py --reps 80 --quality-seeds 3
@@ -117,11 +119,34 @@ def _kernel_times(reps: int = 200) -> dict:
 
     # hp as the optimizer builds it: sign, N/T, δ/T, 1−β, riemann, δ/N, 1−β₁, β₂, 1−β₂, √bc₂, eps, −lr/bc₁,
     # and the dither of bf16 state's stochastic rounding
-    hp = torch.tensor([1.0, 6e6, 100.0, 1e-3, 1e-3, 1 / 6e4, 0.1, 0.999, 1e-3, 0.1, 1e-8, -1e-3, 0.3, 0.7])
+    hp = torch.tensor([1.0, 6e6, 100.0, 1e-3, 3.0, 1 / 6e4, 0.1, 0.999, 1e-3, 0.1, 1e-8, -1e-3, 0.3, 0.7])
     step = _fused.kernel("reparam_step")  # (ε given: repeated calls stay finite)
     cases = {"float32": tensors(f32, f32, f32), "m, h in bf16": tensors(b16, f32, b16),
              "m, v, h in bf16": tensors(b16, b16, b16)}  # fmt: skip
     calls = {k: (lambda a=args: step(*a, hp)) for k, args in cases.items()}
+
+    # the averaged mean: a separate lerp pass after the kernel (what the optimizer does), or kept
+    # in bf16 as its difference d = μ̄ − μ and updated inside the kernel, d ← (1 − w)(d + μ_old − μ)
+    def step_with_difference(mus, gs, ms, vs, hs, es, ds, hp, w):
+        for mu, g, m, v, h, e, d in zip(mus, gs, ms, vs, hs, es, ds):
+            mu_old = mu.clone()
+            _fused._reparam_step_math(mu, g, m, v, h, e, hp)
+            d.copy_((1 - w) * (d.to(mu.dtype) + mu_old - mu))
+
+    fold = torch.compile(step_with_difference, dynamic=True, fullgraph=True)
+    w = torch.tensor(0.01)
+    with_avg = tensors(f32, f32, f32)
+    avg = [t.clone() for t in with_avg[0]]
+
+    def then_average():
+        step(*with_avg, hp)
+        torch._foreach_lerp_(avg, with_avg[0], 0.01)
+
+    calls["float32, then the averaging pass"] = then_average
+    folded = (*tensors(b16, f32, b16), [torch.zeros(s, dtype=b16) for s in sizes])
+    calls["m, h and μ̄ − μ in bf16, averaging in the kernel"] = lambda: fold(*folded, hp, w)
+    with _fused._compile_settings(lowp=True):  # (as the optimizer's kernels compile with bf16 state)
+        calls["m, h and μ̄ − μ in bf16, averaging in the kernel"]()
 
     def ema(m, g):  # one bf16 tensor and nothing else stored: inductor runs it 16 wide
         m.copy_(m + 0.1 * (g - m))
