@@ -281,3 +281,26 @@ def test_flipout_noise_sum_is_the_sum_of_the_ranks_samples(tmp_path):
         assert not torch.allclose(r0[f"own0.{n}"], r1[f"own0.{n}"])
         torch.testing.assert_close(r0[f"own0.{n}"].abs(), r1[f"own0.{n}"].abs(), rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(r0[f"own1.{n}"], -r0[f"own0.{n}"], rtol=1e-10, atol=1e-10)
+
+
+def _bf16_worker(rank, out):
+    model, x, y = _setup()
+    model = model.float()
+    ddp = DDP(model)
+    gen = torch.Generator().manual_seed(7 if rank == 0 else 100 + rank)
+    opt = ef.BayesAdam(model.parameters(), n_data=1000, distributed="flipout", generator=gen, fused=True,
+                       state_dtype=torch.bfloat16)  # fmt: skip
+    sl = slice(rank * B, (rank + 1) * B)
+    _train(model, opt, x[:, sl].float(), y[:, sl], "reparam", wrapped=ddp)
+    assert opt.state[model[0].weight]["hess"].dtype == torch.bfloat16 and opt.fused  # (no fallback)
+    torch.save(_state(model, opt), os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_bf16_state_under_flipout_keeps_every_rank_identical(tmp_path):
+    """bf16 state through the compiled Flipout update (its stochastic rounding's dither is per step,
+    the same on every rank): means, curvature and moments stay bitwise equal across ranks."""
+    _spawn(_bf16_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    assert r0["step.0.weight"] == STEPS
