@@ -2,7 +2,6 @@
 stochastically), everything else as with float32 state."""
 
 import copy
-import io
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ from torch import nn
 
 import effortless as ef
 from effortless.optim import _fused
+
+from ._checkpoint import round_trip
 
 BF16 = torch.bfloat16
 
@@ -153,10 +154,7 @@ def test_resume_is_bit_identical():
     run(*ref, 0, 9)
     a = make(3)
     run(*a, 0, 4)
-    buf = io.BytesIO()
-    torch.save({"model": a[0].state_dict(), "opt": a[1].state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
+    ckpt = round_trip(a[0], a[1])
     b = make(99)
     b[0].load_state_dict(ckpt["model"])
     b[1].load_state_dict(ckpt["opt"])  # (torch casts state to the parameters' dtype: kept bf16)

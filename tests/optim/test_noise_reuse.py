@@ -1,8 +1,6 @@
 """BayesAdam(noise_reuse=K): each fresh Gaussian draw serves K draws, the later ones the last unit
 noise cyclically shifted by a random offset."""
 
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +8,8 @@ from torch import nn
 
 import effortless as ef
 from effortless.optim import bayesadam
+
+from ._checkpoint import round_trip
 
 
 def _regression(n=96, d=64, seed=0):
@@ -121,10 +121,7 @@ def test_resume_inside_a_cycle_is_bit_identical():
     a = make(5)
     for _ in range(9):  # mid-pair, mid-cycle (pair 5: the second draw of the cycle 4–6)
         _loop_step(a[1], a[0], x, y)
-    buf = io.BytesIO()
-    torch.save({"model": a[0].state_dict(), "opt": a[1].state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
+    ckpt = round_trip(a[0], a[1])
     b = make(99)
     b[0].load_state_dict(ckpt["model"])
     b[1].load_state_dict(ckpt["opt"])
