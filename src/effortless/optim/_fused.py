@@ -212,8 +212,9 @@ _COMPILED: set[tuple] = set()  # (kernel, dtypes) called (so compiled) once alre
 _LOWP = (torch.bfloat16, torch.float16)
 
 
-def _dtypes(args) -> frozenset:
-    return frozenset(t.dtype for a in args if isinstance(a, (list, tuple)) for t in a)
+def _dtypes(args) -> tuple:
+    # (the lists hold one dtype each: the optimizer keeps its state in one dtype)
+    return tuple(a[0].dtype for a in args if type(a) is list and a)
 
 
 @contextlib.contextmanager

@@ -68,6 +68,11 @@ _DISTRIBUTED = ("auto", "flipout", "per-rank", "shared", "off")
 _PER_SAMPLE = frozenset({"efisher", "ggn-mc", "ggn", "kfac"})
 
 
+# the hyperparameters _check_groups validates (betas last: a tuple)
+_GROUP_KEYS = ("n_data", "prior_precision", "lr", "eps", "hess_init", "temperature", "hess_beta", "averaging",
+               "betas")  # fmt: skip
+
+
 def averaging_weight(fraction: float, step: int) -> float:
     """Weight of step ``step``'s means (step ≥ 1) in the polynomial-decay average that keeps
     roughly the last ``fraction`` of the steps: (η+1)/(t+η), η = 1/fraction − 1 (1 at step 1)."""
@@ -576,8 +581,14 @@ class BayesAdam(Optimizer):
         scheduler or a user may have changed them since the constructor checked: refuse values
         that would give a wrong posterior silently (n_data ≤ 0 flips the curvature's sign, a
         negative lr ascends) or a misleading error later (NaN surfaces as a non-finite estimate),
-        before anything is drawn or updated."""
+        before anything is drawn or updated. Groups whose values (plain floats) are those checked
+        last time are not checked again (twice a step, it cost ~0.1 ms of a 3.6 ms step)."""
+        checked = self.__dict__.setdefault("_checked", {})
         for i, g in enumerate(self.param_groups):
+            values = tuple(g.get(k) for k in _GROUP_KEYS)
+            plain = all(type(v) is float or v is None for v in values[:-1]) and type(values[-1]) is tuple
+            if plain and checked.get(i) == values:
+                continue
             try:
                 _check_positive("n_data", g["n_data"])
                 _check_positive("prior_precision", g["prior_precision"])
@@ -588,6 +599,8 @@ class BayesAdam(Optimizer):
                 _check_averaging(g.get("averaging"))
             except ValueError as e:
                 raise ValueError(f"param_groups[{i}]: {e}") from None
+            if plain and all(type(b) is float for b in values[-1]):
+                checked[i] = values
 
     def _choose_fused(self, fused: bool | None) -> bool:
         params = [p for _, p in self._params()]
