@@ -10,6 +10,7 @@ module                 methods
 =====================  ===========================================================
 :mod:`.map`            ``map`` (Adam)
 :mod:`.bayesadam`      ``bayesadam``, ``bayesadam-<key>`` for every Hessian key
+:mod:`.bayesadam`      ``bayesadam-bf16``: the defaults with bf16 optimizer state
 :mod:`.mc_dropout`     ``mc-dropout``
 :mod:`.ensemble`       ``ensemble`` (5 members, cost summed)
 :mod:`.temperature`    ``temperature`` (MAP + temperature scaling)
@@ -25,6 +26,8 @@ module                 methods
 from __future__ import annotations
 
 from collections.abc import Callable
+
+import torch
 
 from ..curvature import estimators
 from . import (
@@ -48,6 +51,7 @@ METHODS: dict[str, Callable[..., Fitted]] = {
     "map": map.fit,
     "bayesadam": bayesadam.make_fit("reparam"),
     **{f"bayesadam-{k}": bayesadam.make_fit(k) for k in estimators.ESTIMATORS},
+    "bayesadam-bf16": bayesadam.make_fit("reparam", state_dtype=torch.bfloat16),
     "mc-dropout": mc_dropout.fit,
     "ensemble": ensemble.fit,
     "temperature": temperature.fit,
@@ -64,6 +68,7 @@ REGRESSION_METHODS: dict[str, Callable[..., FittedRegression]] = {
     "map": map.fit_regression,
     "bayesadam": bayesadam.make_fit_regression("reparam"),
     **{f"bayesadam-{k}": bayesadam.make_fit_regression(k) for k in estimators.ESTIMATORS},
+    "bayesadam-bf16": bayesadam.make_fit_regression("reparam", state_dtype=torch.bfloat16),
     "mc-dropout": mc_dropout.fit_regression,
     "ensemble": ensemble.fit_regression,
     "laplace": laplace.fit_regression,

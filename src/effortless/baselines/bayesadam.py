@@ -1,5 +1,6 @@
-"""``bayesadam`` and ``bayesadam-<key>``: the network trained with :class:`effortless.BayesAdam`
-(defaults, ``hessian=key``), predictions by Monte Carlo over its posterior (32 samples)."""
+"""``bayesadam``, ``bayesadam-<key>`` and ``bayesadam-bf16``: the network trained with
+:class:`effortless.BayesAdam` (defaults, ``hessian=key``; ``state_dtype=torch.bfloat16``),
+predictions by Monte Carlo over its posterior (32 samples)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from ._common import Fitted, FittedRegression, chunked, residual_sigma, run, run
 SAMPLES = 32
 
 
-def make_fit(key: str = "reparam"):
-    """The classification method for the Hessian key ``key``."""
+def make_fit(key: str = "reparam", **options):
+    """The classification method for the Hessian key ``key`` (``options``: more BayesAdam arguments)."""
 
     def fit(task, split, seed, epochs, progress) -> Fitted:
-        r = run(task, split, seed, epochs, progress, method="bayesadam", hessian=key)
+        r = run(task, split, seed, epochs, progress, method="bayesadam", hessian=key, **options)
 
         def predict(x):
             gen = torch.Generator().manual_seed(seed)
@@ -29,11 +30,11 @@ def make_fit(key: str = "reparam"):
     return fit
 
 
-def make_fit_regression(key: str = "reparam"):
+def make_fit_regression(key: str = "reparam", **options):
     """The regression method for ``key``: the noise σ is the posterior mean's training residual."""
 
     def fit(task, split, seed, epochs, progress) -> FittedRegression:
-        r = run_regression(task, split, seed, epochs, "bayesadam", hessian=key)
+        r = run_regression(task, split, seed, epochs, "bayesadam", hessian=key, **options)
         sigma = residual_sigma(r.model, split)
 
         def predict(x):
