@@ -46,8 +46,10 @@ def _assert_same_run(run1, run2):
     (m1, o1), (m2, o2) = run1, run2
     for p, q in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
-        for k in ("hess", "exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(o1.state[p][k], o2.state[q][k], rtol=1e-11, atol=1e-15)
+        for k in ("hess", "exp_avg", "exp_avg_sq", "mean_avg"):  # (the kernels update μ̄ too)
+            assert (k in o1.state[p]) == (k in o2.state[q]), k
+            if k in o1.state[p]:
+                torch.testing.assert_close(o1.state[p][k], o2.state[q][k], rtol=1e-11, atol=1e-15)
 
 
 def test_deep_models_run_the_kernels_in_chunks_with_the_same_result(monkeypatch):
@@ -185,7 +187,9 @@ def test_model_side_keys_fused_match_eager_in_float64(hessian, mc, monkeypatch):
     if hessian == "hutchinson":  # signed: the eager positivity-preserving update, no given kernel
         assert not any(c.startswith("given") for c in calls)
     else:
-        assert ("given_step_theta" if mc == 1 else "given_step") in calls
+        name = "given_step_theta" if mc == 1 else "given_step"
+        assert name + "_avg" in calls  # (with the averaged means updated in the same pass)
+        assert set(calls) <= {"sample", "sample_inplace", name, name + "_avg"}
     (m1, o1), (m2, o2) = _run_model_side(False, hessian, mc=mc), fused
     _assert_same_run((m1, o1), (m2, o2))
     for p, q in zip(m1.parameters(), m2.parameters()):  # the same ε left for the mirror sample

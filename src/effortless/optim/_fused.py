@@ -1,7 +1,7 @@
 """Fused (``torch.compile``d) kernels for the hot paths of BayesAdam: drawing θ, the
 reparameterisation step and the step with a model-side curvature estimate (``train_step`` with
-``ggn``, ``ggn-mc``, ``efisher``, ``kfac``). Each is one pass over memory instead of ~4, ~18 and
-~12 eager passes.
+``ggn``, ``ggn-mc``, ``efisher``, ``kfac``), the steps also updating the averaged mean. Each is one
+pass over memory instead of ~4, ~18 and ~12 eager passes.
 
 The math is the same as the eager kernel in :mod:`effortless.optim.bayesadam` (tested equal to
 float64 round-off); hyperparameters travel as a tensor so that changing the learning rate or the
@@ -153,6 +153,35 @@ def _sample_inplace_many(mus, hs, es, hp):
         e.copy_(_sample_math(mu, h, e, hp))
 
 
+def _lerp_average(mu, avg, aw):
+    # the averaged mean after μ's update: μ̄ ← lerp(μ̄, μ, w), aw = [w] (as torch.lerp_: exact at w = 1)
+    avg.copy_(torch.lerp(avg, mu, aw[0]))
+
+
+def _reparam_step_avg_many(mus, gs, ms, vs, hs, es, avgs, hp, aw):
+    for mu, g, m, v, h, e, avg in zip(mus, gs, ms, vs, hs, es, avgs):
+        _reparam_step_math(mu, g, m, v, h, e, hp)
+        _lerp_average(mu, avg, aw)
+
+
+def _reparam_step_theta_avg_many(mus, gs, ms, vs, hs, ths, avgs, hp, aw):
+    for mu, g, m, v, h, th, avg in zip(mus, gs, ms, vs, hs, ths, avgs):
+        _reparam_step_theta_math(mu, g, m, v, h, th, hp)
+        _lerp_average(mu, avg, aw)
+
+
+def _given_step_avg_many(mus, gs, ms, vs, hs, hhats, avgs, hp, aw):
+    for mu, g, m, v, h, hhat, avg in zip(mus, gs, ms, vs, hs, hhats, avgs):
+        _given_step_math(mu, g, m, v, h, hhat, hp)
+        _lerp_average(mu, avg, aw)
+
+
+def _given_step_theta_avg_many(mus, gs, ms, vs, hs, hhats, ths, avgs, hp, aw):
+    for mu, g, m, v, h, hhat, th, avg in zip(mus, gs, ms, vs, hs, hhats, ths, avgs):
+        _given_step_theta_math(mu, g, m, v, h, hhat, th, hp)
+        _lerp_average(mu, avg, aw)
+
+
 def _reparam_step_many(mus, gs, ms, vs, hs, es, hp):
     for args in zip(mus, gs, ms, vs, hs, es):
         _reparam_step_math(*args, hp)
@@ -182,6 +211,11 @@ _MATH = {
     "reparam_step_flipout": _reparam_step_flipout_many,
     "given_step": _given_step_many,
     "given_step_theta": _given_step_theta_many,
+    # the same, and the averaged mean (``averaging``) updated in the same pass
+    "reparam_step_avg": _reparam_step_avg_many,
+    "reparam_step_theta_avg": _reparam_step_theta_avg_many,
+    "given_step_avg": _given_step_avg_many,
+    "given_step_theta_avg": _given_step_theta_avg_many,
 }
 
 
