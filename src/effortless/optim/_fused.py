@@ -5,8 +5,11 @@ pass over memory instead of ~4, ~18 and ~12 eager passes.
 
 The math is the same as the eager kernel in :mod:`effortless.optim.bayesadam` (tested equal to
 float64 round-off); hyperparameters travel as a tensor so that changing the learning rate or the
-bias corrections does not recompile. Tensors are flattened to 1-D and compiled with dynamic
-shapes. The kernels take lists of tensors and loop over them inside one compiled graph, which
+bias corrections does not recompile, unbound into scalars at the top of each kernel (slices of a
+tensor whose size is symbolic made the step kernel's tracing 3 s slower). Tensors (contiguous:
+BayesAdam fuses only those) are passed as they are, or flattened to 1-D for chunked calls, and
+compiled with dynamic shapes. The kernels take lists of tensors and loop over them inside one
+compiled graph, which
 costs one call per step but a compilation that grows with the list (ResNet-18, 62 tensors: 46 s
 cold, 7.7 s with a warm inductor cache). Lists longer than ``CHUNK_ABOVE`` are therefore cut into
 chunks of ``CHUNK`` tensors, passed as storage aliases rather than views and traced without duck
@@ -68,7 +71,8 @@ def _store(dst, value, u=None, old=None, floor=None):
 
 # The signed curvature of the reparam update may be negative as long as N·h + δ > 0 (IVON's update
 # keeps that exactly); rounding h into bf16 near h = −δ/N could break it (σ NaN): bf16 state is kept
-# at h ≥ −FLOOR · δ/N.
+# at h ≥ −FLOOR · δ/N. (Written as a literal in the kernel: torch.compile traces a module-level float
+# as a symbolic input, then specialises it and restarts the trace, ~3 s at every process start.)
 FLOOR = 0.97
 
 
@@ -96,7 +100,7 @@ def _reparam_step_math(mu, g, m, v, h, e, hp):
     q = d / inv_sigma
     h_new = h32 - hp[3] * d + hp[4] * (q * q)
     _adam_mean_math(mu, g, m, v, hp[5:12], hp[12])
-    _store(h, h_new, hp[13], h32, -FLOOR * hp[2] / hp[1])
+    _store(h, h_new, hp[13], h32, hp[2] / hp[1] * -0.97)  # (FLOOR: a literal, see below)
 
 
 def _reparam_step_theta_math(mu, g, m, v, h, th, hp):
@@ -132,6 +136,7 @@ def _flip_sum(A, B):
 
 
 def _flipout_sample_many(mus, hs, zs, As, Bs, owns, hp, rank):
+    hp = hp.unbind(0)
     # 2-D views (rows, cols) of each tensor; A (R, rows, 1) and B (R, 1, cols) hold the ranks'
     # sign factors: rank r's sample μ + sign · σ ⊙ ζ ⊙ a_r b_rᵀ goes into ``own``
     for mu, h, z, A, B, own in zip(mus, hs, zs, As, Bs, owns):
@@ -139,65 +144,76 @@ def _flipout_sample_many(mus, hs, zs, As, Bs, owns, hp, rank):
 
 
 def _reparam_step_flipout_many(mus, gs, ms, vs, hs, zs, As, Bs, hp):
+    hp = hp.unbind(0)
     # the reparam step on 2-D views with the noise Σ_q ε_q = ζ ⊙ Σ_q a_q b_qᵀ formed on the fly
     for mu, g, m, v, h, z, A, B in zip(mus, gs, ms, vs, hs, zs, As, Bs):
         _reparam_step_math(mu, g, m, v, h, z * _flip_sum(A, B), hp)
 
 
 def _sample_many(mus, hs, es, hp):
+    hp = hp.unbind(0)
     return [_sample_math(mu, h, e, hp) for mu, h, e in zip(mus, hs, es)]
 
 
 def _sample_inplace_many(mus, hs, es, hp):
+    hp = hp.unbind(0)
     for mu, h, e in zip(mus, hs, es):  # θ written over the unit noise (one buffer for both)
         e.copy_(_sample_math(mu, h, e, hp))
 
 
 def _lerp_average(mu, avg, aw):
-    # the averaged mean after μ's update: μ̄ ← lerp(μ̄, μ, w), aw = [w] (as torch.lerp_: exact at w = 1)
+    # the averaged mean after μ's update: μ̄ ← lerp(μ̄, μ, w), aw = (w,) (as torch.lerp_: exact at w = 1)
     avg.copy_(torch.lerp(avg, mu, aw[0]))
 
 
 def _reparam_step_avg_many(mus, gs, ms, vs, hs, es, avgs, hp, aw):
+    hp, aw = hp.unbind(0), aw.unbind(0)
     for mu, g, m, v, h, e, avg in zip(mus, gs, ms, vs, hs, es, avgs):
         _reparam_step_math(mu, g, m, v, h, e, hp)
         _lerp_average(mu, avg, aw)
 
 
 def _reparam_step_theta_avg_many(mus, gs, ms, vs, hs, ths, avgs, hp, aw):
+    hp, aw = hp.unbind(0), aw.unbind(0)
     for mu, g, m, v, h, th, avg in zip(mus, gs, ms, vs, hs, ths, avgs):
         _reparam_step_theta_math(mu, g, m, v, h, th, hp)
         _lerp_average(mu, avg, aw)
 
 
 def _given_step_avg_many(mus, gs, ms, vs, hs, hhats, avgs, hp, aw):
+    hp, aw = hp.unbind(0), aw.unbind(0)
     for mu, g, m, v, h, hhat, avg in zip(mus, gs, ms, vs, hs, hhats, avgs):
         _given_step_math(mu, g, m, v, h, hhat, hp)
         _lerp_average(mu, avg, aw)
 
 
 def _given_step_theta_avg_many(mus, gs, ms, vs, hs, hhats, ths, avgs, hp, aw):
+    hp, aw = hp.unbind(0), aw.unbind(0)
     for mu, g, m, v, h, hhat, th, avg in zip(mus, gs, ms, vs, hs, hhats, ths, avgs):
         _given_step_theta_math(mu, g, m, v, h, hhat, th, hp)
         _lerp_average(mu, avg, aw)
 
 
 def _reparam_step_many(mus, gs, ms, vs, hs, es, hp):
+    hp = hp.unbind(0)
     for args in zip(mus, gs, ms, vs, hs, es):
         _reparam_step_math(*args, hp)
 
 
 def _reparam_step_theta_many(mus, gs, ms, vs, hs, ths, hp):
+    hp = hp.unbind(0)
     for args in zip(mus, gs, ms, vs, hs, ths):
         _reparam_step_theta_math(*args, hp)
 
 
 def _given_step_many(mus, gs, ms, vs, hs, hhats, hp):
+    hp = hp.unbind(0)
     for args in zip(mus, gs, ms, vs, hs, hhats):
         _given_step_math(*args, hp)
 
 
 def _given_step_theta_many(mus, gs, ms, vs, hs, hhats, ths, hp):
+    hp = hp.unbind(0)
     for args in zip(mus, gs, ms, vs, hs, hhats, ths):
         _given_step_theta_math(*args, hp)
 
@@ -233,6 +249,9 @@ def kernel(name: str):
             key = (name, _dtypes(args))  # (another dtype of the state compiles again)
             if key in _COMPILED:
                 return _chunked(name, compiled, args)
+            for a in args:  # hp (and the averaging's weight): fixed sizes, which the kernels unbind
+                if isinstance(a, torch.Tensor):
+                    torch._dynamo.mark_static(a)
             with _compile_settings(lowp=any(d in _LOWP for d in key[1])):
                 out = _chunked(name, compiled, args)
             _COMPILED.add(key)
