@@ -402,8 +402,8 @@ class BayesAdam(Optimizer):
             stochastically (their 0.999 running averages would stall under round-to-nearest; the
             dither is a Weyl sequence over the steps, so no generator is drawn from and resume stays
             bit-identical), h kept above −0.97·δ/N so that N·h + δ stays positive. The posterior's
-            precision is float32. Costs step time on CPUs without bf16 arithmetic (1.40 against
-            1.33× Adam on an AVX2 CPU in one run); with ``temperature=0`` the update is then no
+            precision is float32. Costs step time on CPUs without bf16 arithmetic (1.33–1.38×
+            against 1.24–1.28× Adam on an AVX2 CPU); with ``temperature=0`` the update is then no
             longer exactly ``torch.optim.Adam``'s. ``None`` (default): the parameters' dtype.
 
     Example:
