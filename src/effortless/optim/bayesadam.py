@@ -797,13 +797,7 @@ class BayesAdam(Optimizer):
             out.append(torch.addcdiv(p.data, unit, inv_sigma, value=sign))
         return out
 
-    def _run_fused(self, name: str, *args, hp=None):
-        if hp is not None:  # (the step kernels: hp after the lists, then the averaging's weight)
-            lists = [a for a in args if type(a) is list]
-            args = (*lists, hp, *[a for a in args if type(a) is not list])
-        return self._run_fused_args(name, *args)
-
-    def _run_fused_args(self, name: str, *args):
+    def _run_fused(self, name: str, *args):
         """Run a compiled kernel; on a compilation failure warn once and return _FAILED (go eager).
         Under a user's dispatch mode (``FlopCounterMode``, a memory counter) torch.compile refuses to
         run, and a refused frame stays refused for the process: the same math then runs uncompiled
@@ -1492,11 +1486,8 @@ class BayesAdam(Optimizer):
             )
         ]  # fmt: skip
         name = "reparam_step_theta" if self._pending_theta else "reparam_step"
-        call = self._with_average(name, todo, cols, group, step)
-        if self._run_fused(*call, hp=hp) is _FAILED:
+        if not self._run_step_kernel(name, todo, cols, hp, group, step):
             return rest + todo
-        if call[0].endswith("_avg"):
-            self._averaged.update(it[0] for it in todo)
         return rest
 
     def _given_fusable(self) -> bool:
@@ -1531,24 +1522,26 @@ class BayesAdam(Optimizer):
             cols.append([it[1]["noise"] for it in todo])
         cols = [_kernel_views(col) for col in cols]
         name = "given_step_theta" if self._pending_theta else "given_step"
-        call = self._with_average(name, todo, cols, group, step)
-        if self._run_fused(*call, hp=hp) is _FAILED:
+        if not self._run_step_kernel(name, todo, cols, hp, group, step):
             return rest + todo
-        if call[0].endswith("_avg"):
-            self._averaged.update(it[0] for it in todo)
         return rest
 
-    def _with_average(self, name, todo, cols, group, step):
-        """(kernel name, its list arguments) for a step kernel: the ``_avg`` variant, which also
-        moves the averaged means towards the new μ in the same pass (saving the averaging's own
-        pass over μ̄ and μ, ~0.1 ms of a 3.6 ms step on the MLP of ``benchmarks/step_cost.py``),
-        when every tensor has one (the caller marks them done for :meth:`_average_means`)."""
+    def _run_step_kernel(self, name, todo, cols, hp, group, step) -> bool:
+        """Run the step kernel ``name`` over ``todo``; False when it cannot run (go eager). Where
+        every tensor has an averaged mean, its ``_avg`` variant, which also moves them towards the
+        new μ in the same pass (saving the averaging's own pass over μ̄ and μ, ~0.1 ms of a 3.6 ms
+        step on the MLP of ``benchmarks/step_cost.py``); those tensors are then marked done for
+        :meth:`_average_means`."""
         if group.get("averaging") is None or not all("mean_avg" in it[1] for it in todo):
-            return (name, *cols)
+            return self._run_fused(name, *cols, hp) is not _FAILED
         first = todo[0][0]
         aw = torch.tensor([averaging_weight(group["averaging"], step)], dtype=first.dtype,
                           device=first.device)  # fmt: skip
-        return (name + "_avg", *cols, _kernel_views([it[1]["mean_avg"] for it in todo]), aw)
+        avgs = _kernel_views([it[1]["mean_avg"] for it in todo])
+        if self._run_fused(name + "_avg", *cols, avgs, hp, aw) is _FAILED:
+            return False
+        self._averaged.update(it[0] for it in todo)
+        return True
 
     def _flipout_step_fusable(self, many: bool) -> bool:
         """Whether the pending Flipout sample's update can run as the compiled kernel that forms
