@@ -5,17 +5,17 @@ pass over memory instead of ~4, ~18 and ~12 eager passes.
 
 The math is the same as the eager kernel in :mod:`effortless.optim.bayesadam` (tested equal to
 float64 round-off); hyperparameters travel as a tensor so that changing the learning rate or the
-bias corrections does not recompile, unbound into scalars at the top of each kernel (half the traced
-operations of slicing it: 343 against 638 for the step kernels). Tensors (contiguous: BayesAdam
-fuses only those) are passed as they are, or flattened to 1-D for chunked calls, and compiled with
-dynamic shapes. The kernels take lists of tensors and loop over them inside one compiled graph,
-which costs one call per step but a compilation that grows with the list (ResNet-18, 62 tensors: 46
-s cold, 7.7 s with a warm inductor cache). Lists longer than ``CHUNK_ABOVE`` are therefore cut into
-chunks of ``CHUNK`` tensors, passed as storage aliases rather than views and traced without duck
-shaping, so that the chunks look alike to torch.compile's guards: one compilation serves every full
-chunk and one more the remainder, whatever the model's depth (ResNet-18: 17 s cold, 4.1 s warm;
-``benchmarks/compile_time.py``). If compilation fails (no C++ compiler, unsupported platform) the
-optimizer warns once and stays eager.
+bias corrections does not recompile, unbound into scalars at the top of each kernel (calls traced by
+dynamo for the sampling and step kernels: 343 against 378 with slices). Tensors (contiguous:
+BayesAdam fuses only those) are passed as they are, or flattened to 1-D for chunked calls, and
+compiled with dynamic shapes. The kernels take lists of tensors and loop over them inside one
+compiled graph, which costs one call per step but a compilation that grows with the list (ResNet-18,
+62 tensors: 46 s cold, 7.7 s with a warm inductor cache). Lists longer than ``CHUNK_ABOVE`` are
+therefore cut into chunks of ``CHUNK`` tensors, passed as storage aliases rather than views and
+traced without duck shaping, so that the chunks look alike to torch.compile's guards: one
+compilation serves every full chunk and one more the remainder, whatever the model's depth
+(ResNet-18: 17 s cold, 4.1 s warm; ``benchmarks/compile_time.py``). If compilation fails (no C++
+compiler, unsupported platform) the optimizer warns once and stays eager.
 """
 
 from __future__ import annotations
