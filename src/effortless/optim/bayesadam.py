@@ -234,13 +234,13 @@ def dither(step: int, which: int) -> float:
 def _single_tensor_update(mu, g, m, v, h, hhat, noise, work, **hp):
     if m.dtype != mu.dtype or v.dtype != mu.dtype or h.dtype != mu.dtype:
         # bf16 state: the update on float copies, stored back rounded (v and h stochastically)
+        # (v and h still hold the old values until stored: read again there, not kept in copies)
         m32, v32, h32 = m.to(mu.dtype), v.to(mu.dtype), h.to(mu.dtype)
-        v_old, h_old = v32.clone(), h32.clone()
         _single_tensor_update(mu, g, m32, v32, h32, hhat, noise, work, **hp)
         _fused._store(m, m32)
-        _fused._store(v, v32, hp["u_v"], v_old)
+        _fused._store(v, v32, hp["u_v"], v.to(mu.dtype))
         floor = None if hp["nonnegative"] else -_fused.FLOOR * hp["prior_precision"] / hp["n_data"]
-        _fused._store(h, h32, hp["u_h"], h_old, floor)
+        _fused._store(h, h32, hp["u_h"], h.to(mu.dtype), floor)
         return
     # curvature first: the reparameterisation estimate needs σ from the old h
     sign = 1.0
@@ -1403,7 +1403,7 @@ class BayesAdam(Optimizer):
         for p, st in pairs:
             if p in fresh:
                 st["mean_avg"].copy_(p.detach())
-        done = getattr(self, "_averaged", set()) | set(fresh)
+        done = self._averaged | set(fresh)
         pairs = [(p, st) for p, st in pairs if p not in done]
         old = [(p, st) for p, st in pairs if "mean_avg" in st]
         for p, st in pairs:
