@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -36,15 +35,16 @@ import torch.nn.functional as F
 
 import effortless as ef
 from effortless.experiments.memory import measure_step, optimizer_tensors
+from effortless.experiments.timing import interleaved, paired_ratio
 from effortless.models import MLP
 
 
-def make_runners(batch, n_data: int, methods: list[str], hidden=(256, 256)):
+def make_runners(batch, n_data: int, methods: list[str], hidden=(256, 256), classes: int = 10):
     x, y = batch
     runners = {}
     for name in methods:
         torch.manual_seed(0)
-        model = MLP(784, list(hidden), 10)
+        model = MLP(x.shape[1], list(hidden), classes)
         if name == "adam":
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
@@ -98,19 +98,8 @@ def make_runners(batch, n_data: int, methods: list[str], hidden=(256, 256)):
 
 
 def _time(runners, reps, warmup, block=10):
-    """Per-iteration times of every runner, interleaved: warmup rounds, then ``reps`` rounds of
-    ``block`` iterations per runner; each time is a block's mean per iteration."""
-    for _ in range(warmup):
-        for _, _, it in runners.values():
-            it()
-    times = {m: [] for m in runners}
-    for _ in range(reps):
-        for m, (_, _, it) in runners.items():
-            t0 = time.perf_counter()
-            for _ in range(block):
-                it()
-            times[m].append((time.perf_counter() - t0) / block)
-    return times
+    """Per-iteration times of every runner, interleaved (see ``effortless.experiments.timing``)."""
+    return interleaved({m: it for m, (_, _, it) in runners.items()}, reps, warmup, block)
 
 
 def main(argv=None):
@@ -121,6 +110,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--hidden", default="256,256", help="hidden widths of the MLP (default 256,256)")
+    ap.add_argument("--features", type=int, default=784, help="inputs of the MLP (default 784)")
+    ap.add_argument("--classes", type=int, default=10, help="outputs of the MLP (default 10)")
+    ap.add_argument("--n-data", type=int, default=60000, help="n_data given to the Bayesian optimizers")
     ap.add_argument("--methods", default="adam,bayesadam,bayesadam-eager,ivon",
                     help="comma list; bayesadam (defaults), bayesadam-eager, bayesadam-fused, bayesadam-last "
                     "(averaging=None), bayesadam-reuseK (noise_reuse=K), bayesadam-bf16 (bf16 state), "
@@ -139,16 +131,16 @@ def main(argv=None):
     except ImportError:
         methods = [m for m in methods if m != "ivon"]
     g = torch.Generator().manual_seed(0)
-    batch = (torch.rand(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g))
+    batch = (torch.rand(128, args.features, generator=g), torch.randint(0, args.classes, (128,), generator=g))
     hidden = [int(h) for h in args.hidden.split(",")]
     if args.cycle:  # one interleaved cycle of every method
-        runners = make_runners(batch, 60000, methods, hidden)
+        runners = make_runners(batch, args.n_data, methods, hidden, args.classes)
         times = _time(runners, args.reps, args.warmup, args.block)
         pairs = {m: (runners, times) for m in methods}
     else:  # each method interleaved with its own Adam only
         pairs = {}
         for m in methods[1:] or methods:
-            runners = make_runners(batch, 60000, ["adam", m], hidden)
+            runners = make_runners(batch, args.n_data, ["adam", m], hidden, args.classes)
             pairs[m] = (runners, _time(runners, args.reps, args.warmup, args.block))
         adam_times = [t for _, times in pairs.values() for t in times["adam"]]
         pairs["adam"] = (next(iter(pairs.values()))[0], {"adam": adam_times})
@@ -160,12 +152,11 @@ def main(argv=None):
         model, opt, it = runners[m]
         _, peak_bytes = measure_step(it, model, opt, batch)
         pbytes = 4 * n_params
-        ratios = [1.0] * len(times[m]) if m == "adam" else [t / a for t, a in zip(times[m], times["adam"])]
         rows.append(
             dict(
                 method=m,
                 step_ms=1000 * statistics.median(times[m]),
-                ratio_to_adam=statistics.median(ratios),
+                ratio_to_adam=1.0 if m == "adam" else paired_ratio(times[m], times["adam"]),
                 peak_mem_x_params=(peak_bytes - 4 * batch[0].numel() - 8 * batch[1].numel()) / pbytes,
                 # (in float32 parameters' worth of bytes: bf16 state counts half)
                 state_x_params=sum(t.numel() * t.element_size() for t in optimizer_tensors(opt)) / pbytes,
@@ -175,10 +166,12 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(reps=args.reps, block=args.block, threads=args.threads, hidden=hidden, n_params=n_params,
+                features=args.features, classes=args.classes, n_data=args.n_data,
                 torch=torch.__version__, protocol="cycle" if args.cycle else "pairs")  # fmt: skip
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
-        f"MLP 784-{'-'.join(map(str, hidden))}-10 ({n_params} parameters), batch 128, "
+        f"MLP {args.features}-{'-'.join(map(str, hidden))}-{args.classes} ({n_params} parameters), "
+        "batch 128, "
         f"{args.threads} thread(s), "
         f"{args.reps} interleaved reps of {args.block} iterations, medians; "
         + ("all methods in one cycle." if args.cycle else "each method interleaved with its own Adam run."),

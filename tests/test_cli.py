@@ -47,7 +47,10 @@ def test_quick_demo_writes_results_and_plots(tmp_path):
             steps = round(1000 * r["train_seconds"] / r["step_ms"])
             later = 1000 * (r["train_seconds"] - r["first_step_s"]) / (steps - 1)
             assert abs(r["later_step_ms"] - later) < 1e-6 * later
+            # the interleaved per-step cost, against Adam (1 for Adam itself)
+            assert r["step_ratio"] == 1.0 if r["method"] == "Adam (MAP)" else 0.5 < r["step_ratio"] < 20
     assert "first step" in (tmp_path / "results.md").read_text()
+    assert "step × Adam (interleaved)" in (tmp_path / "results.md").read_text()
     for name in ("results.md", "reliability.png", "confidence_hist.png", "toy_regression.png"):
         assert (tmp_path / name).stat().st_size > 0
 
