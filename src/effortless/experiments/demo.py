@@ -28,8 +28,8 @@ TIMING_NOTE = (
     "from inductor's on-disk cache after the first run on a machine (several seconds cold, a few "
     "warm). The step time after it is each run's own mean, one run after the other, so machine noise "
     "between the runs shows in it; 'step × Adam' times both optimizers on fresh copies of the "
-    "network, interleaved in blocks of 10 steps on one batch, the median of the paired ratios "
-    "(benchmarks/step_cost.py's protocol)."
+    "network, interleaved in blocks of steps on one batch (30 blocks of 10; 3 of 2 with --quick), "
+    "the median of the paired ratios (benchmarks/step_cost.py's protocol)."
 )
 COLUMNS = ["accuracy", "nll", "ece", "brier", "ood_auroc", "train_seconds", "step_ms"]
 
