@@ -6,6 +6,7 @@ from :mod:`effortless.experiments.defaults_study`. Writes results.json and resul
     python benchmarks/defaults.py --tasks fmnist-mlp,mnist1d-mlp,digits --seeds 3 --out runs/defaults
     python benchmarks/defaults.py --bayesadam '{"temperature": 0.03}'   # try other settings
     python benchmarks/defaults.py --bayesadam '{"state_dtype": "bfloat16"}'  # m, v, h in bf16
+    python benchmarks/defaults.py --bayesadam '{"averaging": null, "state_dtype": {"hess": "bfloat16"}}'
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     kwargs = json.loads(args.bayesadam)
     run_kwargs = dict(kwargs)
-    if isinstance(kwargs.get("state_dtype"), str):  # JSON has no dtypes: "bfloat16" → torch.bfloat16
-        run_kwargs["state_dtype"] = getattr(torch, kwargs["state_dtype"])
+    sd = kwargs.get("state_dtype")  # JSON has no dtypes: "bfloat16" → torch.bfloat16 (also in a dict)
+    if isinstance(sd, str):
+        run_kwargs["state_dtype"] = getattr(torch, sd)
+    elif isinstance(sd, dict):
+        run_kwargs["state_dtype"] = {k: None if v is None else getattr(torch, v) for k, v in sd.items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -57,18 +57,21 @@ def make_runners(batch, n_data: int, methods: list[str], hidden=(256, 256), clas
             # bayesadam, bayesadam:KEY, bayesadam:KEY:bf16 (bf16 curvature products),
             # bayesadam-eager (fused=False), bayesadam-fused (fused=True), bayesadam-last
             # (averaging=None: the last iterate, no average of the means kept), bayesadam-reuseK
-            # (noise_reuse=K), bayesadam-bf16 (state_dtype=torch.bfloat16: m, v and h in bf16)
+            # (noise_reuse=K), bayesadam-bf16 (state_dtype=torch.bfloat16: m, v and h in bf16),
+            # bayesadam-hbf16 and bayesadam-last-hbf16 (only h in bf16; the latter with averaging=None)
             parts = name.split(":")
             key = parts[1] if len(parts) > 1 else "reparam"
             product_dtype = torch.bfloat16 if parts[2:] == ["bf16"] else None
             if parts[2:] not in ([], ["bf16"]):
                 raise ValueError(f"unknown method {name!r}")
             fused = {"bayesadam-eager": False, "bayesadam-fused": True}.get(parts[0])
-            extra = {"averaging": None} if parts[0] == "bayesadam-last" else {}
+            extra = {"averaging": None} if parts[0].startswith("bayesadam-last") else {}
             if parts[0].startswith("bayesadam-reuse"):  # bayesadam-reuseK: noise_reuse=K
                 extra = {"noise_reuse": int(parts[0][len("bayesadam-reuse"):])}
             if parts[0] == "bayesadam-bf16":
                 extra = {"state_dtype": torch.bfloat16}
+            if parts[0] in ("bayesadam-hbf16", "bayesadam-last-hbf16"):  # only the curvature in bf16
+                extra["state_dtype"] = {"hess": torch.bfloat16}
             opt = ef.BayesAdam(model.parameters(), n_data=n_data, hessian=key, batch_size=len(x), fused=fused,
                                product_dtype=product_dtype, **extra)  # fmt: skip
 
@@ -116,6 +119,7 @@ def main(argv=None):
     ap.add_argument("--methods", default="adam,bayesadam,bayesadam-eager,ivon",
                     help="comma list; bayesadam (defaults), bayesadam-eager, bayesadam-fused, bayesadam-last "
                     "(averaging=None), bayesadam-reuseK (noise_reuse=K), bayesadam-bf16 (bf16 state), "
+                    "bayesadam-hbf16 / bayesadam-last-hbf16 (only the curvature in bf16), "
                     "bayesadam:KEY for another Hessian estimator (bayesadam:KEY:bf16 with bf16 curvature "
                     "products), ivon (if installed)")  # fmt: skip
     ap.add_argument("--cycle", action="store_true",

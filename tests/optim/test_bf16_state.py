@@ -209,3 +209,104 @@ def test_bf16_state_lowers_the_peak_memory_of_a_step():
     n = sum(p.numel() for p in model.parameters())
     saved = (peaks[None] - peaks[BF16]) / (4 * n)
     assert 1.0 < saved <= 1.5, saved
+
+
+# -- only some of the state in bf16 (state_dtype as a dict) --------------------------------------
+
+HESS_ONLY = {"hess": BF16}
+
+
+def test_a_dict_names_the_state_kept_in_bf16():
+    model = _mlp()
+    x, y = _data()
+    opt = ef.BayesAdam(model.named_parameters(), n_data=64, state_dtype=HESS_ONLY)
+    for _ in range(3):
+        _step(model, opt, x, y)
+    st = opt.state[model[0].weight]
+    f32 = torch.float32
+    assert (st["exp_avg"].dtype, st["exp_avg_sq"].dtype, st["hess"].dtype) == (f32, f32, BF16)
+    post = opt.posterior()
+    assert post.precision["0.weight"].dtype == torch.float32
+    torch.testing.assert_close(post.precision["0.weight"], (st["hess"].float() * 64 + 1.0) / 0.01)
+
+
+def test_curvature_in_bf16_keeps_temperature_zero_exactly_adam():
+    """m and v in float32: without noise the mean's update is torch.optim.Adam's (its fused
+    kernel, which the eager path runs), bit for bit, whatever h is kept in."""
+    x, y = _data()
+    m1, m2 = _mlp(), _mlp()
+    adam = torch.optim.Adam(m1.parameters(), lr=1e-2, weight_decay=3.0 / 64, fused=True)
+    ba = ef.BayesAdam(m2.parameters(), n_data=64, lr=1e-2, prior_precision=3.0, temperature=0.0,
+                      state_dtype=HESS_ONLY, fused=False)  # fmt: skip
+    for _ in range(10):
+        adam.zero_grad()
+        F.cross_entropy(m1(x), y).backward()
+        adam.step()
+        _step(m2, ba, x, y)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_curvature_in_bf16_fused_step_equals_the_eager_step():
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64, state_dtype=HESS_ONLY, fused=True,
+                       generator=torch.Generator().manual_seed(1))  # fmt: skip
+    for _ in range(4):
+        _step(model, opt, x, y)
+    twin = copy.deepcopy(model)
+    eager = ef.BayesAdam(twin.parameters(), n_data=64, state_dtype=HESS_ONLY, fused=False)
+    eager.load_state_dict(copy.deepcopy(opt.state_dict()))
+    st = eager.state[twin[0].weight]
+    assert (st["hess"].dtype, st["exp_avg"].dtype) == (BF16, torch.float32)
+    _step(model, opt, x, y)
+    _step(twin, eager, x, y)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][k], eager.state[q][k], rtol=1e-5, atol=1e-9)
+        a, b = opt.state[p]["hess"].float(), eager.state[q]["hess"].float()
+        spacing = (a.abs() * (1 + 0.75 * 2**-7)).to(BF16).float() - a.abs()
+        assert ((a - b).abs() <= spacing).all()  # at most one bf16 step apart
+        assert (a != b).float().mean() < 0.05
+
+
+def test_curvature_in_bf16_resumes_bit_identically():
+    x, y = _data(n=96)
+
+    def make(seed):
+        model = _mlp()
+        return model, ef.BayesAdam(model.parameters(), n_data=96, state_dtype=HESS_ONLY,
+                                   generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+    def run(model, opt, start, stop):
+        for i in range(start, stop):
+            _step(model, opt, x[(i % 3) * 32 : (i % 3 + 1) * 32], y[(i % 3) * 32 : (i % 3 + 1) * 32])
+
+    ref = make(3)
+    run(*ref, 0, 9)
+    a = make(3)
+    run(*a, 0, 4)
+    ckpt = round_trip(a[0], a[1])
+    b = make(99)
+    b[0].load_state_dict(ckpt["model"])
+    b[1].load_state_dict(ckpt["opt"])
+    st = b[1].state[b[0][0].weight]
+    assert (st["exp_avg"].dtype, st["hess"].dtype) == (torch.float32, BF16)
+    run(*b, 4, 9)
+    for p, q in zip(ref[0].parameters(), b[0].parameters()):
+        assert torch.equal(p, q)
+        for k in ("exp_avg", "exp_avg_sq", "hess"):
+            assert torch.equal(ref[1].state[p][k], b[1].state[q][k]), k
+
+
+@pytest.mark.parametrize("state_dtype,match", [
+    ({"hessian": BF16}, "unknown keys"),
+    ({"hess": torch.float16}, "dtypes must be"),
+    ({"exp_avg": "bfloat16"}, "dtypes must be"),
+])  # fmt: skip
+def test_bad_state_dtype_dicts_are_refused_by_name(state_dtype, match):
+    with pytest.raises(ValueError, match=match):
+        ef.BayesAdam(_mlp().parameters(), n_data=8, state_dtype=state_dtype)
+    with pytest.raises(ValueError, match="float32 parameters"):
+        ef.BayesAdam(_mlp().double().parameters(), n_data=8, state_dtype=HESS_ONLY)

@@ -175,7 +175,8 @@ def bayesadam_update(
     for idx in chunks:
         kinds = {_kind(rows[i], temperature) for i in idx}
         mixed = len({(rows[i][0].device, rows[i][0].dtype) for i in idx}) > 1
-        lowp = any(rows[i][2].dtype != rows[i][0].dtype for i in idx)  # bf16 state: one at a time
+        # bf16 in any of m, v, h: one tensor at a time (float copies, rounded stores)
+        lowp = any(t.dtype != rows[i][0].dtype for i in idx for t in rows[i][2:5])
         if len(idx) == 1 or len(kinds) > 1 or mixed or lowp:
             for i in idx:
                 for part in _slices(rows[i], FOREACH_CHUNK):
@@ -479,10 +480,9 @@ class BayesAdam(Optimizer):
         distributed: str = "auto",
         process_group=None,
         product_dtype: torch.dtype | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | dict | None = None,
     ):
-        if state_dtype not in (None, torch.float32, torch.bfloat16):
-            raise ValueError(f"state_dtype must be None, torch.float32 or torch.bfloat16, got {state_dtype!r}")  # noqa: E501
+        self._state_dtypes = _state_dtypes(state_dtype)
         self.state_dtype = state_dtype
         self.product_dtype = product_dtype
         # "marglik": ef.laplace's name for the same thing (tuned by the marginal likelihood)
@@ -557,9 +557,9 @@ class BayesAdam(Optimizer):
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
             generator = torch.Generator(device=first.device).manual_seed(seed)
         self.generator = generator
-        if state_dtype == torch.bfloat16:
+        if torch.bfloat16 in self._state_dtypes.values():
             if any(p.dtype != torch.float32 for _, p in self._params()):
-                raise ValueError("state_dtype=torch.bfloat16 needs float32 parameters")
+                raise ValueError("state_dtype: bf16 state needs float32 parameters")
             if fused and not _fused.lowp_state_supported():
                 raise ValueError("fused=True with bf16 state needs a torch whose inductor has "
                                  "emulate_precision_casts; use fused=False")  # fmt: skip
@@ -901,11 +901,12 @@ class BayesAdam(Optimizer):
         if not state:
             state["step"] = 0
             state["hess_step"] = 0
-            dtype = self.state_dtype or p.dtype
-            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            dtypes = {k: d or p.dtype for k, d in self._state_dtypes.items()}
+            fmt = torch.preserve_format
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtypes["exp_avg"], memory_format=fmt)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtypes["exp_avg_sq"], memory_format=fmt)
             state["hess"] = torch.full_like(
-                p, group["hess_init"], dtype=dtype, memory_format=torch.preserve_format
+                p, group["hess_init"], dtype=dtypes["hess"], memory_format=torch.preserve_format
             )
         return state
 
@@ -1849,11 +1850,10 @@ class BayesAdam(Optimizer):
         # checkpoints from before `averaging` existed trained without it: they resume without it
         state_dict["param_groups"] = [{"averaging": None, **g} for g in state_dict["param_groups"]]
         super().load_state_dict(state_dict)
-        if self.state_dtype is not None:  # (torch casts floating state to the parameter's dtype)
+        for key, dtype in self._state_dtypes.items():  # (torch casts floating state to the parameter's dtype)
             for st in self.state.values():
-                for key in ("exp_avg", "exp_avg_sq", "hess"):
-                    if key in st:
-                        st[key] = st[key].to(self.state_dtype)
+                if dtype is not None and key in st:
+                    st[key] = st[key].to(dtype)
         self.generator.set_state(extra["rng_state"])
         self._phase = int(extra["antithetic_phase"])
         # checkpoints from before `noise_reuse` existed drew fresh noise every pair
@@ -2024,6 +2024,29 @@ def _check_averaging(averaging) -> None:
 def _check_hess_beta(hess_beta) -> None:
     if hess_beta is not None and not (_is_number(hess_beta) and 0 <= hess_beta < 1):
         raise ValueError(f"hess_beta must be in [0, 1) or None, got {hess_beta!r}")
+
+
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "hess")
+
+
+def _state_dtypes(state_dtype) -> dict:
+    """``state_dtype`` (one dtype for m, v and h, or a dict naming some of ``exp_avg``,
+    ``exp_avg_sq``, ``hess``) as a dtype or None (the parameters') for each of the three."""
+    allowed = (None, torch.float32, torch.bfloat16)
+    if isinstance(state_dtype, dict):
+        unknown = set(state_dtype) - set(_STATE_KEYS)
+        if unknown:
+            raise ValueError(f"state_dtype: unknown keys {sorted(unknown)}; the keys are {list(_STATE_KEYS)}")
+        bad = {k: v for k, v in state_dtype.items() if v not in allowed}
+        if bad:
+            raise ValueError(f"state_dtype: dtypes must be None, torch.float32 or torch.bfloat16, got {bad}")
+        return {k: state_dtype.get(k) for k in _STATE_KEYS}
+    if state_dtype not in allowed:
+        raise ValueError(
+            "state_dtype must be None, torch.float32, torch.bfloat16 or a dict of them keyed by "
+            f"{list(_STATE_KEYS)}, got {state_dtype!r}"
+        )
+    return dict.fromkeys(_STATE_KEYS, state_dtype)
 
 
 def _check_positive(name, value, allow_zero=False):
