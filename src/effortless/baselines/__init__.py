@@ -11,6 +11,7 @@ module                 methods
 :mod:`.map`            ``map`` (Adam)
 :mod:`.bayesadam`      ``bayesadam``, ``bayesadam-<key>`` for every Hessian key
 :mod:`.bayesadam`      ``bayesadam-bf16``: the defaults with bf16 optimizer state
+:mod:`.bayesadam`      ``bayesadam-lowmem``: only the curvature in bf16, no averaged mean
 :mod:`.mc_dropout`     ``mc-dropout``
 :mod:`.ensemble`       ``ensemble`` (5 members, cost summed)
 :mod:`.temperature`    ``temperature`` (MAP + temperature scaling)
@@ -52,6 +53,7 @@ METHODS: dict[str, Callable[..., Fitted]] = {
     "bayesadam": bayesadam.make_fit("reparam"),
     **{f"bayesadam-{k}": bayesadam.make_fit(k) for k in estimators.ESTIMATORS},
     "bayesadam-bf16": bayesadam.make_fit("reparam", state_dtype=torch.bfloat16),
+    "bayesadam-lowmem": bayesadam.make_fit("reparam", **bayesadam.LOWMEM),
     "mc-dropout": mc_dropout.fit,
     "ensemble": ensemble.fit,
     "temperature": temperature.fit,
@@ -69,6 +71,7 @@ REGRESSION_METHODS: dict[str, Callable[..., FittedRegression]] = {
     "bayesadam": bayesadam.make_fit_regression("reparam"),
     **{f"bayesadam-{k}": bayesadam.make_fit_regression(k) for k in estimators.ESTIMATORS},
     "bayesadam-bf16": bayesadam.make_fit_regression("reparam", state_dtype=torch.bfloat16),
+    "bayesadam-lowmem": bayesadam.make_fit_regression("reparam", **bayesadam.LOWMEM),
     "mc-dropout": mc_dropout.fit_regression,
     "ensemble": ensemble.fit_regression,
     "laplace": laplace.fit_regression,
