@@ -150,6 +150,7 @@ def bayesadam_update(
     temp = temperature if temperature > 0 else 1.0
     hp = dict(
         step=step,
+        step_tensors={},  # (the fused Adam kernel's step count, made once per device)
         bc1=1.0 - beta1**step,
         bc2_sqrt=math.sqrt(1.0 - beta2**step),
         wd=prior_precision / n_data,
@@ -291,9 +292,12 @@ def _adam_mean_(mus, grads, ms, vs, hp) -> bool:
     for group in (mus, grads, ms, vs):
         if any(t.device != dev or t.dtype != dtype or not t.is_contiguous() for t in group):
             return False
-    # the bias corrections come from the step count, as 1 − β^t in double precision (as ours)
-    step = torch.tensor(float(hp["step"]), device=dev)
-    _FUSED_ADAM(mus, grads, ms, vs, [], [step] * len(mus), lr=hp["lr"], beta1=hp["beta1"],
+    # the bias corrections come from the step count, as 1 − β^t in double precision (as ours); one
+    # tensor per device for all the chunks and slices of an update
+    steps = hp["step_tensors"]
+    if dev not in steps:
+        steps[dev] = torch.tensor(float(hp["step"]), device=dev)
+    _FUSED_ADAM(mus, grads, ms, vs, [], [steps[dev]] * len(mus), lr=hp["lr"], beta1=hp["beta1"],
                 beta2=hp["beta2"], weight_decay=hp["wd"], eps=hp["eps"], amsgrad=False,
                 maximize=False)  # fmt: skip
     return True
