@@ -239,12 +239,17 @@ def _single_tensor_update(mu, g, m, v, h, hhat, noise, work, **hp):
     if m.dtype != mu.dtype or v.dtype != mu.dtype or h.dtype != mu.dtype:
         # bf16 state: the update on float copies, stored back rounded (v and h stochastically)
         # (v and h still hold the old values until stored: read again there, not kept in copies)
+        # (state already in μ's dtype, e.g. m and v with state_dtype={"hess": bf16}, is updated in
+        # place: `.to` returns it as it is, and there is nothing to store back)
         m32, v32, h32 = m.to(mu.dtype), v.to(mu.dtype), h.to(mu.dtype)
         _single_tensor_update(mu, g, m32, v32, h32, hhat, noise, work, **hp)
-        _fused._store(m, m32)
-        _fused._store(v, v32, hp["u_v"], v.to(mu.dtype))
-        floor = None if hp["nonnegative"] else -_fused.FLOOR * hp["prior_precision"] / hp["n_data"]
-        _fused._store(h, h32, hp["u_h"], h.to(mu.dtype), floor)
+        if m32 is not m:
+            _fused._store(m, m32)
+        if v32 is not v:
+            _fused._store(v, v32, hp["u_v"], v.to(mu.dtype))
+        if h32 is not h:
+            floor = None if hp["nonnegative"] else -_fused.FLOOR * hp["prior_precision"] / hp["n_data"]
+            _fused._store(h, h32, hp["u_h"], h.to(mu.dtype), floor)
         return
     # curvature first: the reparameterisation estimate needs σ from the old h
     sign = 1.0
