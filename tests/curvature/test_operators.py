@@ -41,19 +41,45 @@ def test_cg_solves_the_damped_ggn_system():
     assert info["residual"] <= 1e-10 and info["iterations"] <= vec.numel() + 5
 
 
+def _whitened(draws, precision):
+    """Two distances of the draws' second moment from that of N(0, precision⁻¹), after whitening
+    by precision = LLᵀ (which makes exact draws standard normal): ‖W − I‖²_F for W the empirical
+    second moment of Lᵀx (any error: scale, correlations, a missing term) and |tr W / P − 1| (scale)."""
+    w = draws @ torch.linalg.cholesky(precision)
+    W = w.T @ w / len(draws)
+    eye = torch.eye(W.shape[0], dtype=W.dtype)
+    return float((W - eye).pow(2).sum()), abs(float(torch.diagonal(W).mean()) - 1)
+
+
 def test_cg_samples_have_the_inverse_precision_as_covariance():
-    """Empirical covariance of CG-drawn samples converges to (G + δI)⁻¹ (a stochastic test)."""
+    """Empirical covariance of CG-drawn samples converges to (G + δI)⁻¹ (a stochastic test).
+
+    The whitened distances are compared with their distribution for exact N(0, I) draws of the
+    same count (simulated here, cheap: no CG). With 800 draws on a GGN several times the prior,
+    they tell the right covariance from one 10 % off in scale, from G/2 or 2G in place of G, and
+    from δ² in place of δ; each entry is also checked within 5 standard errors."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
-    x = torch.randn(6, 2, dtype=torch.float64)
-    y = torch.randint(0, 2, (6,))
-    delta = 2.0
+    x = 3 * torch.randn(12, 2, dtype=torch.float64)
+    y = torch.randint(0, 2, (12,))
+    delta = 0.5
     P = exact.flatten(model)[0].numel()
-    cov = torch.linalg.inv(exact.ggn(model, x, y) + delta * torch.eye(P, dtype=torch.float64))
+    G, eye = exact.ggn(model, x, y), torch.eye(P, dtype=torch.float64)
+    precision = G + delta * eye
     gen = torch.Generator().manual_seed(0)
-    n = 3000
-    draws = torch.stack([_flat(operators.sample_precision(model, x, y, delta, generator=gen, tol=1e-10)[0])
+    n = 800
+    draws = torch.stack([_flat(operators.sample_precision(model, x, y, delta, generator=gen, tol=1e-8)[0])
                          for _ in range(n)])  # fmt: skip
+    null_gen = torch.Generator().manual_seed(1)
+    null = torch.tensor([_whitened(torch.randn(n, P, generator=null_gen, dtype=torch.float64), eye)
+                         for _ in range(2000)])  # fmt: skip
+    dist, scale = _whitened(draws, precision)
+    assert dist <= float(null[:, 0].quantile(0.999)) and scale <= float(null[:, 1].quantile(0.999))
+    wrongs = (1.1 * precision, precision / 1.1, G / 2 + delta * eye, 2 * G + delta * eye, G + delta**2 * eye)
+    for wrong in wrongs:  # the test's power: each is beyond every exact draw set
+        d, s = _whitened(draws, wrong)
+        assert d > float(null[:, 0].max()) or s > float(null[:, 1].max())
+    cov = torch.linalg.inv(precision)
     emp = draws.T @ draws / n
     # each entry's standard error: sqrt((Σ_ii Σ_jj + Σ_ij²) / n)
     d = torch.diagonal(cov)
