@@ -19,17 +19,42 @@ def _logistic(n=64, d=4, seed=0):
     return model, X, y
 
 
+def _per_sample_grads(model, loss, n):
+    """Each parameter's gradients of loss(i) for i < n, stacked (n, *shape)."""
+    params = list(model.parameters())
+    rows = [torch.autograd.grad(loss(i), params) for i in range(n)]
+    return [torch.stack(col) for col in zip(*rows)]
+
+
+def _feed_adam(opt, model, per_sample, batch, steps, generator):
+    """Adam steps whose gradient is the mean of ``batch`` per-sample gradients drawn with replacement:
+    with lr = 0 the weights stay put, so this is the minibatch gradient a forward and backward would
+    give (to round-off), at a fraction of the cost."""
+    params = list(model.parameters())
+    for _ in range(steps):
+        idx = torch.randint(0, len(per_sample[0]), (batch,), generator=generator)
+        for p, g in zip(params, per_sample):
+            p.grad = g[idx].mean(0)
+        opt.step()
+    return opt
+
+
 def _run_adam(model, X, y, batch, steps, opt_cls=torch.optim.Adam, seed=0, **kw):
     """lr = 0: the weights stay put, so Adam's EMAs average gradients at one fixed θ over
     minibatches drawn with replacement (where E ū² = m² + (F − m²)/B holds exactly)."""
     opt = opt_cls(model.parameters(), lr=0.0, betas=(0.9999, 0.9999), **kw)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(X), (batch,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(model(X[idx]), y[idx]).backward()
-        opt.step()
-    return opt
+    per_sample = _per_sample_grads(model, lambda i: F.cross_entropy(model(X[i : i + 1]), y[i : i + 1]), len(X))
+    return _feed_adam(opt, model, per_sample, batch, steps, torch.Generator().manual_seed(seed))
+
+
+def test_fed_gradients_are_the_minibatch_gradients():
+    """The shortcut the tests take: the mean of per-sample gradients is what backward gives."""
+    model, X, y = _logistic()
+    per_sample = _per_sample_grads(model, lambda i: F.cross_entropy(model(X[i : i + 1]), y[i : i + 1]), len(X))
+    idx = torch.tensor([3, 3, 17, 40])
+    F.cross_entropy(model(X[idx]), y[idx]).backward()
+    for p, g in zip(model.parameters(), per_sample):
+        torch.testing.assert_close(g[idx].mean(0), p.grad, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("batch", [1, 8])
@@ -106,11 +131,8 @@ def test_linear_regression_at_the_least_squares_solution_recovers_efisher_and_gg
     with torch.no_grad():
         model.weight.copy_(torch.linalg.lstsq(X, y[:, None]).solution.T)
     opt = torch.optim.Adam(model.parameters(), lr=0.0, betas=(0.9999, 0.9999))
-    for _ in range(20000):
-        idx = torch.randint(0, n, (16,), generator=g)
-        opt.zero_grad()
-        (0.5 * (y[idx] - model(X[idx]).squeeze(-1)).pow(2)).mean().backward()
-        opt.step()
+    per_sample = _per_sample_grads(model, lambda i: 0.5 * (y[i] - model(X[i : i + 1]).squeeze()).pow(2), n)
+    _feed_adam(opt, model, per_sample, 16, 20000, g)
     post = ef.posterior_from_adam(model, opt, n_data=n, batch_size=16, prior_precision=1.0)
     implied = post.precision["weight"] - 1.0
     ef_ref = exact.diag(model, X, y[:, None], "efisher", likelihood="regression")["weight"]
