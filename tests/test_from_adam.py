@@ -43,14 +43,14 @@ def _run_adam(model, X, y, batch, steps, opt_cls=torch.optim.Adam, seed=0, **kw)
     """lr = 0: the weights stay put, so Adam's EMAs average gradients at one fixed θ over
     minibatches drawn with replacement (where E ū² = m² + (F − m²)/B holds exactly)."""
     opt = opt_cls(model.parameters(), lr=0.0, betas=(0.9999, 0.9999), **kw)
-    per_sample = _per_sample_grads(model, lambda i: F.cross_entropy(model(X[i : i + 1]), y[i : i + 1]), len(X))
+    per_sample = _per_sample_grads(model, lambda i: F.cross_entropy(model(X[i, None]), y[i, None]), len(X))
     return _feed_adam(opt, model, per_sample, batch, steps, torch.Generator().manual_seed(seed))
 
 
 def test_fed_gradients_are_the_minibatch_gradients():
     """The shortcut the tests take: the mean of per-sample gradients is what backward gives."""
     model, X, y = _logistic()
-    per_sample = _per_sample_grads(model, lambda i: F.cross_entropy(model(X[i : i + 1]), y[i : i + 1]), len(X))
+    per_sample = _per_sample_grads(model, lambda i: F.cross_entropy(model(X[i, None]), y[i, None]), len(X))
     idx = torch.tensor([3, 3, 17, 40])
     F.cross_entropy(model(X[idx]), y[idx]).backward()
     for p, g in zip(model.parameters(), per_sample):
