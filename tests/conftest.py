@@ -1,7 +1,22 @@
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory):
+    """Generated data (MNIST-1D) is cached for the whole run in a fresh directory, which the
+    subprocesses the tests start inherit: the suite neither reads nor fills the user's cache."""
+    old = os.environ.get("EFFORTLESS_CACHE")
+    os.environ["EFFORTLESS_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+    yield
+    if old is None:
+        os.environ.pop("EFFORTLESS_CACHE")
+    else:
+        os.environ["EFFORTLESS_CACHE"] = old
 
 
 @pytest.fixture(autouse=True)

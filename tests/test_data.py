@@ -67,6 +67,49 @@ def test_mnist1d_is_generated_deterministically_and_leaves_numpy_rng_alone():
     assert a.x_train.shape == (400, 40) and torch.equal(a.x_train, b.x_train)
 
 
+def _refuse_generating(monkeypatch):
+    import mnist1d.data
+
+    def refuse(args):
+        raise AssertionError("generated, not read from the cache")
+
+    monkeypatch.setattr(mnist1d.data, "make_dataset", refuse)
+
+
+def test_mnist1d_is_cached_on_disk_and_read_back_bitwise(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFORTLESS_CACHE", str(tmp_path / "cache"))
+    fresh = data.mnist1d(n=300, seed=5)
+    files = list((tmp_path / "cache").glob("mnist1d-*-n300-seed5.pt"))
+    assert len(files) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
+    fresh.x_train.add_(1.0)  # a caller's in-place edit does not reach the cache
+    _refuse_generating(monkeypatch)
+    cached = data.mnist1d(n=300, seed=5)
+    monkeypatch.undo()
+    monkeypatch.setenv("EFFORTLESS_CACHE", "")  # no cache: generated again
+    again = data.mnist1d(n=300, seed=5)
+    for k in ("x_train", "y_train", "x_test", "y_test"):
+        a, b = getattr(cached, k), getattr(again, k)
+        assert a.dtype == b.dtype and torch.equal(a, b), k
+    assert cached.n_classes == 10 and cached.name == "mnist1d"
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # (the run without a cache wrote nothing)
+
+
+def test_a_broken_or_unwritable_cache_is_generated_around(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFORTLESS_CACHE", str(tmp_path))
+    ref = data.mnist1d(n=300, seed=5)
+    (path,) = tmp_path.glob("mnist1d-*.pt")
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    got = data.mnist1d(n=300, seed=5)
+    assert torch.equal(got.x_train, ref.x_train)
+    _refuse_generating(monkeypatch)  # and the file was written anew
+    assert torch.equal(data.mnist1d(n=300, seed=5).x_test, ref.x_test)
+    monkeypatch.undo()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("EFFORTLESS_CACHE", str(blocker / "cache"))  # its parent is a file
+    assert torch.equal(data.mnist1d(n=300, seed=5).y_train, ref.y_train)
+
+
 def test_toy_regression_has_a_gap():
     s = data.toy_regression(n=200)
     assert (s.x_train.abs() >= 1).all() and (s.x_train.abs() <= 3).all()

