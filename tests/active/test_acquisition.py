@@ -89,6 +89,19 @@ def test_batchbald_sampled_configurations_converge_to_exact():
     assert abs(float(few[-1]) - _joint_mi_brute_force(lp, few_idx.tolist())) > 1e-3
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_batchbald_in_chunks_of_the_pool_is_the_same(sampled):
+    """The pool is scored in chunks of at most ``chunk_numbers`` joint probabilities: one point at a
+    time, or a few, gives the same picks and scores as all at once."""
+    lp = _random_lp(30, 4, 6, seed=4)
+    kw = dict(max_configs=1, n_configs=50) if sampled else {}
+    ref = acq.batchbald(lp, 4, generator=torch.Generator().manual_seed(0), **kw)
+    for chunk in (1, 4 * 7):
+        got = acq.batchbald(lp, 4, generator=torch.Generator().manual_seed(0), chunk_numbers=chunk, **kw)
+        assert got[0].tolist() == ref[0].tolist()
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-12, atol=0)
+
+
 def test_batchbald_avoids_duplicates_that_top_k_bald_picks():
     """Two copies of the most informative point: BALD's top-2 takes both, BatchBALD takes one copy and
     the next most informative *different* point (the copy adds no information)."""

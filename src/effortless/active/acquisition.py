@@ -132,11 +132,13 @@ def batchbald(
         h = torch.empty(n, dtype=torch.float64)
         step = max(1, chunk_numbers // (m * c))
         weight = joint.mean(-1)  # p(ŷ_m) under the joint predictive (sampled mode)
+        joint_t = joint.T / s  # (S, M)
         for i in range(0, n, step):
-            q = torch.einsum("ms,ncs->nmc", joint, p[i : i + step]) / s  # p(ŷ_m, y_n = c)
-            plogq = (q * q.log()).nan_to_num()
-            if sampled:  # ŷ_m ~ p(ŷ): H ≈ −mean_m Σ_c q(ŷ_m, c) log q(ŷ_m, c) / p(ŷ_m)
-                h[i : i + step] = -(plogq / weight[None, :, None]).sum(-1).mean(-1)
+            chunk = p[i : i + step]
+            q = (chunk.reshape(-1, s) @ joint_t).view(len(chunk), c, m)  # p(y_n = c, ŷ_m)
+            plogq = q.xlogy_(q)  # q log q in place (0 where q = 0)
+            if sampled:  # ŷ_m ~ p(ŷ): H ≈ −mean_m Σ_c q(c, ŷ_m) log q(c, ŷ_m) / p(ŷ_m)
+                h[i : i + step] = -(plogq.sum(1) @ weight.reciprocal()) / m
             else:
                 h[i : i + step] = -plogq.sum((-2, -1))
         score = h - cond - (cond[chosen].sum() if chosen else 0.0)
