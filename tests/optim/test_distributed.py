@@ -3,6 +3,8 @@
 import gc
 import os
 import socket
+import sys
+import time
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ import effortless as ef
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 STEPS, B = 6, 16
+DEADLINE_S = 300
 
 
 def _free_port():
@@ -42,8 +45,29 @@ def _spawn(body, *args):
     # fork: the workers inherit the imported torch and effortless (a fresh interpreter each took
     # ~2 s to import them: 96 s for this file against 27 s); spawn once CUDA is initialised in this
     # process (the CUDA tests), which a forked child could not use. Workers run one thread each.
+    # A hung worker (a deadlock in gloo or after the fork) fails the test after DEADLINE_S seconds
+    # instead of holding the whole run.
     method = "spawn" if torch.cuda.is_initialized() else "fork"
-    mp.start_processes(_spawned, args=(2, _free_port(), body, *args), nprocs=2, start_method=method)
+    ctx = mp.start_processes(_spawned, args=(2, _free_port(), body, *args), nprocs=2, join=False,
+                             start_method=method)  # fmt: skip
+    end = time.monotonic() + DEADLINE_S
+    while not ctx.join(timeout=0.5):  # (raises when a worker failed)
+        if time.monotonic() > end:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"the two workers did not finish within {DEADLINE_S} s")
+
+
+def _sleep(rank):
+    time.sleep(120)
+
+
+def test_a_hung_worker_fails_the_test_instead_of_holding_the_run(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "DEADLINE_S", 2)
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="did not finish within 2 s"):
+        _spawn(_sleep)
+    assert time.monotonic() - start < 60
 
 
 def _setup():
