@@ -622,11 +622,38 @@ def test_default_generator_follows_torch_manual_seed():
         ({"n_data": 10, "nonfinite": "ignore"}, "nonfinite"),
         ({"n_data": 10, "generator": 3}, "generator"),
         ({"n_data": float("nan")}, "n_data"),
+        ({"n_data": 10, "prior_warmup": -1}, "prior_warmup"),
+        ({"n_data": 10, "distributed": "ring"}, "distributed"),
     ],
 )
 def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ef.BayesAdam(_mlp().parameters(), **kwargs)
+
+
+def test_no_parameters_and_fused_on_non_contiguous_weights_are_refused_by_name():
+    with pytest.raises(ValueError, match="empty parameter list"):  # (torch's check)
+        ef.BayesAdam([], n_data=10)
+    with pytest.raises(ValueError, match="params: the optimizer got no parameters"):
+        ef.BayesAdam([{"params": []}], n_data=10)
+    transposed = nn.Parameter(torch.randn(4, 3).t())
+    with pytest.raises(ValueError, match="fused=True needs contiguous"):
+        ef.BayesAdam([transposed], n_data=10, fused=True)
+    assert not ef.BayesAdam([transposed], n_data=10).fused  # (the default takes the eager path)
+
+
+def test_the_automatic_prior_waits_for_prior_warmup_steps():
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64, prior_precision="auto", prior_update_every=1,
+                       prior_warmup=5)  # fmt: skip
+    start = opt.param_groups[0]["prior_precision"]
+    for _ in range(4):
+        _loop_step(opt, model, x, y)
+    assert opt.param_groups[0]["prior_precision"] == start  # steps 1-4: before the warm-up ends
+    for _ in range(2):
+        _loop_step(opt, model, x, y)
+    assert opt.param_groups[0]["prior_precision"] != start
 
 
 def test_numpy_scalars_are_numbers_and_a_tensor_lr_is_named():
