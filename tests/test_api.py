@@ -163,6 +163,22 @@ def test_fit_refuses_an_iterator_used_up_after_the_first_epoch():
         ef.fit(model, once(), epochs=2, n_data=16, scheduler=None, progress=False)
 
 
+def test_fit_and_laplace_name_what_they_cannot_do():
+    x, y = _cls_data(n=16)
+    model = nn.Linear(4, 2)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return ((x[i : i + 8], y[i : i + 8]) for i in range(0, 16, 8))
+
+    with pytest.raises(ValueError, match="n_data: the loader has no dataset length"):
+        ef.fit(model, torch.utils.data.DataLoader(Stream(), batch_size=None), epochs=1, progress=False)
+    with pytest.raises(ValueError, match="scheduler must be 'cosine' or None"):
+        ef.fit(model, _loader(x, y), epochs=1, scheduler="linear", progress=False)
+    with pytest.raises(ValueError, match="the loader yielded no batches"):
+        ef.laplace(model, [], hessian="ggn", subset="last_layer")
+
+
 def test_laplace_warns_when_dropout_is_active():
     x, y = _cls_data(n=16)
     model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, 2))

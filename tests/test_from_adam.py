@@ -118,6 +118,32 @@ def test_marglik_and_clear_errors():
         ef.posterior_from_adam(model, opt, 64, 0)
 
 
+def test_frozen_weights_are_left_out_and_what_cannot_be_mapped_is_refused():
+    model, X, y = _logistic()
+    model.bias.requires_grad_(False)
+
+    def trained(**kw):
+        opt = torch.optim.Adam([model.weight], **kw)
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(X), y).backward()
+            opt.step()
+        return opt
+
+    opt = trained()
+    post = ef.posterior_from_adam(model, opt, n_data=64, batch_size=64)
+    assert list(post.precision) == ["weight"]
+    model.bias.requires_grad_(True)
+    with pytest.raises(ValueError, match="'bias' is not in the optimizer"):
+        ef.posterior_from_adam(model, opt, 64, 64)
+    model.bias.requires_grad_(False)
+    for kw in ({"amsgrad": True}, {"maximize": True}):
+        with pytest.raises(ValueError, match="amsgrad / maximize"):
+            ef.posterior_from_adam(model, trained(**kw), 64, 64)
+    with pytest.raises(ValueError, match="n_data"):
+        ef.posterior_from_adam(model, opt, 0, 64)
+
+
 def test_linear_regression_at_the_least_squares_solution_recovers_efisher_and_ggn():
     """Well-specified linear regression (noise sd 1, Gaussian NLL ½(y − xθ)²): at the least-squares
     θ̂, Adam's moments map to the dense per-sample empirical Fisher Σ r²x², and because E r² = σ² that

@@ -59,6 +59,29 @@ def test_bad_inputs_raise():
         likelihoods.get("classification").nll(torch.randn(3, 2), torch.randn(3))
     with pytest.raises(ValueError, match="same shape"):
         likelihoods.get("regression").nll(torch.randn(3, 2), torch.randn(3, 3))
+    with pytest.raises(ValueError, match=r"logits of shape \(B, C\), got \(3, 5, 2\)"):  # a sequence model's
+        likelihoods.get("classification").nll(torch.randn(3, 5, 2), torch.zeros(3, 5, dtype=torch.long))
+
+
+def test_regression_outputs_and_targets_of_shape_b_are_one_output():
+    """A regression network that returns (B,) (``.squeeze(-1)``) with (B,) targets: the same NLL and
+    curvature as the (B, 1) network."""
+    from effortless import curvature
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    flat = torch.nn.Sequential(net, torch.nn.Flatten(0))
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 1, dtype=torch.float64)
+    lik = likelihoods.get("regression", sigma_noise=0.5)
+    torch.testing.assert_close(lik.nll(flat(x), y[:, 0]), lik.nll(net(x), y))
+    for method in ("exact", "mc"):
+        a, b = (
+            curvature.diag_ggn(m, x, t, "regression", method=method, sigma_noise=0.5,
+                               generator=torch.Generator().manual_seed(1))  # fmt: skip
+            for m, t in ((net, y), (flat, y[:, 0]))
+        )
+        for k in a:
+            torch.testing.assert_close(b[f"0.{k}"], a[k])
 
 
 @pytest.mark.parametrize("name", ["classification", "regression"])
