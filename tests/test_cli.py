@@ -154,6 +154,25 @@ def test_active_runs_writes_reports_and_resumes(tmp_path):
         cli.main([*args[:8], "5", *args[9:]])  # checked against the data before any work
 
 
+def test_active_cells_in_worker_processes_equal_one_process(tmp_path):
+    """``jobs=2`` runs the cells in spawned worker processes: the same learning curves as one
+    process, and the argument checks name what is wrong before any work."""
+    from effortless.experiments import active
+
+    kw = dict(task="mnist1d-mlp", methods=("map",), acquisitions=("bald", "random"), initial=10, query=5,
+              budget=20, repeats=1, pool_subset=100, n_samples=4, epochs=1, min_steps=5, subset=300,
+              progress=False, log=lambda s: None)  # fmt: skip
+    for jobs, d in ((1, "one"), (2, "two")):
+        active.run(out=tmp_path / d, jobs=jobs, **kw)
+    curves = [{(c["method"], c["acquisition"]): (c["history"], c["labelled"]) for c in json.loads(
+        (tmp_path / d / "results.json").read_text())["cells"]} for d in ("one", "two")]  # fmt: skip
+    assert len(curves[0]) == 2 and curves[0] == curves[1]
+    for bad, name in (({"methods": ("sgd",)}, "method"), ({"acquisitions": ("nope",)}, "acquisition"),
+                      ({"hessian": "diag"}, "hessian"), ({"jobs": 0}, "repeats and jobs")):  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            active.run(out=tmp_path / "bad", **{**kw, **bad})
+
+
 def test_active_summary_numbers():
     from effortless.experiments.active import area_under_curve, labels_to_reach
 
