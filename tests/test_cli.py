@@ -55,6 +55,36 @@ def test_quick_demo_writes_results_and_plots(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_demo_falls_back_to_mnist1d_without_fashion_mnist(tmp_path, monkeypatch):
+    from effortless import data
+    from effortless.experiments import demo
+
+    monkeypatch.setenv("EFFORTLESS_FMNIST", str(tmp_path / "no-such-dir"))
+    said = []
+    split, ood, ood_name, make, epochs = demo._classification_task(False, said.append)
+    assert split.name == "mnist1d" and ood.shape[1] == 40 and ood_name == "Gaussian noise" and epochs == 30
+    assert "falling back to MNIST-1D" in said[0] and "apt-get install dataset-fashion-mnist" in said[0]
+    assert make()(split.x_test[:2]).shape == (2, 10)
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--quick", "--out", str(out), "--no-progress", "--samples", "2"]) == 0
+    rows = [r for r in json.loads((out / "results.json").read_text()) if "accuracy" in r]
+    assert {r["method"] for r in rows} >= {"Adam (MAP)", "BayesAdam (defaults)"}
+    assert all(r["task"] == "mnist1d" and 0 <= r["ood_auroc"] <= 1 for r in rows), rows
+    # Fashion-MNIST without MNIST: uniform noise is the out-of-distribution set
+    monkeypatch.undo()
+    try:
+        data.fashion_mnist()
+    except FileNotFoundError:
+        return
+
+    def no_mnist(*args, **kwargs):
+        raise FileNotFoundError("mnist")
+
+    monkeypatch.setattr(data, "mnist", no_mnist)
+    split, ood, ood_name, _, _ = demo._classification_task(True, said.append)
+    assert ood_name == "uniform noise" and ood.shape == (1000, 784) and split.x_train.shape == (3000, 784)
+
+
 def test_hessian_profile_writes_table_json_and_plot(tmp_path):
     args = ["hessian-profile", "--widths", "1,4", "--reps", "3", "--batch", "16", "--out", str(tmp_path),
             "--no-progress"]  # fmt: skip
