@@ -85,6 +85,25 @@ def test_demo_falls_back_to_mnist1d_without_fashion_mnist(tmp_path, monkeypatch)
     assert ood_name == "uniform noise" and ood.shape == (1000, 784) and split.x_train.shape == (3000, 784)
 
 
+def test_bench_shards_and_merge_from_the_command_line(tmp_path):
+    args = ["bench", "--task", "mnist1d-mlp", "--methods", "map", "--seeds", "2", "--epochs", "1",
+            "--subset", "300", "--no-progress"]  # fmt: skip
+    for i in range(2):
+        assert cli.main([*args, "--shard", f"{i}/2", "--out", str(tmp_path / f"s{i}")]) == 0
+    shards = [str(tmp_path / f"s{i}") for i in range(2)]
+    assert cli.main(["bench", "--merge", *shards, "--out", str(tmp_path / "all")]) == 0
+    rows = json.loads((tmp_path / "all" / "results.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert sorted(r["seed"] for r in rows) == [0, 1]
+    for bad in ("3", "a/b", "2/2"):
+        with pytest.raises(SystemExit, match="shard"):
+            cli.main([*args, "--shard", bad, "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="effortless bench --merge: .*does not exist"):
+        cli.main(["bench", "--merge", str(tmp_path / "missing"), "--out", str(tmp_path / "y")])
+    with pytest.raises(SystemExit, match="--pairs must look like"):
+        cli.main(["active", "--pairs", "bayesadam-bald", "--out", str(tmp_path / "z")])
+
+
 def test_hessian_profile_writes_table_json_and_plot(tmp_path):
     args = ["hessian-profile", "--widths", "1,4", "--reps", "3", "--batch", "16", "--out", str(tmp_path),
             "--no-progress"]  # fmt: skip

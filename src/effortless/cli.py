@@ -100,7 +100,10 @@ def _bench(args) -> int:
     torch.set_num_threads(args.threads) if args.threads else None
     if args.merge:
         args.out = args.out or "runs/bench"
-        bench.merge(args.merge, args.out)
+        try:
+            bench.merge(args.merge, args.out)
+        except ValueError as err:  # a missing directory, shards of different runs
+            raise SystemExit(f"effortless bench --merge: {err}") from None
         print(f"\nWrote {args.out}/results.json, results.md")
         return 0
     shard = None
@@ -142,13 +145,9 @@ def _active(args) -> int:
 
     pairs = None
     if args.pairs:
-        try:
-            pairs = [tuple(x.split(":")) for x in _csv(args.pairs)]
-            assert all(len(p) == 2 for p in pairs)
-        except AssertionError:
-            raise SystemExit(
-                f"--pairs must look like bayesadam:bald,mc-dropout:bald, got {args.pairs!r}"
-            ) from None
+        pairs = [tuple(x.split(":")) for x in _csv(args.pairs)]
+        if not all(len(p) == 2 for p in pairs):
+            raise SystemExit(f"--pairs must look like bayesadam:bald,mc-dropout:bald, got {args.pairs!r}")
     try:
         _, md = _run_active(active, args, pairs)
     except ValueError as err:  # bad names or sizes: a message, not a traceback
