@@ -47,6 +47,56 @@ def test_efisher_matches_dense(arch, backend, lik):
     )
 
 
+class _KeywordCall(torch.nn.Module):
+    """A layer called as ``fc(input=h)``: its input reaches the hook as a keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 5), torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(input=torch.tanh(self.a(x)))
+
+
+class _GroupedTransposed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.o = torch.nn.ConvTranspose2d(2, 4, 2, groups=2), torch.nn.Linear(36, 3)
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.c(x.view(-1, 2, 2, 2))).flatten(1))
+
+
+@pytest.mark.parametrize(
+    "make,inputs,backend",
+    [
+        (_KeywordCall, lambda: torch.randn(5, 4, dtype=torch.float64), "hooks"),
+        # sparse=True only picks the gradient's layout: the curvature takes dense gradients
+        (lambda: _Tokens(sparse=True), lambda: torch.randint(0, 10, (5, 5)), "hooks"),  # (_Tokens: below)
+        (_GroupedTransposed, lambda: torch.randn(5, 8, dtype=torch.float64), "func"),
+    ],
+    ids=["keyword-input", "sparse-embedding", "grouped-conv-transpose"],
+)
+def test_layers_off_the_common_path_get_the_dense_curvature(make, inputs, backend):
+    torch.manual_seed(0)
+    model, x = make().double(), inputs()
+    y = torch.randint(0, 3, (5,))
+    assert curvature.plan(model).backend == backend
+    for kind, fn in (("ggn", curvature.diag_ggn), ("efisher", curvature.diag_efisher)):
+        _assert_dict_close(fn(model, x, y), exact.diag(model, x, y, kind))
+    sparse = [m.sparse for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert sparse in ([], [True])  # (the flag is back)
+
+
+def test_why_a_layer_leaves_the_hook_engine_is_named():
+    assert "ConvTranspose2d with groups=2" in str(curvature.plan(_GroupedTransposed()))
+    assert "Embedding with max_norm" in str(curvature.plan(_Tokens(max_norm=1.0)))
+    nn = torch.nn
+    grouped = nn.Sequential(nn.Conv2d(2, 4, 2, groups=2), nn.Flatten(1), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="grouped"):
+        curvature.kfac(grouped, torch.randn(3, 2, 2, 2), torch.tensor([0, 1, 2]))
+
+
 def test_auto_picks_the_hook_engine_only_where_it_applies():
     for arch in HOOKABLE:
         assert curvature.plan(make_model(arch)).backend == "hooks", arch

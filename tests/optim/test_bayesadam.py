@@ -642,6 +642,33 @@ def test_no_parameters_and_fused_on_non_contiguous_weights_are_refused_by_name()
     assert not ef.BayesAdam([transposed], n_data=10).fused  # (the default takes the eager path)
 
 
+def test_sparse_gradients_are_refused_before_any_group_is_updated():
+    emb, lin = nn.Embedding(10, 4), nn.Linear(4, 2)
+    opt = ef.BayesAdam([{"params": lin.parameters()}, {"params": emb.parameters()}], n_data=10)
+    x, y = torch.tensor([[1, 2], [3, 4]]), torch.tensor([0, 1])
+
+    def loss():
+        return F.cross_entropy(lin(emb(x).mean(1)), y)
+
+    with opt.sampled_params(train=True):
+        loss().backward()
+    opt.step()  # a first step: state to compare against
+    kept = ("exp_avg", "exp_avg_sq", "hess", "mean_avg")  # (the noise is the next block's draw)
+    before = ({k: opt.state[lin.weight][k].clone() for k in kept}, lin.weight.detach().clone())
+    opt.zero_grad()
+    emb.sparse = True
+    with opt.sampled_params(train=True):
+        loss().backward()
+    with pytest.raises(RuntimeError, match=SPARSE):
+        opt.step()
+    assert torch.equal(lin.weight, before[1])
+    for k, v in before[0].items():
+        assert torch.equal(opt.state[lin.weight][k], v), k
+
+
+SPARSE = r"sparse gradients \(a parameter of shape \(10, 4\): an nn.Embedding\(..., sparse=True\)\?"
+
+
 def test_the_automatic_prior_waits_for_prior_warmup_steps():
     x, y = _data()
     model = _mlp()

@@ -443,8 +443,8 @@ def _module_ok(m: nn.Module) -> str | None:
         return f"{type(m).__name__} with groups={m.groups}"
     if _couples(m):
         return "BatchNorm in training mode (couples the samples of a batch)"
-    if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse):
-        return "Embedding with max_norm or sparse gradients"
+    if isinstance(m, nn.Embedding) and m.max_norm is not None:  # (sparse=True: see functional.keep_buffers)
+        return "Embedding with max_norm (renormalises its rows in place in the forward)"
     return None
 
 

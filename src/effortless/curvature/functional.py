@@ -108,20 +108,28 @@ def keep_buffers(fn):
     power-iteration vectors, and a curvature or prediction call must not move the model (nor leave
     it moved when it fails half-way). Training-mode BatchNorm still normalises with the batch's
     statistics, as in the training loss, without updating the running ones (an in-place update
-    inside a ``torch.func`` transform also fails)."""
+    inside a ``torch.func`` transform also fails).
+
+    Embeddings with ``sparse=True`` give dense gradients for the call: the flag only picks the
+    gradient's layout, and sparse tensors do not go through ``torch.func`` or the products here."""
 
     @functools.wraps(fn)
     def run(model, *args, **kwargs):
         buffers = [(b, b.clone()) for b in model.buffers()]
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         quiet = [m for m in bns if m.training and m.track_running_stats]
+        sparse = [m for m in model.modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse]
         for m in quiet:
             m.track_running_stats = False
+        for m in sparse:
+            m.sparse = False
         try:
             return fn(model, *args, **kwargs)
         finally:
             for m in quiet:
                 m.track_running_stats = True
+            for m in sparse:
+                m.sparse = True
             with torch.no_grad():
                 for b, saved in buffers:
                     b.copy_(saved)

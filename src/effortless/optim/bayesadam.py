@@ -1320,6 +1320,13 @@ class BayesAdam(Optimizer):
                 "parameters hold the means again, and the gradient mixes the sample and the mean "
                 "(nothing was updated)"
             )
+        sparse = next((p for _, p in self._params() if p.grad is not None and p.grad.is_sparse), None)
+        if sparse is not None:  # (before any group is updated)
+            raise RuntimeError(
+                f"BayesAdam does not support sparse gradients (a parameter of shape {tuple(sparse.shape)}: "
+                "an nn.Embedding(..., sparse=True)? Built with sparse=False its gradient is dense). "
+                "Nothing was updated"
+            )
         if self._n_samples == 0 and needs_sample:
             raise RuntimeError(
                 "step() needs a weight sample: run forward and backward inside "
