@@ -1373,8 +1373,6 @@ class BayesAdam(Optimizer):
             for p in group["params"]:
                 if not p.requires_grad or p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("BayesAdam does not support sparse gradients")
                 st = self._state(group, p)
                 noise, work = None, self._work.get(p)
                 if many or self.estimator.needs_model or self._reduced:
