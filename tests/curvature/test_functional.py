@@ -7,7 +7,7 @@ import torch
 
 import effortless as ef
 from effortless import curvature
-from effortless.curvature import exact, operators
+from effortless.curvature import exact, functional, operators
 from tests.conftest import ARCHS, make_batch, make_model
 
 LIKS = ["classification", "regression"]
@@ -397,15 +397,44 @@ def test_embedding_scaling_gradients_by_frequency_is_refused_for_per_sample_curv
     torch.testing.assert_close(ef.curvature.diag_hessian(model, tokens, y)["e.weight"], ref["e.weight"])
 
 
-def test_diag_hessian_through_groupnorm_falls_back_to_one_product_at_a_time():
-    """GroupNorm's double backward has no vmap rule: the batched Hessian-vector products failed
-    with "The size of tensor a (6) must match the size of tensor b (2)"."""
+def test_diag_hessian_through_groupnorm_matches_the_dense_reference():
+    """GroupNorm's double backward had no vmap rule in torch 2.13 (the batched Hessian-vector
+    products failed with "The size of tensor a (6) must match the size of tensor b (2)" and now run
+    one at a time there); torch 2.14 batches them. Either way the diagonal is the dense one."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Flatten(),
                                 torch.nn.Linear(36, 3)).double()  # fmt: skip
     x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
-    with pytest.warns(RuntimeWarning, match="batched Hessian-vector products failed"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "batched Hessian-vector products failed", RuntimeWarning)
         got = ef.curvature.diag_hessian(model, x, y, chunk_size=16)
+    ref = exact.diag(model, x, y, "hessian")
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12)
+
+
+def test_diag_hessian_falls_back_to_one_product_at_a_time_when_batching_fails(monkeypatch):
+    """Where the backward has an op without a batching rule (GroupNorm's in torch 2.13), the
+    Hessian-vector products run one at a time, say so, and give the same diagonal. The failure is
+    simulated so that the fallback stays tested whichever ops a torch version can batch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    real, calls = torch.autograd.grad, {"batched": 0, "single": 0}
+
+    def grad(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            calls["batched"] += 1
+            raise RuntimeError("Batching rule not implemented for aten::simulated")
+        calls["single"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    functional._warn_once.cache_clear()
+    with pytest.warns(RuntimeWarning, match="batched Hessian-vector products failed.*aten::simulated"):
+        got = ef.curvature.diag_hessian(model, x, y, chunk_size=16)
+    assert calls["batched"] >= 1 and calls["single"] >= 16  # (one backward per probe at the least)
+    monkeypatch.undo()
     ref = exact.diag(model, x, y, "hessian")
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12)

@@ -409,7 +409,10 @@ def user_dispatch_mode() -> bool:
         from torch.utils._python_dispatch import is_in_torch_dispatch_mode
     except ImportError:  # pragma: no cover (a torch without it)
         return False
-    return is_in_torch_dispatch_mode(include_infra_modes=False)
+    try:
+        return is_in_torch_dispatch_mode(include_infra_modes=False)
+    except TypeError:  # torch < 2.5: no such argument; every active mode counts as the user's
+        return is_in_torch_dispatch_mode()
 
 
 def eager(name: str):
