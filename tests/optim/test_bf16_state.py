@@ -1,6 +1,7 @@
 """BayesAdam with ``state_dtype=torch.bfloat16``: m, v and h kept in bf16 (v and h rounded
 stochastically), everything else as with float32 state."""
 
+import contextlib
 import copy
 
 import pytest
@@ -14,6 +15,13 @@ from effortless.optim import _fused
 from ._checkpoint import round_trip
 
 BF16 = torch.bfloat16
+
+
+def _needs_compiled_bf16():
+    """Skip where this torch's compiled code drops the bf16 round trips (BayesAdam then runs bf16
+    state uncompiled; torch 2.6 is such a torch). Checked inside tests: the check compiles."""
+    if not _fused.lowp_state_supported():
+        pytest.skip("this torch's compiled code drops the bf16 round trip; bf16 state runs eagerly")
 
 
 def _bf16_grid_points(n=2000, seed=0):
@@ -116,6 +124,7 @@ def test_fused_step_equals_the_eager_step(hessian):
     """One step from the same state: the compiled kernels (compiled with the bf16 round trips kept)
     and the eager update store the same bf16 state, but for the few values whose float32 inputs
     differ in the last bit (the two paths round μ and θ differently)."""
+    _needs_compiled_bf16()
     x, y = _data()
     model = _mlp()
     opt = ef.BayesAdam(model.parameters(), n_data=64, hessian=hessian, state_dtype=BF16, fused=True,
@@ -242,6 +251,7 @@ def test_curvature_in_bf16_keeps_temperature_zero_exactly_adam():
 
 
 def test_curvature_in_bf16_fused_step_equals_the_eager_step():
+    _needs_compiled_bf16()
     x, y = _data()
     model = _mlp()
     opt = ef.BayesAdam(model.parameters(), n_data=64, state_dtype=HESS_ONLY, fused=True,
@@ -275,3 +285,52 @@ def test_bad_state_dtype_dicts_are_refused_by_name(state_dtype, match):
         ef.BayesAdam(_mlp().parameters(), n_data=8, state_dtype=state_dtype)
     with pytest.raises(ValueError, match="float32 parameters"):
         ef.BayesAdam(_mlp().double().parameters(), n_data=8, state_dtype=HESS_ONLY)
+
+
+def test_the_compile_check_sees_a_dropped_bf16_round_trip(monkeypatch):
+    """Compiled without ``emulate_precision_casts`` inductor drops the round trip through bf16
+    (as torch 2.6 does even with it): the check must say so, and pass under the real settings."""
+    _needs_compiled_bf16()
+    real = _fused._compile_settings
+
+    @contextlib.contextmanager
+    def without_the_casts(lowp):
+        with real(False):
+            yield
+
+    monkeypatch.setattr(_fused, "_compile_settings", without_the_casts)
+    _fused.lowp_state_supported.cache_clear()
+    try:
+        assert not _fused.lowp_state_supported()
+    finally:
+        monkeypatch.undo()
+        _fused.lowp_state_supported.cache_clear()
+    assert _fused.lowp_state_supported()  # (compiled again under the real settings)
+
+
+def test_bf16_state_runs_uncompiled_where_compiled_code_would_round_it_wrong(monkeypatch):
+    """Where the check fails, the default falls back to the eager update with a warning (the same
+    step as the eager optimizer's), and ``fused=True`` is refused."""
+    monkeypatch.setattr(_fused, "lowp_state_supported", lambda device_type="cpu": False)
+    x, y = _data()
+    model = _mlp()
+    with pytest.raises(ValueError, match="fused=True with bf16 state: this torch's compiled code drops"):
+        ef.BayesAdam(model.parameters(), n_data=64, state_dtype=BF16, fused=True)
+    monkeypatch.setattr(ef.optim.bayesadam, "FUSED_MIN_NUMEL", 1)  # (the default picks the fused path)
+    twin = copy.deepcopy(model)
+    with pytest.warns(RuntimeWarning, match="runs uncompiled"):
+        opt = ef.BayesAdam(model.parameters(), n_data=64, state_dtype=BF16,
+                           generator=torch.Generator().manual_seed(3))  # fmt: skip
+    eager = ef.BayesAdam(twin.parameters(), n_data=64, state_dtype=BF16, fused=False,
+                         generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert opt.fused is False
+    for _ in range(3):
+        _step(model, opt, x, y)
+        _step(twin, eager, x, y)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["hess"], eager.state[q]["hess"])
+    # where the parameters are float32 state, or the model is small, nothing is compiled: no check
+    monkeypatch.setattr(_fused, "lowp_state_supported", lambda device_type="cpu": pytest.fail("checked"))
+    ef.BayesAdam(model.parameters(), n_data=64)
+    ef.BayesAdam(model.parameters(), n_data=64, state_dtype=BF16, fused=False)

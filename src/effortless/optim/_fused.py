@@ -21,7 +21,9 @@ compiler, unsupported platform) the optimizer warns once and stays eager.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import types
 import warnings
 
 import torch
@@ -54,8 +56,13 @@ def round_stochastic(x, u, old):
     twice its value, so it can never decrease. The spacing is one round trip through bf16 (kept by
     torch.compile under ``emulate_precision_casts``, which the kernels compile with). A value equal
     to ``old`` is stored as it is (a dither of −½ spacing would be a tie, rounded to even)."""
-    spacing = (old * (1.0 + 0.75 * 2.0**-7)).to(torch.bfloat16).to(old.dtype) - old
+    spacing = bf16_spacing(old)
     return torch.where(x == old, x, x + (u - 0.5) * spacing)  # (a value left alone stays put)
+
+
+def bf16_spacing(old):
+    """The bf16 spacing just above |``old``| (float32, positive): one round trip through bf16."""
+    return (old * (1.0 + 0.75 * 2.0**-7)).to(torch.bfloat16).to(old.dtype) - old
 
 
 def _store(dst, value, u=None, old=None, floor=None):
@@ -283,14 +290,31 @@ def _compile_settings(lowp: bool):
         yield
 
 
-def lowp_state_supported() -> bool:
-    """Whether this torch keeps the explicit bf16 round trips in compiled code (the setting
-    :func:`_compile_settings` relies on for bf16 state); else bf16 state runs eagerly."""
+@functools.cache
+def lowp_state_supported(device_type: str = "cpu") -> bool:
+    """Whether this torch's compiled code on ``device_type`` keeps the explicit round trips through
+    bf16 that the stochastic rounding's spacing is made of (:func:`bf16_spacing`), under the
+    settings :func:`_compile_settings` gives bf16 kernels; else bf16 state runs eagerly. Checked by
+    compiling the spacing once per process and device type and comparing it with eager code:
+    having inductor's ``emulate_precision_casts`` is not enough (torch 2.6 has it and still drops
+    the round trip; every compiled spacing differed, so the rounding's dither was off the grid)."""
     try:
         import torch._inductor.config as config
     except ImportError:  # pragma: no cover
         return False
-    return hasattr(config, "emulate_precision_casts")
+    if not hasattr(config, "emulate_precision_casts"):
+        return False
+    grid = torch.tensor([1e-8, 3e-7, 1.7e-3, 0.1, 0.3, 1.0, 1.01, 1.9, 7.5, 1e3, 3.3e5],
+                        device=device_type)  # fmt: skip
+
+    # a copy of the code: torch.compile keeps what it compiled per code object, whatever the settings
+    spacing = types.FunctionType(bf16_spacing.__code__.replace(), bf16_spacing.__globals__)
+    try:
+        with _compile_settings(lowp=True):
+            got = torch.compile(spacing, dynamic=False, fullgraph=True)(grid)
+    except Exception:  # a torch that cannot compile here: the eager path
+        return False
+    return torch.equal(got, bf16_spacing(grid))
 
 
 @contextlib.contextmanager

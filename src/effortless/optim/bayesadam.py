@@ -571,15 +571,18 @@ class BayesAdam(Optimizer):
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
             generator = torch.Generator(device=first.device).manual_seed(seed)
         self.generator = generator
-        if torch.bfloat16 in self._state_dtypes.values():
-            if any(p.dtype != torch.float32 for _, p in self._params()):
-                raise ValueError("state_dtype: bf16 state needs float32 parameters")
-            if fused and not _fused.lowp_state_supported():
-                raise ValueError("fused=True with bf16 state needs a torch whose inductor has "
-                                 "emulate_precision_casts; use fused=False")  # fmt: skip
-            if not _fused.lowp_state_supported():
-                fused = False
+        lowp = torch.bfloat16 in self._state_dtypes.values()
+        if lowp and any(p.dtype != torch.float32 for _, p in self._params()):
+            raise ValueError("state_dtype: bf16 state needs float32 parameters")
         self.fused = self._choose_fused(fused)
+        if lowp and self.fused and not _fused.lowp_state_supported(first.device.type):
+            why = ("this torch's compiled code drops the round trip through bf16 that the stochastic "
+                   "rounding of bf16 state is made of (checked by compiling it once)")  # fmt: skip
+            if fused:
+                raise ValueError(f"fused=True with bf16 state: {why}; use fused=False")
+            warnings.warn(f"BayesAdam: {why}: the update runs uncompiled (fused=False; same results, "
+                          "slower)", RuntimeWarning, stacklevel=2)  # fmt: skip
+            self.fused = False
         self.skipped_steps = 0
         self.sigma_noise = None  # the regression noise train_step trained with (posterior() records it)
         self.likelihood = None  # the likelihood train_step trained with (posterior() records it)
