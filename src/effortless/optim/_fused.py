@@ -435,7 +435,7 @@ def user_dispatch_mode() -> bool:
         return False
     try:
         return is_in_torch_dispatch_mode(include_infra_modes=False)
-    except TypeError:  # torch < 2.5: no such argument; every active mode counts as the user's
+    except TypeError:  # torch 2.4 has no such argument: every active mode counts as the user's
         return is_in_torch_dispatch_mode()
 
 

@@ -580,8 +580,8 @@ class BayesAdam(Optimizer):
                    "rounding of bf16 state is made of (checked by compiling it once)")  # fmt: skip
             if fused:
                 raise ValueError(f"fused=True with bf16 state: {why}; use fused=False")
-            warnings.warn(f"BayesAdam: {why}: the update runs uncompiled (fused=False; same results, "
-                          "slower)", RuntimeWarning, stacklevel=2)  # fmt: skip
+            warnings.warn(f"BayesAdam: {why}: the update runs uncompiled (fused=False: slower)",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
             self.fused = False
         self.skipped_steps = 0
         self.sigma_noise = None  # the regression noise train_step trained with (posterior() records it)
