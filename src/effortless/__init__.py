@@ -18,10 +18,11 @@ def _check_torch(version: str) -> None:
     """Warn when ``version`` (a torch version string) is older than ``_OLDEST_TORCH``."""
     found = _re.match(r"(\d+)\.(\d+)", version)
     if found and tuple(int(v) for v in found.groups()) < _OLDEST_TORCH:
+        oldest = ".".join(map(str, _OLDEST_TORCH))
         _warnings.warn(
-            f"effortless needs torch >= {'.'.join(map(str, _OLDEST_TORCH))}, found {version}: older "
-            "ones cannot take model.named_parameters() in an optimizer or run a torch.compile'd "
-            "model eagerly for its curvature (pip install 'torch>=2.6')",
+            f"effortless needs torch >= {oldest}, found {version}: older ones cannot take "
+            "model.named_parameters() in an optimizer or run a torch.compile'd model eagerly for "
+            f"its curvature (pip install 'torch>={oldest}')",
             RuntimeWarning,
             stacklevel=2,
         )
