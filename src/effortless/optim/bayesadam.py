@@ -45,6 +45,7 @@ import contextlib
 import math
 import numbers
 import warnings
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -66,6 +67,7 @@ _NONFINITE = ("raise", "skip")
 _DISTRIBUTED = ("auto", "flipout", "per-rank", "shared", "off")
 # keys whose estimate sums per-sample quantities (undefined through batch-coupled modules)
 _PER_SAMPLE = frozenset({"efisher", "ggn-mc", "ggn", "kfac"})
+_GAVE_UP = object()  # a model whose forward the hook engine gave up on (train_step's generic path)
 
 
 # the hyperparameters _check_groups validates (betas last: a tuple)
@@ -146,7 +148,8 @@ def bayesadam_update(
     reparameterisation estimate then uses sign · ε = (θ − μ)/σ, computed here from the old μ and h
     (``noise_sign`` must be 1) and left in the buffers, for an antithetic mirror.
     """
-    beta = hess_beta_at(hess_beta, hess_step, nonnegative)
+    # (hess_step 0: no estimate has reached these tensors yet, e.g. a parameter unfrozen since; h stays)
+    beta = hess_beta_at(hess_beta, hess_step, nonnegative) if hess_step > 0 else 1.0
     temp = temperature if temperature > 0 else 1.0
     hp = dict(
         step=step,
@@ -586,7 +589,9 @@ class BayesAdam(Optimizer):
         self.skipped_steps = 0
         self.sigma_noise = None  # the regression noise train_step trained with (posterior() records it)
         self.likelihood = None  # the likelihood train_step trained with (posterior() records it)
-        self._plans: dict[int, object] = {}  # id(model) -> hook-engine plan (or None) for train_step
+        # model -> (names of the parameters it was made for, hook-engine plan or None) for train_step;
+        # remade when the trainable parameters change (freezing, unfreezing)
+        self._plans: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
         self._inside = False
         self._closure_sampled = False  # step(closure) is running the closure in its own block
         self._clear_pending()
@@ -1690,7 +1695,7 @@ class BayesAdam(Optimizer):
                         try:
                             est_c, loss_c = self._engine_sample(model, xc, yc, lik, plan, distributed, w)
                         except engine.Unsupported:  # e.g. a module ran twice: generic path from now on
-                            self._plans[id(model)] = None
+                            self._plans[model] = (_GAVE_UP, None)
                             plan = None
                             if len(chunks) > 1:
                                 raise RuntimeError("train_step: the hook engine gave up on this model "
@@ -1718,21 +1723,26 @@ class BayesAdam(Optimizer):
         return total / self.mc_samples
 
     def _engine_plan(self, model, names):
-        """The hook-engine plan for ``model`` when this estimator can share the training pass."""
+        """The hook-engine plan for ``model`` when this estimator can share the training pass, made
+        for the parameters trained now: one made before a parameter was frozen or unfrozen would
+        skip the unfrozen one's curvature (its h would stay put) or estimate a frozen one's."""
         if not (self.estimator.needs_model and self.estimator.engine_kind):
             return None
-        if id(model) not in self._plans:
-            p = engine.plan(model, list(names))
-            self._plans[id(model)] = p if p.backend == "hooks" else None
-            if any(hasattr(m, "_orig_mod") for m in model.modules()):
-                warnings.warn(
-                    f"BayesAdam.train_step with hessian={self.hessian!r} runs the torch.compile'd "
-                    "model eagerly: the curvature needs each layer's output, which a compiled "
-                    "forward does not expose ('reparam' and 'gradsq' keep the compiled forward)",
-                    RuntimeWarning,
-                    stacklevel=outside_stacklevel(),
-                )
-        return self._plans[id(model)]
+        key = tuple(names)
+        cached = self._plans.get(model)
+        if cached is not None and cached[0] in (key, _GAVE_UP):
+            return cached[1]
+        p = engine.plan(model, list(names))
+        self._plans[model] = (key, p if p.backend == "hooks" else None)
+        if cached is None and any(hasattr(m, "_orig_mod") for m in model.modules()):
+            warnings.warn(
+                f"BayesAdam.train_step with hessian={self.hessian!r} runs the torch.compile'd "
+                "model eagerly: the curvature needs each layer's output, which a compiled "
+                "forward does not expose ('reparam' and 'gradsq' keep the compiled forward)",
+                RuntimeWarning,
+                stacklevel=outside_stacklevel(),
+            )
+        return self._plans[model][1]
 
     def _engine_sample(self, model, x, y, lik, plan, distributed=False, loss_scale=1.0):
         """Forward once with hooks; backward; curvature from the same pass. Returns (batch sums of
