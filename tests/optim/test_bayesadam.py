@@ -1183,6 +1183,36 @@ def test_gradients_accumulated_at_the_means_before_the_block_are_refused():
     assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
 
 
+def test_a_gradient_left_on_a_parameter_added_since_zero_grad_is_refused():
+    """A parameter added with add_param_group after zero_grad keeps the gradient it had (here the
+    sum of two earlier backward passes, at other weights). The check compared the gradients'
+    marks by position with those zero_grad recorded, so it never looked at the added parameter
+    and the step used that stale sum; marks are now kept per parameter."""
+    x, y = _data()
+    model = _mlp()
+    head = list(model.parameters())[-2:]
+    opt = ef.BayesAdam(list(model.parameters())[:-2], n_data=64, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        opt.zero_grad()  # (the head's gradients are not the optimizer's to clear)
+        with opt.sampled_params():
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+    opt.zero_grad()
+    assert all(p.grad is not None for p in head)
+    opt.add_param_group({"params": head})
+    with opt.sampled_params():
+        F.cross_entropy(model(x), y).backward()
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="add_param_group"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    opt.zero_grad()
+    with opt.sampled_params():
+        F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert not torch.equal(head[0], weights[-2])
+
+
 def test_checkpointing_or_the_posterior_inside_the_sampled_block_is_refused():
     """Inside the block the parameters and the noise buffers hold θ and the sample is not recorded:
     a state dict saved there stored θ as the unit noise, and a resume from it diverged."""

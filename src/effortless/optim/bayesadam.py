@@ -896,21 +896,20 @@ class BayesAdam(Optimizer):
         self._noise_summed: dict[torch.Tensor, torch.Tensor] = {}
         self._flip_pending = None  # Flipout plans of the pending sample whose Σ_r ε_r is implicit
 
-    def _accumulated_outside(self, now: list) -> bool:
+    def _accumulated_outside(self, now: dict) -> bool:
         """Did a backward add to the gradients (marks ``now``) since zero_grad / the last step,
         before any sample? (Zeroed gradients do not count: ``model.zero_grad(set_to_none=False)``
-        also edits them.)"""
-        if now == self._clean_marks:
-            return False
-        params = [p for _, p in self._params()]
+        also edits them.) A parameter trained now that zero_grad did not see (added or unfrozen
+        since) counts if it holds a gradient."""
         return any(
-            m is not None and m != c and bool(p.grad.any()) for p, m, c in zip(params, now, self._clean_marks)
+            m is not None and m != self._clean_marks.get(p) and bool(p.grad.any()) for p, m in now.items()
         )
 
-    def _grad_marks(self) -> list:
-        """Which gradient tensor each parameter holds and its version: changes exactly when a
-        backward accumulates into it (or it is replaced / edited in place)."""
-        return [None if p.grad is None else (id(p.grad), p.grad._version) for _, p in self._params()]
+    def _grad_marks(self) -> dict:
+        """Which gradient tensor each trained parameter holds and its version: changes exactly when
+        a backward accumulates into it (or it is replaced / edited in place). Keyed by parameter:
+        the trained set changes with ``requires_grad`` and ``add_param_group``."""
+        return {p: None if p.grad is None else (id(p.grad), p.grad._version) for _, p in self._params()}
 
     def _params(self) -> Iterator[tuple[dict, torch.Tensor]]:
         for group in self.param_groups:
@@ -1058,8 +1057,9 @@ class BayesAdam(Optimizer):
         # only reached without an exception: record the sample
         if train and completed:
             marks = self._grad_marks()  # did a backward run inside the block? (see step)
-            self._block_marks = (marks != entry, marks)
-            self._idle_blocks += marks == entry
+            ran = _marks_changed(marks, entry)
+            self._block_marks = (ran, marks)
+            self._idle_blocks += not ran
             if self._n_samples == 0:
                 self._sign = sign
                 self._work = {} if inplace else thetas  # separate θ buffers become the step's workspace
@@ -1199,7 +1199,7 @@ class BayesAdam(Optimizer):
             p.grad = acc / n
         self._mean_shown = True
 
-    def _discard_failed_block(self, entry: list) -> None:
+    def _discard_failed_block(self, entry: dict) -> None:
         """A training block that raised records no sample; the gradients its backward may have
         added are dropped, so that neither step() nor a retried block counts them."""
         params = [p for _, p in self._params()]
@@ -1208,7 +1208,9 @@ class BayesAdam(Optimizer):
                 p.grad = None
             self._show_mean(self._n_samples)
             return
-        for p, was, now in zip(params, entry, self._grad_marks()):
+        now_marks = self._grad_marks()
+        for p in params:
+            was, now = entry.get(p), now_marks[p]
             if was is None:
                 p.grad = None
             elif now != was:  # added to a gradient that was there before: not separable
@@ -1311,7 +1313,9 @@ class BayesAdam(Optimizer):
                 "Lightning's accumulate_grad_batches in automatic optimisation, whose backward for "
                 "all but the last micro-batch runs outside optimizer.step): every backward belongs "
                 "inside `with opt.sampled_params(train=True):` (or use opt.train_step(..., "
-                "accumulate=k), or manual optimisation). Nothing was updated"
+                "accumulate=k), or manual optimisation); a parameter added by add_param_group since "
+                "the last zero_grad() keeps the gradient it had: call zero_grad() first. Nothing was "
+                "updated"
             )
         if self._n_samples > 1 and self._idle_blocks:
             raise RuntimeError(
@@ -1321,7 +1325,7 @@ class BayesAdam(Optimizer):
                 "was updated"
             )
         inside, marks = self._block_marks
-        if self._n_samples and not inside and self._grad_marks() != marks:
+        if self._n_samples and not inside and _marks_changed(self._grad_marks(), marks):
             raise RuntimeError(
                 "the gradients changed after the sampled_params() block exited, and not inside it: "
                 "call loss.backward() inside `with opt.sampled_params(train=True):`. Outside, the "
@@ -1926,6 +1930,12 @@ class BayesAdam(Optimizer):
                             f"load_state_dict: {which} has shape {tuple(p.shape)}, the saved "
                             f"{key!r} has shape {tuple(buf.shape)}: the state dict is from another model"
                         )
+
+
+def _marks_changed(now: dict, before: dict) -> bool:
+    """Whether a gradient changed between two :meth:`BayesAdam._grad_marks` (a parameter trained
+    only since ``before`` changed if it holds a gradient; one no longer trained is not looked at)."""
+    return any(m != before.get(p) for p, m in now.items())
 
 
 def _kernel_views(tensors) -> list[torch.Tensor]:
