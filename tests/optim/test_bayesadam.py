@@ -939,6 +939,57 @@ def test_a_checkpoint_taken_between_a_sample_and_its_step_holds_the_noise():
 
 
 @pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("edit", ["freeze", "temperature 0", "checkpoint"])
+def test_a_parameter_frozen_between_its_sample_and_the_step_keeps_its_mirror(fused, edit):
+    """The sample θ is drawn over the noise buffer and turned back into ε by the step. A bias
+    frozen (or its group set to temperature 0) between the block and step() was skipped by that
+    conversion, so its buffer kept θ and, trained again, its next sample was μ − σ θ instead of
+    μ − σ ε; a checkpoint taken there saved θ as the noise. Now every buffer that received θ is
+    converted, with the σ it was drawn with."""
+    x, y = _data()
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64, temperature=1.0, fused=fused, noise_reuse=1)
+    bias = list(model.parameters())[1]
+    mu = bias.detach().clone()
+    with opt.sampled_params():
+        first = bias.detach() - mu
+        F.cross_entropy(model(x), y).backward()
+    if edit == "freeze":
+        bias.requires_grad_(False)
+    elif edit == "temperature 0":
+        opt.param_groups[0]["temperature"] = 0.0
+    else:
+        bias.requires_grad_(False)
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)  # (the state dict holds the live tensors, which step() moves)
+        buf.seek(0)
+        sd = torch.load(buf, weights_only=True)
+        bias.requires_grad_(True)
+    opt.step()
+    opt.zero_grad()
+    if edit == "checkpoint":
+        fresh = _mlp()
+        fresh.load_state_dict(model.state_dict())
+        fresh_bias = list(fresh.parameters())[1]
+        fresh_bias.data.copy_(mu)  # (the bias as it was at the checkpoint)
+        opt = ef.BayesAdam(fresh.parameters(), n_data=64, temperature=1.0, fused=fused, noise_reuse=1)
+        opt.load_state_dict(sd)
+        model, bias = fresh, fresh_bias
+    if edit == "freeze":
+        assert torch.equal(bias, mu)
+        bias.requires_grad_(True)
+    opt.param_groups[0]["temperature"] = 1.0
+    # (at temperature 0 the step moved μ by Adam and kept h: the mirror is −σ ε around the new μ;
+    # frozen, or restored from the checkpoint, the bias is where it was)
+    mu_now = bias.detach().clone()
+    with opt.sampled_params():
+        second = bias.detach() - mu_now
+    assert first.abs().min() > 0
+    torch.testing.assert_close(second, -first, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("fused", [False, True])
 def test_a_parameter_without_gradient_keeps_its_mirror_across_the_step(fused):
     """A parameter the loss does not touch is skipped by the update; its sample (drawn over its
     noise buffer) must still turn back into ε, so the mirror after the step is μ − σ ε."""

@@ -826,17 +826,18 @@ class BayesAdam(Optimizer):
 
     def _theta_to_noise(self, without_grad_only: bool = False) -> None:
         """state["noise"] ← (θ − μ)/σ = sign · ε for every tensor whose buffer holds a sample θ
-        (drawn in place), or only for those without a gradient; μ and h must be those the
-        sample was drawn with."""
+        (drawn in place), with σ from the hyperparameters it was drawn with; or only for those the
+        update will not convert (no gradient, frozen or at temperature 0 since the draw). μ and h
+        must be those the sample was drawn with."""
         done = self._converted  # buffers already holding ε again (reset by _clear_pending, draws)
         with torch.no_grad():
-            for group, p in self._params():
+            for p, (group, drawn_with) in self._drawn.items():
                 st = self.state.get(p)
-                if group["temperature"] == 0 or not st or "noise" not in st or p in done:
+                if not st or "noise" not in st or p in done:
                     continue
-                if without_grad_only and p.grad is not None:
+                if without_grad_only and p.requires_grad and p.grad is not None and group["temperature"] > 0:
                     continue
-                _noise_from_theta_(st["noise"], p.data, st["hess"], group)
+                _noise_from_theta_(st["noise"], p.data, st["hess"], drawn_with)
                 done.add(p)
 
     def _draw(self, todo, sign) -> list[torch.Tensor]:
@@ -876,6 +877,8 @@ class BayesAdam(Optimizer):
             self._check_groups()  # (σ from the groups' values: refuse bad ones before converting)
             self._theta_to_noise()  # antithetic mirror may still need ε (μ and h are unchanged)
         self._converted: set = set()  # (only those converted before a rejection are skipped above)
+        # p -> (its group, the group's N, δ, T at the draw) for buffers that received θ in place
+        self._drawn: dict[torch.Tensor, tuple[dict, dict]] = {}
         self._pending_theta = False  # the pending sample's θ lives in state["noise"] (see _draw_inplace)
         self._n_samples = 0  # weight samples drawn for training since the last step
         self._sign = 1.0  # the single pending sample is θ = μ + sign · σ ⊙ state["noise"]
@@ -1025,6 +1028,8 @@ class BayesAdam(Optimizer):
                     thetas_new = self._draw_inplace(todo, sign) if inplace else self._draw(todo, sign)
                     if inplace:  # fresh θ in every buffer: none holds ε yet
                         self._converted = set()
+                        self._drawn = {p: (g, {k: g[k] for k in ("n_data", "prior_precision", "temperature")})
+                                       for p, _, _, g in todo}  # fmt: skip
                 if not train:  # a posterior sample: around the averaged means (see `averaging`)
                     thetas_new = self._around_average(todo, thetas_new)
                 for p, theta in zip([t[0] for t in todo], thetas_new):
@@ -1850,8 +1855,9 @@ class BayesAdam(Optimizer):
                 for group in self.param_groups:
                     for p in group["params"]:
                         st = sd["state"].get(index)
-                        if st is not None and "noise" in st and p.requires_grad and group["temperature"] > 0:
-                            noise = _noise_from_theta_(st["noise"].clone(), p.data, st["hess"], group)
+                        if st is not None and "noise" in st and p in self._drawn and p not in self._converted:
+                            drawn_with = self._drawn[p][1]
+                            noise = _noise_from_theta_(st["noise"].clone(), p.data, st["hess"], drawn_with)
                             sd["state"][index] = dict(st, noise=noise)
                         index += 1
         sd["bayesadam"] = {
