@@ -408,6 +408,41 @@ def test_contexts_cannot_nest_and_eval_sampling_leaves_no_trace():
     assert opt._n_samples == 0
 
 
+def test_evaluation_samples_leave_training_as_it_was_and_resume_exactly():
+    """sampled_params(train=False) drew from the training sampler's generator, so evaluating at a
+    sample between steps changed every later training sample (as the Lightning metrics callback
+    once did). Evaluation samples now have a generator of their own, saved in the checkpoint."""
+    x, y = _data()
+
+    def run(evaluate: bool, resume_at: int | None = None):
+        model = _mlp()
+        opt = ef.BayesAdam(model.parameters(), n_data=64, generator=torch.Generator().manual_seed(0))
+        looks = []
+        for t in range(6):
+            if resume_at == t:
+                buf = io.BytesIO()
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+                buf.seek(0)
+                saved = torch.load(buf, weights_only=True)
+                model = _mlp()
+                model.load_state_dict(saved["model"])
+                opt = ef.BayesAdam(model.parameters(), n_data=64)
+                opt.load_state_dict(saved["opt"])
+            _loop_step(opt, model, x, y)
+            if evaluate:
+                with opt.sampled_params(train=False):
+                    looks.append([p.detach().clone() for p in model.parameters()])
+        return [p.detach().clone() for p in model.parameters()], looks
+
+    plain, _ = run(False)
+    evaluated, looks = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, evaluated))
+    assert not torch.equal(looks[0][0], looks[1][0])  # (each evaluation draws anew)
+    resumed, looks_resumed = run(True, resume_at=3)
+    assert all(torch.equal(a, b) for a, b in zip(evaluated, resumed))
+    assert all(torch.equal(a, b) for la, lb in zip(looks, looks_resumed) for a, b in zip(la, lb))
+
+
 def _snapshot(model, opt):
     params = [p.detach().clone() for p in model.parameters()]
     # everything but the sampler's scratch buffer of unit noise ("noise"), which a new draw refills

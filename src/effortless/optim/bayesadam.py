@@ -574,6 +574,7 @@ class BayesAdam(Optimizer):
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
             generator = torch.Generator(device=first.device).manual_seed(seed)
         self.generator = generator
+        self._eval_gen: torch.Generator | None = None  # (made when first needed: _eval_generator)
         lowp = torch.bfloat16 in self._state_dtypes.values()
         if lowp and any(p.dtype != torch.float32 for _, p in self._params()):
             raise ValueError("state_dtype: bf16 state needs float32 parameters")
@@ -682,14 +683,7 @@ class BayesAdam(Optimizer):
         mode, _, rank = self._world()
         if mode == "off":
             return self.generator
-        if not self._synced:  # every rank starts from rank 0's generator state
-            state = self.generator.get_state()
-            dev = self._comm_device()
-            buf = state.to(dev)
-            dist.broadcast(buf, src=dist.get_global_rank(self.process_group, 0) if self.process_group
-                           else 0, group=self.process_group)  # fmt: skip
-            self.generator.set_state(buf.cpu())
-            self._synced = True
+        self._sync_generator()
         if mode == "shared":
             return self.generator
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
@@ -698,6 +692,29 @@ class BayesAdam(Optimizer):
             if mode == "flipout":  # ζ from the shared generator; the ranks' signs from the seed
                 return self.generator
         return self._rank_generator(seed, rank)
+
+    def _sync_generator(self) -> None:
+        """Every rank starts from rank 0's generator state (once)."""
+        if self._synced:
+            return
+        state = self.generator.get_state()
+        dev = self._comm_device()
+        buf = state.to(dev)
+        dist.broadcast(buf, src=dist.get_global_rank(self.process_group, 0) if self.process_group
+                       else 0, group=self.process_group)  # fmt: skip
+        self.generator.set_state(buf.cpu())
+        self._synced = True
+
+    def _eval_generator(self) -> torch.Generator:
+        """The generator of evaluation samples (``sampled_params(train=False)``): a stream of its
+        own, so that evaluating at samples between steps leaves every training sample as it was.
+        Seeded from the training generator's seed (the same on every rank, synchronised first)."""
+        if self._eval_gen is None:
+            if self._world()[0] != "off":
+                self._sync_generator()
+            seed = (self.generator.initial_seed() * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**63
+            self._eval_gen = torch.Generator(device=self.generator.device).manual_seed(seed)
+        return self._eval_gen
 
     def _reuses_noise(self) -> bool:
         """Whether this training draw (the ``self._pair``-th) reuses the last pair's unit noise,
@@ -953,8 +970,9 @@ class BayesAdam(Optimizer):
         With ``train=True`` the sample is recorded for the next :meth:`step` (call ``backward``
         inside the block). Entering several times before ``step`` averages over the samples: after
         each block ``p.grad`` holds the mean gradient so far (what clipping sees and the step uses).
-        ``train=False`` draws an independent sample and records nothing (through eval-mode
-        BatchNorm, whose running statistics belong to other weights, prefer
+        ``train=False`` draws an independent sample and records nothing, from a generator of its
+        own (saved in the checkpoint), so evaluating between steps leaves training as it was
+        (through eval-mode BatchNorm, whose running statistics belong to other weights, prefer
         ``ef.predict(..., bn_data=...)``, which recomputes them for each sample).
         """
         if self._inside and self._closure_sampled:
@@ -989,7 +1007,10 @@ class BayesAdam(Optimizer):
         try:
             with torch.no_grad():
                 todo = []  # (p, h, unit noise, group)
-                gen = self._noise_generator(record=train) if (sign > 0 or not train) else None
+                if not train:  # (a stream of its own: evaluating leaves the training samples alone)
+                    gen = self._eval_generator()
+                else:
+                    gen = self._noise_generator(record=True) if sign > 0 else None
                 shift = None  # reused noise: each tensor's last ε rolled by a random offset
                 if train and sign > 0:
                     self._pair += 1
@@ -1864,6 +1885,7 @@ class BayesAdam(Optimizer):
             "hessian": self.hessian,
             "mc_samples": self.mc_samples,
             "rng_state": self.generator.get_state(),
+            "eval_rng_state": None if self._eval_gen is None else self._eval_gen.get_state(),
             "antithetic_phase": self._phase,
             "noise_reuse": self.noise_reuse,
             "auto_prior": self.auto_prior,
@@ -1897,6 +1919,10 @@ class BayesAdam(Optimizer):
                 if dtype is not None and key in st:
                     st[key] = st[key].to(dtype)
         self.generator.set_state(extra["rng_state"])
+        self._eval_gen = None  # (checkpoints without one: made again from the loaded generator's seed)
+        if extra.get("eval_rng_state") is not None:
+            self._eval_gen = torch.Generator(device=self.generator.device)
+            self._eval_gen.set_state(extra["eval_rng_state"])
         self._phase = int(extra["antithetic_phase"])
         # checkpoints from before `noise_reuse` existed drew fresh noise every pair
         self.noise_reuse = int(extra.get("noise_reuse", 1))
