@@ -1,15 +1,16 @@
-"""Random sequences of what users do between steps, run in lockstep on three optimizers that must
-agree: a reference (eager kernels), a twin that goes through a checkpoint (``torch.save``,
-``torch.load(weights_only=True)``, a fresh model and optimizer) at random points and must stay
-bit-identical, and a twin on the fused (compiled) kernels that must agree to float64 round-off.
+"""Random sequences of what users do between steps, run in lockstep on four optimizers that must
+agree: a reference (eager kernels); a twin that goes through a checkpoint (``torch.save``,
+``torch.load(weights_only=True)``, a fresh model and optimizer) at random points, bit-identical;
+a twin that skips the evaluation samples, bit-identical (evaluating must leave training alone);
+and a twin on the fused (compiled) kernels, equal to float64 round-off.
 
-The operations: one to three samples per step, a block that raises, posterior samples between
+The operations: one to three samples per step, a block that raises, evaluation samples between
 training samples, learning-rate changes, freezing and unfreezing a parameter, a parameter group
 added mid-run, another group's hyperparameters edited, ``load_averaged_means``; and the same
-with ``train_step`` for the model-side curvature keys. Written after such sequences found two
-bugs that fixed-scenario tests missed: ``train_step`` kept the hook engine's plan from before a
-parameter was unfrozen (its curvature never moved), and a gradient left on a parameter added
-since ``zero_grad()`` escaped the check for gradients accumulated outside the block.
+with ``train_step`` for the model-side curvature keys. Such sequences found that ``train_step``
+kept the hook engine's plan from before a parameter was unfrozen (its curvature never moved);
+the evaluation twin fails where ``sampled_params(train=False)`` draws from the training samples'
+generator, as it did until it got its own.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class _Run:
     """A model and its optimizer; the optimizer covers the first layer, and the second layer too
     once ``add_group`` has run (with the hyperparameters ``second``)."""
 
-    def __init__(self, second: dict | None, checkpoints: bool = False, **kw):
-        self.second, self.checkpoints, self.kw = second, checkpoints, kw
+    def __init__(self, second: dict | None, checkpoints: bool = False, looks: bool = True, **kw):
+        self.second, self.checkpoints, self.looks, self.kw = second, checkpoints, looks, kw
         self.grouped = second is None  # (no second group: one group with every parameter)
         self.model = _model()
         self.opt = self._optimizer()
@@ -102,7 +103,7 @@ def _apply(run: _Run, op: tuple) -> None:
         with pytest.raises(KeyError), run.opt.sampled_params():
             F.cross_entropy(run.model(X[:16]), Y[:16]).backward()
             raise KeyError("a failing batch")
-    elif kind == "look":  # a posterior sample between training samples: weights restored after
+    elif kind == "look" and run.looks:  # a posterior sample between training samples: weights restored
         before = [p.detach().clone() for p in run.model.parameters()]
         with run.opt.sampled_params(train=False):
             run.model(X[:4])
@@ -166,18 +167,20 @@ def _lockstep(seed: int, steps: int, grouped: bool, model_side: bool = False, **
     ref = _Run(second, fused=False, **kw)
     resumed = _Run(second, checkpoints=True, fused=False, **kw)
     fused = _Run(second, fused=True, **kw)
+    blind = _Run(second, looks=False, fused=False, **kw)  # (evaluating must not change training)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (e.g. n_data smaller than ... : not what is tested)
         for t in range(steps):
             ops = _ops(rng, t, add_at, model_side)
-            for run in (ref, resumed, fused):
+            for run in (ref, resumed, fused, blind):
                 for op in ops:
                     _apply(run, op)
-            a, b, c = ref.snapshot(), resumed.snapshot(), fused.snapshot()
+            a, b, c, d = ref.snapshot(), resumed.snapshot(), fused.snapshot(), blind.snapshot()
             where = f"seed {seed}, step {t}, after {ops}"
-            assert a.keys() == b.keys() == c.keys(), where
+            assert a.keys() == b.keys() == c.keys() == d.keys(), where
             for k in a:
                 assert torch.equal(a[k], b[k]), f"{k} differs after a checkpoint; {where}"
+                assert torch.equal(a[k], d[k]), f"{k} differs from the run without evaluations; {where}"
                 torch.testing.assert_close(c[k], a[k], rtol=1e-9, atol=1e-12, msg=f"{k} fused; {where}")
 
 
