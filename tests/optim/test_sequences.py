@@ -15,6 +15,7 @@ generator, as it did until it got its own.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
 import warnings
@@ -197,3 +198,63 @@ def test_sequences_with_a_group_added_and_edited_agree(seed):
 @pytest.mark.parametrize("hessian", ["ggn", "efisher", "ggn-mc", "kfac"])
 def test_train_step_sequences_agree_across_checkpoints_and_kernels(hessian):
     _lockstep(7, steps=25, grouped=False, model_side=True, hessian=hessian)
+
+
+SEEDS = 6
+
+
+def _unit_noise(run: _Run, mus: dict, hs: dict, thetas: dict) -> dict[int, torch.Tensor]:
+    """sign · ε = (θ − μ) / σ of each sampled tensor, σ from the state before the draw."""
+    out = {}
+    params = list(run.model.parameters())
+    for i in thetas.keys() & hs.keys():  # (only the optimizer's parameters are sampled)
+        group = next(g for g in run.opt.param_groups if any(q is params[i] for q in g["params"]))
+        if group["temperature"] > 0:
+            var = group["temperature"] / (group["n_data"] * hs[i] + group["prior_precision"])
+            out[i] = (thetas[i] - mus[i]) / var.sqrt()
+    return out
+
+
+@pytest.mark.parametrize("seed", range(SEEDS))
+def test_every_second_training_sample_is_the_mirror_of_the_one_before(seed):
+    """An oracle the twins cannot be: whatever happens between the draws (freezing and
+    unfreezing, a parameter group added, a failing block, evaluation samples, a checkpoint), the
+    two draws of an antithetic pair have unit noise ε and −ε. It failed when a parameter frozen
+    between its sample and step() kept θ in its noise buffer (its mirror was μ − σθ)."""
+    rng = random.Random(seed)
+    run = _Run(rng.choice(SECOND_GROUP), checkpoints=True, fused=bool(seed % 2))
+    add_at = rng.randrange(15)
+    draws = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in range(40):
+            ops = [("add_group",)] if t == add_at else []
+            if rng.random() < 0.3:
+                ops.append(("freeze", rng.choice([1, 3])))
+            ops += rng.choice([[], [], [], [("raise",)], [("look",)], [("sample", rng.randrange(48))]])
+            ops.append(("sample", rng.randrange(48)))  # (a step needs one sample that did not fail)
+            if rng.random() < 0.3:  # (between the sample and the step)
+                ops.append(("freeze", rng.choice([1, 3])))
+            ops += [("step",), ("checkpoint",)] if rng.random() < 0.2 else [("step",)]
+            for op in ops:
+                if op[0] not in ("sample", "raise"):
+                    _apply(run, op)
+                    continue
+                params = list(run.model.parameters())
+                mus = {i: p.detach().clone() for i, p in enumerate(params)}
+                hs = {i: run.opt.state[p]["hess"].clone() for i, p in enumerate(params) if p in run.opt.state}
+                failing = pytest.raises(KeyError) if op[0] == "raise" else contextlib.nullcontext()
+                with failing, run.opt.sampled_params():
+                    thetas = {i: p.detach().clone() for i, p in enumerate(params)
+                              if p.requires_grad and not torch.equal(p, mus[i])}  # fmt: skip
+                    F.cross_entropy(run.model(X[:16]), Y[:16]).backward()
+                    if op[0] == "raise":
+                        raise KeyError("a failing batch")
+                hs.update({i: run.opt.state[params[i]]["hess"] for i in thetas if i not in hs})  # (new state)
+                draws.append(_unit_noise(run, mus, hs, thetas))
+    pairs = 0
+    for first, second in zip(draws[0::2], draws[1::2]):
+        for i in first.keys() & second.keys():
+            torch.testing.assert_close(second[i], -first[i], rtol=1e-7, atol=1e-9)
+            pairs += 1
+    assert pairs > 20
