@@ -60,6 +60,7 @@ def test_deep_models_run_the_kernels_in_chunks_with_the_same_result(monkeypatch)
     real = _fused._chunked
     monkeypatch.setattr(_fused, "_chunked", lambda name, fn, args: calls.append(name) or real(name, fn, args))
     monkeypatch.setattr(_fused, "_CACHE", {})
+    monkeypatch.setattr(_fused, "_VARIANTS", {})
     fused = _run(True, depth=5)
     assert fused[1].fused and calls, "the fused path did not run"
     eager = _run(False, depth=5)
@@ -89,6 +90,7 @@ def test_a_compilation_failure_after_the_first_chunk_finishes_the_step_eagerly(m
 
     monkeypatch.setattr(_fused, "CHUNK_ABOVE", 4)
     monkeypatch.setattr(_fused, "_CACHE", {})
+    monkeypatch.setattr(_fused, "_VARIANTS", {})
     monkeypatch.setattr(_fused, "_BROKEN", set())
     monkeypatch.setattr(_fused.torch, "compile", fake_compile)
     with warnings.catch_warnings(record=True) as caught:
@@ -144,6 +146,7 @@ def test_chunks_of_different_bases_and_sizes_share_one_graph(monkeypatch):
     real_compile = torch.compile
     monkeypatch.setattr(_fused.torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, **kw))
     monkeypatch.setattr(_fused, "_CACHE", {})
+    monkeypatch.setattr(_fused, "_VARIANTS", {})
     monkeypatch.setattr(_fused, "CHUNK", 2)
     monkeypatch.setattr(_fused, "CHUNK_ABOVE", 2)
     torch._dynamo.reset()
@@ -222,7 +225,7 @@ def test_only_a_kernels_first_call_compiles_without_inductors_worker_pool(monkey
     from torch._inductor import config as inductor_config
 
     monkeypatch.setattr(_fused, "_CACHE", {})
-    monkeypatch.setattr(_fused, "_COMPILED", set())
+    monkeypatch.setattr(_fused, "_VARIANTS", {})
     seen = []
 
     def spy(name, compiled, args):  # record the setting; run the math eagerly (no compilation)
@@ -257,7 +260,7 @@ def test_steps_under_a_dispatch_mode_run_uncompiled_and_keep_the_kernels(monkeyp
         return real(name, fn, args)
 
     monkeypatch.setattr(_fused, "_chunked", counted)
-    for name in ("_CACHE", "_BROKEN", "_COMPILED"):  # nothing left over from other tests
+    for name in ("_CACHE", "_BROKEN", "_VARIANTS"):  # nothing left over from other tests
         monkeypatch.setattr(_fused, name, type(getattr(_fused, name))())
 
     def run(fused, counted_steps):
@@ -290,3 +293,22 @@ def test_steps_under_a_dispatch_mode_run_uncompiled_and_keep_the_kernels(monkeyp
         again = run(True, counted_steps=set())  # the kernels still compile and run afterwards
     assert again[1].fused and not [w for w in caught if "BayesAdam" in str(w.message)]
     assert len(compiled_calls) == n_compiled + 12
+
+
+def test_kernels_for_many_tensor_counts_stay_under_the_recompile_limit(monkeypatch):
+    """torch._dynamo counts recompilations per code object, and past its recompile limit a
+    fullgraph compilation fails: with one code object per kernel, the optimizer of the ninth
+    model depth in a process (a sweep, a notebook; the limit is 8) warned and went eager for
+    good. Each variant (dtypes, number of tensors) now compiles from its own copy of the code;
+    here three lengths under a limit of 1."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("_CACHE", "_BROKEN", "_VARIANTS"):
+        monkeypatch.setattr(_fused, name, type(getattr(_fused, name))())
+    k = _fused.kernel("sample")
+    hp = torch.tensor([1.0, 3.0, 1.0])
+    with dynamo_config.patch(recompile_limit=1):
+        for n in (1, 2, 3):
+            out = k([torch.zeros(4)] * n, [torch.ones(4)] * n, [torch.ones(4)] * n, hp)
+            assert len(out) == n
+            torch.testing.assert_close(out[-1], torch.full((4,), 0.5))  # 0 + 1 / √(1·3 + 1)

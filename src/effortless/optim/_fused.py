@@ -245,29 +245,52 @@ def kernel(name: str):
     """The compiled kernel ``name`` (a key of ``_MATH``) over lists of 1-D tensors (2-D for the
     flipout ones), compiled on first use: one call for up to ``CHUNK_ABOVE`` tensors, else one per
     chunk of ``CHUNK``. Its list arguments are parallel (one entry per parameter), the others are
-    passed to every call."""
+    passed to every call.
+
+    Each variant (state dtypes, number of tensors) is compiled from a copy of the kernel's code:
+    torch._dynamo counts recompilations per code object and, past its ``recompile_limit`` (8),
+    fails a ``fullgraph`` compilation, so one shared code object made the optimizer of the ninth
+    model depth in a process (a sweep, a notebook) give up its fused kernels."""
     if name in _BROKEN:
         raise RuntimeError(f"compilation of the fused kernel {name!r} failed earlier")
     if name not in _CACHE:
-        compiled = torch.compile(_MATH[name], dynamic=True, fullgraph=True)
 
-        def call(*args, compiled=compiled):
-            key = (name, _dtypes(args))  # (another dtype of the state compiles again)
-            if key in _COMPILED:
+        def call(*args):
+            key = (name, _dtypes(args), _length(args))
+            compiled = _VARIANTS.get(key)
+            if compiled is not None:
                 return _chunked(name, compiled, args)
+            compiled = torch.compile(_code_copy(_MATH[name]), dynamic=True, fullgraph=True)
             for a in args:  # hp (and the averaging's weight): fixed sizes, which the kernels unbind
                 if isinstance(a, torch.Tensor):
                     torch._dynamo.mark_static(a)
             with _compile_settings(lowp=any(d in _LOWP for d in key[1])):
                 out = _chunked(name, compiled, args)
-            _COMPILED.add(key)
+            _VARIANTS[key] = compiled
             return out
 
         _CACHE[name] = call
     return _CACHE[name]
 
 
-_COMPILED: set[tuple] = set()  # (kernel, dtypes) called (so compiled) once already
+# (kernel, dtypes, length) -> its compiled copy, called (so compiled) once already
+_VARIANTS: dict[tuple, object] = {}
+
+
+def _length(args) -> int | tuple:
+    """The variant's number of tensors: the list length for one call; lists cut into chunks share
+    a variant per remainder (one graph for the full chunks, one for the last)."""
+    n = max((len(a) for a in args if type(a) is list), default=0)
+    return n if n <= CHUNK_ABOVE else ("chunks", n % CHUNK)
+
+
+def _code_copy(fn):
+    """``fn`` with a code object of its own (torch.compile keeps its compilations, and counts
+    them against the recompile limit, per code object)."""
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 _LOWP = (torch.bfloat16, torch.float16)
 
 
@@ -308,7 +331,7 @@ def lowp_state_supported(device_type: str = "cpu") -> bool:
                         device=device_type)  # fmt: skip
 
     # a copy of the code: torch.compile keeps what it compiled per code object, whatever the settings
-    spacing = types.FunctionType(bf16_spacing.__code__.replace(), bf16_spacing.__globals__)
+    spacing = _code_copy(bf16_spacing)
     try:
         with _compile_settings(lowp=True):
             got = torch.compile(spacing, dynamic=False, fullgraph=True)(grid)
