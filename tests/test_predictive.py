@@ -39,6 +39,42 @@ def test_glm_covariance_matches_explicit_jacobians(arch):
         torch.testing.assert_close(mean, model(x))
 
 
+class _Skips(torch.nn.Module):
+    """A Linear with a frozen weight and a trainable bias, and a layer the forward never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid, self.unused = torch.nn.Linear(4, 5), torch.nn.Linear(5, 5), torch.nn.Linear(5, 5)
+        self.out = torch.nn.Linear(5, 3)
+        self.mid.weight.requires_grad_(False)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.mid(torch.tanh(self.inp(x)))))
+
+
+def test_glm_covariance_with_a_frozen_weight_beside_its_bias_and_a_layer_that_does_not_run():
+    """The hook path's Linear rule read the weight's variance even where only the bias was in the
+    posterior (KeyError), and a planned layer the forward did not run had no saved input
+    (KeyError); the frozen weight contributes nothing, the unused layer nothing."""
+    torch.manual_seed(0)
+    model = _Skips().double()
+    x = torch.randn(7, 4, dtype=torch.float64)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    g = torch.Generator().manual_seed(0)
+    prec = {n: 0.5 + 4 * torch.rand(p.shape, generator=g, dtype=p.dtype) for n, p in trained.items()}
+    post = ef.DiagGaussian({n: p.detach().clone() for n, p in trained.items()}, prec)
+    _, cov = predictive.linearised_moments(model, post, x)
+    params = dict(model.named_parameters())
+
+    def f(th):
+        return torch.func.functional_call(model, {**params, **th}, (x,))
+
+    J = torch.func.jacrev(f)({n: p.detach() for n, p in trained.items()})
+    ref = sum(torch.einsum("bc...,bd...,...->bcd", J[n], J[n], 1 / prec[n]) for n in trained)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(cov, ref, atol=1e-10, rtol=1e-8)
+
+
 def test_moments_are_taken_at_the_posterior_mean_and_weights_restored():
     model = make_model("mlp")
     x, _ = make_batch("mlp", "classification")

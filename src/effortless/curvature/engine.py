@@ -338,7 +338,9 @@ def _linear_cov(m: nn.Linear, a, delta, var):
     """Σ_p var_p g_kp g_lp per sample without per-sample gradients (2-D inputs), else via them."""
     if a.dim() != 2:
         return None
-    s = a.pow(2) @ var["weight"].T  # (B, out)
+    s = a.new_zeros(a.shape[0], delta.shape[-1])  # (B, out); either parameter may be frozen
+    if "weight" in var:
+        s = s + a.pow(2) @ var["weight"].T
     if m.bias is not None and "bias" in var:
         s = s + var["bias"]
     return torch.einsum("kbo,lbo,bo->bkl", delta, delta, s)
@@ -789,6 +791,8 @@ def output_covariance(p: Plan, saved, deltas, variance: dict[str, torch.Tensor])
 def _output_covariance(p: Plan, saved, deltas, variance) -> torch.Tensor:
     total = None
     for n, m in p.modules.items():
+        if n not in saved:  # (a module this forward did not run: the outputs do not depend on it)
+            continue
         rule = RULES[type(m)]
         var = {attr: variance[full] for full, (mn, attr) in p.params.items() if mn == n}
         a, delta = _as_params(m, saved[n][0], deltas[n])
