@@ -260,11 +260,15 @@ def kernel(name: str):
             compiled = _VARIANTS.get(key)
             if compiled is not None:
                 return _chunked(name, compiled, args)
-            compiled = torch.compile(_code_copy(_MATH[name]), dynamic=True, fullgraph=True)
+            lowp = any(d in _LOWP for d in key[1])
+            # (bf16 state: the setting its rounding needs travels with the compiled function, so a
+            # recompilation — after torch._dynamo.reset(), a change of thread count — keeps it)
+            compiled = torch.compile(_code_copy(_MATH[name]), dynamic=True, fullgraph=True,
+                                     options=dict(LOWP_OPTIONS) if lowp else None)  # fmt: skip
             for a in args:  # hp (and the averaging's weight): fixed sizes, which the kernels unbind
                 if isinstance(a, torch.Tensor):
                     torch._dynamo.mark_static(a)
-            with _compile_settings(lowp=any(d in _LOWP for d in key[1])):
+            with _compile_settings(lowp=lowp):
                 out = _chunked(name, compiled, args)
             _VARIANTS[key] = compiled
             return out
@@ -292,6 +296,11 @@ def _code_copy(fn):
 
 
 _LOWP = (torch.bfloat16, torch.float16)
+# inductor settings compiled into every bf16-state kernel (see :func:`_compile_settings`); passed as
+# torch.compile's ``options``, not only patched around the first call: dynamo recompiles a kernel
+# when a guard fails (another thread count) or after torch._dynamo.reset(), outside that patch, and
+# without the setting the stochastic rounding's dither came off the bf16 grid
+LOWP_OPTIONS = {"emulate_precision_casts": True}
 
 
 def _dtypes(args) -> tuple:
@@ -334,7 +343,7 @@ def lowp_state_supported(device_type: str = "cpu") -> bool:
     spacing = _code_copy(bf16_spacing)
     try:
         with _compile_settings(lowp=True):
-            got = torch.compile(spacing, dynamic=False, fullgraph=True)(grid)
+            got = torch.compile(spacing, dynamic=False, fullgraph=True, options=dict(LOWP_OPTIONS))(grid)
     except Exception:  # a torch that cannot compile here: the eager path
         return False
     return torch.equal(got, bf16_spacing(grid))
