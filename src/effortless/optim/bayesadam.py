@@ -1049,8 +1049,9 @@ class BayesAdam(Optimizer):
                     thetas_new = self._draw_inplace(todo, sign) if inplace else self._draw(todo, sign)
                     if inplace:  # fresh θ in every buffer: none holds ε yet
                         self._converted = set()
-                        self._drawn = {p: (g, {k: g[k] for k in ("n_data", "prior_precision", "temperature")})
-                                       for p, _, _, g in todo}  # fmt: skip
+                        keys = ("n_data", "prior_precision", "temperature")  # (σ as drawn: one per group)
+                        drawn_with = {id(g): (g, {k: g[k] for k in keys}) for *_, g in todo}
+                        self._drawn = {p: drawn_with[id(g)] for p, _, _, g in todo}
                 if not train:  # a posterior sample: around the averaged means (see `averaging`)
                     thetas_new = self._around_average(todo, thetas_new)
                 for p, theta in zip([t[0] for t in todo], thetas_new):
