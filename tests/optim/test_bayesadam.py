@@ -1015,13 +1015,14 @@ def test_a_parameter_frozen_between_its_sample_and_the_step_keeps_its_mirror(fus
         assert torch.equal(bias, mu)
         bias.requires_grad_(True)
     opt.param_groups[0]["temperature"] = 1.0
-    # (at temperature 0 the step moved μ by Adam and kept h: the mirror is −σ ε around the new μ;
-    # frozen, or restored from the checkpoint, the bias is where it was)
-    mu_now = bias.detach().clone()
+    # (at temperature 0 the step moved μ by Adam and h by the sample's estimate: the mirror is
+    # −σ' ε around the new μ; frozen, or restored from the checkpoint, the bias is where it was)
+    mu_now, h_now = bias.detach().clone(), opt.state[bias]["hess"].clone()
     with opt.sampled_params():
         second = bias.detach() - mu_now
     assert first.abs().min() > 0
-    torch.testing.assert_close(second, -first, rtol=1e-12, atol=1e-15)
+    first_unit = first * (64 * 0.1 + 1.0) ** 0.5  # (σ = 1/√(N h + δ) at T = 1, h = hess_init)
+    torch.testing.assert_close(-second * (64 * h_now + 1.0).sqrt(), first_unit, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("fused", [False, True])

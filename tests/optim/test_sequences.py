@@ -218,9 +218,10 @@ def _unit_noise(run: _Run, mus: dict, hs: dict, thetas: dict) -> dict[int, torch
 @pytest.mark.parametrize("seed", range(SEEDS))
 def test_every_second_training_sample_is_the_mirror_of_the_one_before(seed):
     """An oracle the twins cannot be: whatever happens between the draws (freezing and
-    unfreezing, a parameter group added, a failing block, evaluation samples, a checkpoint), the
-    two draws of an antithetic pair have unit noise ε and −ε. It failed when a parameter frozen
-    between its sample and step() kept θ in its noise buffer (its mirror was μ − σθ)."""
+    unfreezing, a parameter group added, N, δ or T edited, a failing block, evaluation samples,
+    a checkpoint), the two draws of an antithetic pair have unit noise ε and −ε. It failed when a
+    parameter frozen between its sample and step() kept θ in its noise buffer (its mirror was
+    μ − σθ), and when N, δ or T edited there made the step recover ε with the new σ."""
     rng = random.Random(seed)
     run = _Run(rng.choice(SECOND_GROUP), checkpoints=True, fused=bool(seed % 2))
     add_at = rng.randrange(15)
@@ -235,6 +236,11 @@ def test_every_second_training_sample_is_the_mirror_of_the_one_before(seed):
             ops.append(("sample", rng.randrange(48)))  # (a step needs one sample that did not fail)
             if rng.random() < 0.3:  # (between the sample and the step)
                 ops.append(("freeze", rng.choice([1, 3])))
+            if rng.random() < 0.2:  # (so is an edit of σ's ingredients: the pair's σ is as drawn)
+                key = rng.choice(["n_data", "prior_precision", "temperature"])
+                values = {"n_data": [100, 200, 400], "prior_precision": [0.5, 1.0, 3.0],
+                          "temperature": [0.005, 0.01, 0.05]}  # fmt: skip
+                ops.append(("edit", key, rng.choice(values[key])))
             ops += [("step",), ("checkpoint",)] if rng.random() < 0.2 else [("step",)]
             for op in ops:
                 if op[0] not in ("sample", "raise"):

@@ -693,6 +693,10 @@ class BayesAdam(Optimizer):
                 return self.generator
         return self._rank_generator(seed, rank)
 
+    def _drawn_edited(self) -> bool:
+        """Whether a group's N, δ or T changed since the pending sample was drawn over the buffers."""
+        return any(group[k] != v for group, drawn_with in self._drawn_groups for k, v in drawn_with.items())
+
     def _sync_generator(self) -> None:
         """Every rank starts from rank 0's generator state (once)."""
         if self._synced:
@@ -896,6 +900,7 @@ class BayesAdam(Optimizer):
         self._converted: set = set()  # (only those converted before a rejection are skipped above)
         # p -> (its group, the group's N, δ, T at the draw) for buffers that received θ in place
         self._drawn: dict[torch.Tensor, tuple[dict, dict]] = {}
+        self._drawn_groups: list[tuple[dict, dict]] = []  # (the same, once per group)
         self._pending_theta = False  # the pending sample's θ lives in state["noise"] (see _draw_inplace)
         self._n_samples = 0  # weight samples drawn for training since the last step
         self._sign = 1.0  # the single pending sample is θ = μ + sign · σ ⊙ state["noise"]
@@ -1052,6 +1057,7 @@ class BayesAdam(Optimizer):
                         keys = ("n_data", "prior_precision", "temperature")  # (σ as drawn: one per group)
                         drawn_with = {id(g): (g, {k: g[k] for k in keys}) for *_, g in todo}
                         self._drawn = {p: drawn_with[id(g)] for p, _, _, g in todo}
+                        self._drawn_groups = list(drawn_with.values())
                 if not train:  # a posterior sample: around the averaged means (see `averaging`)
                     thetas_new = self._around_average(todo, thetas_new)
                 for p, theta in zip([t[0] for t in todo], thetas_new):
@@ -1278,11 +1284,12 @@ class BayesAdam(Optimizer):
 
     def _optimizer_side_estimate(self, group, p, g, sign):
         if self.hessian == "reparam":
-            st = self.state[p]
-            if group["temperature"] == 0 or "noise" not in st:
+            st = self.state.get(p, {})
+            drawn_with = self._drawn[p][1] if p in self._drawn else group  # (σ of the sample)
+            if drawn_with["temperature"] == 0 or "noise" not in st:
                 return None
             inv_sigma = _inv_sigma(
-                st["hess"], group["n_data"], group["prior_precision"], group["temperature"]
+                st["hess"], drawn_with["n_data"], drawn_with["prior_precision"], drawn_with["temperature"]
             )
             noise = self._noise_summed.get(p, st["noise"])  # flipout: Σ_r ε_r, known locally
             return torch.mul(g, noise).mul_(inv_sigma).mul_(sign)  # g (θ − μ) / σ²
@@ -1376,6 +1383,11 @@ class BayesAdam(Optimizer):
                 f"hessian={self.hessian!r} needs the model's outputs: use "
                 "opt.train_step(model, x, y, likelihood=...) instead of step()"
             )
+        if self._pending_theta and not self._grad_acc and self._drawn_edited():
+            # N, δ or T changed since the sample was drawn: its ε and its estimate need the σ it was
+            # drawn with, which the path for several samples uses (the kernels read the groups' new
+            # values); the step itself uses the new ones
+            self._fold_pending()
         if self._pending_theta and not self._grad_acc:  # one sample, θ in the noise buffers: the
             # estimate and an antithetic mirror need sign · ε = (θ − μ)/σ, from μ and h before the
             # update; the fused reparam kernel computes it itself (and writes it back), the
