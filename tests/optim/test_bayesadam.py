@@ -1,3 +1,4 @@
+import copy
 import io
 import math
 import warnings
@@ -441,6 +442,31 @@ def test_evaluation_samples_leave_training_as_it_was_and_resume_exactly():
     resumed, looks_resumed = run(True, resume_at=3)
     assert all(torch.equal(a, b) for a, b in zip(evaluated, resumed))
     assert all(torch.equal(a, b) for la, lb in zip(looks, looks_resumed) for a, b in zip(la, lb))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_continues_exactly_as_the_original(how):
+    """torch's Optimizer pickles only its defaults, state and parameter groups: a deep copy of
+    BayesAdam lacked its settings (AttributeError: 'hessian' at the next step) and, once it held
+    the hook engine's plans, could not be copied at all. Copied with its model (one memo, so the
+    copy's parameters are the copied model's), it continues bit for bit as the original."""
+    import pickle
+
+    x, y = _data()
+    model = _mlp()
+    gen = torch.Generator().manual_seed(0)
+    opt = ef.BayesAdam(model.parameters(), n_data=64, hessian="ggn", generator=gen)
+    for _ in range(3):
+        opt.train_step(model, x, y)
+    both = (model, opt)
+    model2, opt2 = copy.deepcopy(both) if how == "deepcopy" else pickle.loads(pickle.dumps(both))
+    assert opt2.param_groups[0]["params"][0] is next(model2.parameters())
+    for _ in range(3):
+        opt.train_step(model, x, y)
+        opt2.train_step(model2, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    assert all(torch.equal(opt.state[p]["hess"], opt2.state[q]["hess"])
+               for p, q in zip(model.parameters(), model2.parameters()))  # fmt: skip
 
 
 def _snapshot(model, opt):

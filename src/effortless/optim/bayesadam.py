@@ -597,6 +597,20 @@ class BayesAdam(Optimizer):
         self._closure_sampled = False  # step(closure) is running the closure in its own block
         self._clear_pending()
 
+    def __getstate__(self) -> dict:
+        """All of the optimizer (torch's ``Optimizer`` keeps only its defaults, state and parameter
+        groups, which left a ``copy.deepcopy`` or an unpickled BayesAdam without its settings);
+        the estimator (which holds functions) comes back from its key, the hook engine's plans
+        are remade on use."""
+        state = dict(self.__dict__)
+        state["_plans"] = state["estimator"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._plans = weakref.WeakKeyDictionary()
+        self.estimator = estimators.get(self.hessian)
+
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer``'s, refusing parameters BayesAdam cannot hold a posterior in."""
         params = param_group["params"]
