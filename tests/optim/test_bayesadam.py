@@ -1272,6 +1272,16 @@ def test_backward_outside_the_block_is_refused_before_anything_moves():
     assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
 
 
+def _step_refused(opt, model, match: str) -> list[torch.Tensor]:
+    """step() raises a RuntimeError matching ``match`` and leaves the weights as they were
+    (returned, for comparisons after later steps)."""
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    return weights
+
+
 def test_gradients_accumulated_at_the_means_before_the_block_are_refused():
     """Lightning's accumulate_grad_batches in automatic optimisation runs all but the last
     micro-batch's backward outside optimizer.step, i.e. at the means: those gradients were
@@ -1283,10 +1293,7 @@ def test_gradients_accumulated_at_the_means_before_the_block_are_refused():
     F.cross_entropy(model(x), y).backward()  # at μ
     with opt.sampled_params():
         F.cross_entropy(model(x), y).backward()
-    weights = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(RuntimeError, match="accumulate_grad_batches"):
-        opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    weights = _step_refused(opt, model, "accumulate_grad_batches")
     opt.zero_grad()  # drops the refused step's sample
     for set_to_none in (False, True, False):  # zeroing through the model, either way, is not accumulation
         model.zero_grad(set_to_none=set_to_none)
@@ -1315,10 +1322,7 @@ def test_a_gradient_left_on_a_parameter_added_since_zero_grad_is_refused():
     opt.add_param_group({"params": head})
     with opt.sampled_params():
         F.cross_entropy(model(x), y).backward()
-    weights = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(RuntimeError, match="add_param_group"):
-        opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    weights = _step_refused(opt, model, "add_param_group")
     opt.zero_grad()
     with opt.sampled_params():
         F.cross_entropy(model(x), y).backward()
