@@ -60,8 +60,32 @@ def test_aupr_matches_sklearn_average_precision():
 def test_fpr_at_95_tpr_by_hand():
     a = torch.arange(1, 101, dtype=torch.float64)  # in-distribution scores 1..100
     b = torch.tensor([2.0, 5.0, 6.0, 50.0])
-    # the threshold keeping 95 % of a is its 5 % quantile, 5.95: only 6 and 50 pass
+    # the highest threshold keeping 95 of the 100 in-scores is 6: 6 and 50 pass
     assert metrics.fpr_at_tpr(a, b, 0.95) == pytest.approx(0.5)
+    # keeping 3 of 4 in-scores {1, 2, 3, 4} (tpr 0.7 -> 3) takes threshold 2: b = 2 passes, 1.5 not
+    assert metrics.fpr_at_tpr(a[:4], torch.tensor([1.5, 2.0]), 0.7) == 0.5
+
+
+def test_fpr_at_tpr_is_the_roc_curves_lowest_fpr_at_that_tpr():
+    """Small sets with ties, where a quantile of the in-scores (interpolated between two of them)
+    kept fewer than ``tpr`` of them: it disagreed with the ROC curve on 15 % of these cases."""
+    from sklearn.metrics import roc_curve
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n_in, n_out, levels = (
+            int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 60), (1, 60), (2, 20))
+        )
+        a = torch.randint(0, levels, (n_in,), generator=g).double()
+        b = torch.randint(0, levels, (n_out,), generator=g).double() - 1
+        tpr = 0.01 + 0.99 * float(torch.rand(1, generator=g))
+        labels = torch.cat([torch.ones(n_in), torch.zeros(n_out)]).numpy()
+        fpr_curve, tpr_curve, _ = roc_curve(labels, torch.cat([a, b]).numpy(), drop_intermediate=False)
+        assert metrics.fpr_at_tpr(a, b, tpr) == pytest.approx(
+            fpr_curve[tpr_curve >= tpr - 1e-12].min(), abs=1e-12
+        )
+    a = torch.arange(60, dtype=torch.float64)  # 0.95 * 60 is 57.000000000000007 in floats: still 57 kept
+    assert metrics.fpr_at_tpr(a, torch.tensor([2.5, 3.0]), 0.95) == 0.5
 
 
 def test_adaptive_ece_and_mce_by_hand():
@@ -131,7 +155,7 @@ def test_ood_metrics_match_torchmetrics():
     assert metrics.aupr(a, b) == pytest.approx(float(tm.binary_average_precision(scores, target)), rel=1e-6)
     fpr, tpr, _ = tm.binary_roc(scores, target)
     ref = float(fpr[tpr >= 0.95].min())
-    assert metrics.fpr_at_tpr(a, b, 0.95) == pytest.approx(ref, abs=2 / len(b))
+    assert metrics.fpr_at_tpr(a, b, 0.95) == pytest.approx(ref, abs=1e-7)
 
 
 def test_classification_report_ood_scores():

@@ -194,11 +194,16 @@ def aupr(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
 
 
 def fpr_at_tpr(scores_in: torch.Tensor, scores_out: torch.Tensor, tpr: float = 0.95) -> float:
-    """Fraction of out-of-distribution inputs kept when the threshold keeps ``tpr`` of the in-ones."""
+    """Fraction of out-of-distribution inputs kept (score ≥ threshold) at the highest threshold
+    that keeps at least ``tpr`` of the in-distribution ones: the ROC curve's lowest false-positive
+    rate at a true-positive rate ≥ ``tpr`` (as read off ``sklearn.metrics.roc_curve``)."""
     _check_scores(scores_in, scores_out)
     if not 0 < tpr <= 1:
         raise ValueError(f"tpr must be in (0, 1], got {tpr!r}")
-    threshold = torch.quantile(scores_in.double(), 1 - tpr)
+    # the k-th highest in-score keeps k of them (ties keep more); k = ⌈tpr·n⌉, where tpr·n
+    # rounds up past an integer (0.95 · 60 = 57.000000000000007) only by round-off
+    k = max(1, math.ceil(tpr * len(scores_in) - 1e-9))
+    threshold = torch.sort(scores_in.double(), descending=True).values[k - 1]
     return float((scores_out.double() >= threshold).double().mean())
 
 
