@@ -103,6 +103,40 @@ def test_aurc_by_hand():
     assert metrics.aurc(probs, labels) == pytest.approx((0 + 1 / 2 + 1 / 3) / 3)
 
 
+def test_aurc_and_adaptive_ece_do_not_depend_on_the_order_of_tied_confidences():
+    """Saturated float32 probabilities tie at exactly 1: the risk at a tie was the stable sort's
+    (the inputs' order) and an equal-mass bin edge could split a tie by it. AURC is the mean over
+    the ties' orderings (brute force over all permutations); both are invariant to shuffling."""
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        n = int(torch.randint(1, 7, (1,), generator=g))
+        conf = torch.randint(5, 9, (n,), generator=g).double() / 10
+        probs, labels = torch.stack([conf, 1 - conf], 1), torch.randint(0, 2, (n,), generator=g)
+        runs = []
+        for perm in itertools.permutations(range(n)):
+            p, y = probs[list(perm)], labels[list(perm)]
+            o = torch.argsort(p.max(-1).values, descending=True, stable=True)
+            wrong = (p.argmax(-1)[o] != y[o]).double()
+            runs.append(float((wrong.cumsum(0) / torch.arange(1, n + 1)).mean()))
+        assert metrics.aurc(probs, labels) == pytest.approx(sum(runs) / len(runs), abs=1e-12)
+    conf = torch.tensor([1.0] * 6 + [0.9, 0.8, 0.7, 0.6])  # six tied at 1, half of them wrong
+    probs, labels = torch.stack([conf, 1 - conf], 1), torch.tensor([0, 1, 0, 1, 0, 1, 0, 0, 1, 0])
+    for _ in range(5):
+        perm = torch.randperm(10, generator=g)
+        assert metrics.aurc(probs[perm], labels[perm]) == pytest.approx(
+            metrics.aurc(probs, labels), abs=1e-12
+        )
+        assert metrics.ece(probs[perm], labels[perm], n_bins=4, adaptive=True) == pytest.approx(
+            metrics.ece(probs, labels, n_bins=4, adaptive=True), abs=1e-12
+        )
+    # ranks by rising confidence: 0.6, 0.7 (wrong), 0.8 in bin 0 (rank·4 // 10); 0.9 at rank 3 and
+    # the tie from rank 4 in bin 1 (a rank-order split would have put two of the six in bin 2 and
+    # two in bin 3): |3·0.7 − 2| + |6.9 − 4| over 10
+    assert metrics.ece(probs, labels, n_bins=4, adaptive=True) == pytest.approx((0.1 + 2.9) / 10)
+
+
 def test_entropy_and_mutual_information():
     agree = torch.tensor([[[0.5, 0.5]], [[0.5, 0.5]]])  # (S=2, B=1, C=2)
     disagree = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])

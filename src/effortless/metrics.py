@@ -104,9 +104,16 @@ def _bin_index(conf: torch.Tensor, n_bins: int, adaptive: bool) -> torch.Tensor:
     if not (isinstance(n_bins, int) and n_bins >= 1):
         raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
     if adaptive:
-        order = torch.argsort(conf, stable=True)
+        # rank r goes to bin r·n_bins // N; tied confidences (saturated float32 probabilities are
+        # exactly 1) all go to the bin of the tie's first rank, so no bin edge splits a tie in
+        # the order the inputs came in
+        sorted_conf, order = torch.sort(conf, stable=True)
+        first = torch.ones(len(conf), dtype=torch.bool)
+        first[1:] = sorted_conf[1:] != sorted_conf[:-1]
+        rank = torch.arange(len(conf))
+        tie_start = torch.cummax(torch.where(first, rank, 0), 0).values
         idx = torch.empty_like(order)
-        idx[order] = torch.arange(len(conf)) * n_bins // max(len(conf), 1)
+        idx[order] = tie_start * n_bins // max(len(conf), 1)
         return idx
     return (conf * n_bins).long().clamp(0, n_bins - 1)
 
@@ -208,12 +215,18 @@ def fpr_at_tpr(scores_in: torch.Tensor, scores_out: torch.Tensor, tpr: float = 0
 
 
 def aurc(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Area under the risk-coverage curve of selective prediction by confidence (lower is better)."""
+    """Area under the risk-coverage curve of selective prediction by confidence (lower is better).
+
+    The mean over k = 1..N of the error rate among the k most confident predictions; within a run
+    of tied confidences (which no threshold can separate) the errors count at the tie's mean rate,
+    the average over the tie's orderings, so the result does not depend on the inputs' order."""
     _check_classification(probs, labels)
     conf, pred = probs.double().max(-1)
     order = torch.argsort(conf, descending=True, stable=True)
-    errors = (pred[order] != labels[order]).double()
-    risk = errors.cumsum(0) / torch.arange(1, len(errors) + 1, dtype=torch.float64)
+    conf, errors = conf[order], (pred[order] != labels[order]).double()
+    _, tie, size = torch.unique_consecutive(conf, return_inverse=True, return_counts=True)
+    rate = torch.zeros(len(size), dtype=torch.float64).index_add_(0, tie, errors) / size
+    risk = rate[tie].cumsum(0) / torch.arange(1, len(errors) + 1, dtype=torch.float64)
     return float(risk.mean())
 
 
