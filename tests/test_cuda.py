@@ -44,6 +44,20 @@ def test_a_cuda_run_matches_the_cpu_run(fused):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_a_model_moved_to_the_gpu_after_a_step_is_refused_and_the_state_carries_over():
+    model, x, y = _problem("cpu")
+    opt = ef.BayesAdam(model.named_parameters(), n_data=256)
+    _train(model, x, y, opt, 2)
+    model.cuda()
+    with pytest.raises(RuntimeError, match="on cuda:0, but its optimizer state is torch.float32 on cpu"):
+        _train(model, x.cuda(), y.cuda(), opt, 1)
+    sd = opt.state_dict()
+    opt = ef.BayesAdam(model.named_parameters(), n_data=256)
+    opt.load_state_dict(sd)
+    _train(model, x.cuda(), y.cuda(), opt, 2)
+    assert opt.state[model[0].weight]["hess"].device.type == "cuda"
+
+
 def _fp16_run(steps, poison=False):
     model, x, y = _problem("cuda")
     if poison:

@@ -1239,6 +1239,44 @@ def test_half_precision_and_complex_parameters_are_refused(dtype):
         opt.add_param_group({"params": {nn.Parameter(torch.zeros(2))}})
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_model_cast_after_the_optimizer_is_refused_before_anything_moves(fused):
+    """``model.double()`` after a step left the state in float32: the next block's forward failed
+    with "mat1 and mat2 must have the same dtype" (a float32 sample among float64 inputs), a step
+    with "expected dtype double" after some tensors had been updated (here the other way round:
+    the float64 test model cast to float32), and the fused path gave up
+    its kernels. A cast to half precision after the constructor, which refuses it, got as far as a
+    non-finite curvature. Now both are refused by name before anything is drawn or updated, and
+    the state carries over through state_dict as the message says."""
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.named_parameters(), n_data=64, fused=fused,
+                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    opt.train_step(model, x, y)
+    state = {k: v.clone() for k, v in opt.state[model[0].weight].items() if torch.is_tensor(v)}
+    model.float()
+    weights = [p.detach().clone() for p in model.parameters()]
+    for call in (lambda: opt.sampled_params().__enter__(), opt.step,
+                 lambda: opt.train_step(model, x.float(), y)):  # fmt: skip
+        with pytest.raises(RuntimeError, match=r"'0.weight' is torch.float32 .* state is torch.float64"):
+            call()
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert all(torch.equal(v, opt.state[model[0].weight][k]) for k, v in state.items())
+    assert not opt._inside and opt.fused == fused
+    sd = opt.state_dict()
+    opt = ef.BayesAdam(model.named_parameters(), n_data=64, fused=fused)
+    opt.load_state_dict(sd)
+    opt.train_step(model, x.float(), y)  # the carried-over state, cast, trains on
+    assert opt.state[model[0].weight]["hess"].dtype == torch.float32
+    assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    fresh = _mlp()
+    opt = ef.BayesAdam(fresh.named_parameters(), n_data=64, fused=fused)
+    fresh.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="'0.weight' was cast to torch.bfloat16.*autocast"):
+        opt.train_step(fresh, x.bfloat16(), y)
+    assert not opt.state
+
+
 def test_meta_parameters_are_refused_by_name():
     """A model built on the meta device (deferred initialisation) got torch's "META device type
     not an accelerator" from the generator's construction, which does not say what to do."""

@@ -622,12 +622,7 @@ class BayesAdam(Optimizer):
             if not isinstance(t, torch.Tensor):
                 continue  # (torch's own check names the bad entry)
             if t.dtype in (torch.float16, torch.bfloat16):
-                raise ValueError(
-                    f"params: a {t.dtype} parameter; BayesAdam keeps μ, the curvature and the sample "
-                    "in the parameters' dtype, where half precision rounds the weight noise and the "
-                    "updates away (and Adam's eps underflows in float16, making μ NaN): keep the "
-                    "parameters in float32 and use torch.autocast for mixed precision"
-                )
+                raise ValueError(f"params: a {t.dtype} parameter; {_HALF_PARAMS}")
             if t.is_complex():
                 raise ValueError(f"params: a {t.dtype} parameter; BayesAdam needs real parameters")
             if t.is_meta:
@@ -669,6 +664,32 @@ class BayesAdam(Optimizer):
                 raise ValueError(f"param_groups[{i}]: {e}") from None
             if plain and all(type(b) is float for b in values[-1]):
                 checked[i] = values
+
+    def _check_placement(self) -> None:
+        """Refuse a parameter whose dtype or device is no longer its state's: a model cast or moved
+        after the first step (``model.double()``, ``model.to(device)``) failed mid-way with an
+        unrelated message ("mat1 and mat2 must have the same dtype", or "expected dtype double for
+        `end`" in the step, after some tensors had been updated; the fused path also gave up its
+        kernels for good). Checked before anything is drawn or updated (~0.3 µs a tensor)."""
+        hess_dtype = self._state_dtypes["hess"]
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                h = self.state[p].get("hess") if p in self.state else None
+                if h is not None and h.device == p.device and h.dtype == (hess_dtype or p.dtype):
+                    continue
+                names = group.get("param_names")
+                what = f"parameter {names[i]!r}" if names else f"a parameter of shape {tuple(p.shape)}"
+                if h is None:  # (no state yet: refused as the constructor refuses it)
+                    if p.dtype in (torch.float16, torch.bfloat16):
+                        raise ValueError(f"BayesAdam: {what} was cast to {p.dtype}; {_HALF_PARAMS}")
+                    continue
+                raise RuntimeError(
+                    f"BayesAdam: {what} is {p.dtype} on {p.device}, but its optimizer state is "
+                    f"{h.dtype} on {h.device}: the model was cast or moved after the optimizer's first "
+                    "sample or step. Cast or move the model before making the optimizer, or carry the "
+                    "state over: sd = opt.state_dict(); opt = BayesAdam(model.named_parameters(), ...); "
+                    "opt.load_state_dict(sd) (which casts and moves it). Nothing was drawn or updated"
+                )
 
     def _choose_fused(self, fused: bool | None) -> bool:
         params = [p for _, p in self._params()]
@@ -1003,6 +1024,7 @@ class BayesAdam(Optimizer):
         if self._inside:
             raise RuntimeError("sampled_params() contexts cannot be nested")
         self._check_groups()
+        self._check_placement()
         if train and self._tainted:
             raise RuntimeError(
                 "an earlier sampled_params(train=True) block raised after its backward had added to "
@@ -1337,6 +1359,7 @@ class BayesAdam(Optimizer):
         """
         loss = None
         self._check_groups()
+        self._check_placement()
         if self._tainted:
             raise RuntimeError(
                 "a sampled_params(train=True) block raised after its backward had added to gradients "
@@ -2128,6 +2151,13 @@ def _check_hess_beta(hess_beta) -> None:
 
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "hess")
+
+
+_HALF_PARAMS = (
+    "BayesAdam keeps μ, the curvature and the sample in the parameters' dtype, where half precision "
+    "rounds the weight noise and the updates away (and Adam's eps underflows in float16, making μ "
+    "NaN): keep the parameters in float32 and use torch.autocast for mixed precision"
+)
 
 
 def _state_dtypes(state_dtype) -> dict:
