@@ -109,6 +109,27 @@ def test_glm_samples_converge_and_probit_is_close():
     assert (probit - a).abs().max() < 0.05  # probit approximates the same integral
 
 
+def test_a_posterior_predicts_for_a_model_cast_after_it_was_fitted():
+    """A float32 posterior for the model cast to float64 (to evaluate in double precision): the MC
+    predictive casts its samples, the linearised one failed in its covariance's matmul ("expected
+    m1 and m2 to have the same dtype"). Both now give the float32 model's predictive to float32
+    round-off (the covariance against explicit Jacobians in float64)."""
+    model = make_model("mlp").float()
+    x, _ = make_batch("mlp", "classification")
+    post = _posterior(model)
+    assert post.variance["0.weight"].dtype == torch.float32
+    probs32 = ef.predict(model, post, x.float(), method="probit")
+    model.double()
+    probs64 = ef.predict(model, post, x, method="probit")
+    assert probs64.dtype == torch.float64
+    torch.testing.assert_close(probs64, probs32.double(), rtol=1e-5, atol=1e-6)
+    mean, cov = predictive.linearised_moments(model, post, x)
+    post64 = ef.DiagGaussian({k: v.double() for k, v in post.mean.items()},
+                             {k: v.double() for k, v in post.precision.items()})  # fmt: skip
+    torch.testing.assert_close(cov, _reference_cov(model, post64, x))
+    assert ef.predict_samples(model, post, x, n_samples=3, method="glm").dtype == torch.float64
+
+
 def test_regression_glm_variance_includes_noise():
     model = make_model("mlp", out=2)
     x, y = make_batch("mlp", "regression", out=2)

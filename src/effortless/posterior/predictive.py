@@ -48,7 +48,9 @@ def linearised_moments(model: nn.Module, posterior: DiagGaussian, x: torch.Tenso
     refuse_coupled(model, "the linearised predictive (method='glm' / 'probit')")
     params = posterior._match(model)  # posterior key -> parameter
     names = {id(p): n for n, p in model.named_parameters()}
-    variance = {names[id(p)]: posterior.variance[k] for k, p in params.items()}
+    # (in the weights' dtype and device, as the MC predictive's samples: a float32 posterior for
+    # a model cast to float64 after training failed in the covariance's matmul)
+    variance = {names[id(p)]: posterior.variance[k].to(p) for k, p in params.items()}
     with posterior.mean_loaded(model):
         plan = engine.plan(model, list(variance))
         if plan.backend == "hooks":
