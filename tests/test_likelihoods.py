@@ -53,8 +53,11 @@ def test_regression_samples_have_noise_variance():
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="likelihood"):
         likelihoods.get("poisson")
+    for bad in (-1.0, 0.0, float("inf"), float("nan")):  # (inf gave a zero output Hessian, silently)
+        with pytest.raises(ValueError, match="sigma_noise"):
+            likelihoods.get("regression", sigma_noise=bad)
     with pytest.raises(ValueError, match="sigma_noise"):
-        likelihoods.get("regression", sigma_noise=-1.0)
+        likelihoods.Regression(sigma_noise=True)
     with pytest.raises(ValueError, match="labels"):
         likelihoods.get("classification").nll(torch.randn(3, 2), torch.randn(3))
     with pytest.raises(ValueError, match="same shape"):

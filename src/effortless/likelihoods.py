@@ -155,8 +155,9 @@ class Regression(Likelihood):
     name = "regression"
 
     def __post_init__(self):
-        if not (isinstance(self.sigma_noise, (int, float)) and self.sigma_noise > 0):
-            raise ValueError(f"sigma_noise must be a positive float, got {self.sigma_noise!r}")
+        s = self.sigma_noise  # (inf gave a zero Hessian, a bool passed as 1: both silently)
+        if not (isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < math.inf):
+            raise ValueError(f"sigma_noise must be a positive, finite float, got {s!r}")
 
     def check(self, f, y):
         output(f)
