@@ -79,6 +79,27 @@ def test_trains_in_automatic_and_manual_optimisation(tmp_path, cls):
     assert float(logged["posterior/mean_weight_std"]) > 0
 
 
+def test_the_nll_gain_is_over_the_posterior_mean_not_the_running_mean(tmp_path):
+    """``posterior/nll_gain_over_mean`` compared the predictive with the network at the running
+    mean μ; the posterior's mean is the averaged means, so the gain mixed in the averaging's."""
+    train, val = _data()
+    L.seed_everything(0)
+    model = Auto()
+    trainer = _trainer(tmp_path, 3, callbacks=[PosteriorMetrics(n_samples=2)])
+    trainer.fit(model, train, val)
+    opt = trainer.optimizers[0]
+    post = opt.posterior()
+    assert not torch.equal(next(iter(post.mean.values())), model.net[0].weight)  # (averaging is on)
+    gen = torch.Generator().manual_seed(trainer.global_step)  # (the callback's: seed + global step)
+    x, y = val.dataset.tensors
+    model.eval()
+    probs = torch.cat([ef.predict(model, post, xb, n_samples=2, generator=gen) for xb in x.split(64)])
+    with post.mean_loaded(model), torch.no_grad():
+        at_mean = model(x).softmax(-1)
+    gain = ef.metrics.nll(at_mean, y) - ef.metrics.nll(probs, y)
+    assert float(trainer.callback_metrics["posterior/nll_gain_over_mean"]) == pytest.approx(gain, rel=1e-4)
+
+
 class WithBatchNorm(Auto):
     def __init__(self):
         super().__init__()

@@ -24,7 +24,8 @@ __all__ = ["PosteriorMetrics"]
 class PosteriorMetrics(L.Callback):
     """Log, after each validation epoch, the posterior predictive's NLL, ECE and accuracy (``n_samples``
     weight samples from the BayesAdam optimizer's posterior), the mean weight standard deviation,
-    and the gain in NLL over the mean weights (``posterior/…`` keys; reduced over ranks under DDP).
+    and the gain in NLL over the network at the posterior's mean (the averaged means; ``posterior/…``
+    keys; reduced over ranks under DDP).
 
     The samples come from the callback's own generator (seeded by ``seed``), not the optimizer's:
     adding the callback leaves training bitwise as it was (it drew from the optimizer's sampler
@@ -70,7 +71,8 @@ class PosteriorMetrics(L.Callback):
         x, y = batch
         self._probs.append(predict(pl_module, self._post, x, n_samples=self.n_samples, generator=self._gen,
                                    bn_data=self._bn))  # fmt: skip
-        self._mean_probs.append(pl_module(x).softmax(-1))
+        with self._post.mean_loaded(pl_module):  # the posterior's mean: the averaged means, not μ
+            self._mean_probs.append(pl_module(x).softmax(-1))
         self._labels.append(y)
 
     def on_validation_epoch_end(self, trainer, pl_module):
