@@ -263,6 +263,22 @@ def test_zero_or_negative_counts_are_refused_before_running(argv, capsys):
     assert exc.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["active", "--min-steps", "-1"], ["active", "--pool-subset", "-5"]])
+def test_negative_counts_where_zero_means_none_are_refused(argv, capsys):
+    """--min-steps -1 ran as if 0, silently (type=int)."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and "expected an integer ≥ 0" in capsys.readouterr().err
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """`--help` explains: an option listed bare (bench --no-progress, adam-hessian --seed ...) does not."""
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    bare = [f"{name} {action.option_strings[0]}" for name, parser in commands.items()
+            for action in parser._actions if action.option_strings and action.help is None]  # fmt: skip
+    assert not bare, bare
+
+
 def test_bench_with_no_methods_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="nothing to run"):
         cli.main(["bench", "--task", "mnist1d-mlp", "--methods", ",", "--out", str(tmp_path)])

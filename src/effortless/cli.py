@@ -34,6 +34,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    """argparse type: an int ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
+    return value
+
+
 def _positive_list(text: str) -> list[int]:
     """argparse type: a comma list of ints ≥ 1."""
     return [_positive(v) for v in text.split(",") if v.strip()] or [_positive("")]
@@ -280,16 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--subset", type=_positive, default=None, help="first N training / N/5 test examples (quick runs)"
     )
-    b.add_argument("--threads", type=_positive, default=None)
+    b.add_argument("--threads", type=_positive, default=None,
+                   help="torch CPU threads (default: torch's)")
     b.add_argument("--shard", default=None,
-                   help="I/N: run only the I-th of N interleaved slices of the task × method × seed grid "
-                   "(job arrays: one --out per shard, then --merge)")  # fmt: skip
+                   help="I/N: run only slice I (counted from 0: 0 <= I < N) of N interleaved slices of the "
+                   "task × method × seed grid (job arrays: one --out per shard, then --merge)")  # fmt: skip
     b.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                    help="combine the results.json of these bench directories into --out (no training)")
     b.add_argument("--tensorboard", action="store_true",
                    help="also write each run's training curve and metrics as TensorBoard scalars under "
                    "OUT/tensorboard (needs: pip install 'effortless-bayes[tensorboard]')")  # fmt: skip
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.add_argument("--out", default=None, help="output directory (default runs/bench)")
     b.set_defaults(func=_bench)
     a = sub.add_parser(
@@ -306,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
             "results.json, results.md, correlation.png, scatter.png into --out."
         ),
     )
-    a.add_argument("--task", default="fmnist-mlp", choices=["fmnist-mlp", "fmnist-cnn", "mnist1d-mlp"])
-    a.add_argument("--epochs", type=_positive, default=2)
+    a.add_argument("--task", default="fmnist-mlp", choices=["fmnist-mlp", "fmnist-cnn", "mnist1d-mlp"],
+                   help="network and data (default fmnist-mlp)")
+    a.add_argument("--epochs", type=_positive, default=2, help="training epochs (default 2)")
     a.add_argument("--every", type=_positive, default=200, help="steps between comparisons")
     a.add_argument("--probe", type=_positive, default=512, help="training examples in the probe set")
     a.add_argument("--probes", type=_positive, default=32, help="Hutchinson probes for the Hessian diagonal")
@@ -315,9 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--keys", default="reparam,ggn-mc",
                    help="comma list of BayesAdam Hessian keys to train side by side, one run each "
                    "(reparam, gradsq, efisher, ggn-mc, ggn, hutchinson, kfac; default reparam,ggn-mc)")
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--threads", type=_positive, default=None)
-    a.add_argument("--out", default="runs/adam-hessian")
+    a.add_argument("--seed", type=int, default=0, help="seed of the data order, initialisation and probes")
+    a.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's)")
+    a.add_argument("--out", default="runs/adam-hessian", help="output directory (default runs/adam-hessian)")
     a.set_defaults(func=_adam_hessian)
 
     from .active import ACQUISITIONS, LEARNERS
@@ -350,12 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--query", type=_positive, default=10, help="labels acquired per round")
     al.add_argument("--budget", type=_positive, default=1000, help="stop at this many labels")
     al.add_argument("--repeats", type=_positive, default=3, help="repeats (seeds) per method × acquisition")
-    al.add_argument("--pool-subset", type=int, default=2000,
+    al.add_argument("--pool-subset", type=_non_negative, default=2000,
                     help="score a random subset of this many pool points per round (0: all)")  # fmt: skip
     al.add_argument("--samples", type=_positive, default=20, help="predictive samples S per pool point")
     al.add_argument("--warm-start", action="store_true", help="start each round from the last weights")
     al.add_argument("--epochs", type=_positive, default=30, help="passes over the labelled set per round")
-    al.add_argument("--min-steps", type=int, default=200, help="at least this many steps per round")
+    al.add_argument("--min-steps", type=_non_negative, default=200, help="at least this many steps per round")
     al.add_argument("--temperature", type=float, default=None,
                     help="the bayesadam learner's temperature (default: 5e-4, see effortless.active.learners)"
                     "%(default).0s")
@@ -368,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--threads", type=_positive, default=1, help="torch threads per job")
     al.add_argument("--subset", type=_positive, default=None,
                     help="use only the first N training examples (default: all)%(default).0s")
-    al.add_argument("--no-progress", action="store_true")
-    al.add_argument("--out", default="runs/active")
+    al.add_argument("--no-progress", action="store_true", help="no progress bars")
+    al.add_argument("--out", default="runs/active", help="output directory (rerun with it to resume)")
     al.set_defaults(func=_active)
     return parser
 
