@@ -401,3 +401,45 @@ def test_non_tensor_inputs_get_a_clear_error():
         ef.laplace(model, [(x.numpy(), y)])
     with pytest.raises(TypeError, match="its targets are a list"):
         ef.fit(model, [(x, y.tolist())], n_data=3, epochs=1, progress=False)
+
+
+def test_predictives_and_laplace_fits_run_inside_inference_mode():
+    """Lightning's validation, test and predict loops run in torch.inference_mode(), where autograd
+    cannot save tensors: the linearised predictive, predict_samples(method="glm"), the Laplace
+    fits and the curvature functions failed with "Inference tensors do not track version counter".
+    Inside it they now give what they give outside, and train_step (which trains) is refused by
+    name there; under no_grad it runs as a closure does (it failed: no grad_fn)."""
+    x, y = _cls_data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).eval()
+    loader = _loader(x, y)
+    post = ef.laplace(model, loader)
+    calls = {
+        "probit": lambda: ef.predict(model, post, x, method="probit"),
+        "glm": lambda: ef.predict(model, post, x, method="glm", generator=torch.Generator().manual_seed(0)),
+        "glm draws": lambda: ef.predict_samples(model, post, x, n_samples=4, method="glm",
+                                                generator=torch.Generator().manual_seed(0)),  # fmt: skip
+        "laplace": lambda: ef.laplace(model, loader, hessian="efisher").precision["0.weight"],
+        "last-layer kfac": lambda: ef.predict(
+            model, ef.laplace(model, loader, hessian="kfac", subset="last_layer"), x, method="probit"
+        ),
+        "diag_ggn": lambda: curvature.diag_ggn(model, x, y)["2.weight"],
+    }
+    for name, call in calls.items():
+        expected = call()
+        with torch.inference_mode():
+            got = call()
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9, msg=name)
+    twins = []
+    for context in (torch.enable_grad, torch.no_grad):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        gen = torch.Generator().manual_seed(0)
+        opt = ef.BayesAdam(net.parameters(), n_data=96, hessian="ggn", generator=gen)
+        with context():
+            opt.train_step(net, x, y)
+        twins.append([p.detach().clone() for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*twins))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="train_step trains.*inference_mode"):
+        opt.train_step(net, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(twins[1], net.parameters()))

@@ -69,14 +69,28 @@ def run_eagerly(model: nn.Module):
 
 
 def eager_forward(fn):
-    """Decorator: ``fn(model, ...)`` runs with the model's compiled parts executing eagerly."""
+    """Decorator: ``fn(model, ...)`` runs with the model's compiled parts executing eagerly, and
+    with autograd usable under ``torch.inference_mode()`` (Lightning's validation, test and predict
+    loops run in it): inference mode is left for the call and tensor arguments made in it are
+    copied out of it (autograd cannot save inference tensors: the linearised predictive and the
+    Laplace fits failed with "Inference tensors do not track version counter")."""
 
     @functools.wraps(fn)
     def run(model, *args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                args = tuple(_out_of_inference(a) for a in args)
+                kwargs = {k: _out_of_inference(v) for k, v in kwargs.items()}
+                with run_eagerly(model):
+                    return fn(model, *args, **kwargs)
         with run_eagerly(model):
             return fn(model, *args, **kwargs)
 
     return run
+
+
+def _out_of_inference(value):
+    return value.clone() if isinstance(value, torch.Tensor) and value.is_inference() else value
 
 
 def math_attention():

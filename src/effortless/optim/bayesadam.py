@@ -1735,7 +1735,20 @@ class BayesAdam(Optimizer):
         the same weight sample: gradients and curvature are weighted by micro-batch size, so the
         step equals one on the whole batch (for ``kfac`` the Kronecker factors are per micro-batch,
         a slightly different approximation). Returns the minibatch-mean loss (averaged over samples).
+
+        It trains, so it runs with gradients enabled, as ``step(closure)`` runs its closure (under
+        ``torch.no_grad()`` it failed with "element 0 of tensors does not require grad"); inside
+        ``torch.inference_mode()``, where autograd cannot run, it is refused.
         """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "BayesAdam.train_step trains: it cannot run inside torch.inference_mode(), where autograd "
+                "is off (a Lightning validation/test/predict step runs in it); call it from training code"
+            )
+        with torch.enable_grad():
+            return self._train_step(model, x, y, likelihood, sigma_noise, accumulate)
+
+    def _train_step(self, model, x, y, likelihood, sigma_noise, accumulate) -> torch.Tensor:
         cf._check_batch(x, y)
         if not (isinstance(accumulate, int) and 1 <= accumulate <= max(int(x.shape[0]), 1)):
             raise ValueError(f"accumulate must be an int in [1, batch size], got {accumulate!r}")
