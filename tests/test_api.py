@@ -443,3 +443,18 @@ def test_predictives_and_laplace_fits_run_inside_inference_mode():
     with torch.inference_mode(), pytest.raises(RuntimeError, match="train_step trains.*inference_mode"):
         opt.train_step(net, x, y)
     assert all(torch.equal(a, b) for a, b in zip(twins[1], net.parameters()))
+
+
+def test_fit_shows_progress_per_batch_where_the_loader_has_a_length(capsys):
+    """The bar counted epochs, so it stood still through a long epoch (one epoch of a large data
+    set: 0/1 until the end); with a length it counts batches, and shows the epoch and the loss."""
+    pytest.importorskip("tqdm")
+    x, y = _cls_data(n=64)
+    ef.fit(nn.Linear(4, 2), _loader(x, y, bs=16), epochs=3)
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert "12/12" in err and "batch" in err and "epoch=3/3" in err and "loss=" in err
+    ef.fit(nn.Linear(4, 2), iter([(x, y)]), epochs=1, scheduler=None, n_data=64)  # (no length: epochs)
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert "1/1" in err and "epoch" in err and "batch" not in err
+    ef.fit(nn.Linear(4, 2), _loader(x, y, bs=16), epochs=1, progress=False)
+    assert capsys.readouterr().err == ""

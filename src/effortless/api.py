@@ -213,37 +213,52 @@ def fit(
         if n_data is None:
             n_data = _n_data(loader)
         optimizer = BayesAdam(model.named_parameters(), n_data=n_data, hessian=hessian, **optimizer_kwargs)
+    try:
+        per_epoch = len(loader)
+    except TypeError:
+        per_epoch = None
     sched = None
     if scheduler == "cosine":
-        try:
-            total = epochs * len(loader)
-        except TypeError:
+        if per_epoch is None:
             raise ValueError(
                 "scheduler='cosine' needs the number of batches per epoch, len(loader); pass "
                 "scheduler=None for a loader without a length"
-            ) from None
+            )
+        total = epochs * per_epoch
         sched = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda t: 0.5 * (1 + torch.cos(torch.tensor(torch.pi * t / total)).item())
         )
     device = _device(model)
     model.train()
-    bar = _progress(range(epochs), progress, desc="fit", unit="epoch")
-    for epoch in bar:
-        total_loss, count = 0.0, 0
-        for batch in loader:
-            x, y = (t.to(device) for t in pair(batch))
-            loss = optimizer.train_step(model, x, y, likelihood=lik)
-            total_loss += float(loss) * x.shape[0]
-            count += x.shape[0]
-            if sched is not None:
-                sched.step()
-        if count == 0:  # an exhausted iterator trains nothing from here on, silently
-            raise ValueError(
-                f"fit: the loader yielded no batches in epoch {epoch + 1} (a generator is used up "
-                "after one pass: pass a DataLoader or a list)"
-            )
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{total_loss / max(count, 1):.4f}", refresh=False)  # tqdm rate-limits
+    # a bar over batches where the loader has a length (one over epochs did not move during a
+    # long epoch), else over epochs
+    batch_bar = _progress(None, progress and bool(per_epoch), total=epochs * (per_epoch or 0), desc="fit",
+                          unit="batch")  # fmt: skip
+    bar = _progress(range(epochs), progress and batch_bar is None, desc="fit", unit="epoch")
+    try:
+        for epoch in bar:
+            total_loss, count = 0.0, 0
+            for batch in loader:
+                x, y = (t.to(device) for t in pair(batch))
+                loss = optimizer.train_step(model, x, y, likelihood=lik)
+                total_loss += float(loss) * x.shape[0]
+                count += x.shape[0]
+                if sched is not None:
+                    sched.step()
+                if batch_bar is not None:
+                    batch_bar.update(1)
+            if count == 0:  # an exhausted iterator trains nothing from here on, silently
+                raise ValueError(
+                    f"fit: the loader yielded no batches in epoch {epoch + 1} (a generator is used up "
+                    "after one pass: pass a DataLoader or a list)"
+                )
+            shown = batch_bar if batch_bar is not None else bar
+            if hasattr(shown, "set_postfix"):  # (tqdm rate-limits the refresh)
+                shown.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{total_loss / count:.4f}",
+                                  refresh=False)  # fmt: skip
+    finally:
+        if batch_bar is not None:
+            batch_bar.close()
     optimizer.load_averaged_means()  # the weights end at the posterior mean (see `averaging`)
     _refresh_bn_statistics(model, loader, device)
     return optimizer.posterior()  # (with the regression σ that train_step recorded)
