@@ -81,6 +81,26 @@ def test_kfac_refuses_unsupported_models():
         curvature.kfac(model, torch.randn(2, 3), torch.tensor([0, 1]))
 
 
+def test_a_layer_run_twice_is_refused_by_name_with_a_way_out():
+    """A shared Linear passes the static plan and is found only in the forward: the engine's own
+    exception (engine.Unsupported) reached the user from curvature.kfac and BayesAdam's kfac key."""
+    import effortless as ef
+    from tests.conftest import make_batch, make_model
+
+    model = make_model("shared")
+    x, y = make_batch("shared", "classification", n=8)
+    for call in (curvature.kfac, curvature.diag_kfac):
+        with pytest.raises(ValueError, match="run once per forward.*'a' ran twice|module a ran twice.*'ggn'"):
+            call(model, x, y)
+    opt = ef.BayesAdam(model.parameters(), n_data=8, hessian="kfac")
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="use a diagonal estimator"):
+        opt.train_step(model, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert all(st["step"] == 0 and not st["exp_avg"].any() for st in opt.state.values())  # (nothing updated)
+    ef.BayesAdam(model.parameters(), n_data=8, hessian="ggn").train_step(model, x, y)  # (the way out)
+
+
 def test_diag_kfac_from_the_factor_diagonals_equals_the_diagonal_of_the_kronecker_product():
     """diag_kfac (and BayesAdam's kfac key) never forms A or G, only their diagonals; on a batch of
     many samples and positions it must equal diag(G ⊗ A) of the full factors (Linear and Conv)."""
