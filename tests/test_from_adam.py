@@ -144,6 +144,25 @@ def test_frozen_weights_are_left_out_and_what_cannot_be_mapped_is_refused():
         ef.posterior_from_adam(model, opt, 0, 64)
 
 
+def test_a_parameter_that_never_had_a_gradient_gets_the_prior_with_a_warning():
+    """Adam makes a parameter's state at its first gradient: a layer the forward never uses has
+    none, and the posterior was refused with "take at least one step first" after many steps."""
+    model, X, y = _logistic()
+    spare = nn.Linear(2, 2).double()
+    opt = torch.optim.Adam([*model.parameters(), *spare.parameters()])
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(X), y).backward()
+        opt.step()
+    whole = nn.ModuleDict({"used": model, "spare": spare})
+    with pytest.warns(RuntimeWarning, match=r"\['spare.weight', 'spare.bias'\] never received a gradient"):
+        post = ef.posterior_from_adam(whole, opt, n_data=64, batch_size=64, prior_precision=2.0)
+    alone = ef.posterior_from_adam(model, opt, n_data=64, batch_size=64, prior_precision=2.0)
+    for k in ("weight", "bias"):
+        assert torch.equal(post.precision[f"used.{k}"], alone.precision[k])
+        assert torch.equal(post.precision[f"spare.{k}"], torch.full_like(spare.get_parameter(k), 2.0))
+
+
 def test_linear_regression_at_the_least_squares_solution_recovers_efisher_and_ggn():
     """Well-specified linear regression (noise sd 1, Gaussian NLL ½(y − xθ)²): at the least-squares
     θ̂, Adam's moments map to the dense per-sample empirical Fisher Σ r²x², and because E r² = σ² that

@@ -19,6 +19,8 @@ The EMAs average over the trajectory, so ``F̂`` is the recent curvature, with t
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -67,17 +69,30 @@ def posterior_from_adam(
         raise ValueError(f"n_data must be a positive int, got {n_data!r}")
     decoupled = isinstance(adam, torch.optim.AdamW)
     group_of = {id(p): g for g in adam.param_groups for p in g["params"]}
-    mean, fisher = {}, {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        st = adam.state.get(p)
-        if id(p) not in group_of:
-            raise ValueError(f"parameter {name!r} is not in the optimizer")
-        if not st or "exp_avg_sq" not in st:
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, p in trained if "exp_avg_sq" not in adam.state.get(p, {})]
+    if len(missing) == len(trained) or any(id(p) not in group_of for _, p in trained):
+        for name, p in trained:  # (the first such parameter, by name)
+            if id(p) not in group_of:
+                raise ValueError(f"parameter {name!r} is not in the optimizer")
+        if trained:
             raise ValueError(
-                f"the optimizer has no second-moment state for {name!r}: take at least one step first"
+                f"the optimizer has no second-moment state for {missing[0]!r}: take at least one step first"
             )
+    if missing:  # Adam makes state at a parameter's first gradient: these never had one
+        warnings.warn(
+            f"posterior_from_adam: {missing[:3]}{' and more' if len(missing) > 3 else ''} never received a "
+            "gradient during training (unused in the forward?): their curvature is taken as 0, so their "
+            "posterior is the prior",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    mean, fisher = {}, {}
+    for name, p in trained:
+        if name in missing:
+            mean[name], fisher[name] = p.detach().clone(), torch.zeros_like(p.detach())
+            continue
+        st = adam.state[p]
         group = group_of[id(p)]
         if group.get("amsgrad") or group.get("maximize"):
             raise ValueError("amsgrad / maximize change Adam's moments; not supported")
