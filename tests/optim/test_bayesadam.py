@@ -1697,3 +1697,28 @@ def test_posterior_warns_where_the_curvature_was_never_estimated():
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
             quiet.posterior()
+
+
+def test_posterior_warns_of_a_parameter_no_gradient_reached():
+    """A layer the training forward never uses gets no gradient, so no step and no curvature: its
+    posterior precision is (N·hess_init + δ)/T, a confident posterior from hess_init alone
+    (σ ≈ 0.001 at N = 60,000) for weights the data say nothing about; it came without a word
+    (the warning for curvature never estimated counted only tensors that had been stepped)."""
+    x, y = _data()
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"net": _mlp(), "spare": nn.Linear(5, 3).double()})
+    opt = ef.BayesAdam(model.named_parameters(), n_data=64, prior_precision=2.0, temperature=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        with opt.sampled_params():
+            F.cross_entropy(model["net"](x), y).backward()
+        opt.step()
+    match = r"2 of 6 parameter tensors \(spare.weight, spare.bias\) was never estimated \(no gradient reached"
+    with pytest.warns(RuntimeWarning, match=match):
+        post = opt.posterior()
+    torch.testing.assert_close(post.precision["spare.weight"], torch.full((3, 5), (64 * 0.1 + 2.0) / 0.5,
+                                                                           dtype=torch.float64))  # fmt: skip
+    fresh = ef.BayesAdam(_mlp().named_parameters(), n_data=64)  # (no step at all: no warning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.posterior()

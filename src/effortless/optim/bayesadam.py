@@ -1873,7 +1873,8 @@ class BayesAdam(Optimizer):
         to save one that is keyed by name. After a regression :meth:`train_step` the posterior
         records its ``sigma_noise`` (``ef.predict``'s default). Warns if the curvature of a
         trained parameter was never estimated (``reparam`` at ``temperature=0``: no noise to
-        estimate it from), whose precision is then only ``hess_init``'s."""
+        estimate it from), or no gradient ever reached a parameter while the others trained
+        (unused in the training forward), whose precision is then only ``hess_init``'s."""
         self._refuse_inside("posterior()")  # (its mean would be the sample)
         self._check_groups()
         by_param = None
@@ -1894,15 +1895,21 @@ class BayesAdam(Optimizer):
                 mean[key] = (p.detach() if avg is None else avg).clone()
                 prec[key] = h.to(p.dtype).mul(group["n_data"]).add_(group["prior_precision"]).div_(temp)
                 sources[key] = p
-        unestimated = [
-            k for k, p in sources.items() if self.state[p]["step"] and not self.state[p]["hess_step"]
-        ]
-        if unestimated:
-            why = (
-                "temperature=0 draws no weight noise, from which hessian='reparam' estimates it"
-                if self.hessian == "reparam" and any(g["temperature"] == 0 for g in self.param_groups)
-                else "no step has updated it"
-            )
+        steps = {k: (self.state[p]["step"], self.state[p]["hess_step"]) for k, p in sources.items()}
+        unestimated = [k for k, (step, hess_step) in steps.items() if step and not hess_step]
+        # and, once others have been updated, the tensors no gradient ever reached (unused in the
+        # training forward): they kept hess_init, a confident posterior for weights the data say
+        # nothing about, without a word
+        trained = any(step for step, _ in steps.values())
+        unreached = [k for k, (step, _) in steps.items() if not step] if trained else []
+        if unestimated or unreached:
+            if not unestimated:
+                why = "no gradient reached them while the others trained: unused in the training forward?"
+            elif self.hessian == "reparam" and any(g["temperature"] == 0 for g in self.param_groups):
+                why = "temperature=0 draws no weight noise, from which hessian='reparam' estimates it"
+            else:
+                why = "no step has updated it"
+            unestimated += unreached
             warnings.warn(
                 f"posterior(): the curvature of {len(unestimated)} of {len(sources)} parameter tensors "
                 f"({', '.join(unestimated[:3])}{', …' if len(unestimated) > 3 else ''}) was never "
