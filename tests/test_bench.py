@@ -38,6 +38,7 @@ def test_bench_rows_report_and_resume(tmp_path):
     assert len(saved) == 3 and saved[0] == rows[0]
     md = (tmp_path / "results.md").read_text()
     assert "laplace" in md and "**" in md
+    assert "±" not in md  # one seed: the means alone (a "± 0.00" read as a measured spread)
     assert (tmp_path / "reliability_mnist1d-mlp.png").stat().st_size > 0
     # shift: every row is evaluated at each noise level (the data really change: NLL moves)
     levels = bench.TASKS["mnist1d-mlp"].shifts["noise"][1]
@@ -80,7 +81,7 @@ def test_shards_cover_the_grid_once_and_merge(tmp_path):
     merged = bench.merge([tmp_path / f"s{i}" for i in range(3)], tmp_path / "all", log=lambda s: None)
     assert len(merged) == 4
     md = (tmp_path / "all" / "results.md").read_text()
-    assert "| map | 2 |" in md and "| temperature | 2 |" in md
+    assert "| map | 2 |" in md and "| temperature | 2 |" in md and " ± " in md
     with pytest.raises(ValueError, match="shard"):
         bench.run(out=tmp_path / "x", shard=(3, 3), **kw)
     with pytest.raises(ValueError, match="does not exist"):

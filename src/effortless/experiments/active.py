@@ -118,10 +118,11 @@ def _secs(seconds):
 
 
 def _mean_std(v, fmt="{:.0f}"):
+    """Mean ± std over repeats; the mean alone for one (a "± 0" read as a measured spread)."""
     if not v:
         return "–"
-    sd = statistics.stdev(v) if len(v) > 1 else 0.0
-    return f"{fmt.format(statistics.mean(v))} ± {fmt.format(sd)}"
+    mean = fmt.format(statistics.mean(v))
+    return f"{mean} ± {fmt.format(statistics.stdev(v))}" if len(v) > 1 else mean
 
 
 def table(rows, task, config, budget):

@@ -312,12 +312,16 @@ def _regression_table(sel, methods, t):
         cells = []
         for c, scale in zip(REG_COLUMNS, (1, 1, 100, 100, 1)):
             v = [scale * r[c] for r in rs]
-            sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            mean = statistics.fmean(v)
-            cell = f"{mean:.3f} ± {sd:.3f}" if scale == 1 else f"{mean:.1f} ± {sd:.1f}"
+            cell = _mean_sd(v, ".3f" if scale == 1 else ".1f")
             cells.append(f"**{cell}**" if c == "nll" and m == best else cell)
         lines.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def _mean_sd(values: list[float], fmt: str) -> str:
+    """Mean ± std over seeds; the mean alone for one seed (a "± 0.00" read as a measured spread)."""
+    mean = format(statistics.fmean(values), fmt)
+    return f"{mean} ± {format(statistics.stdev(values), fmt)}" if len(values) > 1 else mean
 
 
 def report(rows, tasks, methods) -> str:
@@ -353,13 +357,8 @@ def report(rows, tasks, methods) -> str:
                 if not v[c]:
                     cells.append("–")
                     continue
-                mean = scale * statistics.fmean(v[c])
-                sd = scale * statistics.stdev(v[c]) if len(v[c]) > 1 else 0.0
-                cell = (
-                    f"{mean:.3f} ± {sd:.3f}"
-                    if scale == 1 and c in ("nll", "brier")
-                    else f"{mean:.2f} ± {sd:.2f}"
-                )
+                fmt = ".3f" if scale == 1 and c in ("nll", "brier") else ".2f"
+                cell = _mean_sd([scale * x for x in v[c]], fmt)
                 cells.append(f"**{cell}**" if best.get(c) == m else cell)
             lines.append(f"| {m} | {len(v['accuracy'])} | " + " | ".join(cells) + " |")
         lines.append("")
