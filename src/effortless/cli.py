@@ -87,17 +87,20 @@ def _adam_hessian(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    _, _, table = adam_hessian.run(
-        task=args.task,
-        epochs=args.epochs,
-        every=args.every,
-        probe=args.probe,
-        probes=args.probes,
-        seed=args.seed,
-        out=args.out,
-        subset=args.subset,
-        keys=[k.strip() for k in args.keys.split(",") if k.strip()],
-    )
+    try:
+        _, _, table = adam_hessian.run(
+            task=args.task,
+            epochs=args.epochs,
+            every=args.every,
+            probe=args.probe,
+            probes=args.probes,
+            seed=args.seed,
+            out=args.out,
+            subset=args.subset,
+            keys=[k.strip() for k in args.keys.split(",") if k.strip()],
+        )
+    except (ValueError, FileNotFoundError) as err:  # (bad settings, data not installed)
+        raise SystemExit(f"effortless adam-hessian: {err}") from None
     print(table)
     print(f"\nWrote {args.out}/results.json, results.md, correlation.png, scatter.png")
     return 0

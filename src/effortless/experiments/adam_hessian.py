@@ -92,6 +92,12 @@ def run(
     if subset:
         split = split.subset(subset, None)
     n_data = len(split.x_train)
+    total = epochs * -(-n_data // batch_size)  # (the loader keeps the last, short batch)
+    if every > total:  # (found only after the whole training run before)
+        raise ValueError(
+            f"every={every} is more than the {total} steps of {epochs} epoch(s) over {n_data} examples in "
+            f"batches of {batch_size}: no comparison would be made; lower --every"
+        )
     torch.manual_seed(seed)
     adam_model = spec.model(0.0)
     adam = torch.optim.Adam(adam_model.parameters(), lr=1e-3)
