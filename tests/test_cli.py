@@ -152,7 +152,7 @@ def test_adam_hessian_rejects_bad_keys(tmp_path):
     with pytest.raises(ValueError, match="Hessian keys"):
         adam_hessian.run(task="mnist1d-mlp", keys=("reparam", "reparam"), out=str(tmp_path))
     # --every past the run's steps was found only after the whole training run, as a traceback
-    with pytest.raises(SystemExit, match="effortless adam-hessian: every=50 is more than the 3 steps"):
+    with pytest.raises(SystemExit, match="effortless adam-hessian: every=50 is more than the 6 steps of 2 epoch"):
         cli.main(["adam-hessian", "--task", "mnist1d-mlp", "--subset", "300", "--every", "50",
                   "--out", str(tmp_path)])  # fmt: skip
 
