@@ -152,7 +152,7 @@ def test_adam_hessian_rejects_bad_keys(tmp_path):
     with pytest.raises(ValueError, match="Hessian keys"):
         adam_hessian.run(task="mnist1d-mlp", keys=("reparam", "reparam"), out=str(tmp_path))
     # --every past the run's steps was found only after the whole training run, as a traceback
-    with pytest.raises(SystemExit, match="effortless adam-hessian: every=50 is more than the 6 steps of 2 epoch"):
+    with pytest.raises(SystemExit, match="adam-hessian: every=50 is more than the 6 steps of 2 epoch"):
         cli.main(["adam-hessian", "--task", "mnist1d-mlp", "--subset", "300", "--every", "50",
                   "--out", str(tmp_path)])  # fmt: skip
 
@@ -316,3 +316,19 @@ def test_bench_help_names_every_task_and_method():
         assert name in text or name.startswith("bayesadam-"), name
     for task in PROFILES["quick"]["task"]:
         assert task in text.split("quick:")[1].split("full:")[0], task
+
+
+def test_data_that_is_not_installed_is_a_message_not_a_traceback(monkeypatch, tmp_path, capsys):
+    """The demo with neither Fashion-MNIST nor MNIST-1D ended in a traceback; the error names the
+    package to install."""
+    from effortless import data
+
+    def no_mnist1d(*args, **kwargs):
+        raise FileNotFoundError("mnist1d: install the generator with `pip install mnist1d`")
+
+    monkeypatch.setenv("EFFORTLESS_FMNIST", str(tmp_path / "no-such-dir"))
+    monkeypatch.setattr(data, "mnist1d", no_mnist1d)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--quick", "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "effortless demo: " in err and "pip install mnist1d" in err

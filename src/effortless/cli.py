@@ -411,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             parser.error(f"--out {path}: cannot create it ({e.strerror or e})")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except FileNotFoundError as err:  # data not installed: the message names what to install
+        parser.exit(2, f"effortless {args.command}: {err}\n")
 
 
 if __name__ == "__main__":
