@@ -90,7 +90,7 @@ def test_a_layer_run_twice_is_refused_by_name_with_a_way_out():
     model = make_model("shared")
     x, y = make_batch("shared", "classification", n=8)
     for call in (curvature.kfac, curvature.diag_kfac):
-        with pytest.raises(ValueError, match="run once per forward.*'a' ran twice|module a ran twice.*'ggn'"):
+        with pytest.raises(ValueError, match="run once per forward.*module a ran twice.*'ggn'"):
             call(model, x, y)
     opt = ef.BayesAdam(model.parameters(), n_data=8, hessian="kfac")
     weights = [p.detach().clone() for p in model.parameters()]

@@ -605,9 +605,9 @@ def _kfac(model, x, y, lik, p, method, n_samples, generator, diagonal, product_d
                 f, saved = engine.forward(p, lambda sl=sl: model(x[sl]), model)
         except engine.Unsupported as e:  # (the engine's own exception, with no way out, reached users)
             raise ValueError(
-                f"kfac needs every Linear/Conv layer to run once per forward: {e}. A shared layer has no "
-                "Kronecker factors here; use a diagonal estimator ('ggn', 'ggn-mc', 'efisher'), which "
-                "handle it"
+                f"kfac needs every Linear/Conv layer to run once per forward, with autograd on: {e}. Such "
+                "a layer has no Kronecker factors here; use a diagonal estimator ('ggn', 'ggn-mc', "
+                "'efisher'), which handle it"
             ) from None
         V = _cotangents("ggn" if method == "exact" else "ggn-mc", f, y[sl], lik, n_samples, generator)
         deltas = engine.output_grads(f, saved, V)
