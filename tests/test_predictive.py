@@ -130,6 +130,23 @@ def test_a_posterior_predicts_for_a_model_cast_after_it_was_fitted():
     assert ef.predict_samples(model, post, x, n_samples=3, method="glm").dtype == torch.float64
 
 
+def test_linearised_predictive_under_bf16_autocast_is_float32_like_the_mc_one():
+    """Under bf16 autocast the outputs come in bf16, and the glm draws f + L ξ and their softmax
+    were bf16 too (probabilities to 2⁻⁸, log-probabilities for BALD from them); the MC predictive's
+    and probit's were float32."""
+    model = make_model("mlp").float()
+    x, _ = make_batch("mlp", "classification")
+    post = _posterior(model)
+    x = x.float()
+    for method in ("glm", "probit"):
+        plain = ef.predict(model, post, x, method=method, generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = ef.predict(model, post, x, method=method, generator=torch.Generator().manual_seed(0))
+            draws = ef.predict_samples(model, post, x, n_samples=4, method="glm")
+        assert auto.dtype == torch.float32 and draws.dtype == torch.float32, method
+        torch.testing.assert_close(auto, plain, atol=0.03, rtol=0)  # (the bf16 forward's round-off)
+
+
 def test_regression_glm_variance_includes_noise():
     model = make_model("mlp", out=2)
     x, y = make_batch("mlp", "regression", out=2)

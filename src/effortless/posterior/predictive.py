@@ -19,6 +19,7 @@ linearization; Daxberger et al. (2021), Laplace redux.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -103,15 +104,31 @@ def _func_moments(model, x, variance, chunk_size):
     return f2, cov
 
 
+def _output_space(fn):
+    """The output-space part of the linearised predictive in float32 at least, with autocast off:
+    under bf16 autocast the model's outputs come in bf16, and the draws f + L ξ and their softmax
+    were bf16 (probabilities to 2⁻⁸), where the MC predictive's are float32."""
+
+    @functools.wraps(fn)
+    def run(mean, cov, *args, **kwargs):
+        with torch.autocast(mean.device.type, enabled=False):
+            return fn(likelihoods._wide(mean), likelihoods._wide(cov), *args, **kwargs)
+
+    return run
+
+
+@_output_space
 def probit_probs(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     """``softmax(f / √(1 + π/8 · var))`` per class (the extended probit approximation)."""
     var = torch.diagonal(cov, dim1=-2, dim2=-1)
     return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), -1)
 
 
+@_output_space
 def glm_logits(mean, cov, n_samples: int = 32, generator: torch.Generator | None = None) -> torch.Tensor:
     """``n_samples`` output-space draws ``f + L ξ`` of the linearised predictive, shape (S, B, C)."""
     c = mean.shape[-1]
+    cov = cov.to(mean.dtype)
     jitter = 1e-10 * cov.diagonal(dim1=-2, dim2=-1).mean().clamp_min(1e-30)
     L = torch.linalg.cholesky(cov + jitter * torch.eye(c, dtype=cov.dtype, device=cov.device))
     xi = _rng.randn((n_samples, *mean.shape), generator, mean)
