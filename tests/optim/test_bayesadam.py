@@ -1722,3 +1722,17 @@ def test_posterior_warns_of_a_parameter_no_gradient_reached():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fresh.posterior()
+
+
+@pytest.mark.parametrize("hessian", ["reparam", "ggn"])
+def test_train_step_with_every_parameter_frozen_says_so(hessian):
+    """It failed in the backward with "element 0 of tensors does not require grad"."""
+    x, y = _data()
+    model = _mlp()
+    opt = ef.BayesAdam(model.parameters(), n_data=64, hessian=hessian)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="every parameter of the optimizer has requires_grad=False"):
+        opt.train_step(model, x, y)
+    model[2].requires_grad_(True)  # one layer trains again
+    opt.train_step(model, x, y)
+    assert opt.state[model[2].weight]["step"] == 1 and model[0].weight not in opt.state

@@ -1750,6 +1750,11 @@ class BayesAdam(Optimizer):
 
     def _train_step(self, model, x, y, likelihood, sigma_noise, accumulate) -> torch.Tensor:
         cf._check_batch(x, y)
+        if next(self._params(), None) is None:  # (the backward failed: "element 0 ... does not require grad")
+            raise ValueError(
+                "train_step: every parameter of the optimizer has requires_grad=False (frozen): there is "
+                "nothing to train; unfreeze some, or leave the step out"
+            )
         if not (isinstance(accumulate, int) and 1 <= accumulate <= max(int(x.shape[0]), 1)):
             raise ValueError(f"accumulate must be an int in [1, batch size], got {accumulate!r}")
         if self.hessian in _PER_SAMPLE:  # before anything is drawn
