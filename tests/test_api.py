@@ -458,3 +458,16 @@ def test_fit_shows_progress_per_batch_where_the_loader_has_a_length(capsys):
     assert "1/1" in err and "epoch" in err and "batch" not in err
     ef.fit(nn.Linear(4, 2), _loader(x, y, bs=16), epochs=1, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_curvature_of_a_model_with_nothing_trainable_is_refused_by_name():
+    """torch said "`inputs` argument to `grad()` cannot be empty" from inside the estimator."""
+    x, y = _cls_data(n=8)
+    model = nn.Linear(4, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="every parameter of the model has requires_grad=False"):
+        ef.laplace(model, _loader(x, y))
+    with pytest.raises(ValueError, match="every parameter of the model has requires_grad=False"):
+        curvature.diag_ggn(model, x, y)
+    with pytest.raises(ValueError, match="params: no parameter names given"):
+        curvature.diag_efisher(nn.Linear(4, 2), x, y, params=[])
+    assert set(curvature.diag_ggn(model, x, y, params=["bias"])) == {"bias"}  # (named: taken, frozen or not)

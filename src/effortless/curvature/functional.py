@@ -188,11 +188,19 @@ def trainable(model: nn.Module, params: Iterable[str] | None = None) -> dict[str
     """The parameters curvature is taken for: trainable ones, or the names given, in model order."""
     named = dict(model.named_parameters())
     if params is None:
-        return {n: p for n, p in named.items() if p.requires_grad}
+        out = {n: p for n, p in named.items() if p.requires_grad}
+        if not out:  # (torch's "`inputs` argument to `grad()` cannot be empty" said it deep inside)
+            raise ValueError(
+                "no parameter to take the curvature of: every parameter of the model has "
+                "requires_grad=False (unfreeze some, or name them with params=)"
+            )
+        return out
     names = list(params)
     missing = [n for n in names if n not in named]
     if missing:
         raise ValueError(f"params: unknown parameter names {missing}; the model has {list(named)}")
+    if not names:
+        raise ValueError("params: no parameter names given (None takes every trainable parameter)")
     return {n: named[n] for n in named if n in set(names)}
 
 
