@@ -471,3 +471,40 @@ def test_curvature_of_a_model_with_nothing_trainable_is_refused_by_name():
     with pytest.raises(ValueError, match="params: no parameter names given"):
         curvature.diag_efisher(nn.Linear(4, 2), x, y, params=[])
     assert set(curvature.diag_ggn(model, x, y, params=["bias"])) == {"bias"}  # (named: taken, frozen or not)
+
+
+def test_counts_take_numpy_ints_and_refuse_bools():
+    """np.int64 counts (an array's size, arithmetic on one) were refused with "must be a positive
+    int, got 2"; True passed as 1. A checkpoint keeps plain ints (weights_only loads refuse NumPy)."""
+    import io
+
+    import numpy as np
+
+    x, y = _cls_data(n=16)
+    model = nn.Linear(4, 2)
+    post = ef.fit(model, _loader(x, y, bs=8), epochs=np.int64(1), progress=False)
+    assert ef.predict(model, post, x, n_samples=np.int64(3)).shape == (16, 2)
+    assert ef.predict_samples(model, post, x, n_samples=np.int64(3)).shape == (16, 2, 3)
+    sizes = {"n_data": 16, "mc_samples": 2, "noise_reuse": 2, "batch_size": 8}
+    counts = {k: np.int64(v) for k, v in sizes.items()}
+    opt = ef.BayesAdam(model.parameters(), hessian="gradsq", **counts)
+    opt.train_step(model, x[:8], y[:8], accumulate=np.int64(2))
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)
+    adam = torch.optim.Adam(model.parameters())
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    adam.step()
+    ef.posterior_from_adam(model, adam, n_data=np.int64(16), batch_size=np.int64(16))
+    probs = ef.predict(model, post, x)
+    assert ef.metrics.ece(probs, y, n_bins=np.int64(5)) >= 0
+    for bad in (
+        lambda: ef.fit(model, _loader(x, y), epochs=True, progress=False),
+        lambda: ef.predict(model, post, x, n_samples=True),
+        lambda: ef.BayesAdam(model.parameters(), n_data=16, mc_samples=True),
+        lambda: ef.metrics.ece(probs, y, n_bins=True),
+        lambda: ef.posterior_from_adam(model, adam, n_data=16, batch_size=True),
+    ):
+        with pytest.raises(ValueError, match="positive int|batch_size|n_bins|epochs|n_samples"):
+            bad()

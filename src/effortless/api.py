@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import likelihoods
+from ._checks import is_count
 from ._stack import outside_stacklevel
 from .curvature import functional as cf
 from .curvature.data import DIAGONAL, _progress, diagonal_estimator, pair
@@ -199,7 +200,7 @@ def fit(
         progress: show a progress bar (needs tqdm).
         **optimizer_kwargs: passed to :class:`BayesAdam` (lr, prior_precision, mc_samples, ...).
     """
-    if not (isinstance(epochs, int) and epochs >= 1):
+    if not is_count(epochs):
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if scheduler not in ("cosine", None):
         raise ValueError(f"scheduler must be 'cosine' or None, got {scheduler!r}")
@@ -337,7 +338,7 @@ def predict(
     _check_inputs(x, "ef.predict")
     bn_batches = _bn_argument(bn_data, method, model, posterior, x, "ef.predict")
     _warn_active_dropout(model, "ef.predict", "the predictive mixes dropout masks with the weight samples")
-    if not (isinstance(n_samples, int) and n_samples >= 1):
+    if not is_count(n_samples):
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     if sigma_noise is None:
         sigma_noise = getattr(posterior, "sigma_noise", 1.0)
@@ -501,7 +502,7 @@ def predict_samples(
         )
     _warn_active_dropout(model, "ef.predict_samples", "each draw also has its own dropout mask")
     bn_batches = _bn_argument(bn_data, method, model, posterior, x, "ef.predict_samples")
-    if not (isinstance(n_samples, int) and n_samples >= 1):
+    if not is_count(n_samples):
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     if method == "glm":
         if isinstance(posterior, kron.KronLastLayer):

@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from ._checks import is_count
+
 __all__ = [
     "accuracy", "nll", "ece", "ece_floor", "mce", "brier", "auroc", "aupr", "fpr_at_tpr", "aurc",
     "entropy", "mutual_information", "classification_report", "gaussian_nll", "rmse", "picp",
@@ -101,7 +103,7 @@ def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 def _bin_index(conf: torch.Tensor, n_bins: int, adaptive: bool) -> torch.Tensor:
     """Each confidence's bin: equal-width on [0, 1], or equal-mass (sorted by confidence)."""
-    if not (isinstance(n_bins, int) and n_bins >= 1):
+    if not is_count(n_bins):
         raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
     if adaptive:
         # rank r goes to bin r·n_bins // N; tied confidences (saturated float32 probabilities are
@@ -157,7 +159,7 @@ def ece_floor(
     is calibrated within what the test set can resolve; compare methods by how far above it they are.
     """
     _check_classification(probs, torch.zeros(probs.shape[0], dtype=torch.long))
-    if not (isinstance(n_draws, int) and n_draws >= 1):
+    if not is_count(n_draws):
         raise ValueError(f"n_draws must be a positive int, got {n_draws!r}")
     conf = probs.double().max(-1).values
     idx = _bin_index(conf, n_bins, adaptive)  # (the bins do not depend on the labels)

@@ -35,6 +35,8 @@ import math
 
 import torch
 
+from .._checks import is_count
+
 __all__ = [
     "ACQUISITIONS", "random", "max_entropy", "bald", "variation_ratios", "mean_std", "batchbald",
     "select", "predictive_entropy", "expected_entropy",
@@ -116,7 +118,7 @@ def batchbald(
     """
     lp = _check(log_probs)
     n, c, s = lp.shape
-    if not (isinstance(k, int) and 1 <= k <= n):
+    if not (is_count(k) and k <= n):
         raise ValueError(f"k must be an int in [1, {n}] (the number of pool points), got {k!r}")
     if max_configs < 1 or n_configs < 1:
         raise ValueError(f"max_configs and n_configs must be >= 1, got {max_configs}, {n_configs}")
@@ -190,7 +192,7 @@ def select(
     if name not in ACQUISITIONS:
         raise ValueError(f"acquisition must be one of {sorted(ACQUISITIONS)}, got {name!r}")
     n = log_probs.shape[0] if isinstance(log_probs, torch.Tensor) else 0
-    if not (isinstance(k, int) and 1 <= k <= n):
+    if not (is_count(k) and k <= n):
         raise ValueError(f"k must be an int in [1, {n}] (the number of pool points), got {k!r}")
     if name == "batchbald":
         return batchbald(log_probs, k, generator=generator)[0]

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from .. import metrics
+from .._checks import is_count
 from ..api import predict
 from ..optim import BayesAdam
 
@@ -39,7 +40,7 @@ class PosteriorMetrics(L.Callback):
     """
 
     def __init__(self, n_samples: int = 8, seed: int = 0, bn_data: torch.Tensor | None = None):
-        if not (isinstance(n_samples, int) and n_samples >= 1):
+        if not is_count(n_samples):
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
         if bn_data is not None and not isinstance(bn_data, torch.Tensor):
             raise TypeError(f"bn_data must be a tensor of training inputs, got {type(bn_data).__name__}")

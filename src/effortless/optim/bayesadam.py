@@ -54,6 +54,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .. import _rng, likelihoods
+from .._checks import is_count
 from .._stack import outside_stacklevel
 from .._weights import weights_changed
 from ..curvature import engine, estimators
@@ -510,12 +511,12 @@ class BayesAdam(Optimizer):
             raise ValueError(
                 f"prior_precision must be a float > 0 or 'auto' ('marglik'), got {prior_precision!r}"
             )
-        if not (isinstance(prior_update_every, int) and prior_update_every >= 1):
+        if not is_count(prior_update_every):
             raise ValueError(f"prior_update_every must be a positive int, got {prior_update_every!r}")
-        self.prior_update_every = prior_update_every
-        if not (isinstance(prior_warmup, int) and prior_warmup >= 0):
+        self.prior_update_every = int(prior_update_every)
+        if not is_count(prior_warmup, 0):
             raise ValueError(f"prior_warmup must be an int >= 0, got {prior_warmup!r}")
-        self.prior_warmup = prior_warmup
+        self.prior_warmup = int(prior_warmup)
         _check_positive("n_data", n_data)
         _check_positive("lr", lr, allow_zero=True)
         _check_positive("eps", eps, allow_zero=True)
@@ -525,10 +526,10 @@ class BayesAdam(Optimizer):
         _check_betas(betas)
         _check_hess_beta(hess_beta)
         _check_averaging(averaging)
-        if not (isinstance(mc_samples, int) and mc_samples >= 1):
+        if not is_count(mc_samples):
             raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
         _check_noise_reuse(noise_reuse)
-        if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
+        if batch_size is not None and not is_count(batch_size):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
@@ -543,11 +544,12 @@ class BayesAdam(Optimizer):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         self.estimator = estimators.get(hessian)
         self.hessian = hessian
-        self.mc_samples = mc_samples
-        self.batch_size = batch_size
+        # (plain ints: a checkpoint loads with weights_only=True, which refuses NumPy scalars)
+        self.mc_samples = int(mc_samples)
+        self.batch_size = None if batch_size is None else int(batch_size)
         self.nonfinite = nonfinite
         self.antithetic = bool(antithetic)
-        self.noise_reuse = noise_reuse
+        self.noise_reuse = int(noise_reuse)
         self.foreach = bool(foreach)
         if fused not in (None, True, False):
             raise ValueError(f"fused must be True, False or None (auto), got {fused!r}")
@@ -1755,8 +1757,9 @@ class BayesAdam(Optimizer):
                 "train_step: every parameter of the optimizer has requires_grad=False (frozen): there is "
                 "nothing to train; unfreeze some, or leave the step out"
             )
-        if not (isinstance(accumulate, int) and 1 <= accumulate <= max(int(x.shape[0]), 1)):
+        if not (is_count(accumulate) and accumulate <= max(int(x.shape[0]), 1)):
             raise ValueError(f"accumulate must be an int in [1, batch size], got {accumulate!r}")
+        accumulate = int(accumulate)
         if self.hessian in _PER_SAMPLE:  # before anything is drawn
             cf.refuse_coupled(model, f"hessian={self.hessian!r}")
         lik = likelihoods.get(likelihood, sigma_noise)
@@ -2149,7 +2152,7 @@ def _roll_noise_(noise: torch.Tensor, shift: int) -> torch.Tensor:
 
 
 def _check_noise_reuse(noise_reuse) -> None:
-    if not (isinstance(noise_reuse, int) and not isinstance(noise_reuse, bool) and noise_reuse >= 1):
+    if not is_count(noise_reuse):
         raise ValueError(f"noise_reuse must be a positive int, got {noise_reuse!r}")
 
 

@@ -24,6 +24,7 @@ import warnings
 import torch
 from torch import nn
 
+from .._checks import is_count
 from .diag import DiagGaussian
 from .evidence import TUNED, prior_choice, tune_prior_precision
 
@@ -63,9 +64,9 @@ def posterior_from_adam(
             f"adam must be a torch.optim.Adam or AdamW (it holds the second moments), got "
             f"{type(adam).__name__}"
         )
-    if not (isinstance(batch_size, int) and batch_size >= 1):
+    if not is_count(batch_size):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not (isinstance(n_data, int) and n_data >= 1):
+    if not is_count(n_data):
         raise ValueError(f"n_data must be a positive int, got {n_data!r}")
     decoupled = isinstance(adam, torch.optim.AdamW)
     group_of = {id(p): g for g in adam.param_groups for p in g["params"]}
