@@ -147,6 +147,34 @@ def test_linearised_predictive_under_bf16_autocast_is_float32_like_the_mc_one():
         torch.testing.assert_close(auto, plain, atol=0.03, rtol=0)  # (the bf16 forward's round-off)
 
 
+def test_a_one_output_regression_model_gets_its_output_shape_from_every_predictive():
+    """A model returning (B,) got (B,) from the MC predictive and (B, 1) from the linearised one:
+    compared with (B,) targets, (mean − y)² broadcast to (B, B) without a word."""
+
+    class Squeezed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = make_model("mlp", out=1)
+
+        def forward(self, x):
+            return self.net(x).squeeze(-1)
+
+    model = Squeezed()
+    x, _ = make_batch("mlp", "regression", out=1)
+    post = _posterior(model)
+    shapes = {m: [tuple(t.shape) for t in ef.predict(model, post, x, likelihood="regression", method=m)]
+              for m in ("mc", "glm")}  # fmt: skip
+    assert shapes == {"mc": [(6,), (6,)], "glm": [(6,), (6,)]}
+    _, var = ef.predict(model, post, x, likelihood="regression", method="glm", sigma_noise=0.3)
+    vec, f = exact._outputs(model)
+    J = torch.func.jacrev(lambda th: f(th, x))(vec)  # (B, P): one output per input
+    weight_var = torch.cat([post.variance[n].reshape(-1) for n in exact.flatten(model)[1]])
+    ref = (J.pow(2) * weight_var).sum(-1) + 0.09
+    torch.testing.assert_close(var, ref)
+    with pytest.raises(ValueError, match="at least 2 outputs"):
+        ef.predict_samples(model, post, x, method="glm")
+
+
 def test_regression_glm_variance_includes_noise():
     model = make_model("mlp", out=2)
     x, y = make_batch("mlp", "regression", out=2)

@@ -349,9 +349,9 @@ def predict(
         else:
             with torch.enable_grad():
                 mean, cov = predictive.linearised_moments(model, posterior, x)
-        if lik.name != "classification":
-            var = torch.diagonal(cov, dim1=-2, dim2=-1) + lik.sigma_noise**2
-            return mean.reshape(x.shape[0], -1), var.reshape(x.shape[0], -1)
+        if lik.name != "classification":  # (in the model's output shape, as the MC predictive: a (B,)
+            var = torch.diagonal(cov, dim1=-2, dim2=-1) + lik.sigma_noise**2  # output gave (B, 1) here)
+            return mean, var.reshape(mean.shape)
         likelihoods._check_logits(mean)
         if method == "probit":
             return predictive.probit_probs(mean, cov)
@@ -510,6 +510,7 @@ def predict_samples(
         else:
             with torch.enable_grad():
                 mean, cov = predictive.linearised_moments(model, posterior, x)
+        mean = likelihoods.as_2d(mean)  # (a (B,) output: refused below as one output)
         f = predictive.glm_logits(mean.detach(), cov.detach(), n_samples, generator)
     else:
         f = _mc_outputs(model, posterior, x, n_samples, generator, bn_batches)

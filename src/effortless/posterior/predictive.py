@@ -44,7 +44,8 @@ __all__ = ["linearised_moments", "glm_probs", "probit_probs"]
 
 @eager_forward
 def linearised_moments(model: nn.Module, posterior: DiagGaussian, x: torch.Tensor, chunk_size: int = 64):
-    """Mean ``f(x; μ)`` (B, C) and covariance ``J Σ Jᵀ`` (B, C, C) of the linearised predictive
+    """Mean ``f(x; μ)`` in the model's output shape ((B, C); (B,) for a model returning (B,)) and
+    covariance ``J Σ Jᵀ`` (B, C, C), C = 1 for a (B,) output, of the linearised predictive
     (per-sample Jacobians: refused through BatchNorm that normalises with batch statistics)."""
     refuse_coupled(model, "the linearised predictive (method='glm' / 'probit')")
     params = posterior._match(model)  # posterior key -> parameter
@@ -86,7 +87,7 @@ def _hooks_moments(model, x, plan, variance):
     with torch.no_grad():
         cov = engine.output_covariance(plan, saved, deltas, variance)
     held = c * (engine.saved_numel(saved) / f2.shape[0] + engine.psg_numel(plan))  # numbers per sample
-    return f2.detach(), cov.detach(), held
+    return f.detach(), cov.detach(), held
 
 
 def _func_moments(model, x, variance, chunk_size):
@@ -101,7 +102,7 @@ def _func_moments(model, x, variance, chunk_size):
         for n, J in jac(theta, x[sl]).items():  # (b, C, *shape)
             J = J.reshape(J.shape[0], J.shape[1], -1)
             cov[sl] += torch.einsum("bcp,bdp,p->bcd", J, J, variance[n].reshape(-1))
-    return f2, cov
+    return f, cov
 
 
 def _output_space(fn):
