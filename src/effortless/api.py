@@ -367,6 +367,10 @@ MC_BATCH_NUMBERS = 2**24  # weight-sample numbers held at once by the batched MC
 # On CPU, batching pays only for small models: measured (1 thread, batch 128, 32 samples) 24 vs 32 ms
 # at 79k weights, 81 vs 76 ms at 204k, 208 vs 150 ms at 536k (vmap vs one sample at a time).
 MC_VMAP_MAX_CPU = 2**17
+# Inputs × samples run at once by the batched path: each sample's activations are held together, so
+# ef.predict on 60,000 inputs of a 79k-weight MLP took 1.5 GB more than one sample at a time, and was
+# no faster (4.5 s either way at 2 threads); batching pays for small batches (128 inputs: 32 samples).
+MC_VMAP_INPUTS = 2**14
 
 
 def _bn_argument(bn_data, method, model, posterior, x, what):
@@ -388,7 +392,8 @@ def _bn_argument(bn_data, method, model, posterior, x, what):
 def _mc_outputs(model, posterior, x, n_samples, generator=None, bn_batches=None):
     """Network outputs at ``n_samples`` posterior weight samples, (S, B, ...): batched over the
     samples with ``torch.func.vmap`` in chunks of at most ``MC_BATCH_NUMBERS`` sampled numbers
-    (on CPU only up to ``MC_VMAP_MAX_CPU`` weights), else one sample at a time, as also where
+    and ``MC_VMAP_INPUTS`` inputs × samples (on CPU only up to ``MC_VMAP_MAX_CPU`` weights), else
+    one sample at a time, as also where
     vmap cannot run the model; the same draws either way. With ``bn_batches``, one sample at a
     time, each with BatchNorm statistics recomputed from them at its weights."""
     if bn_batches is not None:
@@ -409,7 +414,7 @@ def _mc_outputs(model, posterior, x, n_samples, generator=None, bn_batches=None)
     params = posterior._match(model)  # posterior key -> parameter
     names = {id(p): n for n, p in model.named_parameters()}
     per_sample = sum(p.numel() for p in params.values())
-    chunk = max(1, min(n_samples, MC_BATCH_NUMBERS // max(per_sample, 1)))
+    chunk = max(1, min(n_samples, MC_BATCH_NUMBERS // max(per_sample, 1), MC_VMAP_INPUTS // max(len(x), 1)))
     if x.device.type == "cpu" and per_sample > MC_VMAP_MAX_CPU:
         chunk = 1
     outs, done = [], 0
