@@ -175,6 +175,16 @@ def test_a_one_output_regression_model_gets_its_output_shape_from_every_predicti
         ef.predict_samples(model, post, x, method="glm")
 
 
+def test_no_inputs_give_an_empty_predictive_from_every_method():
+    """The MC predictive of zero inputs was empty; the linearised one failed in torch.cat of no passes."""
+    model = make_model("mlp")
+    post = _posterior(model)
+    x = torch.zeros(0, 4, dtype=torch.float64)
+    for method in ("mc", "glm", "probit"):
+        assert ef.predict(model, post, x, method=method).shape == (0, 3)
+    assert ef.predict_samples(model, post, x, n_samples=2, method="glm").shape == (0, 3, 2)
+
+
 def test_regression_glm_variance_includes_noise():
     model = make_model("mlp", out=2)
     x, y = make_batch("mlp", "regression", out=2)
