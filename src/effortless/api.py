@@ -349,8 +349,8 @@ def predict(
         else:
             with torch.enable_grad():
                 mean, cov = predictive.linearised_moments(model, posterior, x)
-        if lik.name != "classification":  # (in the model's output shape, as the MC predictive: a (B,)
-            var = torch.diagonal(cov, dim1=-2, dim2=-1) + lik.sigma_noise**2  # output gave (B, 1) here)
+        if lik.name != "classification":  # in the model's output shape, as the MC predictive's
+            var = torch.diagonal(cov, dim1=-2, dim2=-1) + lik.sigma_noise**2
             return mean, var.reshape(mean.shape)
         likelihoods._check_logits(mean)
         if method == "probit":
