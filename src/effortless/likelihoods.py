@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _rng
+from ._checks import is_number
 
 __all__ = ["Likelihood", "Classification", "Regression", "get", "LIKELIHOODS"]
 
@@ -167,7 +168,7 @@ class Regression(Likelihood):
 
     def __post_init__(self):
         s = self.sigma_noise  # (inf gave a zero Hessian, a bool passed as 1: both silently)
-        if not (isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < math.inf):
+        if not (is_number(s) and 0 < s < math.inf):
             raise ValueError(f"sigma_noise must be a positive, finite float, got {s!r}")
 
     def check(self, f, y):

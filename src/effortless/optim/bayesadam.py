@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -54,7 +53,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .. import _rng, likelihoods
-from .._checks import is_count
+from .._checks import is_count, is_number
 from .._stack import outside_stacklevel
 from .._weights import weights_changed
 from ..curvature import engine, estimators
@@ -2156,25 +2155,20 @@ def _check_noise_reuse(noise_reuse) -> None:
         raise ValueError(f"noise_reuse must be a positive int, got {noise_reuse!r}")
 
 
-def _is_number(value) -> bool:
-    """A real Python or NumPy scalar (``len(dataset)``, ``np.int64``, ``np.float32``), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_betas(betas) -> None:
     ok = isinstance(betas, (tuple, list)) and len(betas) == 2
-    if not (ok and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+    if not (ok and all(is_number(b) and 0 <= b < 1 for b in betas)):
         raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
 
 
 def _check_averaging(averaging) -> None:
-    ok = averaging is None or (_is_number(averaging) and 0 < averaging <= 1)
+    ok = averaging is None or (is_number(averaging) and 0 < averaging <= 1)
     if not ok:
         raise ValueError(f"averaging must be a fraction in (0, 1] or None, got {averaging!r}")
 
 
 def _check_hess_beta(hess_beta) -> None:
-    if hess_beta is not None and not (_is_number(hess_beta) and 0 <= hess_beta < 1):
+    if hess_beta is not None and not (is_number(hess_beta) and 0 <= hess_beta < 1):
         raise ValueError(f"hess_beta must be in [0, 1) or None, got {hess_beta!r}")
 
 
@@ -2212,7 +2206,7 @@ def _check_positive(name, value, allow_zero=False):
     bound = "≥ 0" if allow_zero else "> 0"
     if isinstance(value, torch.Tensor):  # (torch.optim takes a tensor lr for capturable steps)
         raise ValueError(f"{name} must be a Python number {bound}, got a tensor; pass float({name})")
-    ok = _is_number(value) and math.isfinite(value)
+    ok = is_number(value) and math.isfinite(value)
     ok = ok and (value >= 0 if allow_zero else value > 0)
     if not ok:
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
