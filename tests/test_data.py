@@ -205,3 +205,50 @@ def test_loader_gives_torch_dataloaders_batches_gathered_at_once(shuffle):
     assert torch.equal(torch.get_rng_state(), state)
     if shuffle:
         assert not torch.equal(got[0][1], y[:64])
+
+
+def test_translation_to_the_left_mirrors_the_right():
+    img = torch.arange(784.0).reshape(1, 784)
+    out = data.translate(img, -3).view(28, 28)
+    torch.testing.assert_close(out[:, :-3], img.view(28, 28)[:, 3:])
+    assert bool((out[:, -3:] == 0).all())
+    assert bool((data.translate(img, -28) == 0).all())
+    # the two directions undo each other except for the columns pushed out
+    back = data.translate(data.translate(img, 5), -5).view(28, 28)
+    torch.testing.assert_close(back[:, :-5], img.view(28, 28)[:, :-5])
+
+
+def test_noise_shift_and_tabular_split_refuse_what_has_no_answer():
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        data.add_noise(torch.randn(1, 10), 0.5)  # one row has no spread: was all NaN
+    with pytest.raises(ValueError, match="std must be"):
+        data.add_noise(torch.randn(5, 10), -1.0)
+    with pytest.raises(ValueError, match="test_fraction must be"):
+        data.tabular("wine", test_fraction=1.0)  # no training rows: NaN standardisation
+    with pytest.raises(ValueError, match="test_fraction must be"):
+        data.tabular("wine", test_fraction=-0.2)
+    with pytest.raises(ValueError, match="leaves 1 of 178 rows"):
+        data.tabular("wine", test_fraction=0.997)
+    s = data.tabular("wine", test_fraction=0.5)
+    assert len(s.x_test) == 89 and bool(torch.isfinite(s.x_train).all() and torch.isfinite(s.x_test).all())
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\x00", b"\x00\x00\x08\x03\x00\x00\x00\x02"])
+def test_idx_files_shorter_than_their_header_are_named(tmp_path, content):
+    path = tmp_path / "short"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="shorter than its header"):
+        data.read_idx(path)
+
+
+def test_idx_with_trailing_data_or_other_image_sizes_is_named(tmp_path):
+    path = tmp_path / "long"
+    path.write_bytes(struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", 2) + b"\x00" * 5)
+    with pytest.raises(ValueError, match="trailing data"):
+        data.read_idx(path)
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", 49), ("t10k", 5)):  # 49 images of 32x32 fill 64 rows of 784
+        _write_idx(tmp_path / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 32, 32)))
+        _write_idx(tmp_path / f"{stem}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    with pytest.raises(ValueError, match=r"images of shape \(32, 32\), not 28x28"):
+        data.fashion_mnist(tmp_path)

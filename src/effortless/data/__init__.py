@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._checks import is_number
+
 __all__ = [
     "Split",
     "fashion_mnist",
@@ -91,13 +93,16 @@ def read_idx(path: str | Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         data = f.read()
+    if len(data) < 4 or len(data) < 4 + 4 * data[3]:
+        raise ValueError(f"{path}: not an IDX file ({len(data)} bytes, shorter than its header)")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte IDX file")
     shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: truncated IDX file ({arr.size} values, header says {shape})")
+        what = "truncated IDX file" if arr.size < int(np.prod(shape)) else "IDX file with trailing data"
+        raise ValueError(f"{path}: {what} ({arr.size} values, header says {shape})")
     return arr.reshape(shape)
 
 
@@ -114,7 +119,10 @@ def _idx_split(name: str, root: Path, hint: str) -> Split:
         paths = [_find(root, images), _find(root, labels)]
         if None in paths:
             raise FileNotFoundError(f"{name}: no IDX files ({images}[.gz], ...) in {root}. {hint}")
-        x = torch.from_numpy(read_idx(paths[0]).astype(np.float32) / 255.0).reshape(-1, 784)
+        raw = read_idx(paths[0])
+        if raw.ndim != 3 or raw.shape[1:] != (28, 28):
+            raise ValueError(f"{name}: {paths[0].name} holds images of shape {raw.shape[1:]}, not 28x28")
+        x = torch.from_numpy(raw.astype(np.float32) / 255.0).reshape(-1, 784)
         y = torch.from_numpy(read_idx(paths[1]).astype(np.int64))
         if len(x) != len(y) or y.dim() != 1:
             raise ValueError(
@@ -280,9 +288,14 @@ def tabular(name: str, seed: int = 0, test_fraction: float = 0.1) -> Split:
 
 def _standardised_inputs(x, seed, test_fraction):
     """A random ``test_fraction`` split by ``seed``; inputs standardised on its training part."""
+    if not (is_number(test_fraction) and 0 < test_fraction < 1):
+        raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(x))
     n_test = max(1, int(round(test_fraction * len(x))))
+    if len(x) - n_test < 2:
+        raise ValueError(f"test_fraction={test_fraction} leaves {len(x) - n_test} of {len(x)} rows to train "
+                         "on (the inputs are standardised on them: at least 2)")  # fmt: skip
     te, tr = perm[:n_test], perm[n_test:]
     mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-8
     return (x - mu) / sd, tr, te
@@ -368,7 +381,8 @@ def rotate(x: torch.Tensor, degrees: float, side: int = 28) -> torch.Tensor:
 
 
 def translate(x: torch.Tensor, pixels: float, side: int = 28) -> torch.Tensor:
-    """Shift flat ``side``×``side`` images ``pixels`` to the right (whole pixels, zero fill).
+    """Shift flat ``side``×``side`` images ``pixels`` to the right (left if negative; whole
+    pixels, zero fill).
 
     Example:
         >>> img = torch.zeros(1, 784); img[0, 5 * 28 + 3] = 1.0
@@ -380,13 +394,21 @@ def translate(x: torch.Tensor, pixels: float, side: int = 28) -> torch.Tensor:
     k = int(round(pixels))
     img = x.reshape(-1, side, side)
     out = torch.zeros_like(img)
-    if k < side:
+    if 0 <= k < side:
         out[:, :, k:] = img[:, :, : side - k]
+    elif -side < k < 0:
+        out[:, :, :k] = img[:, :, -k:]
     return out.reshape(x.shape)
 
 
 def add_noise(x: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:
-    """``x`` plus Gaussian noise of standard deviation ``std`` × (the features' standard deviation)."""
+    """``x`` plus Gaussian noise of standard deviation ``std`` × (the features' standard deviation
+    over the rows of ``x``, averaged over the features)."""
+    if x.dim() < 2 or x.shape[0] < 2:
+        raise ValueError(f"add_noise: needs at least 2 rows to measure the features' spread, got shape "
+                         f"{tuple(x.shape)}")  # fmt: skip
+    if not (is_number(std) and math.isfinite(std) and std >= 0):
+        raise ValueError(f"add_noise: std must be a finite number >= 0, got {std!r}")
     g = torch.Generator().manual_seed(seed)
     scale = x.std(0, keepdim=True).mean()
     return x + std * scale * torch.randn(x.shape, generator=g, dtype=x.dtype)
