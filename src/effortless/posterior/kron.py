@@ -25,7 +25,7 @@ from torch import nn
 from .. import _rng, likelihoods
 from .._weights import weights_changed
 from ..curvature.functional import keep_buffers, run_eagerly
-from .evidence import maximise
+from .evidence import tune_prior_precision
 
 __all__ = ["KronLastLayer", "fit_last_layer"]
 
@@ -241,10 +241,10 @@ def fit_last_layer(model, loader, lik, prior_precision, n_samples=1, generator=N
     return post
 
 
-def _tune(post: KronLastLayer, nll_sum: float, steps: int = 300) -> float:
-    log_d = torch.zeros((), dtype=post.mean.dtype, requires_grad=True)
-    maximise([log_d], lambda: log_marginal_likelihood(post, nll_sum, log_d.exp()), steps)
-    return float(log_d.detach().exp())
+def _tune(post: KronLastLayer, nll_sum: float) -> float:
+    """The δ maximising :func:`log_marginal_likelihood`: the diagonal evidence's problem with the
+    Kronecker eigenvalues g_i a_j for the curvature (the NLL does not move it)."""
+    return tune_prior_precision(nll_sum, {"W": post.mean}, {"W": torch.outer(post.g, post.a)})
 
 
 def log_marginal_likelihood(post: KronLastLayer, nll_sum: float, prior_precision: float | None = None):
