@@ -221,3 +221,8 @@ def test_a_maximiser_beyond_the_search_range_is_said():
     assert math.isclose(float(per["w"]), 1e12, rel_tol=1e-9) and 0.1 < float(per["b"]) < 10
     with pytest.warns(RuntimeWarning, match="noise sigma for the model's outputs lies beyond 1e-12"):
         evidence.tune_prior_and_noise(0.0, 100, {"b": torch.ones(2)}, {"b": torch.ones(2)}, 1.0)
+    # curvature with negative entries (Hutchinson's): δ cannot go below them, and says so
+    neg = {"w": torch.tensor([-2.0, 1.0, 1.0], dtype=torch.float64)}
+    with pytest.warns(RuntimeWarning, match="below the size of the curvature's negative entries"):
+        d = evidence.tune_prior_precision(0.0, {"w": torch.full((3,), 5.0, dtype=torch.float64)}, neg)
+    assert 2.0 < d < 2.0001

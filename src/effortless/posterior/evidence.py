@@ -33,6 +33,7 @@ is MacKay's σ² = RSS / (n − (a/2) γ).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -103,17 +104,23 @@ def _best_log_delta(sq_norm: float, curvature: torch.Tensor, t0: float = 0.0) ->
     below, so that every H + δ stays positive."""
     lo, hi = LOG_DELTA_RANGE
     neg = float(curvature.min()) if curvature.numel() else 0.0
-    if neg < 0:
-        lo = max(lo, math.log(-neg) + 1e-9)
+    if neg < 0 and math.log(-neg) + 1e-9 > lo:
+        lo = math.log(-neg) + 1e-9
+        t, side = _root(lambda t: _gamma(curvature, math.exp(t)) - math.exp(t) * sq_norm, t0, lo, hi)
+        return t, -2 if side == -1 else side  # (the bound is the negative curvature's, not the range's)
     return _root(lambda t: _gamma(curvature, math.exp(t)) - math.exp(t) * sq_norm, t0, lo, hi)
 
 
 def _bound_warning(what: str, side: int, names: list[str]) -> None:
-    import warnings
-
     if side == 0 or not names:
         return
     where = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    if side == -2:
+        warnings.warn(f"the evidence's best prior precision for {where} lies below the size of the "
+                      "curvature's negative entries, where the evidence is undefined (an indefinite or "
+                      "noisy curvature estimate); it is set just above them: use a positive semi-definite "
+                      "hessian (ggn) or a fixed prior precision", RuntimeWarning, stacklevel=4)  # fmt: skip
+        return
     bound = "1e-12" if side < 0 else "1e12"
     why = {("delta", 1): "the mean is (near) zero there, so a tighter prior always explains it better",
            ("delta", -1): "the curvature is (near) zero there: the data say nothing about it",
@@ -185,7 +192,7 @@ def tune_prior_precision(nll_sum, mean: dict, curvature: dict, init=1.0, per_ten
     """The prior precision maximising :func:`log_marginal_likelihood` (scalar, or per tensor): the
     exact maximiser (to float64 round-off), searched for from ``init``. ``nll_sum`` does not move
     it (kept for the signature's symmetry with the evidence)."""
-    out, edge = {}, {-1: [], 1: []}
+    out, edge = {}, {-2: [], -1: [], 1: []}
     for k, (sq, c) in _groups(mean, curvature, per_tensor).items():
         t, side = _best_log_delta(sq, c, math.log(init))
         out[k] = math.exp(t)
@@ -259,7 +266,7 @@ def tune_prior_and_noise(
     _bound_warning("sigma", side, ["the model's outputs"])
     sigma = math.exp(s)
     d = deltas(s)
-    for bound in (-1, 1):
+    for bound in (-2, -1, 1):
         names = [k if per_tensor else "all weights" for k in groups if sides.get(k) == bound]
         _bound_warning("delta", bound, names)
     if not tune:
