@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -281,3 +282,17 @@ def test_ece_floor_is_the_ece_of_labels_drawn_from_the_predictions():
         metrics.ece_floor(p, n_draws=0)
     with pytest.raises(ValueError, match="probs"):
         metrics.ece_floor(p.log())
+
+
+def test_regression_metric_settings_out_of_range_are_refused():
+    mean, var, y = torch.zeros(50), torch.ones(50), torch.linspace(-3, 3, 50)
+    for level in (95, 0, 1.0, -0.5, True):  # 95 (meaning 95 %) gave a coverage of 0.0
+        with pytest.raises(ValueError, match="level must be a fraction"):
+            metrics.picp(mean, var, y, level)
+    for n in (0, 2.5, True):  # 0 gave NaN
+        with pytest.raises(ValueError, match="n_levels must be"):
+            metrics.quantile_calibration_error(mean, var, y, n_levels=n)
+    for scale in (0.0, -1.0, float("inf")):  # were "math domain error"
+        with pytest.raises(ValueError, match="y_scale must be"):
+            metrics.regression_report(mean, var, y, y_scale=scale)
+    assert metrics.picp(mean, var, y, np.float32(0.5)) == pytest.approx(metrics.picp(mean, var, y, 0.5))

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ._checks import is_count
+from ._checks import is_count, is_number
 
 __all__ = [
     "accuracy", "nll", "ece", "ece_floor", "mce", "brier", "auroc", "aupr", "fpr_at_tpr", "aurc",
@@ -283,6 +283,8 @@ def regression_report(mean, var, y, y_scale: float = 1.0) -> dict[str, float]:
     """RMSE and Gaussian NLL in the original target units (the inputs are standardised by
     ``y_scale``: RMSE scales by it, the NLL per point shifts by log y_scale), 95 % interval
     coverage (picp) and the quantile calibration error (qce)."""
+    if not (is_number(y_scale) and math.isfinite(y_scale) and y_scale > 0):
+        raise ValueError(f"y_scale must be a finite number > 0, got {y_scale!r}")
     return {
         "rmse": rmse(mean, y) * y_scale,
         "nll": gaussian_nll(mean, var, y) + math.log(y_scale),
@@ -306,6 +308,8 @@ def rmse(mean: torch.Tensor, y: torch.Tensor) -> float:
 def picp(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, level: float = 0.95) -> float:
     """Prediction-interval coverage: the fraction of ``y`` inside the central ``level`` interval."""
     _check_regression(mean, y, var)
+    if not (is_number(level) and 0 < level < 1):  # (95 for 95 % gave a coverage of 0, silently)
+        raise ValueError(f"level must be a fraction in (0, 1), got {level!r}")
     z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2, dtype=torch.float64))
     half = z * var.double().sqrt()
     return float(((y.double() - mean.double()).abs() <= half).double().mean())
@@ -315,6 +319,8 @@ def quantile_calibration_error(mean: torch.Tensor, var: torch.Tensor, y: torch.T
     """Mean |observed − expected| frequency of ``y`` below the predictive quantiles at ``n_levels``
     levels in (0, 1) (Kuleshov et al., 2018)."""
     _check_regression(mean, y, var)
+    if not is_count(n_levels):
+        raise ValueError(f"n_levels must be a positive int, got {n_levels!r}")
     u = torch.distributions.Normal(mean.double(), var.double().sqrt()).cdf(y.double()).reshape(-1)
     levels = (torch.arange(1, n_levels + 1, dtype=torch.float64)) / (n_levels + 1)
     observed = (u[None, :] <= levels[:, None]).double().mean(1)
