@@ -158,3 +158,17 @@ def test_a_saved_posterior_matches_the_bare_model_under_a_wrappers_prefix():
         with bare.mean_loaded(wrapped if prefix == "module." else torch.compile(net)):
             torch.testing.assert_close(net[0].weight, bare.mean["0.weight"])
     assert torch.equal(net[0].weight, before)
+
+
+def test_a_given_sample_of_the_wrong_shape_or_keys_is_refused_and_nothing_changes():
+    model = nn.Linear(3, 2)
+    q = ef.DiagGaussian.from_model(model, 10.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bad = {"weight": torch.zeros(1), "bias": torch.zeros(2)}  # copy_ broadcast it before
+    with pytest.raises(ValueError, match=r"sample\['weight'\] has shape \(1,\), the parameter \(2, 3\)"):
+        q.sampled(model, sample=bad).__enter__()
+    with pytest.raises(ValueError, match=r"sample has no tensor for \['bias'\]"):
+        q.sampled(model, sample={"weight": torch.zeros(2, 3)}).__enter__()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with q.sampled(model, sample={"weight": torch.ones(2, 3), "bias": torch.ones(2)}):
+        assert bool((model.weight == 1).all())

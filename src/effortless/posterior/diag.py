@@ -97,6 +97,14 @@ class DiagGaussian:
         """Load a posterior sample (or the given ``sample`` dict) into ``model``; always restore."""
         params = self._match(model)
         draw = self.sample(generator) if sample is None else sample
+        if sample is not None:  # (a given one: copy_ would broadcast a wrong shape, silently)
+            missing = [k for k in params if k not in draw]
+            if missing:
+                raise ValueError(f"sample has no tensor for {missing[:3]} (keys: {list(draw)[:5]})")
+            for k, p in params.items():
+                if draw[k].shape != p.shape:
+                    raise ValueError(f"sample[{k!r}] has shape {tuple(draw[k].shape)}, the parameter "
+                                     f"{tuple(p.shape)}")  # fmt: skip
         saved = {k: p.detach().clone() for k, p in params.items()}
         try:
             with torch.no_grad():
