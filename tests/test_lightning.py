@@ -211,3 +211,33 @@ def test_manual_optimisation_steps_like_the_plain_loop(tmp_path):
         opt.step()
     for a, b in zip(model.parameters(), ref.parameters()):
         assert torch.equal(a, b)
+
+
+def test_several_validation_dataloaders_get_metrics_of_their_own(tmp_path):
+    """All validation dataloaders' predictions were pooled into one NLL (an in-distribution set and
+    a shifted one gave one number); each now has its own, keyed as Lightning keys them."""
+    train, val = _data()
+    g = torch.Generator().manual_seed(5)
+    other = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(3 * torch.randn(96, 6, generator=g),
+                                        torch.randint(0, 4, (96,), generator=g)), batch_size=48)  # fmt: skip
+    class TwoLoaders(Auto):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            pass
+
+    L.seed_everything(0)
+    model = TwoLoaders()
+    trainer = _trainer(tmp_path, 2, callbacks=[PosteriorMetrics(n_samples=2)])
+    trainer.fit(model, train, [val, other])
+    logged = trainer.callback_metrics
+    post = trainer.optimizers[0].posterior()
+    model.eval()
+    for idx, loader in enumerate((val, other)):
+        gen = torch.Generator().manual_seed(trainer.global_step)
+        if idx == 1:  # (one generator for the epoch: the first loader's batches drew before)
+            for xb, _ in val:
+                ef.predict(model, post, xb, n_samples=2, generator=gen)
+        x, y = loader.dataset.tensors
+        probs = torch.cat([ef.predict(model, post, xb, n_samples=2, generator=gen) for xb, _ in loader])
+        key = f"posterior/nll/dataloader_idx_{idx}"
+        assert float(logged[key]) == pytest.approx(ef.metrics.nll(probs, y), rel=1e-5), key
+    assert "posterior/nll" not in logged

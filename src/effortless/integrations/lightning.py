@@ -32,6 +32,9 @@ class PosteriorMetrics(L.Callback):
     adding the callback leaves training bitwise as it was (it drew from the optimizer's sampler
     before, which changed every later training sample).
 
+    With several validation dataloaders each gets its own metrics, keyed as Lightning keys
+    ``self.log`` there (``posterior/nll/dataloader_idx_1``, …; before, all were pooled into one).
+
     The module's ``forward`` must return logits; batches are ``(x, y)``. For a network with
     BatchNorm pass ``bn_data`` (a tensor of a few hundred to a few thousand training inputs): each
     weight sample then predicts with BatchNorm statistics recomputed at its weights (see
@@ -47,7 +50,7 @@ class PosteriorMetrics(L.Callback):
         self.n_samples = n_samples
         self.seed = seed
         self.bn_data = bn_data
-        self._probs, self._mean_probs, self._labels = [], [], []
+        self._seen: dict[int, tuple[list, list, list]] = {}  # dataloader → (probs, probs at the mean, labels)
         self._post, self._gen, self._bn = None, None, None
 
     @staticmethod
@@ -58,7 +61,7 @@ class PosteriorMetrics(L.Callback):
         return opts[0]
 
     def on_validation_epoch_start(self, trainer, pl_module):
-        self._probs, self._mean_probs, self._labels = [], [], []
+        self._seen = {}
         if trainer.sanity_checking:
             return
         self._post = self._optimizer(trainer).posterior()
@@ -70,25 +73,28 @@ class PosteriorMetrics(L.Callback):
         if trainer.sanity_checking:
             return
         x, y = batch
-        self._probs.append(predict(pl_module, self._post, x, n_samples=self.n_samples, generator=self._gen,
-                                   bn_data=self._bn))  # fmt: skip
+        probs, at_mean, labels = self._seen.setdefault(dataloader_idx, ([], [], []))
+        probs.append(predict(pl_module, self._post, x, n_samples=self.n_samples, generator=self._gen,
+                             bn_data=self._bn))  # fmt: skip
         with self._post.mean_loaded(pl_module):  # the posterior's mean: the averaged means, not μ
-            self._mean_probs.append(pl_module(x).softmax(-1))
-        self._labels.append(y)
+            at_mean.append(pl_module(x).softmax(-1))
+        labels.append(y)
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        if not self._probs:
+        if not self._seen:
             return
-        probs, mean_probs = torch.cat(self._probs), torch.cat(self._mean_probs)
-        labels = torch.cat(self._labels)
         sd = torch.cat([v.reshape(-1) for v in self._post.std.values()])
         self._post = None
-        nll = metrics.nll(probs, labels)
-        logs = {
-            "posterior/nll": nll,
-            "posterior/ece": metrics.ece(probs, labels),
-            "posterior/accuracy": metrics.accuracy(probs, labels),
-            "posterior/nll_gain_over_mean": metrics.nll(mean_probs, labels) - nll,
-            "posterior/mean_weight_std": float(sd.mean()),
-        }
-        pl_module.log_dict(logs, sync_dist=True)
+        logs = {"posterior/mean_weight_std": float(sd.mean())}
+        for idx, (probs, at_mean, labels) in sorted(self._seen.items()):
+            probs, at_mean, labels = torch.cat(probs), torch.cat(at_mean), torch.cat(labels)
+            nll = metrics.nll(probs, labels)
+            suffix = f"/dataloader_idx_{idx}" if len(self._seen) > 1 else ""
+            logs |= {
+                f"posterior/nll{suffix}": nll,
+                f"posterior/ece{suffix}": metrics.ece(probs, labels),
+                f"posterior/accuracy{suffix}": metrics.accuracy(probs, labels),
+                f"posterior/nll_gain_over_mean{suffix}": metrics.nll(at_mean, labels) - nll,
+            }
+        self._seen = {}
+        pl_module.log_dict(logs, sync_dist=True, add_dataloader_idx=False)  # (the keys carry it)
