@@ -139,6 +139,28 @@ def test_config_validation():
             run_loop(Spy(), "bald", x, y, xt, yt, C, bad)
     with pytest.raises(ValueError, match="acquisition"):
         run_loop(Spy(), "nope", x, y, xt, yt, C, ActiveConfig(initial=6, budget=20))
+    for bad, match in [(ActiveConfig(initial=6, query=True, budget=20), "query"),  # True ran as 1
+                       (ActiveConfig(initial=6, budget=20, seed=1.5), "seed")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            run_loop(Spy(), "bald", x, y, xt, yt, C, bad)
+
+
+def test_numpy_ints_are_taken_and_the_checkpoint_still_loads_weights_only(tmp_path):
+    """Counts from NumPy arithmetic were refused (isinstance int); taken now, kept as plain ints so
+    the checkpoint (which stores the config) loads with weights_only=True, and resuming with the
+    same numbers as Python ints is the same experiment."""
+    import numpy as np
+
+    x, y, xt, yt = _data()
+    cfg = ActiveConfig(initial=np.int64(6), query=np.int32(5), budget=np.int64(16), pool_subset=np.int64(50),
+                       n_samples=np.int64(4), seed=np.int64(2))  # fmt: skip
+    assert all(type(v) is int for k, v in vars(cfg).items() if k != "warm_start")
+    first = run_loop(Spy(), "bald", x, y, xt, yt, C, cfg, checkpoint=tmp_path / "al.pt")
+    assert len(first.labelled) == 16
+    torch.load(tmp_path / "al.pt", weights_only=True)
+    again = run_loop(Spy(), "bald", x, y, xt, yt, C, ActiveConfig(6, 5, 16, 50, 4, seed=2),
+                     checkpoint=tmp_path / "al.pt")  # fmt: skip
+    assert again.labelled == first.labelled
 
 
 @pytest.mark.parametrize("name", sorted(LEARNERS))

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import metrics
+from .._checks import is_count
 from .acquisition import ACQUISITIONS, select
 
 
@@ -36,21 +37,29 @@ class ActiveConfig:
     warm_start: bool = False
     seed: int = 0
 
+    def __post_init__(self):  # NumPy ints kept as ints: the checkpoint loads with weights_only=True
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if is_count(v, minimum=-(2**63)):
+                object.__setattr__(self, f.name, int(v))
+
     def check(self, n_pool: int | None, n_classes: int):
         """Raise ValueError for a bad setting; ``n_pool`` None when the pool is not known yet."""
-        if not (isinstance(self.initial, int) and self.initial >= n_classes):
+        if not is_count(self.initial, max(n_classes, 1)):
             raise ValueError(f"initial must be an int >= the number of classes ({n_classes}) for a balanced "
                              f"start, got {self.initial!r}")  # fmt: skip
-        if not (isinstance(self.query, int) and self.query >= 1):
+        if not is_count(self.query):
             raise ValueError(f"query must be a positive int, got {self.query!r}")
         top = float("inf") if n_pool is None else n_pool
-        if not (isinstance(self.budget, int) and self.initial <= self.budget <= top):
+        if not (is_count(self.budget) and self.initial <= self.budget <= top):
             bound = "" if n_pool is None else f", pool size={n_pool}"
             raise ValueError(f"budget must be an int in [initial={self.initial}{bound}], got {self.budget!r}")
-        if self.pool_subset is not None and not (isinstance(self.pool_subset, int) and self.pool_subset >= 1):
+        if self.pool_subset is not None and not is_count(self.pool_subset):
             raise ValueError(f"pool_subset must be None or a positive int, got {self.pool_subset!r}")
-        if not (isinstance(self.n_samples, int) and self.n_samples >= 1):
+        if not is_count(self.n_samples):
             raise ValueError(f"n_samples must be a positive int, got {self.n_samples!r}")
+        if not is_count(self.seed, minimum=-(2**63)):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
 
 
 @dataclass
