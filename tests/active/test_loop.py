@@ -212,3 +212,20 @@ def test_training_batches_are_full_and_cover_the_data():
     assert set(torch.cat(seen).tolist()) == set(range(130))  # reshuffled passes reach every example
     small = _batches(x[:10], y[:10], TrainConfig(batch=64), seed=0)
     assert len(next(small)[1]) == 10
+
+
+def test_train_config_refuses_settings_that_failed_only_inside_a_fit():
+    """Nothing was checked: batch=0 failed in range() inside the first round ("arg 3 must not be
+    zero"), members=0 in an ensemble of nothing, a bad hessian after the data had loaded."""
+    import numpy as np
+
+    for kw, match in [({"batch": 0}, "batch must be an int >= 1"), ({"members": 0}, "members"),
+                      ({"epochs": -1}, "epochs"), ({"epochs": 0, "min_steps": 0}, "no training step"),
+                      ({"eval_samples": True}, "eval_samples"), ({"lr": 0.0}, "lr must be"),
+                      ({"prior_precision": float("nan")}, "prior_precision"),
+                      ({"temperature": -1e-3}, "temperature"), ({"dropout": 1.0}, "dropout"),
+                      ({"hessian": "fisher"}, "hessian must be one of")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**kw)
+    cfg = TrainConfig(epochs=np.int64(3), batch=np.int32(16))
+    assert type(cfg.epochs) is int and type(cfg.batch) is int and cfg.batch == 16

@@ -53,6 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import api
+from .._checks import is_count, is_number
+from ..curvature.estimators import ESTIMATORS
 from ..optim import BayesAdam
 
 
@@ -76,6 +78,28 @@ class TrainConfig:
     prior_precision: float = 0.01
     hessian: str = "reparam"  # BayesAdam's curvature estimator (see the module docstring)
     eval_samples: int = 0  # test-set predictions: 0 = the mean network (dropout off); S = average S draws
+
+    def __post_init__(self):  # checked here: a bad value failed only inside the first round's fit
+        counts = {"epochs": 0, "min_steps": 0, "batch": 1, "members": 1, "eval_samples": 0}
+        for name, least in counts.items():
+            v = getattr(self, name)
+            if not is_count(v, least):
+                raise ValueError(f"TrainConfig: {name} must be an int >= {least}, got {v!r}")
+            setattr(self, name, int(v))
+        if self.epochs == 0 and self.min_steps == 0:
+            raise ValueError("TrainConfig: epochs and min_steps are both 0: no training step")
+        for name in ("lr", "prior_precision"):
+            v = getattr(self, name)
+            if not (is_number(v) and math.isfinite(v) and v > 0):
+                raise ValueError(f"TrainConfig: {name} must be a finite number > 0, got {v!r}")
+        if not (is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"TrainConfig: temperature must be a finite number >= 0, got "
+                             f"{self.temperature!r}")  # fmt: skip
+        if not (is_number(self.dropout) and 0 <= self.dropout < 1):
+            raise ValueError(f"TrainConfig: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.hessian not in ESTIMATORS:
+            raise ValueError(f"TrainConfig: hessian must be one of {sorted(ESTIMATORS)}, got "
+                             f"{self.hessian!r}")  # fmt: skip
 
 
 def _steps(n, cfg):

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import data
+from .._checks import is_count
 from ..active import ACQUISITIONS, LEARNERS, ActiveConfig, TrainConfig, make_learner, run_loop
 from ..models import MLP, CNN1d, LeNet
 
@@ -219,21 +220,16 @@ def run(
     for a in acquisitions:
         if a not in ACQUISITIONS:
             raise ValueError(f"acquisition must be one of {sorted(ACQUISITIONS)}, got {a!r}")
-    if hessian is not None:
-        from ..curvature.estimators import ESTIMATORS
-
-        if hessian not in ESTIMATORS:
-            raise ValueError(f"hessian must be one of {sorted(ESTIMATORS)}, got {hessian!r}")
-    if not (isinstance(repeats, int) and repeats >= 1) or not (isinstance(jobs, int) and jobs >= 1):
+    if not (is_count(repeats) and is_count(jobs)):
         raise ValueError(f"repeats and jobs must be positive ints, got {repeats!r}, {jobs!r}")
+    extra = {k: v for k, v in (("temperature", temperature), ("prior_precision", prior_precision),
+                               ("hessian", hessian)) if v is not None}  # fmt: skip
+    train = asdict(TrainConfig(epochs=epochs, min_steps=min_steps, **extra))
     config = asdict(ActiveConfig(initial, query, budget, pool_subset, n_samples, warm_start))
     config.pop("seed")
     split = TASKS[task][0]()  # argument errors now, against the data, not in a worker or after a bar
     pool = subset if subset else len(split.x_train)
     ActiveConfig(**config).check(min(pool, len(split.x_train)), split.n_classes)
-    extra = {k: v for k, v in (("temperature", temperature), ("prior_precision", prior_precision),
-                               ("hessian", hessian)) if v is not None}  # fmt: skip
-    train = asdict(TrainConfig(epochs=epochs, min_steps=min_steps, **extra))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     combos = pairs if pairs is not None else [(m, a) for m in methods for a in acquisitions]
