@@ -49,7 +49,7 @@ class LeNet(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.view(-1, 1, 28, 28)  # (B, 1, 28, 28)
+        x = x.reshape(x.shape[0], 1, 28, 28)  # (B, 1, 28, 28); view(-1, ...) made 2B images of (B, 1568)
         return self.head(self.features(x))
 
 
@@ -67,4 +67,4 @@ class CNN1d(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.view(x.shape[0], 1, -1))  # (B, 1, L)
+        return self.net(x.reshape(x.shape[0], 1, -1))  # (B, 1, L); any layout
