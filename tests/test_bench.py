@@ -528,3 +528,36 @@ def test_rows_record_their_device_and_another_devices_rows_are_not_mixed_in(tmp_
     path.write_text(json.dumps(old))
     assert len(bench.run(tasks=["mnist1d-mlp"], methods=["map"], seeds=1, epochs=1, out=tmp_path, subset=200,
                          progress=False, device="cpu")) == 1  # fmt: skip
+
+
+def test_a_run_killed_while_writing_its_results_keeps_the_earlier_rows(tmp_path, monkeypatch):
+    """results.json was rewritten in place after every run: a kill in that write left a truncated
+    file, every row lost to a JSON error at the resume (a traceback). It is written aside and
+    renamed now; a file that is not a results file is named."""
+    from pathlib import Path
+
+    kw = dict(tasks=["mnist1d-mlp"], seeds=1, epochs=1, out=tmp_path, subset=200, progress=False,
+              log=lambda s: None)  # fmt: skip
+    bench.run(methods=["map"], **kw)
+    saved = (tmp_path / "results.json").read_text()
+    real = Path.write_text
+
+    def killed(self, text, *a, **k):  # half the file written, then the process dies
+        if self.name.startswith("results.json"):
+            real(self, text[: len(text) // 2], *a, **k)
+            raise KeyboardInterrupt
+        return real(self, text, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(methods=["map", "temperature"], **kw)
+    monkeypatch.undo()
+    assert (tmp_path / "results.json").read_text() == saved
+    rows = bench.run(methods=["map", "temperature"], **kw)  # resumes: map read back, temperature run
+    assert [r["method"] for r in rows] == ["map", "temperature"]
+    (tmp_path / "results.json").write_text(saved[: len(saved) // 2])
+    with pytest.raises(ValueError, match="is not a bench results file"):
+        bench.run(methods=["map"], **kw)
+    (tmp_path / "results.json").write_text('{"task": "x"}')
+    with pytest.raises(ValueError, match="a list of rows with task, method and seed"):
+        bench.merge([tmp_path], tmp_path / "merged")

@@ -12,6 +12,7 @@ reliability diagrams and in/out confidence histograms (last seed), shift curves 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -152,7 +153,7 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    rows = json.loads(path.read_text()) if path.exists() else []
+    rows = _read_rows(path) if path.exists() else []
     done = {(r["task"], r["method"], r["seed"]) for r in rows}
     for m in methods:
         why = available(m)
@@ -209,7 +210,7 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
             rows.append(row)
             if split.x_train.shape[1] == 1:
                 bands.setdefault(t, (split, {}))[1][m] = (mean, var.sqrt())
-            path.write_text(json.dumps(rows, indent=2))
+            _write_rows(path, rows)
             _write_csv(rows, out / "results.csv")
             if tensorboard:
                 _log_tensorboard(row, out / "tensorboard")
@@ -259,7 +260,7 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
         )
         rows.append(row)
         last[(t, m)] = (probs, probs_ood, split.y_test)
-        path.write_text(json.dumps(rows, indent=2))  # after every run: a killed run resumes here
+        _write_rows(path, rows)  # after every run: a killed run resumes here
         _write_csv(rows, out / "results.csv")
         if tensorboard:
             _log_tensorboard(row, out / "tensorboard")
@@ -488,6 +489,26 @@ def _shift_table(sel, methods, task):
     return lines
 
 
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    """``results.json`` written whole, then renamed over the old one: a run killed while writing
+    leaves the previous rows, not a truncated file (which lost every row to a JSON error)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(rows, indent=2))
+    os.replace(tmp, path)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    try:
+        rows = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a bench results file ({e}); move it away or use another "
+                         "--out") from None
+    if not (isinstance(rows, list) and all(isinstance(r, dict) and {"task", "method", "seed"} <= r.keys()
+                                           for r in rows)):  # fmt: skip
+        raise ValueError(f"{path} is not a bench results file (a list of rows with task, method and seed)")
+    return rows
+
+
 def merge(dirs, out, log=print):
     """Combine the ``results.json`` of several bench directories (e.g. job-array shards) into
     ``out``: rows deduplicated by (task, method, seed), then ``results.md`` and the shift curves."""
@@ -496,7 +517,7 @@ def merge(dirs, out, log=print):
         path = Path(d) / "results.json"
         if not path.exists():
             raise ValueError(f"{path} does not exist")
-        for r in json.loads(path.read_text()):
+        for r in _read_rows(path):
             key = (r["task"], r["method"], r["seed"])
             how = {"epochs": r.get("epochs"), "subset": r.get("subset")}
             first = protocol.setdefault(r["task"], (how, path))
@@ -508,7 +529,7 @@ def merge(dirs, out, log=print):
                 rows.append(r)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    _write_rows(out / "results.json", rows)
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     table = report(rows, tasks, methods)
