@@ -1736,3 +1736,31 @@ def test_train_step_with_every_parameter_frozen_says_so(hessian):
     model[2].requires_grad_(True)  # one layer trains again
     opt.train_step(model, x, y)
     assert opt.state[model[2].weight]["step"] == 1 and model[0].weight not in opt.state
+
+
+def test_the_automatic_prior_moves_to_the_exact_evidence_maximum():
+    """One "auto" update sets δ to the evidence's maximiser given μ and N·h (within the factor 2 a
+    step allows). MacKay's fixed point, iterated 50 times, crawls where the curvature is small
+    against δ (each iteration contracts by ~1 − Nh/δ): here it went from 1 to 1.18 towards 2.06."""
+    from effortless.posterior.evidence import tune_prior_precision
+
+    torch.manual_seed(0)
+    model = nn.Linear(50, 4).double()
+    opt = ef.BayesAdam(model.parameters(), n_data=100, prior_precision="auto", prior_update_every=1,
+                       prior_warmup=0)  # fmt: skip
+    x, y = torch.randn(16, 50, dtype=torch.float64), torch.randint(0, 4, (16,))
+    opt.train_step(model, x, y)
+    group = group_before = opt.param_groups[0]
+    for scale in (0.05, 3.0):  # the best δ below and above the current one
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p) * scale)
+                opt.state[p]["hess"].fill_(1e-4)  # N·h = 0.01, against δ ≈ 1
+        group["prior_precision"] = d0 = 1.0
+        opt._maybe_update_prior()
+        mean = {str(i): p.detach() for i, p in enumerate(model.parameters())}
+        nh = {str(i): opt.state[p]["hess"] * 100 for i, p in enumerate(model.parameters())}
+        best = tune_prior_precision(0.0, mean, nh)
+        expected = min(max(best, d0 / 2), 2 * d0)
+        assert group["prior_precision"] == pytest.approx(expected, rel=1e-9), (best, group["prior_precision"])
+    assert group is group_before

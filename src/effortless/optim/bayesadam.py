@@ -59,6 +59,7 @@ from .._weights import weights_changed
 from ..curvature import engine, estimators
 from ..curvature import functional as cf
 from ..posterior.diag import DiagGaussian
+from ..posterior.evidence import best_log_delta
 from . import _fused
 
 __all__ = ["BayesAdam", "bayesadam_update", "hess_beta_at"]
@@ -1581,16 +1582,14 @@ class BayesAdam(Optimizer):
             if states[0]["step"] < self.prior_warmup:
                 continue
             params = [p for p in group["params"] if p.requires_grad and self.state.get(p)]
-            sq = sum(float(p.pow(2).sum()) for p in params)
-            nh = [st["hess"].to(p.dtype).clamp_min(0).mul(group["n_data"]) for st, p in zip(states, params)]
-            d0 = d = group["prior_precision"]
-            for _ in range(50):  # MacKay's fixed point for the evidence-maximising δ
-                gamma = sum(float((h / (h + d)).sum()) for h in nh)
-                d_new = min(max(gamma / max(sq, 1e-30), 1e-8), 1e8)
-                if abs(d_new - d) <= 1e-6 * d:
-                    d = d_new
-                    break
-                d = d_new
+            sq = sum(float(p.double().pow(2).sum()) for p in params)
+            dev = states[0]["hess"].device
+            nh = torch.cat([st["hess"].to(dev, torch.float64).reshape(-1) for st in states])
+            nh = nh.clamp_min_(0).mul_(group["n_data"])
+            d0 = group["prior_precision"]
+            # the evidence-maximising δ, MacKay's δ = γ/‖μ‖², as the exact root (50 fixed-point
+            # iterations stopped short where γ(δ)/‖μ‖² contracts slowly)
+            d = min(max(math.exp(best_log_delta(sq, nh, math.log(d0))[0]), 1e-8), 1e8)
             # move at most a factor 2 per update: the running curvature is noisy early on
             group["prior_precision"] = min(max(d, d0 / 2), d0 * 2)
 

@@ -98,7 +98,7 @@ def _gamma(curvature: torch.Tensor, delta: float) -> float:
     return float((curvature / (curvature + delta)).sum())
 
 
-def _best_log_delta(sq_norm: float, curvature: torch.Tensor, t0: float = 0.0) -> tuple[float, int]:
+def best_log_delta(sq_norm: float, curvature: torch.Tensor, t0: float = 0.0) -> tuple[float, int]:
     """log δ maximising one group's evidence: the root of γ(δ) − δ‖μ‖² (see the module docstring),
     and −1/0/1 as :func:`_root`. Curvature below zero (a stochastic estimate) bounds δ from
     below, so that every H + δ stays positive."""
@@ -194,7 +194,7 @@ def tune_prior_precision(nll_sum, mean: dict, curvature: dict, init=1.0, per_ten
     it (kept for the signature's symmetry with the evidence)."""
     out, edge = {}, {-2: [], -1: [], 1: []}
     for k, (sq, c) in _groups(mean, curvature, per_tensor).items():
-        t, side = _best_log_delta(sq, c, math.log(init))
+        t, side = best_log_delta(sq, c, math.log(init))
         out[k] = math.exp(t)
         if side:
             edge[side].append(k if per_tensor else "all weights")
@@ -251,7 +251,7 @@ def tune_prior_and_noise(
         out = {}
         for k, (sq, c) in groups.items():
             if tune:
-                log_d[k], sides[k] = _best_log_delta(sq, c * scale, log_d[k])
+                log_d[k], sides[k] = best_log_delta(sq, c * scale, log_d[k])
                 out[k] = math.exp(log_d[k])
             else:
                 out[k] = float(fixed[k])
