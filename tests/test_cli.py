@@ -332,3 +332,23 @@ def test_data_that_is_not_installed_is_a_message_not_a_traceback(monkeypatch, tm
         cli.main(["demo", "--quick", "--out", str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "effortless demo: " in err and "pip install mnist1d" in err
+
+
+def test_the_experiments_leave_matplotlibs_backend_alone(tmp_path):
+    """plots.py (imported by bench, demo, ...) ran matplotlib.use("Agg") at import: a notebook's
+    inline backend was switched off for the rest of the session. The figures are Figure objects
+    now; the plots are still written."""
+    import subprocess
+    import sys
+
+    code = (
+        "import matplotlib; matplotlib.use('pdf')\n"
+        "import torch\n"
+        "from effortless.experiments import active, adam_hessian, bench, demo, hessian_profile, plots\n"
+        "p = torch.softmax(torch.randn(50, 3), -1); y = torch.randint(0, 3, (50,))\n"
+        f"plots.reliability_diagram({{'a': (p, y)}}, {str(tmp_path / 'r.png')!r})\n"
+        "print(matplotlib.get_backend())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "pdf", out.stdout + out.stderr
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"

@@ -155,12 +155,10 @@ def table(rows, task, config, budget):
 
 
 def plot(cells, path, task):
-    import matplotlib
+    from .plots import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     groups: dict[tuple[str, str], list] = {}
     for c in cells:
         groups.setdefault((c["method"], c["acquisition"]), []).append(c)
@@ -179,7 +177,6 @@ def plot(cells, path, task):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run(

@@ -232,12 +232,10 @@ def _table(rows, final, task, estimates):
 
 
 def _plots(rows, model, adam, xp, yp, split, batch_size, out, estimates):
-    import matplotlib
+    from .plots import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = figure(figsize=(6, 4))
+    ax = fig.subplots()
     steps = sorted({r["step"] for r in rows})
     for est in estimates:
         ax.plot(steps, [_mean(rows, s, est, "ggn", "spearman") for s in steps], marker="o", label=est)
@@ -245,11 +243,11 @@ def _plots(rows, model, adam, xp, yp, split, batch_size, out, estimates):
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "correlation.png", dpi=110)
-    plt.close(fig)
     ggn = {n: t / xp.shape[0] for n, t in curvature.diag_ggn(model, xp, yp).items()}
     q = posterior_from_adam(model, adam, len(split.x_train), batch_size, prior_precision=1.0)
     weights = [n for n in ggn if n.endswith("weight")]
-    fig, axes = plt.subplots(1, len(weights), figsize=(4 * len(weights), 3.6), squeeze=False)
+    fig = figure(figsize=(4 * len(weights), 3.6))
+    axes = fig.subplots(1, len(weights), squeeze=False)
     for ax, n in zip(axes[0], weights):
         ref = ggn[n].reshape(-1).clamp_min(1e-12)
         est = ((q.precision[n] - 1.0) / len(split.x_train)).reshape(-1).clamp_min(1e-12)
@@ -260,4 +258,3 @@ def _plots(rows, model, adam, xp, yp, split, batch_size, out, estimates):
         ax.set(title=n, xlabel="exact diag GGN", ylabel="Adam-implied F̂")
     fig.tight_layout()
     fig.savefig(out / "scatter.png", dpi=110)
-    plt.close(fig)

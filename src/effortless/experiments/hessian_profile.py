@@ -249,11 +249,11 @@ def write(rows, out: Path):
 def _plot(rows, names, path):
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import figure
 
-    fig, ax = plt.subplots(figsize=(9, 4.8))
-    colors = plt.get_cmap("tab20").colors
+    fig = figure(figsize=(9, 4.8))
+    ax = fig.subplots()
+    colors = matplotlib.colormaps["tab20"].colors
     for i, q in enumerate(names):
         sel = sorted((r for r in rows if r["quantity"] == q), key=lambda r: r["n_params"])
         style = "--" if any(s in q for s in PEER_OR_GENERIC) else "-"
@@ -265,4 +265,3 @@ def _plot(rows, names, path):
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -1,23 +1,31 @@
-"""Plots a person reads instead of tables (matplotlib, PNG, no display needed)."""
+"""Plots a person reads instead of tables (matplotlib, PNG, no display needed).
+
+Figures are ``matplotlib.figure.Figure`` objects, not pyplot's: no backend is chosen and no
+global figure list grows (``matplotlib.use("Agg")`` here switched a notebook's inline backend off
+for the rest of the session, as soon as a bench or demo module was imported).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from .. import metrics
 
-from .. import metrics  # noqa: E402
+
+def figure(**kwargs) -> Figure:
+    """A figure of its own (``Figure(**kwargs)``): saved with ``savefig``, never shown."""
+    return Figure(**kwargs)
 
 
 def _grid(n: int, w: float, h: float, max_cols: int = 4):
     """A grid of at most ``max_cols`` panels a row; surplus axes hidden. Returns (fig, axes list)."""
     cols = min(n, max_cols)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+    fig = figure(figsize=(w * cols, h * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     flat = list(axes.ravel())
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -42,7 +50,6 @@ def reliability_diagram(results: dict[str, tuple[torch.Tensor, torch.Tensor]], p
         ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def confidence_histogram(results: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path):
@@ -58,13 +65,13 @@ def confidence_histogram(results: dict[str, tuple[torch.Tensor, torch.Tensor]], 
         ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def shift_curves(results: dict[str, dict[float, list[dict]]], path: str | Path, xlabel: str):
     """Accuracy, NLL and ECE against shift intensity; ``results``: method -> intensity -> rows
     (one per seed, each with accuracy / nll / ece); the line is the mean, the band ± one std."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig = figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
     for name, by_level in results.items():
         levels = sorted(by_level)
         for ax, key, scale in zip(axes, ("accuracy", "nll", "ece"), (100, 1, 100)):
@@ -80,14 +87,14 @@ def shift_curves(results: dict[str, dict[float, list[dict]]], path: str | Path, 
     fig.suptitle("Under distribution shift")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def regression_band(x_train, y_train, x_test, curves: dict[str, tuple], path: str | Path, truth=None):
     """Predictive mean ± 2 std per method on a 1-D input; ``curves``: name -> (mean, std)."""
     cols = 2 if len(curves) == 4 else min(len(curves), 3)  # rows of three at most (four as 2 × 2)
     rows = -(-len(curves) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False)
+    fig = figure(figsize=(5 * cols, 3.5 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[len(curves):]:
         ax.set_visible(False)
     xs = x_test[:, 0].numpy()
@@ -102,4 +109,3 @@ def regression_band(x_train, y_train, x_test, curves: dict[str, tuple], path: st
         ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
