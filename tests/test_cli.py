@@ -215,13 +215,20 @@ def test_active_cells_in_worker_processes_equal_one_process(tmp_path):
     kw = dict(task="mnist1d-mlp", methods=("map",), acquisitions=("bald", "random"), initial=10, query=5,
               budget=20, repeats=1, pool_subset=100, n_samples=4, epochs=1, min_steps=5, subset=300,
               progress=False, log=lambda s: None)  # fmt: skip
-    for jobs, d in ((1, "one"), (2, "two")):
-        active.run(out=tmp_path / d, jobs=jobs, **kw)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for jobs, d in ((1, "one"), (2, "two")):
+            active.run(out=tmp_path / d, jobs=jobs, threads=1, **kw)
+            assert torch.get_num_threads() == 2  # the caller's setting (the cells ran with 1: it stayed 1)
+    finally:
+        torch.set_num_threads(threads)
     curves = [{(c["method"], c["acquisition"]): (c["history"], c["labelled"]) for c in json.loads(
         (tmp_path / d / "results.json").read_text())["cells"]} for d in ("one", "two")]  # fmt: skip
     assert len(curves[0]) == 2 and curves[0] == curves[1]
     for bad, name in (({"methods": ("sgd",)}, "method"), ({"acquisitions": ("nope",)}, "acquisition"),
-                      ({"hessian": "diag"}, "hessian"), ({"jobs": 0}, "repeats and jobs")):  # fmt: skip
+                      ({"hessian": "diag"}, "hessian"), ({"jobs": 0}, "repeats, jobs and threads"),
+                      ({"threads": 0}, "threads")):  # fmt: skip
         with pytest.raises(ValueError, match=name):
             active.run(out=tmp_path / "bad", **{**kw, **bad})
 

@@ -217,8 +217,9 @@ def run(
     for a in acquisitions:
         if a not in ACQUISITIONS:
             raise ValueError(f"acquisition must be one of {sorted(ACQUISITIONS)}, got {a!r}")
-    if not (is_count(repeats) and is_count(jobs)):
-        raise ValueError(f"repeats and jobs must be positive ints, got {repeats!r}, {jobs!r}")
+    if not (is_count(repeats) and is_count(jobs) and is_count(threads)):
+        raise ValueError(f"repeats, jobs and threads must be positive ints, got {repeats!r}, {jobs!r}, "
+                         f"{threads!r}")  # fmt: skip
     extra = {k: v for k, v in (("temperature", temperature), ("prior_precision", prior_precision),
                                ("hessian", hessian)) if v is not None}  # fmt: skip
     train = asdict(TrainConfig(epochs=epochs, min_steps=min_steps, **extra))
@@ -234,11 +235,15 @@ def run(
     t0 = time.perf_counter()
     cells = []
     if jobs == 1:
-        for m, a, r in grid:
-            cells.append(_cell(task, m, a, r, config, train, str(out), threads, progress, subset,
-                               split=split))  # (loaded above: once for every cell)
-            log(f"{m} · {a} · repeat {r}: final accuracy {cells[-1]['history'][-1]['accuracy']:.4f}, "
-                f"{_secs(cells[-1]['seconds'])}")  # fmt: skip
+        saved_threads = torch.get_num_threads()  # (the caller's setting, which the cells change)
+        try:
+            for m, a, r in grid:
+                cells.append(_cell(task, m, a, r, config, train, str(out), threads, progress, subset,
+                                   split=split))  # (loaded above: once for every cell)
+                log(f"{m} · {a} · repeat {r}: final accuracy {cells[-1]['history'][-1]['accuracy']:.4f}, "
+                    f"{_secs(cells[-1]['seconds'])}")  # fmt: skip
+        finally:
+            torch.set_num_threads(saved_threads)
     else:
         import multiprocessing as mp
 
