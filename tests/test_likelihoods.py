@@ -58,6 +58,12 @@ def test_bad_inputs_raise():
             likelihoods.get("regression", sigma_noise=bad)
     with pytest.raises(ValueError, match="sigma_noise"):
         likelihoods.Regression(sigma_noise=True)
+    with pytest.raises(ValueError, match="sigma_noise"):  # get() made it float(True) = 1.0 first
+        likelihoods.get("regression", sigma_noise=True)
+    with pytest.raises(ValueError, match=r"the same noise for every output; got a tensor of shape \(2,\)"):
+        likelihoods.get("regression", sigma_noise=torch.tensor([0.5, 2.0]))
+    one = likelihoods.get("regression", sigma_noise=torch.tensor(0.5))
+    assert type(one.sigma_noise) is float and one.sigma_noise == 0.5
     with pytest.raises(ValueError, match="labels"):
         likelihoods.get("classification").nll(torch.randn(3, 2), torch.randn(3))
     with pytest.raises(ValueError, match="same shape"):

@@ -168,8 +168,14 @@ class Regression(Likelihood):
 
     def __post_init__(self):
         s = self.sigma_noise  # (inf gave a zero Hessian, a bool passed as 1: both silently)
+        if isinstance(s, torch.Tensor):
+            if s.numel() != 1:  # (float() of it failed with "only one element tensors can be converted")
+                raise ValueError(f"sigma_noise must be one number, the same noise for every output; got a "
+                                 f"tensor of shape {tuple(s.shape)}")  # fmt: skip
+            s = s.item()
         if not (is_number(s) and 0 < s < math.inf):
             raise ValueError(f"sigma_noise must be a positive, finite float, got {s!r}")
+        self.sigma_noise = float(s)
 
     def check(self, f, y):
         output(f)
@@ -214,5 +220,5 @@ def get(likelihood: str | Likelihood, sigma_noise: float = 1.0) -> Likelihood:
     if likelihood == "classification":
         return Classification()
     if likelihood == "regression":
-        return Regression(sigma_noise=float(sigma_noise))
+        return Regression(sigma_noise=sigma_noise)  # (float() first let True through as 1.0)
     raise ValueError(f"likelihood must be one of {sorted(LIKELIHOODS)}, got {likelihood!r}")
