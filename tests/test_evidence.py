@@ -124,6 +124,11 @@ def test_noise_tuning_rejects_classification_and_kfac():
     with pytest.raises(ValueError, match="kfac"):
         ef.laplace(model, [(torch.randn(8, 3), torch.randn(8, 2))], likelihood="regression",
                    hessian="kfac", sigma_noise="marglik")  # fmt: skip
+    with pytest.raises(ValueError, match="not available with hessian='kfac'"):  # (was "must be a float")
+        ef.laplace(model, [(torch.randn(8, 3), torch.randn(8, 2))], likelihood="regression",
+                   hessian="kfac", subset="last_layer", sigma_noise="marglik")  # fmt: skip
+    with pytest.raises(ValueError, match="needs likelihood='regression'"):
+        ef.laplace(model, loader, hessian="kfac", subset="last_layer", sigma_noise="marglik")
 
 
 def _groups_case(scale_mu, scale_h, seed):

@@ -654,6 +654,12 @@ def laplace(
         raise ValueError(f"hessian must be one of {sorted(LAPLACE_HESSIANS)}, got {hessian!r}")
     prior_precision = evidence.prior_choice(prior_precision)  # (every fit below)
     tune = prior_precision in evidence.TUNED
+    if sigma_noise == "marglik":  # (before the fits: the last-layer KFAC one said "must be a float")
+        if likelihoods.get(likelihood).name != "regression":
+            raise ValueError("sigma_noise='marglik' needs likelihood='regression'")
+        if hessian == "kfac":
+            raise ValueError("sigma_noise='marglik' is not available with hessian='kfac' (pass a float, or "
+                             "a diagonal hessian such as 'ggn')")  # fmt: skip
     if subset == "last_layer":
         if params is not None:  # one of them would be ignored
             raise ValueError("pass either params= or subset='last_layer', not both")
@@ -673,10 +679,6 @@ def laplace(
         name, layer = kron.last_linear(model, pair(first)[0].to(_device(model)))
         params = kron.param_names(name, layer)
     if sigma_noise == "marglik":
-        if likelihoods.get(likelihood).name != "regression":
-            raise ValueError("sigma_noise='marglik' needs likelihood='regression'")
-        if hessian == "kfac":
-            raise ValueError("sigma_noise='marglik' is not available with hessian='kfac'")
         return _laplace_tune_noise(model, loader, hessian, prior_precision, generator, params, progress,
                                    distributed, product_dtype)  # fmt: skip
     lik = likelihoods.get(likelihood, sigma_noise)
