@@ -629,8 +629,8 @@ def laplace(
             no extra pass over the data; ``"auto"``, BayesAdam's name for it, means ``"marglik"``).
             The value used is ``posterior.prior_precision``.
         sigma_noise: the regression noise σ (float), or ``"marglik"`` to choose it by the evidence
-            together with δ (diagonal posteriors; ``posterior.sigma_noise`` is the value chosen,
-            which :func:`predict` uses unless given another).
+            together with δ (diagonal posteriors, and the last-layer KFAC one; ``posterior.sigma_noise``
+            is the value chosen, which :func:`predict` uses unless given another).
         params: restrict to these parameter names (others stay fixed at their values).
         subset: ``"last_layer"`` restricts to the output ``nn.Linear``, found by a forward pass on
             the first batch (the Linear whose output is the model's, else the last one called);
@@ -654,22 +654,23 @@ def laplace(
         raise ValueError(f"hessian must be one of {sorted(LAPLACE_HESSIANS)}, got {hessian!r}")
     prior_precision = evidence.prior_choice(prior_precision)  # (every fit below)
     tune = prior_precision in evidence.TUNED
-    if sigma_noise == "marglik":  # (before the fits: the last-layer KFAC one said "must be a float")
+    if sigma_noise == "marglik":  # (before the fits)
         if likelihoods.get(likelihood).name != "regression":
             raise ValueError("sigma_noise='marglik' needs likelihood='regression'")
-        if hessian == "kfac":
-            raise ValueError("sigma_noise='marglik' is not available with hessian='kfac' (pass a float, or "
-                             "a diagonal hessian such as 'ggn')")  # fmt: skip
+        if hessian == "kfac" and subset != "last_layer":
+            raise ValueError("sigma_noise='marglik' with hessian='kfac' needs subset='last_layer' (for all "
+                             "weights use a diagonal hessian such as 'ggn')")  # fmt: skip
     if subset == "last_layer":
         if params is not None:  # one of them would be ignored
             raise ValueError("pass either params= or subset='last_layer', not both")
         if hessian == "kfac":
             if product_dtype is not None:
                 raise ValueError("product_dtype is not used by the last-layer KFAC fit (small products)")
-            lik = likelihoods.get(likelihood, sigma_noise)
+            tune_noise = sigma_noise == "marglik"
+            lik = likelihoods.get(likelihood, 1.0 if tune_noise else sigma_noise)
             post = kron.fit_last_layer(model, loader, lik, prior_precision, generator=generator,
-                                       distributed=distributed)  # fmt: skip
-            if lik.name == "regression":  # ef.predict's default σ
+                                       distributed=distributed, tune_noise=tune_noise)  # fmt: skip
+            if lik.name == "regression" and not tune_noise:  # ef.predict's default σ (tuned: recorded)
                 post.sigma_noise = lik.sigma_noise
             post.likelihood = lik.name
             return post

@@ -25,7 +25,7 @@ from torch import nn
 from .. import _rng, likelihoods
 from .._weights import weights_changed
 from ..curvature.functional import keep_buffers, run_eagerly
-from .evidence import tune_prior_precision
+from .evidence import tune_prior_and_noise, tune_prior_precision
 
 __all__ = ["KronLastLayer", "fit_last_layer"]
 
@@ -207,17 +207,27 @@ class KronLastLayer:
 
 
 def fit_last_layer(model, loader, lik, prior_precision, n_samples=1, generator=None, method="exact",
-                   distributed=None):  # fmt: skip
+                   distributed=None, tune_noise=False):  # fmt: skip
     """Accumulate last-layer KFAC factors over ``loader``; δ fixed or tuned by the evidence. With
     ``distributed`` (default: when a process group of size > 1 is up) the loader is this rank's
-    shard and the factor sums and data count are all-reduced in one collective."""
+    shard and the factor sums and data count are all-reduced in one collective.
+
+    ``tune_noise`` (Gaussian regression): σ is chosen by the evidence too, with δ if that is tuned.
+    The output-space Hessian is I/σ², so the factor G is computed at σ = 1 and scaled by 1/σ²
+    inside the evidence (:func:`effortless.posterior.evidence.tune_prior_and_noise`, with the
+    Kronecker eigenvalues for the curvature); the residual sum of squares takes one more forward
+    pass per batch. The posterior records the σ (``sigma_noise``)."""
     from ..curvature.data import all_reduce_sums, pair
     from ..curvature.functional import kfac
 
+    if tune_noise:
+        if lik.name != "regression":
+            raise ValueError("choosing sigma_noise by the evidence needs likelihood='regression'")
+        lik = likelihoods.get("regression", 1.0)
     name = layer = names = None
     device = last_linear(model)[1].weight.device
     A = G = None
-    count = 0
+    count, rss, n_out = 0, 0.0, 0
     for batch in loader:
         x, y = (t.to(device) for t in pair(batch))
         if name is None:  # the output layer, found by a forward pass on the first batch
@@ -227,14 +237,27 @@ def fit_last_layer(model, loader, lik, prior_precision, n_samples=1, generator=N
         A = Ab * x.shape[0] if A is None else A + Ab * x.shape[0]
         G = Gb if G is None else G + Gb
         count += x.shape[0]
+        if tune_noise:
+            f = likelihoods.output(_forward(model, x))
+            rss += float((f - y.reshape(f.shape)).double().pow(2).sum())
+            n_out += f.numel()
     if A is None:
         raise ValueError("fit_last_layer: the loader yielded no batches")
-    (count,) = all_reduce_sums([A, G], [float(count)], distributed)
+    count, rss, n_out = all_reduce_sums([A, G], [float(count), rss, float(n_out)], distributed)
     A = A / count
     W = layer.weight.detach()
     mean = torch.cat([W, layer.bias.detach()[:, None]], 1) if layer.bias is not None else W.clone()
     post = KronLastLayer(name, mean, G.detach(), A.detach(), 1.0, layer.bias is not None)
-    if prior_precision in ("marglik", "marglik-layer"):
+    tune = prior_precision in ("marglik", "marglik-layer")
+    if tune_noise:
+        delta, sigma = tune_prior_and_noise(rss, int(round(n_out)), {"W": post.mean},
+                                            {"W": torch.outer(post.g, post.a)},
+                                            "marglik" if tune else float(prior_precision))  # fmt: skip
+        post.G = post.G / sigma**2
+        post._eig()
+        post.prior_precision = float(delta)
+        post.sigma_noise = sigma
+    elif tune:
         post.prior_precision = _tune(post, 0.0)  # the NLL at the mode is a constant of δ
     else:
         post.prior_precision = float(prior_precision)
