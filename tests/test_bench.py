@@ -561,3 +561,30 @@ def test_a_run_killed_while_writing_its_results_keeps_the_earlier_rows(tmp_path,
     (tmp_path / "results.json").write_text('{"task": "x"}')
     with pytest.raises(ValueError, match="a list of rows with task, method and seed"):
         bench.merge([tmp_path], tmp_path / "merged")
+
+
+def test_regression_laplace_is_the_last_layer_kfac_and_rows_say_how_they_were_run(tmp_path):
+    """Regression's ``laplace`` is the last-layer KFAC posterior (σ and δ by the evidence), as for
+    classification; the all-weights diagonal, underconfident there (its γ counts every weight's
+    diagonal entry, so σ² = RSS/(n − γ) comes out several times the residuals' variance), is
+    ``laplace-diag``. Regression rows did not record ``subset``: a resume without --subset took
+    rows trained on 150 examples as done; nor can an old ``laplace`` row pass for the new one."""
+    kw = dict(tasks=["diabetes"], seeds=1, epochs=30, out=tmp_path, progress=False, log=lambda s: None)
+    rows = bench.run(methods=["map", "laplace", "laplace-diag"], **kw)
+    by = {r["method"]: r for r in rows}
+    assert by["laplace"]["variant"] == "last-layer kfac" and "variant" not in by["laplace-diag"]
+    assert by["laplace-diag"]["picp"] > by["laplace"]["picp"]  # the diagonal's wider intervals
+    assert by["laplace"]["nll"] < by["laplace-diag"]["nll"]
+    with pytest.raises(ValueError, match="already holds diabetes / map / seed 0"):
+        bench.run(methods=["map"], **{**kw, "out": tmp_path, "epochs": 30, "subset": 150})
+    small = tmp_path / "small"
+    bench.run(methods=["map"], **{**kw, "out": small, "subset": 150})
+    with pytest.raises(ValueError, match="already holds diabetes / map / seed 0"):
+        bench.run(methods=["map"], **{**kw, "out": small})  # (the subset's rows were taken as done)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for r in saved:
+        r.pop("variant", None)  # a results file from before the change
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="already holds diabetes / laplace / seed 0"):
+        bench.run(methods=["laplace"], **kw)
+    bench.run(methods=["laplace-diag"], **kw)  # (unchanged: read back)

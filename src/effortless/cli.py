@@ -264,9 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
             "map, bayesadam, bayesadam-<hessian key>, bayesadam-bf16 (m, v, h in bf16), "
             "bayesadam-lowmem (no averaged mean, h in bf16), mc-dropout, ensemble, temperature, laplace "
             "(last-layer KFAC, marglik, probit), laplace-diag (all weights, diagonal GGN, marglik, probit), "
-            "adam-laplace, swag, vi (MLPs), and the peers ivon and "
-            "laplace-torch "
-            "(if installed: scripts/setup.sh --peers)."
+            "adam-laplace, swag, vi (MLPs), and the peers ivon and laplace-torch (if installed: "
+            "scripts/setup.sh --peers). Regression tasks run map, the bayesadam variants, mc-dropout, "
+            "ensemble, laplace and laplace-diag (the GLM predictive, sigma chosen by the evidence)."
         ),
     )
     b.add_argument(

@@ -75,6 +75,7 @@ REGRESSION_METHODS: dict[str, Callable[..., FittedRegression]] = {
     "mc-dropout": mc_dropout.fit_regression,
     "ensemble": ensemble.fit_regression,
     "laplace": laplace.fit_regression,
+    "laplace-diag": laplace.fit_diag_regression,
 }
 
 # the peers: the package each needs, and how to get it

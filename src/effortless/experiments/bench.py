@@ -176,7 +176,7 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
     for r in rows:  # rows already there count as done only if they were run the same way
         if (r["task"], r["method"], r["seed"]) in grid and r["task"] in TASKS:
             want = {"epochs": epochs or TASKS[r["task"]].epochs, "subset": subset, "device": dev.type,
-                    "split": _split_kind(r["task"])}  # fmt: skip
+                    "split": _split_kind(r["task"]), "variant": _variant(r["task"], r["method"])}  # fmt: skip
             before = {"device": "cpu", "split": _SPLIT_BEFORE.get(r["task"], want["split"])}
             have = {k: r.get(k, before.get(k)) for k in want}  # (rows before devices: cpu; splits: below)
             if have != want:
@@ -204,9 +204,11 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
             fitted = REGRESSION_METHODS[m](task, on_dev[key], s, epochs or task.epochs, False)
             mean, var = (v.cpu() for v in fitted.predict(split.x_test.to(dev)))
             row = metrics.regression_report(mean, var, split.y_test, split.y_scale)
-            row.update(task=t, method=m, seed=s, epochs=epochs or task.epochs, device=dev.type,
-                       train_seconds=fitted.train_seconds, step_ms=fitted.step_ms, peak_mem_mb=None,
-                       train_loss_per_epoch=fitted.train_loss)  # fmt: skip
+            row.update(task=t, method=m, seed=s, epochs=epochs or task.epochs, subset=subset, device=dev.type,
+                       split=_split_kind(t), train_seconds=fitted.train_seconds, step_ms=fitted.step_ms,
+                       peak_mem_mb=None, train_loss_per_epoch=fitted.train_loss)  # fmt: skip
+            if _variant(t, m) is not None:
+                row["variant"] = _variant(t, m)
             rows.append(row)
             if split.x_train.shape[1] == 1:
                 bands.setdefault(t, (split, {}))[1][m] = (mean, var.sqrt())
@@ -288,6 +290,14 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
 # rows written before the tabular classification sets moved to a split per seed (commit 77f8197)
 # have no "split": theirs was the one fixed split
 _SPLIT_BEFORE = {"digits": "one split", "breast_cancer": "one split", "wine": "one split"}
+
+
+# methods whose regression version changed: rows without the variant were run the old way
+_VARIANTS = {"laplace": "last-layer kfac"}  # (regression's laplace was the all-weights diagonal)
+
+
+def _variant(task: str, method: str) -> str | None:
+    return _VARIANTS.get(method) if task in REGRESSION_TASKS else None
 
 
 def _split_kind(task: str) -> str:
