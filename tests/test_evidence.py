@@ -271,3 +271,19 @@ def test_last_layer_kfac_chooses_the_noise_by_the_evidence(prior):
     mean, var = ef.predict(model, post, X[:4], method="glm")  # the recorded σ is the default
     ref = (Xb[:4] @ torch.linalg.solve(dense, Xb[:4].T)).diag() + post.sigma_noise**2
     torch.testing.assert_close(var.reshape(-1), ref)
+
+
+def test_per_tensor_prior_and_noise_is_a_stationary_maximum():
+    mean, curv = _groups_case(30.0, 1.0, 2)  # (the per-tensor δ far below 1 for "a")
+    delta, sigma = evidence.tune_prior_and_noise(50.0, 500, mean, curv, "marglik", per_tensor=True)
+
+    def ev(d, s):
+        return float(evidence.log_marginal_likelihood_gaussian(50.0, 500, mean, curv, d, s))
+
+    best = ev(delta, sigma)
+    assert float(delta["a"]) < 0.01
+    for k in delta:
+        for f in (1.0001, 1 / 1.0001):
+            assert ev(dict(delta, **{k: delta[k] * f}), sigma) < best
+    for f in (1.0001, 1 / 1.0001):
+        assert ev(delta, sigma * f) < best
