@@ -322,6 +322,9 @@ def predict(
       ``f(μ) + J δθ`` from its exact Gaussian; no Jacobian matrices are built);
     * ``method="probit"``: its closed-form probit approximation (deterministic).
 
+    For regression the linearised predictive is Gaussian, so ``"glm"`` and ``"probit"`` both
+    return its exact mean and variance (no sampling).
+
     The model's train/eval mode is left as the caller set it (training-mode BatchNorm then
     normalises with each batch's statistics), and its buffers are as they were afterwards.
 
