@@ -287,3 +287,27 @@ def test_per_tensor_prior_and_noise_is_a_stationary_maximum():
             assert ev(dict(delta, **{k: delta[k] * f}), sigma) < best
     for f in (1.0001, 1 / 1.0001):
         assert ev(delta, sigma * f) < best
+
+
+def test_an_inflated_noise_from_the_diagonal_is_said_and_the_last_layer_kfac_gets_it_right():
+    """On 40 points of sin(2x) + N(0, 0.1²) with a 1-50-1 MLP the all-weights diagonal counts more
+    effective parameters than there are points, and the evidence's σ comes out 44x the residuals'
+    (4.06): a warning says so and names the fit that does not overcount, whose σ is the true 0.1."""
+    torch.manual_seed(0)
+    x = torch.linspace(-2, 2, 40)[:, None]
+    y = torch.sin(2 * x) + 0.1 * torch.randn(40, 1)
+    model = nn.Sequential(nn.Linear(1, 50), nn.Tanh(), nn.Linear(50, 1))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(1000):
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        opt.step()
+    kw = dict(likelihood="regression", prior_precision="marglik", sigma_noise="marglik")
+    with pytest.warns(RuntimeWarning, match=r"sigma_noise [\d.]+ is [\d.]+x the residuals'.*'last_layer'"):
+        diag = ef.laplace(model, [(x, y)], **kw)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning for the Kronecker fit
+        kfac = ef.laplace(model, [(x, y)], hessian="kfac", subset="last_layer", **kw)
+    assert diag.sigma_noise > 1.0 and 0.08 < kfac.sigma_noise < 0.12

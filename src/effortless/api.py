@@ -598,11 +598,26 @@ def _laplace_tune_noise(model, loader, hessian, prior_precision, generator, para
     )
     prec = {n: t / sigma**power + (delta[n] if isinstance(delta, dict) else delta) for n, t in total.items()}
     _check_positive(prec, hessian, delta)
+    if rss > 0 and sigma**2 > NOISE_INFLATION_WARN * rss / n_out:
+        gamma = sum(float((t / sigma**power / p).sum()) for t, p in zip(total.values(), prec.values()))
+        warnings.warn(
+            f"laplace: the evidence's sigma_noise {sigma:.3g} is {sigma / (rss / n_out) ** 0.5:.1f}x the "
+            f"residuals' root mean square: the diagonal curvature counts {gamma:.0f} effective parameters "
+            f"for {n_out} outputs (it treats every weight's entry as if the GGN were diagonal), and "
+            "sigma² = RSS/(n − γ) grows with them; the predictive is then too wide. The last-layer "
+            "Kronecker fit (hessian='kfac', subset='last_layer') does not overcount; or pass sigma_noise",
+            RuntimeWarning,
+            stacklevel=outside_stacklevel(),
+        )
     post = DiagGaussian(mean, prec)
     post.prior_precision = delta
     post.sigma_noise = sigma
     post.likelihood = "regression"
     return post
+
+
+# _laplace_tune_noise warns when the evidence's σ² exceeds this multiple of the residuals' mean square
+NOISE_INFLATION_WARN = 2.0
 
 
 def laplace(
