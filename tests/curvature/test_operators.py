@@ -55,7 +55,7 @@ def test_cg_samples_have_the_inverse_precision_as_covariance():
     """Empirical covariance of CG-drawn samples converges to (G + δI)⁻¹ (a stochastic test).
 
     The whitened distances are compared with their distribution for exact N(0, I) draws of the
-    same count (simulated here, cheap: no CG). With 800 draws on a GGN several times the prior,
+    same count (simulated here, cheap: no CG). With 400 draws on a GGN several times the prior,
     they tell the right covariance from one 10 % off in scale, from G/2 or 2G in place of G, and
     from δ² in place of δ; each entry is also checked within 5 standard errors."""
     torch.manual_seed(0)
@@ -67,7 +67,7 @@ def test_cg_samples_have_the_inverse_precision_as_covariance():
     G, eye = exact.ggn(model, x, y), torch.eye(P, dtype=torch.float64)
     precision = G + delta * eye
     gen = torch.Generator().manual_seed(0)
-    n = 800
+    n = 400
     draws = torch.stack([_flat(operators.sample_precision(model, x, y, delta, generator=gen, tol=1e-8)[0])
                          for _ in range(n)])  # fmt: skip
     null_gen = torch.Generator().manual_seed(1)
