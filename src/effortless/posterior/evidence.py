@@ -37,6 +37,8 @@ import warnings
 
 import torch
 
+from .._stack import outside_stacklevel
+
 __all__ = [
     "log_marginal_likelihood", "log_marginal_likelihood_gaussian", "tune_prior_precision",
     "tune_prior_and_noise",
@@ -104,11 +106,11 @@ def best_log_delta(sq_norm: float, curvature: torch.Tensor, t0: float = 0.0) -> 
     below, so that every H + δ stays positive."""
     lo, hi = LOG_DELTA_RANGE
     neg = float(curvature.min()) if curvature.numel() else 0.0
-    if neg < 0 and math.log(-neg) + 1e-9 > lo:
+    raised = neg < 0 and math.log(-neg) + 1e-9 > lo
+    if raised:
         lo = math.log(-neg) + 1e-9
-        t, side = _root(lambda t: _gamma(curvature, math.exp(t)) - math.exp(t) * sq_norm, t0, lo, hi)
-        return t, -2 if side == -1 else side  # (the bound is the negative curvature's, not the range's)
-    return _root(lambda t: _gamma(curvature, math.exp(t)) - math.exp(t) * sq_norm, t0, lo, hi)
+    t, side = _root(lambda t: _gamma(curvature, math.exp(t)) - math.exp(t) * sq_norm, t0, lo, hi)
+    return t, -2 if raised and side == -1 else side  # (−2: the bound is the negative curvature's)
 
 
 def _bound_warning(what: str, side: int, names: list[str]) -> None:
@@ -119,7 +121,8 @@ def _bound_warning(what: str, side: int, names: list[str]) -> None:
         warnings.warn(f"the evidence's best prior precision for {where} lies below the size of the "
                       "curvature's negative entries, where the evidence is undefined (an indefinite or "
                       "noisy curvature estimate); it is set just above them: use a positive semi-definite "
-                      "hessian (ggn) or a fixed prior precision", RuntimeWarning, stacklevel=4)  # fmt: skip
+                      "hessian (ggn) or a fixed prior precision", RuntimeWarning,
+                      stacklevel=outside_stacklevel())  # fmt: skip
         return
     bound = "1e-12" if side < 0 else "1e12"
     why = {("delta", 1): "the mean is (near) zero there, so a tighter prior always explains it better",
@@ -127,7 +130,8 @@ def _bound_warning(what: str, side: int, names: list[str]) -> None:
            ("sigma", -1): "the residuals are (near) zero", ("sigma", 1): "the residuals are huge"}[what, side]
     name = "prior precision" if what == "delta" else "noise sigma"
     warnings.warn(f"the evidence's best {name} for {where} lies beyond {bound} ({why}); it is set to "
-                  f"{bound}: pass a fixed value instead", RuntimeWarning, stacklevel=4)  # fmt: skip
+                  f"{bound}: pass a fixed value instead", RuntimeWarning,
+                  stacklevel=outside_stacklevel())  # fmt: skip
 
 
 def _as_dict(delta, keys, like):
