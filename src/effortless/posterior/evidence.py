@@ -156,12 +156,6 @@ def log_marginal_likelihood(nll_sum, mean: dict, curvature: dict, prior_precisio
     return out
 
 
-def _flat(mean: dict, curvature: dict):
-    """One flat vector each (a scalar δ treats all tensors alike): one log per evaluation."""
-    return ({"_all": torch.cat([v.reshape(-1) for v in mean.values()])},
-            {"_all": torch.cat([curvature[k].reshape(-1) for k in mean])})  # fmt: skip
-
-
 TUNED = ("marglik", "marglik-layer")
 
 
@@ -203,8 +197,7 @@ def tune_prior_precision(nll_sum, mean: dict, curvature: dict, init=1.0, per_ten
         if side:
             edge[side].append(k if per_tensor else "all weights")
     for side, names in edge.items():
-        if names:
-            _bound_warning("delta", side, names)
+        _bound_warning("delta", side, names)
     if not per_tensor:
         return out["_all"]
     like = next(iter(mean.values()))
