@@ -28,7 +28,7 @@ def fit_regression(task, split, seed, epochs, progress, members=MEMBERS) -> Fitt
     def predict(x):
         with torch.no_grad():
             f = torch.stack([r.model.eval()(x) for r in runs])  # (M, N, 1)
-        var = torch.tensor(s2, dtype=f.dtype)[:, None, None]
+        var = torch.tensor(s2, dtype=f.dtype, device=f.device)[:, None, None]  # (on cuda: was on the CPU)
         mean = f.mean(0)
         return mean, (var + f.pow(2)).mean(0) - mean.pow(2)  # the mixture's moments
 
