@@ -252,3 +252,12 @@ def test_idx_with_trailing_data_or_other_image_sizes_is_named(tmp_path):
         _write_idx(tmp_path / f"{stem}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
     with pytest.raises(ValueError, match=r"images of shape \(32, 32\), not 28x28"):
         data.fashion_mnist(tmp_path)
+
+
+def test_shifts_keep_the_inputs_device():
+    """rotate built its affine matrix, and add_noise its noise, on the CPU: inputs on another
+    device failed (the meta device stands in for an accelerator here)."""
+    x = torch.rand(3, 784, device="meta")
+    assert data.rotate(x, 30.0).device.type == "meta"
+    assert data.add_noise(x, 0.1).device.type == "meta"
+    assert data.translate(x, 2).device.type == "meta"

@@ -373,7 +373,8 @@ def rotate(x: torch.Tensor, degrees: float, side: int = 28) -> torch.Tensor:
     a = math.radians(degrees)
     # affine_grid maps output to input coordinates (x right, y down): this turns the picture
     # counter-clockwise as displayed
-    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=x.dtype)
+    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=x.dtype,
+                         device=x.device)  # fmt: skip
     img = x.reshape(-1, 1, side, side)
     grid = torch.nn.functional.affine_grid(theta.expand(img.shape[0], 2, 3), list(img.shape),
                                            align_corners=False)  # fmt: skip
@@ -411,7 +412,8 @@ def add_noise(x: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:
         raise ValueError(f"add_noise: std must be a finite number >= 0, got {std!r}")
     g = torch.Generator().manual_seed(seed)
     scale = x.std(0, keepdim=True).mean()
-    return x + std * scale * torch.randn(x.shape, generator=g, dtype=x.dtype)
+    noise = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)  # (CPU draws: the same anywhere)
+    return x + std * scale * noise
 
 
 def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 128, shuffle: bool = True, seed: int = 0):
