@@ -203,3 +203,20 @@ def test_bench_trains_and_predicts_every_method_on_cuda(tmp_path):
     rows = bench.run(tasks=["toy-regression"], methods=list(baselines.REGRESSION_METHODS), seeds=1, epochs=2,
                      out=tmp_path / "r", subset=100, progress=False, device="cuda")  # fmt: skip
     assert all(r["device"] == "cuda" and math.isfinite(r["nll"]) for r in rows)
+
+
+def test_metrics_take_cuda_predictions():
+    """The binned and ranked metrics built their bins and ranks on the CPU: CUDA predictions (the
+    Lightning callback on a GPU run) failed in index_add_. They evaluate on the CPU now."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(200, 5, generator=g), -1)
+    labels = torch.randint(0, 5, (200,), generator=g)
+    s_in, s_out = torch.rand(50, generator=g), torch.rand(40, generator=g)
+    mean, y = torch.randn(30, generator=g), torch.randn(30, generator=g)
+    var = torch.rand(30, generator=g) + 0.1
+    m = ef.metrics
+    for f, args in ((m.accuracy, (probs, labels)), (m.nll, (probs, labels)), (m.ece, (probs, labels)),
+                    (m.mce, (probs, labels)), (m.aurc, (probs, labels)), (m.auroc, (s_in, s_out)),
+                    (m.aupr, (s_in, s_out)), (m.fpr_at_tpr, (s_in, s_out)), (m.picp, (mean, var, y)),
+                    (m.quantile_calibration_error, (mean, var, y))):  # fmt: skip
+        assert f(*(a.cuda() for a in args)) == f(*args), f.__name__

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,6 +26,20 @@ __all__ = [
     "entropy", "mutual_information", "classification_report", "gaussian_nll", "rmse", "picp",
     "quantile_calibration_error",
 ]  # fmt: skip
+
+
+def _on_cpu(fn):
+    """Evaluate on the CPU: tensor arguments are detached and moved there first (a no-op for CPU
+    tensors). The binned and ranked metrics build their bins and ranks on the CPU, so CUDA
+    predictions (a Lightning callback on a GPU run) failed in index_add_ with a device mismatch."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        args = [a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args]
+        kwargs = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _check_classification(probs: torch.Tensor, labels: torch.Tensor) -> None:
@@ -82,11 +97,13 @@ def _check_regression(mean: torch.Tensor, y: torch.Tensor, var: torch.Tensor | N
             raise ValueError("var must be positive and finite everywhere")
 
 
+@_on_cpu
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     _check_classification(probs, labels)
     return float((probs.argmax(-1) == labels).double().mean())
 
 
+@_on_cpu
 def nll(probs: torch.Tensor, labels: torch.Tensor, eps: float = 1e-12) -> float:
     """Mean negative log predictive probability of the true label."""
     _check_classification(probs, labels)
@@ -94,6 +111,7 @@ def nll(probs: torch.Tensor, labels: torch.Tensor, eps: float = 1e-12) -> float:
     return float(-(p.clamp_min(eps)).log().mean())
 
 
+@_on_cpu
 def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean over samples of ``Σ_c (p_c − 1[y = c])²``."""
     _check_classification(probs, labels)
@@ -120,6 +138,7 @@ def _bin_index(conf: torch.Tensor, n_bins: int, adaptive: bool) -> torch.Tensor:
     return (conf * n_bins).long().clamp(0, n_bins - 1)
 
 
+@_on_cpu
 def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, adaptive: bool = False):
     """Confidence bins: (bin confidence, bin accuracy, bin count), each (n_bins,).
 
@@ -137,12 +156,14 @@ def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
     return sum_conf / safe, sum_acc / safe, count
 
 
+@_on_cpu
 def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, adaptive: bool = False) -> float:
     """Expected calibration error (fraction, not %), equal-width or equal-mass (adaptive) bins."""
     conf, acc, count = calibration_bins(probs, labels, n_bins, adaptive)
     return float(((conf - acc).abs() * count).sum() / count.sum())
 
 
+@_on_cpu
 def ece_floor(
     probs: torch.Tensor,
     n_bins: int = 15,
@@ -169,6 +190,7 @@ def ece_floor(
     return float(gap.abs().sum(1).mean() / max(len(conf), 1))
 
 
+@_on_cpu
 def mce(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     """Maximum calibration error over the non-empty equal-width bins."""
     conf, acc, count = calibration_bins(probs, labels, n_bins)
@@ -186,6 +208,7 @@ def mutual_information(sample_probs: torch.Tensor) -> torch.Tensor:
     return entropy(sample_probs.mean(0)) - entropy(sample_probs).mean(0)
 
 
+@_on_cpu
 def aupr(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
     """Average precision for detecting the in-distribution (positive) inputs by a higher score."""
     _check_scores(scores_in, scores_out)
@@ -202,6 +225,7 @@ def aupr(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
     return float((precision[last] * recall_gain).sum())
 
 
+@_on_cpu
 def fpr_at_tpr(scores_in: torch.Tensor, scores_out: torch.Tensor, tpr: float = 0.95) -> float:
     """Fraction of out-of-distribution inputs kept (score ≥ threshold) at the highest threshold
     that keeps at least ``tpr`` of the in-distribution ones: the ROC curve's lowest false-positive
@@ -216,6 +240,7 @@ def fpr_at_tpr(scores_in: torch.Tensor, scores_out: torch.Tensor, tpr: float = 0
     return float((scores_out.double() >= threshold).double().mean())
 
 
+@_on_cpu
 def aurc(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Area under the risk-coverage curve of selective prediction by confidence (lower is better).
 
@@ -232,6 +257,7 @@ def aurc(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(risk.mean())
 
 
+@_on_cpu
 def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
     """Area under the ROC curve for telling in- (positive) from out-of-distribution by score.
 
@@ -293,6 +319,7 @@ def regression_report(mean, var, y, y_scale: float = 1.0) -> dict[str, float]:
     }
 
 
+@_on_cpu
 def gaussian_nll(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> float:
     """Mean Gaussian negative log-likelihood of ``y`` under ``N(mean, var)``."""
     _check_regression(mean, y, var)
@@ -300,11 +327,13 @@ def gaussian_nll(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> floa
     return float((0.5 * (torch.log(2 * torch.pi * var) + (y.double() - mean.double()) ** 2 / var)).mean())
 
 
+@_on_cpu
 def rmse(mean: torch.Tensor, y: torch.Tensor) -> float:
     _check_regression(mean, y)
     return float((mean.double() - y.double()).pow(2).mean().sqrt())
 
 
+@_on_cpu
 def picp(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, level: float = 0.95) -> float:
     """Prediction-interval coverage: the fraction of ``y`` inside the central ``level`` interval."""
     _check_regression(mean, y, var)
@@ -315,6 +344,7 @@ def picp(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, level: float = 
     return float(((y.double() - mean.double()).abs() <= half).double().mean())
 
 
+@_on_cpu
 def quantile_calibration_error(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, n_levels=20) -> float:
     """Mean |observed − expected| frequency of ``y`` below the predictive quantiles at ``n_levels``
     levels in (0, 1) (Kuleshov et al., 2018)."""
