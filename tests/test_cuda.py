@@ -220,3 +220,16 @@ def test_metrics_take_cuda_predictions():
                     (m.aupr, (s_in, s_out)), (m.fpr_at_tpr, (s_in, s_out)), (m.picp, (mean, var, y)),
                     (m.quantile_calibration_error, (mean, var, y))):  # fmt: skip
         assert f(*(a.cuda() for a in args)) == f(*args), f.__name__
+
+
+def test_acquisition_selects_from_cuda_log_probabilities():
+    """select()'s random tie-break and BatchBALD's joint were built on the CPU: CUDA log-probabilities
+    failed with a device mismatch. The same picks as from the CPU tensor now."""
+    from effortless.active.acquisition import select
+
+    g = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(torch.randn(60, 4, 8, generator=g), 1)
+    for name in ("bald", "max-entropy", "random", "batchbald"):
+        cpu = select(name, lp, 5, torch.Generator().manual_seed(1))
+        gpu = select(name, lp.cuda(), 5, torch.Generator().manual_seed(1))
+        assert torch.equal(cpu, gpu.cpu()), name

@@ -116,7 +116,7 @@ def batchbald(
     configurations drawn from the joint predictive (redrawn after each pick, from ``generator``).
     With ``k = 1`` this is BALD.
     """
-    lp = _check(log_probs)
+    lp = _check(log_probs).cpu()  # (its configurations and joint are built on the CPU)
     n, c, s = lp.shape
     if not (is_count(k) and k <= n):
         raise ValueError(f"k must be an int in [1, {n}] (the number of pool points), got {k!r}")
@@ -196,6 +196,8 @@ def select(
         raise ValueError(f"k must be an int in [1, {n}] (the number of pool points), got {k!r}")
     if name == "batchbald":
         return batchbald(log_probs, k, generator=generator)[0]
+    if isinstance(log_probs, torch.Tensor):  # (scored and tie-broken on the CPU, with a CPU generator)
+        log_probs = log_probs.detach().cpu()
     if name == "random":
         scores = random(log_probs, generator)
     else:
