@@ -207,8 +207,8 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
             row.update(task=t, method=m, seed=s, epochs=epochs or task.epochs, subset=subset, device=dev.type,
                        split=_split_kind(t), train_seconds=fitted.train_seconds, step_ms=fitted.step_ms,
                        peak_mem_mb=None, train_loss_per_epoch=fitted.train_loss)  # fmt: skip
-            if _variant(t, m) is not None:
-                row["variant"] = _variant(t, m)
+            if (variant := _variant(t, m)) is not None:
+                row["variant"] = variant
             rows.append(row)
             if split.x_train.shape[1] == 1:
                 bands.setdefault(t, (split, {}))[1][m] = (mean, var.sqrt())
