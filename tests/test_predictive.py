@@ -109,6 +109,70 @@ def test_glm_samples_converge_and_probit_is_close():
     assert (probit - a).abs().max() < 0.05  # probit approximates the same integral
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_glm_draws_have_the_covariance_also_where_it_is_singular(dtype):
+    """Cholesky refused a singular output covariance ("not positive-definite"); ranks 0..C now
+    factor exactly (L Lᵀ = cov), positive definite ones as before."""
+    g = torch.Generator().manual_seed(0)
+    c = 6
+    covs = []
+    for rank in range(c + 1):
+        a = torch.randn(c, rank, generator=g, dtype=torch.float64)
+        covs.append(a @ a.T)
+    cov = torch.stack(covs).to(dtype)
+    L = predictive._factor(cov.clone())
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-12}
+    torch.testing.assert_close(L @ L.mT, cov, **tol)
+    torch.testing.assert_close(L[-1], torch.linalg.cholesky(cov[-1]), **tol)  # full rank: Cholesky's
+    draws = predictive.glm_logits(torch.zeros(c + 1, c, dtype=dtype), cov, n_samples=3, generator=g)
+    assert torch.isfinite(draws).all()
+    assert torch.equal(draws[:, 0], torch.zeros(3, c, dtype=dtype))  # rank 0: the mean itself
+
+
+class _Bottleneck(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = torch.nn.Linear(4, 1), torch.nn.Linear(1, 5)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inp(x)))
+
+
+def test_glm_predictive_of_a_posterior_behind_a_bottleneck_matches_weight_space_draws():
+    """The posterior over the first layer of a 4-1-5 network reaches the 5 logits through one
+    unit: its output covariance has rank 1, and in float32 ``method="glm"`` failed in Cholesky. Now
+    it equals the linearised network's softmax averaged over weight-space draws (float64, brute
+    force)."""
+    torch.manual_seed(0)
+    model = _Bottleneck()
+    x = torch.randn(6, 4)
+    names = ["inp.weight", "inp.bias"]
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(1)
+    prec = {n: 0.2 + torch.rand(params[n].shape, generator=g, dtype=torch.float64) for n in names}
+    mean = {n: params[n].detach().clone() for n in names}
+    post = ef.DiagGaussian(mean, {n: p.float() for n, p in prec.items()})
+    n, gen = 40000, torch.Generator().manual_seed(2)
+    probs = ef.predict(model, post, x, method="glm", n_samples=n, generator=gen)
+    model.double()
+    x = x.double()
+    params = dict(model.named_parameters())
+    theta = {k: params[k].detach() for k in names}
+
+    def f(th):
+        return torch.func.functional_call(model, {**params, **th}, (x,))
+
+    J = torch.func.jacrev(f)(theta)
+    with torch.no_grad():
+        f0 = model(x)
+    ref = 0
+    for k in names:
+        z = torch.randn((n, *theta[k].shape), generator=g, dtype=torch.float64) / prec[k].sqrt()
+        ref = ref + torch.einsum("bc...,s...->sbc", J[k], z)
+    ref = (f0 + ref).softmax(-1).mean(0)
+    assert (probs.double() - ref).abs().max() < 5 * math.sqrt(0.25 / n) * math.sqrt(2)
+
+
 def test_a_posterior_predicts_for_a_model_cast_after_it_was_fitted():
     """A float32 posterior for the model cast to float64 (to evaluate in double precision): the MC
     predictive casts its samples, the linearised one failed in its covariance's matmul ("expected

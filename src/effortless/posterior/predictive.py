@@ -133,12 +133,23 @@ def probit_probs(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
 @_output_space
 def glm_logits(mean, cov, n_samples: int = 32, generator: torch.Generator | None = None) -> torch.Tensor:
     """``n_samples`` output-space draws ``f + L ξ`` of the linearised predictive, shape (S, B, C)."""
-    c = mean.shape[-1]
-    cov = cov.to(mean.dtype)
-    jitter = 1e-10 * cov.diagonal(dim1=-2, dim2=-1).mean().clamp_min(1e-30)
-    L = torch.linalg.cholesky(cov + jitter * torch.eye(c, dtype=cov.dtype, device=cov.device))
     xi = _rng.randn((n_samples, *mean.shape), generator, mean)
-    return mean + torch.einsum("bcd,sbd->sbc", L, xi)
+    return mean + torch.einsum("bcd,sbd->sbc", _factor(cov.to(mean.dtype)), xi)
+
+
+def _factor(cov: torch.Tensor) -> torch.Tensor:
+    """A square root ``L`` of each (C, C) covariance, ``L Lᵀ = cov``: Cholesky where the matrix is
+    positive definite, else ``V diag(√λ₊)`` from its eigendecomposition. A posterior over fewer
+    directions than outputs (``params=`` on a layer behind a narrow bottleneck, an input row that
+    meets only bias-free weights at zero) has a singular covariance, which Cholesky refused ("not
+    positive-definite"; its jitter, 1e-10 of the batch's mean variance, was below float32's
+    spacing, and in float64 it added that much variance to every input's draws)."""
+    L, info = torch.linalg.cholesky_ex(cov)
+    bad = info != 0
+    if bad.any():
+        lam, vec = torch.linalg.eigh(cov[bad])
+        L[bad] = vec * lam.clamp_min(0).sqrt().unsqueeze(-2)
+    return L
 
 
 def glm_probs(mean, cov, n_samples: int = 32, generator: torch.Generator | None = None) -> torch.Tensor:
