@@ -26,7 +26,7 @@ from . import likelihoods
 from ._checks import is_count
 from ._stack import outside_stacklevel
 from .curvature import functional as cf
-from .curvature.data import DIAGONAL, _progress, diagonal_estimator, pair
+from .curvature.data import DIAGONAL, _progress, diagonal_estimator, pair, sum_dtype
 from .curvature.data import all_reduce_sums as _all_reduce_sums
 from .curvature.functional import keep_buffers
 from .optim import BayesAdam
@@ -573,7 +573,7 @@ def _laplace_tune_noise(model, loader, hessian, prior_precision, generator, para
     lik1 = likelihoods.get("regression", 1.0)
     estimate = diagonal_estimator(hessian, product_dtype)
     theta = cf.trainable(model, params)
-    total = {n: torch.zeros_like(p) for n, p in theta.items()}
+    total = {n: torch.zeros_like(p, dtype=sum_dtype(p.dtype)) for n, p in theta.items()}  # (bf16 stalls)
     device = _device(model)
     rss, n_out = 0.0, 0
     for batch in _progress(loader, progress, desc="laplace", unit="batch"):
@@ -583,8 +583,8 @@ def _laplace_tune_noise(model, loader, hessian, prior_precision, generator, para
         for n in total:
             total[n] += est[n]
         with torch.no_grad():
-            f = model(x)
-            rss += float((f - y.reshape(f.shape)).pow(2).sum())
+            f = likelihoods._wide(model(x))
+            rss += float((f - y.reshape(f.shape).to(f.dtype)).pow(2).sum())
             n_out += f.numel()
     rss, n_out = _all_reduce_sums(list(total.values()), [rss, float(n_out)], distributed)
     n_out = int(round(n_out))
@@ -598,6 +598,7 @@ def _laplace_tune_noise(model, loader, hessian, prior_precision, generator, para
     )
     prec = {n: t / sigma**power + (delta[n] if isinstance(delta, dict) else delta) for n, t in total.items()}
     _check_positive(prec, hessian, delta)
+    prec = {n: t.to(mean[n].dtype) for n, t in prec.items()}  # (summed in float32 for 16-bit weights)
     if rss > 0 and sigma**2 > NOISE_INFLATION_WARN * rss / n_out:
         gamma = sum(float((t / sigma**power / p).sum()) for t, p in zip(total.values(), prec.values()))
         warnings.warn(
@@ -703,7 +704,7 @@ def laplace(
     lik = likelihoods.get(likelihood, sigma_noise)
     estimate = diagonal_estimator(hessian, product_dtype)
     theta = cf.trainable(model, params)
-    total = {n: torch.zeros_like(p) for n, p in theta.items()}
+    total = {n: torch.zeros_like(p, dtype=sum_dtype(p.dtype)) for n, p in theta.items()}  # (bf16 stalls)
     device = _device(model)
     batches = 0
     for batch in _progress(loader, progress, desc="laplace", unit="batch"):
@@ -727,6 +728,7 @@ def laplace(
         delta = prior_precision
     prec = {n: t + (delta[n] if isinstance(delta, dict) else delta) for n, t in total.items()}
     _check_positive(prec, hessian, delta)
+    prec = {n: t.to(mean[n].dtype) for n, t in prec.items()}  # (summed in float32 for 16-bit weights)
     post = DiagGaussian(mean, prec)
     post.prior_precision = delta  # the value used (tuned with "marglik")
     if lik.name == "regression":  # ef.predict's default σ (it used σ = 1 whatever the fit's)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import effortless as ef
+from effortless.curvature.data import all_reduce_sums
 from effortless.optim import _fused
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -232,6 +233,10 @@ def _accumulate_worker(rank, out):
     }
     ll = ef.laplace(model, loader, hessian="kfac", subset="last_layer", prior_precision="marglik")
     res["ll"] = {"A": ll.A, "G": ll.G, "delta": ll.prior_precision}
+    # a count beside 16-bit sums: reduced in bf16 it came back rounded (60,002 -> 59,904)
+    half = [torch.full((3,), 1.0 + rank, dtype=torch.bfloat16)]
+    res["counts"] = torch.tensor(all_reduce_sums(half, [30001.0, 0.125 + rank], True), dtype=torch.float64)
+    res["half"] = half[0]
     torch.save(res, os.path.join(out, f"acc{rank}.pt"))
 
 
@@ -253,6 +258,9 @@ def test_curvature_and_last_layer_kfac_on_a_distributed_loader_equal_the_whole_d
     torch.testing.assert_close(r[0]["ll"]["A"], ref_ll.A, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(r[0]["ll"]["G"], ref_ll.G, rtol=1e-10, atol=1e-12)
     assert r[0]["ll"]["delta"] == r[1]["ll"]["delta"] == pytest.approx(ref_ll.prior_precision, rel=1e-6)
+    for k in range(2):
+        assert r[k]["counts"].tolist() == [60002.0, 1.25]
+        assert r[k]["half"].dtype == torch.bfloat16 and r[k]["half"].tolist() == [3.0, 3.0, 3.0]
 
 
 def test_laplace_on_a_distributed_loader_equals_the_whole_data(tmp_path):

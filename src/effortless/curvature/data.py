@@ -17,7 +17,15 @@ from .. import likelihoods
 from . import estimators
 from . import functional as cf
 
-__all__ = ["accumulate", "DIAGONAL", "all_reduce_sums", "diagonal_estimator", "pair"]
+__all__ = ["accumulate", "DIAGONAL", "all_reduce_sums", "diagonal_estimator", "pair", "sum_dtype"]
+
+
+def sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a sum over a data set is kept in: float32 for 16-bit parameters. In bf16 a running
+    sum stops growing once each batch's term is under half its spacing (2⁻⁹ of the sum): a bf16
+    MLP's diagonal GGN summed over 512 batches came out 9-49 % low; float16 also overflows at
+    65,504."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def pair(batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +101,7 @@ def all_reduce_sums(tensors: list[torch.Tensor], scalars: list[float], distribut
     if not tensors:
         raise ValueError("nothing to reduce")
     dev = tensors[0].device if dist.get_backend() != "gloo" else torch.device("cpu")
-    dtype = tensors[0].dtype
+    dtype = sum_dtype(tensors[0].dtype)  # (the counts ride along: 60,000 in bf16 is 59,904)
     extra = torch.tensor(scalars, dtype=dtype, device=dev)
     flat = torch.cat([*(t.reshape(-1).to(dev, dtype) for t in tensors), extra])
     dist.all_reduce(flat)
@@ -142,6 +150,8 @@ def accumulate(
         product_dtype: precision of the hook engine's products (e.g. ``torch.bfloat16``; see
             :func:`~effortless.curvature.diag_ggn`), for ``"ggn"``, ``"ggn-mc"``, ``"efisher"``,
             ``"kfac"`` and ``"kfac-mc"``; None (default) keeps them exact.
+
+    The sums are in the parameters' dtype, and in float32 for 16-bit parameters (:func:`sum_dtype`).
     """
     lik = likelihoods.get(likelihood, sigma_noise)
     first = next(model.parameters(), None)
@@ -159,7 +169,7 @@ def accumulate(
                     sums[name][0] += A * x.shape[0]
                     sums[name][1] += G
                 else:
-                    sums[name] = [A * x.shape[0], G.clone()]
+                    sums[name] = [A.to(sum_dtype(A.dtype)) * x.shape[0], G.to(sum_dtype(G.dtype), copy=True)]
             count += x.shape[0]
         if not sums:
             raise ValueError("accumulate: the loader yielded no batches")
@@ -170,7 +180,7 @@ def accumulate(
         raise ValueError(f"hessian must be one of {sorted([*DIAGONAL, *KRONECKER])}, got {hessian!r}")
     estimate = diagonal_estimator(hessian, product_dtype)
     theta = cf.trainable(model, params)
-    total = {n: torch.zeros_like(p) for n, p in theta.items()}
+    total = {n: torch.zeros_like(p, dtype=sum_dtype(p.dtype)) for n, p in theta.items()}
     batches = 0
     for batch in _progress(loader, progress, desc=f"curvature ({hessian})", unit="batch"):
         x, y = pair(batch)

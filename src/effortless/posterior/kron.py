@@ -217,7 +217,7 @@ def fit_last_layer(model, loader, lik, prior_precision, n_samples=1, generator=N
     inside the evidence (:func:`effortless.posterior.evidence.tune_prior_and_noise`, with the
     Kronecker eigenvalues for the curvature); the residual sum of squares takes one more forward
     pass per batch. The posterior records the σ (``sigma_noise``)."""
-    from ..curvature.data import all_reduce_sums, pair
+    from ..curvature.data import all_reduce_sums, pair, sum_dtype
     from ..curvature.functional import kfac
 
     if tune_noise:
@@ -234,12 +234,13 @@ def fit_last_layer(model, loader, lik, prior_precision, n_samples=1, generator=N
             name, layer = last_linear(model, x)
             names = param_names(name, layer)
         ((Ab, Gb),) = kfac(model, x, y, lik, method, n_samples, generator, params=names).values()
+        Ab, Gb = Ab.to(sum_dtype(Ab.dtype)), Gb.to(sum_dtype(Gb.dtype))  # (bf16 sums stall; no bf16 eigh)
         A = Ab * x.shape[0] if A is None else A + Ab * x.shape[0]
-        G = Gb if G is None else G + Gb
+        G = Gb.clone() if G is None else G + Gb
         count += x.shape[0]
         if tune_noise:
-            f = likelihoods.output(_forward(model, x))
-            rss += float((f - y.reshape(f.shape)).double().pow(2).sum())
+            f = likelihoods.output(_forward(model, x)).double()
+            rss += float((f - y.reshape(f.shape).double()).pow(2).sum())
             n_out += f.numel()
     if A is None:
         raise ValueError("fit_last_layer: the loader yielded no batches")
