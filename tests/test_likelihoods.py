@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import hessian
 
+import effortless as ef
 from effortless import likelihoods
 
 
@@ -70,6 +71,26 @@ def test_bad_inputs_raise():
         likelihoods.get("regression").nll(torch.randn(3, 2), torch.randn(3, 3))
     with pytest.raises(ValueError, match=r"logits of shape \(B, C\), got \(3, 5, 2\)"):  # a sequence model's
         likelihoods.get("classification").nll(torch.randn(3, 5, 2), torch.zeros(3, 5, dtype=torch.long))
+
+
+def test_regression_outputs_of_more_than_two_dims_are_refused_by_name():
+    """A sequence regression model's (B, T, D) outputs: the NLL summed dim 1 only, so BayesAdam's
+    training loss (its mean) divided the likelihood by D, silently; ef.laplace failed in a reshape.
+    Both now say what shape is expected."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x, y = torch.randn(5, 4, 3), torch.randn(5, 4, 2)
+    match = r"regression expects outputs of shape \(B, D\) or \(B,\), got \(5, 4, 2\); flatten"
+    with pytest.raises(ValueError, match=match):
+        likelihoods.get("regression").nll(model(x), y)
+    before = [p.detach().clone() for p in model.parameters()]
+    for key in ("reparam", "ggn"):
+        opt = ef.BayesAdam(model.parameters(), n_data=5, hessian=key)
+        with pytest.raises(ValueError, match=match):
+            opt.train_step(model, x, y, likelihood="regression")
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with pytest.raises(ValueError, match=match):
+        ef.laplace(model, [(x, y)], likelihood="regression")
 
 
 def test_regression_outputs_and_targets_of_shape_b_are_one_output():

@@ -179,6 +179,12 @@ class Regression(Likelihood):
 
     def check(self, f, y):
         output(f)
+        if f.dim() > 2:  # (the NLL summed dim 1 only: a (B, T, D) output's loss was (B, D), its mean
+            # divided the likelihood by D, and the curvature engine failed in a reshape)
+            raise ValueError(
+                f"regression expects outputs of shape (B, D) or (B,), got {tuple(f.shape)}; flatten each "
+                "example's outputs (e.g. end the model with nn.Flatten() and reshape the targets to (B, -1))"
+            )
         if f.dim() == 1:
             f = f[:, None]
         if y.dim() == 1:
