@@ -470,6 +470,8 @@ def test_curvature_of_a_model_with_nothing_trainable_is_refused_by_name():
         curvature.diag_ggn(model, x, y)
     with pytest.raises(ValueError, match="params: no parameter names given"):
         curvature.diag_efisher(nn.Linear(4, 2), x, y, params=[])
+    with pytest.raises(ValueError, match=r"names, got the string 'bias' \(use \['bias'\]\)"):
+        ef.laplace(nn.Linear(4, 2), _loader(x, y), params="bias")  # (was: unknown names ['b', 'i', 'a', 's'])
     assert set(curvature.diag_ggn(model, x, y, params=["bias"])) == {"bias"}  # (named: taken, frozen or not)
 
 

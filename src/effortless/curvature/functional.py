@@ -196,6 +196,9 @@ def trainable(model: nn.Module, params: Iterable[str] | None = None) -> dict[str
                 "requires_grad=False (unfreeze some, or name them with params=)"
             )
         return out
+    if isinstance(params, str):  # (iterated letter by letter: "unknown parameter names ['2', '.', 'w', …]")
+        raise ValueError(f"params must be a list of parameter names, got the string {params!r} "
+                         f"(use [{params!r}])")  # fmt: skip
     names = list(params)
     missing = [n for n in names if n not in named]
     if missing:
