@@ -26,7 +26,10 @@ class PosteriorMetrics(L.Callback):
     """Log, after each validation epoch, the posterior predictive's NLL, ECE and accuracy (``n_samples``
     weight samples from the BayesAdam optimizer's posterior), the mean weight standard deviation,
     and the gain in NLL over the network at the posterior's mean (the averaged means; ``posterior/…``
-    keys; reduced over ranks under DDP).
+    keys). Under DDP each rank computes them on its shard and Lightning averages them: the mean of
+    the ranks' NLL and accuracy is the whole set's for equal shards (``DistributedSampler``), the
+    ECE is the mean of the shards' ECEs (a binned statistic: slightly above the pooled ECE, whose
+    bins hold more predictions).
 
     The samples come from the callback's own generator (seeded by ``seed``), not the optimizer's:
     adding the callback leaves training bitwise as it was (it drew from the optimizer's sampler
