@@ -274,3 +274,29 @@ def test_last_layer_refuses_a_hidden_linear_when_the_output_has_no_layer():
     for hessian in ("kfac", "ggn"):
         with pytest.raises(ValueError, match="no nn.Linear produces the model's output .* 'mix'"):
             ef.laplace(model, [(t, y)], hessian=hessian, subset="last_layer")
+
+
+def test_non_finite_data_is_named_and_a_nan_input_row_predicts_nan_alone():
+    """A NaN input in the fit's loader made eigh fail ("ill-conditioned or has too many repeated
+    eigenvalues"); a NaN target in the σ fit went on to the evidence. Both are named now, as the
+    diagonal fit names them. At prediction, a NaN input row made the closed form refuse the model
+    ("changes [the last layer's output] afterwards": NaN ≠ NaN); it predicts NaN for that row only,
+    as the MC and diagonal predictives do."""
+    model, x, y, _ = _setup()
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="factors A and G summed over the loader are not finite"):
+        ef.laplace(model, [(x, y), (bad, y)], hessian="kfac", subset="last_layer", prior_precision="marglik")
+    reg = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    t = torch.randn(len(x), 1, dtype=torch.float64)
+    t[2] = float("nan")
+    with pytest.raises(FloatingPointError, match="residual sum of squares over the loader is not finite"):
+        ef.laplace(reg, [(x, t)], likelihood="regression", hessian="kfac", subset="last_layer",
+                   sigma_noise="marglik")  # fmt: skip
+    post = ef.laplace(model, [(x, y)], hessian="kfac", subset="last_layer")
+    for method in ("glm", "probit"):
+        probs = ef.predict(model, post, bad[:6], method=method, generator=torch.Generator().manual_seed(0))
+        assert torch.isnan(probs[3]).all() and torch.isfinite(probs[[0, 1, 2, 4, 5]]).all(), method
+        clean = ef.predict(model, post, x[:6], method=method, generator=torch.Generator().manual_seed(0))
+        if method == "probit":  # (deterministic: the other rows as without the NaN row)
+            torch.testing.assert_close(probs[[0, 1, 2, 4, 5]], clean[[0, 1, 2, 4, 5]])

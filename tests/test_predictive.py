@@ -127,6 +127,9 @@ def test_glm_draws_have_the_covariance_also_where_it_is_singular(dtype):
     draws = predictive.glm_logits(torch.zeros(c + 1, c, dtype=dtype), cov, n_samples=3, generator=g)
     assert torch.isfinite(draws).all()
     assert torch.equal(draws[:, 0], torch.zeros(3, c, dtype=dtype))  # rank 0: the mean itself
+    cov[2, 1, 1] = float("nan")  # an input with NaN: NaN draws for it alone (eigh failed on it)
+    draws = predictive.glm_logits(torch.zeros(c + 1, c, dtype=dtype), cov, n_samples=3, generator=g)
+    assert torch.isnan(draws[:, 2]).all() and torch.isfinite(draws[:, [0, 1, 3, 4, 5, 6]]).all()
 
 
 class _Bottleneck(torch.nn.Module):

@@ -17,6 +17,7 @@ Daxberger et al. (2021), Laplace redux.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -125,7 +126,9 @@ class KronLastLayer:
             f = likelihoods.output(_forward(model, x))
         finally:
             handle.remove()
-        if f.numel() != saved["out"].numel() or not torch.equal(f.reshape(-1), saved["out"].reshape(-1)):
+        same = f.numel() == saved["out"].numel() and torch.allclose(  # (a NaN input's NaN is the same)
+            f.reshape(-1), saved["out"].reshape(-1), rtol=0, atol=0, equal_nan=True)
+        if not same:
             # the closed form maps the weights' covariance through φ alone: anything after the
             # layer (a scale, a temperature, a softmax) made it wrong by that map, silently
             raise ValueError(
@@ -245,6 +248,14 @@ def fit_last_layer(model, loader, lik, prior_precision, n_samples=1, generator=N
     if A is None:
         raise ValueError("fit_last_layer: the loader yielded no batches")
     count, rss, n_out = all_reduce_sums([A, G], [float(count), rss, float(n_out)], distributed)
+    bad = [n for n, t in (("A", A), ("G", G)) if not bool(torch.isfinite(t).all())]
+    if bad or not math.isfinite(rss):  # (eigh said "ill-conditioned or has too many repeated eigenvalues")
+        what = (f"the last layer's Kronecker factor{'s' if len(bad) > 1 else ''} {' and '.join(bad)} summed "
+                "over the loader") if bad else "the residual sum of squares over the loader"  # fmt: skip
+        raise FloatingPointError(
+            f"laplace: {what} {'are' if len(bad) > 1 else 'is'} not finite: NaN or inf in the model's "
+            f"weights, the inputs{'' if bad else ', the targets'} or the outputs"
+        )
     A = A / count
     W = layer.weight.detach()
     mean = torch.cat([W, layer.bias.detach()[:, None]], 1) if layer.bias is not None else W.clone()

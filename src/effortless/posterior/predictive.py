@@ -145,10 +145,12 @@ def _factor(cov: torch.Tensor) -> torch.Tensor:
     positive-definite"; its jitter, 1e-10 of the batch's mean variance, was below float32's
     spacing, and in float64 it added that much variance to every input's draws)."""
     L, info = torch.linalg.cholesky_ex(cov)
-    bad = info != 0
+    finite = torch.isfinite(cov).flatten(-2).all(-1)
+    bad = (info != 0) & finite
     if bad.any():
         lam, vec = torch.linalg.eigh(cov[bad])
         L[bad] = vec * lam.clamp_min(0).sqrt().unsqueeze(-2)
+    L[~finite] = torch.nan  # (an input with NaN: NaN draws, as the other predictives give)
     return L
 
 
