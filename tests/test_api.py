@@ -591,3 +591,29 @@ def test_regression_evidence_of_a_bf16_model_matches_the_float64_fit():
                          prior_precision="marglik", sigma_noise="marglik", **kw)  # fmt: skip
         assert post.sigma_noise == pytest.approx(ref.sigma_noise, rel=0.01), kw
         assert post.prior_precision == pytest.approx(ref.prior_precision, rel=0.03), kw
+
+
+def test_fit_puts_the_learning_rate_back_and_starts_its_schedule_from_it():
+    """fit's cosine schedule ended at lr = 0 and left it there: a later fit(optimizer=...) with
+    scheduler=None trained nothing (the weights did not move). And LambdaLR starts from a group's
+    'initial_lr' when one is there (another scheduler's), not from its lr."""
+    x, y = _cls_data(n=64)
+
+    def run(stale=None, second=False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        opt = ef.BayesAdam(model.parameters(), n_data=64, generator=torch.Generator().manual_seed(1))
+        if stale is not None:
+            opt.param_groups[0]["initial_lr"] = stale
+        ef.fit(model, _loader(x, y, 16), optimizer=opt, epochs=2, progress=False)
+        if second:  # a second fit at a constant learning rate
+            ef.fit(model, _loader(x, y, 16), optimizer=opt, epochs=1, progress=False, scheduler=None)
+        return opt, [p.detach().clone() for p in model.parameters()]
+
+    opt, first = run()
+    assert opt.param_groups[0]["lr"] == 1e-3 and "initial_lr" not in opt.param_groups[0]
+    _, both = run(second=True)
+    assert max(float((a - b).abs().max()) for a, b in zip(first, both)) > 1e-5  # the second fit trained
+    stale_opt, stale = run(stale=1.0)  # a stale 'initial_lr' neither sets the schedule nor is lost
+    assert all(torch.equal(a, b) for a, b in zip(first, stale))
+    assert stale_opt.param_groups[0]["initial_lr"] == 1.0 and stale_opt.param_groups[0]["lr"] == 1e-3

@@ -172,6 +172,9 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+_ABSENT = object()  # (a param group without the key)
+
+
 def fit(
     model: nn.Module,
     loader: Iterable,
@@ -196,7 +199,8 @@ def fit(
         epochs: passes over the data.
         hessian: curvature estimator key.
         optimizer: continue with this optimizer instead of making a new one.
-        scheduler: ``"cosine"`` (cosine decay of the learning rate to 0) or None (constant).
+        scheduler: ``"cosine"`` (cosine decay of the learning rate to 0 over the epochs, from each
+            group's ``lr``; the ``lr`` is put back afterwards) or None (constant).
         progress: show a progress bar (needs tqdm).
         **optimizer_kwargs: passed to :class:`BayesAdam` (lr, prior_precision, mc_samples, ...).
     """
@@ -219,6 +223,11 @@ def fit(
     except TypeError:
         per_epoch = None
     sched = None
+    # the groups' learning rates as given: the cosine schedule starts from them (LambdaLR would
+    # start from an 'initial_lr' another scheduler left in a group) and they are put back at the end
+    # (the schedule ended at lr = 0, so a later fit(optimizer=...) with scheduler=None trained
+    # nothing, silently)
+    given_lrs = [(g["lr"], g.get("initial_lr", _ABSENT)) for g in optimizer.param_groups]
     if scheduler == "cosine":
         if per_epoch is None:
             raise ValueError(
@@ -226,6 +235,8 @@ def fit(
                 "scheduler=None for a loader without a length"
             )
         total = epochs * per_epoch
+        for g in optimizer.param_groups:
+            g["initial_lr"] = g["lr"]
         sched = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda t: 0.5 * (1 + torch.cos(torch.tensor(torch.pi * t / total)).item())
         )
@@ -260,6 +271,13 @@ def fit(
     finally:
         if batch_bar is not None:
             batch_bar.close()
+        if sched is not None:
+            for g, (lr, initial) in zip(optimizer.param_groups, given_lrs):
+                g["lr"] = lr
+                if initial is _ABSENT:
+                    g.pop("initial_lr", None)
+                else:
+                    g["initial_lr"] = initial
     optimizer.load_averaged_means()  # the weights end at the posterior mean (see `averaging`)
     _refresh_bn_statistics(model, loader, device)
     return optimizer.posterior()  # (with the regression σ that train_step recorded)
