@@ -194,3 +194,28 @@ def test_linear_regression_at_the_least_squares_solution_recovers_efisher_and_gg
     torch.testing.assert_close(dense, X[:200].pow(2).sum(0, keepdim=True))
     torch.testing.assert_close(implied, ef_ref, rtol=0.1, atol=0.0)
     torch.testing.assert_close(implied, ggn_ref, rtol=0.15, atol=0.0)
+
+
+def test_a_bf16_models_moments_are_mapped_in_float32():
+    """B·v̂ − (B − 1)·m̂² cancels; in bf16 arithmetic the precision came out a few per cent off the
+    same moments mapped in float64 (5 % quantile of the ratio 0.94). Now within bf16's rounding of
+    the result, in the model's dtype."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3)).bfloat16()
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 10, generator=g).bfloat16()
+    y = (x[:, 0].float() > 0).long() + (x[:, 1].float() > 0).long()
+    for i in range(0, 4096, 128):
+        adam.zero_grad()
+        F.cross_entropy(model(x[i : i + 128]).float(), y[i : i + 128]).backward()
+        adam.step()
+    post = ef.posterior_from_adam(model, adam, n_data=4096, batch_size=128, prior_precision=1e-6)
+    for name, p in model.named_parameters():
+        st, t = adam.state[p], float(adam.state[p]["step"])
+        v = st["exp_avg_sq"].double() / (1 - 0.999**t)
+        m = st["exp_avg"].double() / (1 - 0.9**t)
+        ref = (128 * v - 127 * m.pow(2)).clamp_min(0) * 4096 + 1e-6
+        assert post.precision[name].dtype == torch.bfloat16
+        ratio = post.precision[name].double() / ref
+        assert (ratio - 1).abs().max() < 2**-7, (name, float(ratio.min()), float(ratio.max()))
