@@ -553,6 +553,7 @@ def test_a_run_killed_while_writing_its_results_keeps_the_earlier_rows(tmp_path,
         bench.run(methods=["map", "temperature"], **kw)
     monkeypatch.undo()
     assert (tmp_path / "results.json").read_text() == saved
+    assert not list(tmp_path.glob("*.tmp"))  # (the half-written file is removed)
     rows = bench.run(methods=["map", "temperature"], **kw)  # resumes: map read back, temperature run
     assert [r["method"] for r in rows] == ["map", "temperature"]
     (tmp_path / "results.json").write_text(saved[: len(saved) // 2])

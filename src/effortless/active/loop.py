@@ -24,6 +24,7 @@ import torch
 
 from .. import metrics
 from .._checks import is_count
+from .._io import write_atomic
 from .acquisition import ACQUISITIONS, select
 
 
@@ -178,10 +179,9 @@ def _save(ckpt, state, config, acquisition, settings):
     if ckpt is None:
         return
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt.with_suffix(ckpt.suffix + ".tmp")
-    torch.save({"config": dataclasses.asdict(config), "acquisition": acquisition, "learner": settings,
-                **state.to_dict()}, tmp)  # fmt: skip
-    tmp.replace(ckpt)  # atomic: an interrupted save never leaves a corrupt checkpoint
+    saved = {"config": dataclasses.asdict(config), "acquisition": acquisition, "learner": settings,
+             **state.to_dict()}  # fmt: skip
+    write_atomic(ckpt, lambda tmp: torch.save(saved, tmp))  # (an interrupted save: the old checkpoint)
 
 
 def _load(ckpt, config, acquisition, settings):

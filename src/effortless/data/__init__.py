@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .._checks import is_number
+from .._io import write_atomic
 
 __all__ = [
     "Split",
@@ -229,15 +230,10 @@ def mnist1d(n: int = 5000, seed: int = 42) -> Split:
         t(d["y_test"], dtype=torch.int64),
         n_classes=10,
     )
-    if path is not None:  # written whole, then renamed: a concurrent reader sees the old file or the new one
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
+    if path is not None:  # (a cache: a directory that cannot be written is not an error)
+        with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({k: getattr(split, k) for k in keys}, tmp)
-            os.replace(tmp, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+            write_atomic(path, lambda tmp: torch.save({k: getattr(split, k) for k in keys}, tmp))
     return split
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
@@ -28,6 +27,7 @@ from .. import data
 from .._checks import is_count
 from ..active import ACQUISITIONS, LEARNERS, ActiveConfig, TrainConfig, make_learner, run_loop
 from ..models import MLP, CNN1d, LeNet
+from ._report import mean_sd
 
 TASKS = {
     "mnist": (data.mnist, lambda p: LeNet(dropout=p)),
@@ -118,14 +118,6 @@ def _secs(seconds):
     return "time not recorded" if seconds is None else f"{seconds:.0f} s"
 
 
-def _mean_std(v, fmt="{:.0f}"):
-    """Mean ± std over repeats; the mean alone for one (a "± 0" read as a measured spread)."""
-    if not v:
-        return "–"
-    mean = fmt.format(statistics.mean(v))
-    return f"{mean} ± {fmt.format(statistics.stdev(v))}" if len(v) > 1 else mean
-
-
 def table(rows, task, config, budget):
     lines = [
         f"# Active learning on {task}",
@@ -141,7 +133,7 @@ def table(rows, task, config, budget):
         cells = []
         for t in THRESHOLDS:
             got = r[f"labels@{t:.2f}"]
-            s = _mean_std(got)
+            s = mean_sd(got, ".0f")
             if len(got) < r["repeats"]:
                 s += f" ({len(got)}/{r['repeats']} reached)"
             cells.append(s)
@@ -149,7 +141,7 @@ def table(rows, task, config, budget):
         minutes = "–" if r["seconds"] is None else f"{r['seconds'] / 60:.1f}"
         lines.append(
             f"| {r['method']} | {r['acquisition']} | {cells[0]} | {cells[1]} | "
-            f"{_mean_std(r['alc'], '{:.4f}')} | {_mean_std(acc, '{:.2f}')} | {minutes} |"
+            f"{mean_sd(r['alc'], '.4f')} | {mean_sd(acc, '.2f')} | {minutes} |"
         )
     return "\n".join(lines)
 

@@ -12,7 +12,6 @@ reliability diagrams and in/out confidence histograms (last seed), shift curves 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -20,8 +19,10 @@ from pathlib import Path
 import torch
 
 from .. import metrics
+from .._io import write_atomic
 from ..baselines import METHODS, REGRESSION_METHODS, available
 from . import plots
+from ._report import mean_sd
 from .tasks import REGRESSION as REGRESSION_TASKS
 from .tasks import TASKS
 
@@ -323,16 +324,10 @@ def _regression_table(sel, methods, t):
         cells = []
         for c, scale in zip(REG_COLUMNS, (1, 1, 100, 100, 1)):
             v = [scale * r[c] for r in rs]
-            cell = _mean_sd(v, ".3f" if scale == 1 else ".1f")
+            cell = mean_sd(v, ".3f" if scale == 1 else ".1f")
             cells.append(f"**{cell}**" if c == "nll" and m == best else cell)
         lines.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
     return [*lines, ""]
-
-
-def _mean_sd(values: list[float], fmt: str) -> str:
-    """Mean ± std over seeds; the mean alone for one seed (a "± 0.00" read as a measured spread)."""
-    mean = format(statistics.fmean(values), fmt)
-    return f"{mean} ± {format(statistics.stdev(values), fmt)}" if len(values) > 1 else mean
 
 
 def report(rows, tasks, methods) -> str:
@@ -369,7 +364,7 @@ def report(rows, tasks, methods) -> str:
                     cells.append("–")
                     continue
                 fmt = ".3f" if scale == 1 and c in ("nll", "brier") else ".2f"
-                cell = _mean_sd([scale * x for x in v[c]], fmt)
+                cell = mean_sd([scale * x for x in v[c]], fmt)
                 cells.append(f"**{cell}**" if best.get(c) == m else cell)
             lines.append(f"| {m} | {len(v['accuracy'])} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -502,9 +497,8 @@ def _shift_table(sel, methods, task):
 def _write_rows(path: Path, rows: list[dict]) -> None:
     """``results.json`` written whole, then renamed over the old one: a run killed while writing
     leaves the previous rows, not a truncated file (which lost every row to a JSON error)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(rows, indent=2))
-    os.replace(tmp, path)
+    text = json.dumps(rows, indent=2)
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def _read_rows(path: Path) -> list[dict]:
