@@ -73,6 +73,26 @@ def test_bad_inputs_raise():
         likelihoods.get("classification").nll(torch.randn(3, 5, 2), torch.zeros(3, 5, dtype=torch.long))
 
 
+def test_classification_takes_labels_of_every_integer_width():
+    """int16 and int8 labels were refused ("expects integer labels of shape (5,), got (5,)
+    torch.int16") where int32 and uint8 were taken; all widths give the int64 labels' NLL,
+    gradient and training step, float and bool labels are refused."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 4)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 3, 1, 2, 3])
+    lik = likelihoods.get("classification")
+    f = model(x)
+    for dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
+        assert torch.equal(lik.nll(f, y.to(dtype)), lik.nll(f, y)), dtype
+        assert torch.equal(lik.nll_grad(f, y.to(dtype)), lik.nll_grad(f, y)), dtype
+        want = ef.curvature.diag_efisher(model, x, y)
+        got = ef.curvature.diag_efisher(model, x, y.to(dtype))
+        assert all(torch.equal(got[k], want[k]) for k in want), dtype
+    for bad in (y.double(), y.bool()):
+        with pytest.raises(ValueError, match="integer labels"):
+            lik.nll(f, bad)
+
+
 def test_regression_outputs_of_more_than_two_dims_are_refused_by_name():
     """A sequence regression model's (B, T, D) outputs: the NLL summed dim 1 only, so BayesAdam's
     training loss (its mean) divided the likelihood by D, silently; ef.laplace failed in a reshape.

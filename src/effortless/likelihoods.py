@@ -96,6 +96,11 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in _LOW else t
 
 
+def _is_integer(t: torch.Tensor) -> bool:
+    """An integer dtype of any width, signed or not (labels: not float, bool or complex)."""
+    return not (t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool)
+
+
 def _check_logits(f: torch.Tensor) -> None:
     output(f)
     if f.dim() != 2:
@@ -130,7 +135,7 @@ class Classification(Likelihood):
 
     def check(self, f, y):
         _check_logits(f)
-        if y.shape != f.shape[:1] or y.dtype not in (torch.int64, torch.int32, torch.uint8):
+        if y.shape != f.shape[:1] or not _is_integer(y):  # (int16 and int8 labels were refused)
             raise ValueError(
                 f"classification expects integer labels of shape ({f.shape[0]},), got "
                 f"{tuple(y.shape)} {y.dtype}"

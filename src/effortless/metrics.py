@@ -28,16 +28,24 @@ __all__ = [
 ]  # fmt: skip
 
 
+_NARROW_INTS = (torch.int8, torch.int16, torch.int32, torch.uint8)
+
+
 def _on_cpu(fn):
     """Evaluate on the CPU: tensor arguments are detached and moved there first (a no-op for CPU
     tensors). The binned and ranked metrics build their bins and ranks on the CPU, so CUDA
     predictions (a Lightning callback on a GPU run) failed in index_add_ with a device mismatch."""
 
+    def moved(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        a = a.detach().cpu()
+        # labels of any integer width as int64 (uint8 ones, as IDX files hold them, failed in gather)
+        return a.long() if a.dtype in _NARROW_INTS else a
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        args = [a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args]
-        kwargs = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        return fn(*args, **kwargs)
+        return fn(*[moved(a) for a in args], **{k: moved(v) for k, v in kwargs.items()})
 
     return wrapper
 
