@@ -82,7 +82,7 @@ def test_classification_takes_labels_of_every_integer_width():
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 3, 1, 2, 3])
     lik = likelihoods.get("classification")
     f = model(x)
-    for dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
+    for dtype in (torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16):
         assert torch.equal(lik.nll(f, y.to(dtype)), lik.nll(f, y)), dtype
         assert torch.equal(lik.nll_grad(f, y.to(dtype)), lik.nll_grad(f, y)), dtype
         want = ef.curvature.diag_efisher(model, x, y)

@@ -305,7 +305,7 @@ def test_labels_of_every_integer_width_give_the_int64_values():
     probs = (2 * torch.randn(50, 4, generator=g, dtype=torch.float64)).softmax(-1)
     labels = torch.randint(0, 4, (50,), generator=g)
     want = metrics.classification_report(probs, labels)
-    for dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
+    for dtype in (torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16):
         assert metrics.classification_report(probs, labels.to(dtype)) == want, dtype
         assert metrics.aurc(probs, labels.to(dtype)) == metrics.aurc(probs, labels)
     for bad in (labels.double(), labels.bool()):

@@ -140,8 +140,9 @@ class Classification(Likelihood):
                 f"classification expects integer labels of shape ({f.shape[0]},), got "
                 f"{tuple(y.shape)} {y.dtype}"
             )
+        y = y.long()  # (before the range check: torch has no aminmax for uint16/32/64)
         _check_label_range(y, f.shape[1])
-        return f, y.long()
+        return f, y
 
     def nll(self, f, y):
         f, y = self.check(f, y)

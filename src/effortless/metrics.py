@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from . import likelihoods
 from ._checks import is_count, is_number
 
 __all__ = [
@@ -26,9 +27,6 @@ __all__ = [
     "entropy", "mutual_information", "classification_report", "gaussian_nll", "rmse", "picp",
     "quantile_calibration_error",
 ]  # fmt: skip
-
-
-_NARROW_INTS = (torch.int8, torch.int16, torch.int32, torch.uint8)
 
 
 def _on_cpu(fn):
@@ -41,7 +39,7 @@ def _on_cpu(fn):
             return a
         a = a.detach().cpu()
         # labels of any integer width as int64 (uint8 ones, as IDX files hold them, failed in gather)
-        return a.long() if a.dtype in _NARROW_INTS else a
+        return a.long() if likelihoods._is_integer(a) and a.dtype != torch.int64 else a
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
