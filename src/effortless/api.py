@@ -25,9 +25,7 @@ from torch import nn
 from . import likelihoods
 from ._checks import is_count
 from ._stack import outside_stacklevel
-from .curvature import functional as cf
-from .curvature.data import DIAGONAL, _progress, diagonal_estimator, pair, sum_dtype
-from .curvature.data import all_reduce_sums as _all_reduce_sums
+from .curvature.data import DIAGONAL, _progress, diagonal_sums, pair
 from .curvature.functional import keep_buffers
 from .optim import BayesAdam
 from .posterior import DiagGaussian, evidence, kron, predictive
@@ -583,42 +581,14 @@ def _check_positive(prec: dict, hessian: str, delta) -> None:
     )
 
 
-def _curvature_sums(model, loader, hessian, lik, generator, params, progress, distributed, product_dtype,
-                    residuals=False):  # fmt: skip
-    """The diagonal estimate ``hessian`` summed over ``loader`` (in float32 for 16-bit weights: a
-    bf16 running sum stalls), all-reduced over the ranks with the batch count and, with
-    ``residuals``, the residual sum of squares and the number of outputs. Returns ``(the
-    parameters, the sums, batches, RSS, outputs)``."""
-    estimate = diagonal_estimator(hessian, product_dtype)
-    theta = cf.trainable(model, params)
-    total = {n: torch.zeros_like(p, dtype=sum_dtype(p.dtype)) for n, p in theta.items()}
-    device = _device(model)
-    batches, rss, n_out = 0, 0.0, 0
-    for batch in _progress(loader, progress, desc="laplace", unit="batch"):
-        x, y = pair(batch)
-        x, y = x.to(device), y.to(device)
-        est = estimate(model, x, y, lik, generator, list(theta))
-        for n in total:
-            total[n] += est[n]
-        batches += 1
-        if residuals:
-            with torch.no_grad():
-                f = likelihoods._wide(model(x))
-                rss += float((f - y.reshape(f.shape).to(f.dtype)).pow(2).sum())
-                n_out += f.numel()
-    counts = [float(batches), rss, float(n_out)]
-    batches, rss, n_out = _all_reduce_sums(list(total.values()), counts, distributed)
-    return theta, total, int(round(batches)), rss, int(round(n_out))
-
-
 def _laplace_tune_noise(model, loader, hessian, prior_precision, generator, params, progress, distributed,
                         product_dtype=None):  # fmt: skip
     """Diagonal Laplace for Gaussian regression with σ (and δ if "marglik") chosen by the evidence:
     the curvature is accumulated once at σ = 1 and rescaled (1/σ², or 1/σ⁴ for the empirical
     Fisher) inside the evidence, with the residual sum of squares from one forward pass."""
     lik1 = likelihoods.get("regression", 1.0)
-    theta, total, _, rss, n_out = _curvature_sums(model, loader, hessian, lik1, generator, params, progress,
-                                                  distributed, product_dtype, residuals=True)  # fmt: skip
+    theta, total, _, rss, n_out = diagonal_sums(model, loader, hessian, lik1, generator, params, progress,
+                                                distributed, product_dtype, residuals=True)  # fmt: skip
     if n_out == 0:
         raise ValueError("laplace: the loader yielded no data (on any rank)")
     _check_finite(total)
@@ -733,8 +703,8 @@ def laplace(
         return _laplace_tune_noise(model, loader, hessian, prior_precision, generator, params, progress,
                                    distributed, product_dtype)  # fmt: skip
     lik = likelihoods.get(likelihood, sigma_noise)
-    theta, total, batches, _, _ = _curvature_sums(model, loader, hessian, lik, generator, params, progress,
-                                                  distributed, product_dtype)  # fmt: skip
+    theta, total, batches, _, _ = diagonal_sums(model, loader, hessian, lik, generator, params, progress,
+                                                distributed, product_dtype)  # fmt: skip
     mean = {n: p.detach().clone() for n, p in theta.items()}
     if batches == 0:  # the precision would be the prior's alone, silently
         raise ValueError("laplace: the loader yielded no batches (on any rank)")

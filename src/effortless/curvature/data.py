@@ -178,17 +178,37 @@ def accumulate(
         return {name: (A / count, G) for name, (A, G) in sums.items()}
     if hessian not in DIAGONAL:
         raise ValueError(f"hessian must be one of {sorted([*DIAGONAL, *KRONECKER])}, got {hessian!r}")
+    _, total, batches, _, _ = diagonal_sums(model, loader, hessian, lik, generator, params, progress,
+                                            distributed, product_dtype, desc=f"curvature ({hessian})")
+    if not batches:  # (counted over the ranks: a rank whose shard is empty is no error)
+        raise ValueError("accumulate: the loader yielded no batches")
+    return total
+
+
+def diagonal_sums(model, loader, hessian, lik, generator=None, params=None, progress=False, distributed=None,
+                  product_dtype=None, residuals=False, desc="laplace"):  # fmt: skip
+    """The diagonal estimate ``hessian`` summed over ``loader`` (in :func:`sum_dtype`), all-reduced
+    over the ranks with the number of batches and, with ``residuals`` (Gaussian regression), the
+    residual sum of squares and the number of outputs. Returns ``(the parameters, the sums,
+    batches, RSS, outputs)``; :func:`accumulate` and ``ef.laplace`` are made of it."""
     estimate = diagonal_estimator(hessian, product_dtype)
     theta = cf.trainable(model, params)
     total = {n: torch.zeros_like(p, dtype=sum_dtype(p.dtype)) for n, p in theta.items()}
-    batches = 0
-    for batch in _progress(loader, progress, desc=f"curvature ({hessian})", unit="batch"):
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    batches, rss, n_out = 0, 0.0, 0
+    for batch in _progress(loader, progress, desc=desc, unit="batch"):
         x, y = pair(batch)
-        est = estimate(model, x.to(device), y.to(device), lik, generator, list(theta))
+        x, y = x.to(device), y.to(device)
+        est = estimate(model, x, y, lik, generator, list(theta))
         for n in total:
             total[n] += est[n]
         batches += 1
-    if not batches and not (distributed or (distributed is None and _group_size() > 1)):
-        raise ValueError("accumulate: the loader yielded no batches")
-    all_reduce_sums(list(total.values()), [], distributed)
-    return total
+        if residuals:
+            with torch.no_grad():
+                f = likelihoods._wide(model(x))
+                rss += float((f - y.reshape(f.shape).to(f.dtype)).pow(2).sum())
+                n_out += f.numel()
+    counts = [float(batches), rss, float(n_out)]
+    batches, rss, n_out = all_reduce_sums(list(total.values()), counts, distributed)
+    return theta, total, int(round(batches)), rss, int(round(n_out))
