@@ -315,7 +315,7 @@ def _refresh_bn_statistics(model: nn.Module, loader: Iterable, device) -> None:
 @keep_buffers
 def predict(
     model: nn.Module,
-    posterior: DiagGaussian,
+    posterior: DiagGaussian | kron.KronLastLayer,
     x: torch.Tensor,
     n_samples: int = 32,
     likelihood: str | None = None,
@@ -492,7 +492,7 @@ def _fitted_likelihood(posterior, likelihood, caller: str):
 @keep_buffers
 def predict_samples(
     model: nn.Module,
-    posterior,
+    posterior: DiagGaussian | kron.KronLastLayer,
     x: torch.Tensor,
     n_samples: int = 32,
     method: str = "mc",
@@ -627,7 +627,7 @@ def laplace(
     loader: Iterable,
     likelihood: str = "classification",
     hessian: str = "ggn",
-    prior_precision: float = 1.0,
+    prior_precision: float | str = 1.0,
     sigma_noise: float | str = 1.0,
     generator: torch.Generator | None = None,
     params: Iterable[str] | None = None,
