@@ -51,6 +51,7 @@ def test_quick_demo_writes_results_and_plots(tmp_path):
             assert r["step_ratio"] == 1.0 if r["method"] == "Adam (MAP)" else 0.5 < r["step_ratio"] < 20
     assert "first step" in (tmp_path / "results.md").read_text()
     assert "step × Adam (interleaved)" in (tmp_path / "results.md").read_text()
+    assert "--quick checks the set-up" in (tmp_path / "results.md").read_text()  # (not a comparison)
     for name in ("results.md", "reliability.png", "confidence_hist.png", "toy_regression.png"):
         assert (tmp_path / name).stat().st_size > 0
 
