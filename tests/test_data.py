@@ -261,3 +261,17 @@ def test_shifts_keep_the_inputs_device():
     assert data.rotate(x, 30.0).device.type == "meta"
     assert data.add_noise(x, 0.1).device.type == "meta"
     assert data.translate(x, 2).device.type == "meta"
+
+
+def test_subset_takes_positive_counts_or_none():
+    """subset(-5) sliced from the end (every example but 5) and subset(0) gave an empty split,
+    both silently."""
+    x, y = torch.randn(10, 3), torch.arange(10) % 2
+    split = data.Split("s", x, y, x[:4], y[:4], 2)
+    small = split.subset(3, None)
+    assert torch.equal(small.x_train, x[:3]) and torch.equal(small.x_test, x[:4])
+    for bad in (-5, 0, 2.5, True):
+        with pytest.raises(ValueError, match="subset: n_train must be a positive int or None"):
+            split.subset(bad)
+    with pytest.raises(ValueError, match="n_test"):
+        split.subset(None, -1)

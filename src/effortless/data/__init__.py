@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._checks import is_number
+from .._checks import is_count, is_number
 from .._io import write_atomic
 
 __all__ = [
@@ -76,7 +76,10 @@ class Split:
                      self.y_test.to(device), self.n_classes, self.y_scale)  # fmt: skip
 
     def subset(self, n_train: int | None = None, n_test: int | None = None) -> Split:
-        """The first ``n_train`` / ``n_test`` examples (for quick runs and tests)."""
+        """The first ``n_train`` / ``n_test`` examples (for quick runs and tests); None keeps all."""
+        for name, n in (("n_train", n_train), ("n_test", n_test)):
+            if n is not None and not is_count(n):  # (a negative n sliced from the end: all but |n|)
+                raise ValueError(f"subset: {name} must be a positive int or None, got {n!r}")
         return Split(
             self.name,
             self.x_train[:n_train],

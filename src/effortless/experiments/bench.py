@@ -198,7 +198,7 @@ def run(tasks, methods, seeds=1, epochs=None, out="runs/bench", subset=None, pro
         key = (t, s) if task.split_per_seed else t
         if key not in splits:
             split = task.split(s)
-            splits[key] = split.subset(subset, subset // 5) if subset else split
+            splits[key] = split.subset(subset, max(1, subset // 5)) if subset else split
             on_dev[key] = splits[key].to(dev)  # (moved once per task and split)
         split = splits[key]  # (on CPU: the test sets, shifts and metrics; the methods get it on dev)
         if split.n_classes == 0:  # regression: predictive mean and variance, no OOD or shift
