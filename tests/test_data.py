@@ -275,3 +275,14 @@ def test_subset_takes_positive_counts_or_none():
             split.subset(bad)
     with pytest.raises(ValueError, match="n_test"):
         split.subset(None, -1)
+
+
+def test_generated_sets_check_their_sizes():
+    """toy_regression(n=0) gave an empty training set and mnist1d(n < 10) failed in numpy's stack."""
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="toy_regression: n must be a positive int"):
+            data.toy_regression(n=bad)
+    with pytest.raises(ValueError, match="noise must be a finite number >= 0"):
+        data.toy_regression(noise=-0.1)
+    with pytest.raises(ValueError, match=r"mnist1d: n must be an int >= 10"):
+        data.mnist1d(n=9)

@@ -192,12 +192,15 @@ def cache_dir() -> Path | None:
 
 
 def mnist1d(n: int = 5000, seed: int = 42) -> Split:
-    """MNIST-1D (Greydanus 2020), generated procedurally: 40 features, 10 classes, 80/20 split.
+    """MNIST-1D (Greydanus 2020), generated procedurally: 40 features, 10 classes, 80/20 split
+    (``n // 10`` examples per class).
 
     Generating 5,000 examples takes a few seconds, so the result is kept in :func:`cache_dir`
     (keyed by ``n``, ``seed`` and the generator's version; an unreadable cache file is generated
     anew, an unwritable cache directory only skipped).
     """
+    if not is_count(n, 10):  # (the generator makes n // 10 per class: below 10 none, a numpy error)
+        raise ValueError(f"mnist1d: n must be an int >= 10 (10 classes), got {n!r}")
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError:
@@ -246,6 +249,10 @@ def toy_regression(n: int = 160, seed: int = 0, noise: float = 0.1) -> Split:
     The test inputs cover [−4, 4] on a grid, so the gap (in-between uncertainty) and the
     extrapolation regions can be plotted.
     """
+    if not is_count(n):  # (0 gave an empty training set, silently)
+        raise ValueError(f"toy_regression: n must be a positive int, got {n!r}")
+    if not (is_number(noise) and 0 <= noise < math.inf):
+        raise ValueError(f"toy_regression: noise must be a finite number >= 0, got {noise!r}")
     g = torch.Generator().manual_seed(seed)
     side = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
     x = side * (1 + 2 * torch.rand(n, generator=g))
