@@ -300,3 +300,61 @@ def test_non_finite_data_is_named_and_a_nan_input_row_predicts_nan_alone():
         clean = ef.predict(model, post, x[:6], method=method, generator=torch.Generator().manual_seed(0))
         if method == "probit":  # (deterministic: the other rows as without the NaN row)
             torch.testing.assert_close(probs[[0, 1, 2, 4, 5]], clean[[0, 1, 2, 4, 5]])
+
+
+class _Scaled(nn.Module):
+    """The last layer's output scaled after it: the closed form's condition fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Sequential(nn.Linear(3, 5), nn.Tanh()), nn.Linear(5, 4)
+
+    def forward(self, x):
+        return 2.0 * self.head(self.body(x))
+
+
+def _per_draw(model, post, x, n, seed):
+    """The MC predictive's outputs as loading each draw into the layer and running the network."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        outs = []
+        for _ in range(n):
+            with post.sampled(model, gen):
+                outs.append(model(x))
+    return torch.stack(outs)
+
+
+def test_mc_predictive_runs_the_network_once_with_the_same_numbers():
+    """ef.predict(method='mc') of a last-layer posterior ran the whole network once per draw; only
+    the last layer varies, so it runs it once and each draw is one F.linear: the same numbers,
+    bitwise, for (B, C) logits and a (B,) regression output. A model that changes the layer's output
+    afterwards, or draws dropout masks per sample, still runs the network per draw."""
+    model, x, y, loader = _setup()
+    post = ef.laplace(model, loader, hessian="kfac", subset="last_layer", prior_precision=1.0)
+    got = ef.predict(model, post, x[:7], n_samples=9, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, _per_draw(model, post, x[:7], 9, 3).softmax(-1).mean(0))
+    calls = []
+    handle = model[0].register_forward_hook(lambda *a: calls.append(1))
+    post.draws(model, x[:7], 9)
+    handle.remove()
+    assert len(calls) == 1  # one forward pass for all nine draws
+
+    torch.manual_seed(1)
+    reg = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1), nn.Flatten(0)).double()
+    t = torch.randn(len(x), dtype=torch.float64)
+    rpost = ef.laplace(reg, [(x, t)], likelihood="regression", hessian="kfac", subset="last_layer")
+    mean, var = ef.predict(reg, rpost, x[:7], n_samples=9, generator=torch.Generator().manual_seed(4))
+    ref = _per_draw(reg, rpost, x[:7], 9, 4)
+    assert mean.shape == (7,) and torch.equal(mean, ref.mean(0))
+    torch.testing.assert_close(var, ref.var(0, unbiased=False) + rpost.sigma_noise**2, rtol=0, atol=0)
+
+    torch.manual_seed(2)
+    scaled = _Scaled().double()
+    spost = ef.laplace(scaled, loader, hessian="kfac", subset="last_layer", prior_precision=1.0)
+    assert spost.draws(scaled, x[:7], 3) is None
+    got = ef.predict(scaled, spost, x[:7], n_samples=5, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got, _per_draw(scaled, spost, x[:7], 5, 5).softmax(-1).mean(0))
+    dropout = nn.Sequential(nn.Linear(3, 5), nn.Dropout(0.5), nn.Linear(5, 4)).double()
+    dpost = ef.laplace(dropout.eval(), loader, hessian="kfac", subset="last_layer")
+    assert dpost.draws(dropout.train(), x[:7], 3) is None
+    assert dpost.draws(dropout.eval(), x[:7], 3) is not None

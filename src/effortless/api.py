@@ -423,6 +423,11 @@ def _mc_outputs(model, posterior, x, n_samples, generator=None, bn_batches=None)
                     refresh()
                     outs.append(likelihoods.output(model(x)))
             return torch.stack(outs)
+    if isinstance(posterior, kron.KronLastLayer):  # one forward pass, a matmul per draw
+        with torch.no_grad():
+            out = posterior.draws(model, x, n_samples, generator)
+        if out is not None:
+            return out
     if not isinstance(posterior, DiagGaussian):  # e.g. KronLastLayer: its own sampling context
         with torch.no_grad():
             outs = []

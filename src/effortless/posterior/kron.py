@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import _rng, likelihoods
@@ -114,6 +115,37 @@ class KronLastLayer:
         """(f(x) at the mean, φ̄ (B, in + 1)) from one forward pass (a ``torch.compile``d model
         runs eagerly here: a compiled forward does not call a hook registered after it was
         compiled, and φ̄ was missing)."""
+        f, phi = self.layer_input(model, x)
+        phi = phi.reshape(-1, phi.shape[-1])
+        if self.has_bias:
+            phi = torch.cat([phi, phi.new_ones(phi.shape[0], 1)], 1)
+        return f.reshape(phi.shape[0], -1), phi
+
+    def draws(self, model: nn.Module, x: torch.Tensor, n_samples: int, generator=None) -> torch.Tensor | None:
+        """The model's outputs at ``n_samples`` draws of W̄, (S, *output shape), from one forward
+        pass: only the last layer varies, so its input is computed once and each draw is one
+        ``F.linear`` (the numbers loading each draw into the layer and running the whole network
+        gives, at a fraction of the cost). None where the closed form's condition fails (something
+        after the layer changes its output) or active dropout would draw a mask per sample: there
+        the caller runs the network per draw."""
+        dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        if any(m.training and m.p > 0 for m in dropouts):
+            return None
+        try:
+            f, phi = self.layer_input(model, x)
+        except ValueError:
+            return None
+        w0 = dict(model.named_modules())[self.layer].weight
+        k = w0.shape[1]
+        outs = []
+        for _ in range(n_samples):
+            w = self.sample(generator).to(w0)
+            outs.append(F.linear(phi, w[:, :k], w[:, k] if self.has_bias else None).reshape(f.shape))
+        return torch.stack(outs)
+
+    def layer_input(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the model's output at the mean, the last layer's input as the layer sees it), from one
+        forward pass; ValueError if the model's output is not the layer's output."""
         module = dict(model.named_modules())[self.layer]
         saved = {}
 
@@ -137,10 +169,7 @@ class KronLastLayer:
                 "method='mc' (weight samples), or hessian='ggn' with subset='last_layer' (the generic "
                 "linearised predictive)"
             )
-        phi = saved["phi"].reshape(-1, saved["phi"].shape[-1])
-        if self.has_bias:
-            phi = torch.cat([phi, phi.new_ones(phi.shape[0], 1)], 1)
-        return f.reshape(phi.shape[0], -1), phi
+        return f, saved["phi"]
 
     def predictive_moments(self, model: nn.Module, x: torch.Tensor):
         """Mean (B, C) and covariance (B, C, C) of the linearised predictive, in closed form."""
