@@ -506,7 +506,11 @@ def test_weight_samples_are_used_inside_one_autocast_region(monkeypatch):
         ref = ef.predict(model, post, x, n_samples=8, generator=torch.Generator().manual_seed(0))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = ef.predict(model, post, x, n_samples=8, generator=torch.Generator().manual_seed(0))
-        assert (got.float() - ref).abs().max() < 0.02
+            lp = ef.predict_samples(model, post, x, n_samples=2)
+        assert (got - ref).abs().max() < 0.02
+        # float32 as the batched path's and the linearised ones' (these draws run one at a time and
+        # came in bf16: probabilities to 2⁻⁸)
+        assert got.dtype == lp.dtype == torch.float32
     opt = ef.BayesAdam(model.parameters(), n_data=64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         at_mean = model(x)

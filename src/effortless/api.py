@@ -375,7 +375,9 @@ def predict(
         if method == "probit":
             return predictive.probit_probs(mean, cov)
         return predictive.glm_probs(mean, cov, n_samples, generator)
-    f = _mc_outputs(model, posterior, x, n_samples, generator, bn_batches)  # (S, B, C)
+    # (S, B, C); in float32 at least: under bf16 autocast the draws run one at a time (a last-layer
+    # posterior, a large model) came in bf16, and so did their softmax and variance
+    f = likelihoods._wide(_mc_outputs(model, posterior, x, n_samples, generator, bn_batches))
     if lik.name == "classification":
         likelihoods._check_logits(f[0])
         return f.softmax(-1).mean(0)
@@ -542,7 +544,7 @@ def predict_samples(
         mean = likelihoods.as_2d(mean)  # (a (B,) output: refused below as one output)
         f = predictive.glm_logits(mean.detach(), cov.detach(), n_samples, generator)
     else:
-        f = _mc_outputs(model, posterior, x, n_samples, generator, bn_batches)
+        f = likelihoods._wide(_mc_outputs(model, posterior, x, n_samples, generator, bn_batches))
     if f.dim() == 3 and f.shape[-1] < 2:  # (the general message suggests a likelihood= it has not)
         raise ValueError(
             f"ef.predict_samples gives classification log-probabilities and needs at least 2 outputs "
