@@ -358,3 +358,43 @@ def test_mc_predictive_runs_the_network_once_with_the_same_numbers():
     dpost = ef.laplace(dropout.eval(), loader, hessian="kfac", subset="last_layer")
     assert dpost.draws(dropout.train(), x[:7], 3) is None
     assert dpost.draws(dropout.eval(), x[:7], 3) is not None
+
+
+def test_a_diagonal_last_layer_posterior_also_runs_the_network_once(monkeypatch):
+    """ef.laplace(subset='last_layer') with a diagonal hessian: its MC predictive ran the network
+    per draw (batched); the draws now go through the layer alone, the same draws and, against
+    loading each into the layer, the same numbers bitwise. A posterior beyond one layer, or a
+    layer that runs twice, keeps the network path."""
+    model, x, y, loader = _setup()
+    post = ef.laplace(model, loader, hessian="ggn", subset="last_layer", prior_precision=1.0)
+    assert list(post.mean) == ["2.weight", "2.bias"]
+    import effortless.api as api
+
+    monkeypatch.setattr(api, "MC_VMAP_MAX_CPU", 0)  # (the network path: one forward per draw)
+    calls = []
+    handle = model[0].register_forward_hook(lambda *a: calls.append(1))
+    got = ef.predict(model, post, x[:7], n_samples=9, generator=torch.Generator().manual_seed(3))
+    handle.remove()
+    assert len(calls) == 1
+    assert torch.equal(got, _per_draw(model, post, x[:7], 9, 3).softmax(-1).mean(0))
+    only_bias = ef.laplace(model, loader, hessian="ggn", params=["2.bias"])
+    got = ef.predict(model, only_bias, x[:7], n_samples=4, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(got, _per_draw(model, only_bias, x[:7], 4, 4).softmax(-1).mean(0))
+    both = ef.laplace(model, loader, hessian="ggn", params=["0.bias", "2.bias"])  # (two layers vary)
+    got = ef.predict(model, both, x[:7], n_samples=4, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(got, _per_draw(model, both, x[:7], 4, 4).softmax(-1).mean(0))
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.sq = nn.Linear(3, 4), nn.Linear(4, 4)
+
+        def forward(self, z):
+            return self.sq(torch.tanh(self.sq(self.inp(z))))
+
+    twice = Twice().double()
+    tpost = ef.laplace(twice, loader, hessian="ggn", params=["sq.weight", "sq.bias"])
+    with pytest.raises(ValueError, match="to run once in the forward, it ran 2 times"):
+        kron.layer_io(twice, "sq", x[:7])
+    got = ef.predict(twice, tpost, x[:7], n_samples=3, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, _per_draw(twice, tpost, x[:7], 3, 5).softmax(-1).mean(0))

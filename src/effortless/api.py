@@ -438,6 +438,10 @@ def _mc_outputs(model, posterior, x, n_samples, generator=None, bn_batches=None)
                     outs.append(likelihoods.output(model(x)))
             return torch.stack(outs)
     params = posterior._match(model)  # posterior key -> parameter
+    with torch.no_grad():
+        out = _diag_last_layer_draws(model, posterior, params, x, n_samples, generator)
+    if out is not None:
+        return out
     names = {id(p): n for n, p in model.named_parameters()}
     per_sample = sum(p.numel() for p in params.values())
     chunk = max(1, min(n_samples, MC_BATCH_NUMBERS // max(per_sample, 1), MC_VMAP_INPUTS // max(len(x), 1)))
@@ -451,6 +455,28 @@ def _mc_outputs(model, posterior, x, n_samples, generator=None, bn_batches=None)
             outs.append(_forward_samples(model, posterior, params, names, draws, x))
             done += c
     return torch.cat(outs)
+
+
+def _diag_last_layer_draws(model, posterior, params, x, n_samples, generator):
+    """A diagonal posterior over the weight and/or bias of one ``nn.Linear`` only (``ef.laplace(...,
+    subset="last_layer")``): when that layer makes the model's output, the network runs once and
+    each draw is one ``F.linear`` (:func:`effortless.posterior.kron.last_layer_draws`), the same
+    draws as the batched path. None otherwise."""
+    keys = {id(p): k for k, p in params.items()}
+    if not keys:
+        return None
+    found = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and set(keys) <= {id(m.weight), id(m.bias)}]  # fmt: skip
+    if not found:
+        return None
+    name, module = found[0]
+    wk, bk = keys.get(id(module.weight)), keys.get(id(module.bias))
+
+    def draw():
+        d = posterior.sample(generator)
+        return (None if wk is None else d[wk]), (None if bk is None else d[bk])
+
+    return kron.last_layer_draws(model, name, x, n_samples, draw)
 
 
 def _forward_samples(model, posterior, params, names, draws, x):

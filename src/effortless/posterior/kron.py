@@ -75,6 +75,64 @@ def param_names(name: str, layer: nn.Module) -> list[str]:
     return [f"{name}.{a}" if name else a for a, _ in layer.named_parameters()]
 
 
+def layer_io(model: nn.Module, layer: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the model's output, the input of its Linear ``layer`` as the layer sees it) from one forward
+    pass; ValueError unless the layer runs once and the model's output is its output (a reshape
+    aside): the closed forms map the layer's weights to the output through that input alone."""
+    module = dict(model.named_modules())[layer]
+    saved = []
+
+    def hook(m, i, kw, o):  # copies: an in-place op later in the forward (z.div_(T)) changed both
+        phi = i[0] if i else next(iter(kw.values()))  # (fc(input=h) passes it as a keyword)
+        saved.append((phi.detach().clone(), o.detach().clone()))
+
+    handle = module.register_forward_hook(hook, with_kwargs=True, prepend=True)  # the layer's own output
+    try:
+        f = likelihoods.output(_forward(model, x))
+    finally:
+        handle.remove()
+    if len(saved) != 1:
+        raise ValueError(f"the last-layer closed form needs its layer {layer!r} to run once in the forward, "
+                         f"it ran {len(saved)} times")  # fmt: skip
+    phi, out = saved[0]
+    same = f.numel() == out.numel() and torch.allclose(  # (a NaN input's NaN is the same)
+        f.reshape(-1), out.reshape(-1), rtol=0, atol=0, equal_nan=True)
+    if not same:
+        # the closed form maps the weights' covariance through φ alone: anything after the
+        # layer (a scale, a temperature, a softmax) made it wrong by that map, silently
+        raise ValueError(
+            f"the closed-form last-layer predictive needs the model's output to be the output of "
+            f"its last Linear layer {layer!r}, and this model changes it afterwards; use "
+            "method='mc' (weight samples), or hessian='ggn' with subset='last_layer' (the generic "
+            "linearised predictive)"
+        )
+    return f, phi
+
+
+def last_layer_draws(model: nn.Module, layer: str, x: torch.Tensor, n_samples: int, draw):
+    """The model's outputs at ``n_samples`` draws of its last Linear ``layer``'s weight and bias
+    (``draw() -> (weight, bias)``, either None for the layer's own), (S, *output shape): only that
+    layer varies, so its input is computed once and each draw is one ``F.linear``, the numbers
+    loading each draw into the layer and running the whole network gives (the network runs once
+    instead of S times). None where :func:`layer_io`'s condition fails or active dropout would draw
+    a mask per sample: there the caller runs the network per draw (``torch.Tensor | None``)."""
+    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    if any(m.training and m.p > 0 for m in dropouts):
+        return None
+    try:
+        f, phi = layer_io(model, layer, x)
+    except ValueError:
+        return None
+    module = dict(model.named_modules())[layer]
+    outs = []
+    for _ in range(n_samples):
+        w, b = draw()
+        w = module.weight if w is None else w.to(module.weight)
+        b = module.bias if b is None or module.bias is None else b.to(module.bias)
+        outs.append(F.linear(phi, w, b).reshape(f.shape))
+    return torch.stack(outs)
+
+
 @keep_buffers
 def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad(), run_eagerly(model):
@@ -123,53 +181,18 @@ class KronLastLayer:
 
     def draws(self, model: nn.Module, x: torch.Tensor, n_samples: int, generator=None) -> torch.Tensor | None:
         """The model's outputs at ``n_samples`` draws of W̄, (S, *output shape), from one forward
-        pass: only the last layer varies, so its input is computed once and each draw is one
-        ``F.linear`` (the numbers loading each draw into the layer and running the whole network
-        gives, at a fraction of the cost). None where the closed form's condition fails (something
-        after the layer changes its output) or active dropout would draw a mask per sample: there
-        the caller runs the network per draw."""
-        dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-        if any(m.training and m.p > 0 for m in dropouts):
-            return None
-        try:
-            f, phi = self.layer_input(model, x)
-        except ValueError:
-            return None
-        w0 = dict(model.named_modules())[self.layer].weight
-        k = w0.shape[1]
-        outs = []
-        for _ in range(n_samples):
-            w = self.sample(generator).to(w0)
-            outs.append(F.linear(phi, w[:, :k], w[:, k] if self.has_bias else None).reshape(f.shape))
-        return torch.stack(outs)
+        pass (:func:`last_layer_draws`); None where that does not apply."""
+        k = dict(model.named_modules())[self.layer].weight.shape[1]
+
+        def draw():
+            w = self.sample(generator)
+            return w[:, :k], (w[:, k] if self.has_bias else None)
+
+        return last_layer_draws(model, self.layer, x, n_samples, draw)
 
     def layer_input(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the model's output at the mean, the last layer's input as the layer sees it), from one
-        forward pass; ValueError if the model's output is not the layer's output."""
-        module = dict(model.named_modules())[self.layer]
-        saved = {}
-
-        def hook(m, i, kw, o):  # copies: an in-place op later in the forward (z.div_(T)) changed both
-            phi = i[0] if i else next(iter(kw.values()))  # (fc(input=h) passes it as a keyword)
-            saved["phi"], saved["out"] = phi.detach().clone(), o.detach().clone()
-
-        handle = module.register_forward_hook(hook, with_kwargs=True, prepend=True)  # the layer's own output
-        try:
-            f = likelihoods.output(_forward(model, x))
-        finally:
-            handle.remove()
-        same = f.numel() == saved["out"].numel() and torch.allclose(  # (a NaN input's NaN is the same)
-            f.reshape(-1), saved["out"].reshape(-1), rtol=0, atol=0, equal_nan=True)
-        if not same:
-            # the closed form maps the weights' covariance through φ alone: anything after the
-            # layer (a scale, a temperature, a softmax) made it wrong by that map, silently
-            raise ValueError(
-                f"the closed-form last-layer predictive needs the model's output to be the output of "
-                f"its last Linear layer {self.layer!r}, and this model changes it afterwards; use "
-                "method='mc' (weight samples), or hessian='ggn' with subset='last_layer' (the generic "
-                "linearised predictive)"
-            )
-        return f, saved["phi"]
+        """(the model's output at the mean, the last layer's input); see :func:`layer_io`."""
+        return layer_io(model, self.layer, x)
 
     def predictive_moments(self, model: nn.Module, x: torch.Tensor):
         """Mean (B, C) and covariance (B, C, C) of the linearised predictive, in closed form."""
