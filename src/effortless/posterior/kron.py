@@ -173,7 +173,7 @@ class KronLastLayer:
         """(f(x) at the mean, φ̄ (B, in + 1)) from one forward pass (a ``torch.compile``d model
         runs eagerly here: a compiled forward does not call a hook registered after it was
         compiled, and φ̄ was missing)."""
-        f, phi = self.layer_input(model, x)
+        f, phi = layer_io(model, self.layer, x)
         phi = phi.reshape(-1, phi.shape[-1])
         if self.has_bias:
             phi = torch.cat([phi, phi.new_ones(phi.shape[0], 1)], 1)
@@ -189,10 +189,6 @@ class KronLastLayer:
             return w[:, :k], (w[:, k] if self.has_bias else None)
 
         return last_layer_draws(model, self.layer, x, n_samples, draw)
-
-    def layer_input(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the model's output at the mean, the last layer's input); see :func:`layer_io`."""
-        return layer_io(model, self.layer, x)
 
     def predictive_moments(self, model: nn.Module, x: torch.Tensor):
         """Mean (B, C) and covariance (B, C, C) of the linearised predictive, in closed form."""
@@ -291,7 +287,7 @@ def fit_last_layer(model, loader, lik, prior_precision, n_samples=1, generator=N
         ((Ab, Gb),) = kfac(model, x, y, lik, method, n_samples, generator, params=names).values()
         Ab, Gb = Ab.to(sum_dtype(Ab.dtype)), Gb.to(sum_dtype(Gb.dtype))  # (bf16 sums stall; no bf16 eigh)
         A = Ab * x.shape[0] if A is None else A + Ab * x.shape[0]
-        G = Gb.clone() if G is None else G + Gb
+        G = Gb if G is None else G + Gb
         count += x.shape[0]
         if tune_noise:
             f = likelihoods.output(_forward(model, x)).double()
