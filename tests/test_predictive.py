@@ -322,23 +322,25 @@ def test_mc_batched_path_is_really_taken_and_dropout_falls_back(monkeypatch):
 def test_mc_batches_of_samples_are_bounded_by_the_inputs_they_hold(monkeypatch):
     """The batched path ran every sample at once whatever the number of inputs: predicting 60,000
     inputs of a 79k-weight MLP took 1.5 GB more than one sample at a time (and was no faster).
-    Chunks now hold at most MC_VMAP_INPUTS inputs × samples; the predictive is the same."""
+    Calls now hold at most MC_VMAP_INPUTS inputs × samples (the samples together, the inputs in
+    pieces); every sample sees every input once, and the predictive is the same."""
     from effortless import api
 
     model = make_model("mlp")
     x, _ = make_batch("mlp", "classification", n=6)
     post = _posterior(model)
     whole = ef.predict(model, post, x, n_samples=8, generator=torch.Generator().manual_seed(0))
-    sizes = []
+    calls = []
     forward = api._forward_samples
-    monkeypatch.setattr(api, "_forward_samples", lambda *a: sizes.append(len(a[4])) or forward(*a))
-    monkeypatch.setattr(api, "MC_VMAP_INPUTS", 3 * len(x))  # three samples' worth of inputs
-    chunked = ef.predict(model, post, x, n_samples=8, generator=torch.Generator().manual_seed(0))
-    assert sizes == [3, 3, 2]
-    torch.testing.assert_close(chunked, whole)
-    sizes.clear()
-    ef.predict(model, post, torch.cat([x] * 4), n_samples=8)  # more inputs than the bound: one at a time
-    assert sizes == [1] * 8
+    record = lambda *a: calls.append((len(a[4]), len(a[5]))) or forward(*a)  # noqa: E731  (samples, inputs)
+    monkeypatch.setattr(api, "_forward_samples", record)
+    for bound, inputs in ((3 * len(x), x), (16, torch.cat([x] * 4)), (5, x)):
+        monkeypatch.setattr(api, "MC_VMAP_INPUTS", bound)
+        calls.clear()
+        got = ef.predict(model, post, inputs, n_samples=8, generator=torch.Generator().manual_seed(0))
+        assert all(s * n <= bound for s, n in calls), calls
+        assert sum(s * n for s, n in calls) == 8 * len(inputs)  # each sample on each input once
+        torch.testing.assert_close(got, whole if len(inputs) == len(x) else whole.repeat(4, 1))
 
 
 def test_predictions_leave_batchnorm_statistics_alone_and_glm_refuses_batch_statistics():
@@ -541,3 +543,32 @@ def test_linearised_moments_passes_are_sized_by_the_models_footprint(monkeypatch
     mean, cov = predictive.linearised_moments(model, post, x)
     torch.testing.assert_close(cov, ref, atol=1e-10, rtol=1e-8)
     assert calls[0] == 4 and sum(calls[1:]) == 19 and max(calls[1:]) < 19, calls
+
+
+def test_mc_predictive_of_a_head_on_a_frozen_backbone_runs_the_backbone_once_per_input(monkeypatch):
+    """A posterior over a two-layer head (the backbone frozen): with more inputs than the batched
+    path took at once, every sample ran the whole network alone (10,000 inputs, 32 samples, a
+    784-1024-1024 backbone: 11.2 s). The inputs are split instead, and under vmap the backbone
+    runs once per input (0.74 s there); the predictive is the per-draw one to round-off."""
+    import effortless.api as api
+
+    monkeypatch.setattr(api, "MC_VMAP_INPUTS", 64)  # (2**14 in use: 100 inputs × 8 samples exceed 64)
+    torch.manual_seed(0)
+    back = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU()).double().requires_grad_(False)
+    head = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    model = torch.nn.Sequential(back, head)
+    x = torch.randn(100, 6, dtype=torch.float64)
+    post = _posterior(model)  # (the trainable parameters: the head's)
+    assert list(post.mean) == ["1.0.weight", "1.0.bias", "1.2.weight", "1.2.bias"]
+    rows = []
+    handle = back[0].register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    got = ef.predict(model, post, x, n_samples=8, generator=torch.Generator().manual_seed(1))
+    handle.remove()
+    assert sum(rows) == 100  # each input through the backbone once (it was 8 × 100)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        ref = []
+        for _ in range(8):
+            with post.sampled(model, gen):
+                ref.append(model(x).softmax(-1))
+    torch.testing.assert_close(got, torch.stack(ref).mean(0))

@@ -444,15 +444,21 @@ def _mc_outputs(model, posterior, x, n_samples, generator=None, bn_batches=None)
         return out
     names = {id(p): n for n, p in model.named_parameters()}
     per_sample = sum(p.numel() for p in params.values())
-    chunk = max(1, min(n_samples, MC_BATCH_NUMBERS // max(per_sample, 1), MC_VMAP_INPUTS // max(len(x), 1)))
+    chunk = max(1, min(n_samples, MC_BATCH_NUMBERS // max(per_sample, 1), MC_VMAP_INPUTS))
     if x.device.type == "cpu" and per_sample > MC_VMAP_MAX_CPU:
         chunk = 1
+    # a chunk of samples runs on inputs in pieces of at most MC_VMAP_INPUTS inputs × samples (the
+    # inputs were not split before: 10,000 of them sent every sample through the whole network
+    # alone, where under vmap the layers outside the posterior, e.g. a frozen backbone, run once)
+    rows = max(1, MC_VMAP_INPUTS // chunk)
     outs, done = [], 0
     with torch.no_grad():
         while done < n_samples:
             c = min(chunk, n_samples - done)
             draws = [posterior.sample(generator) for _ in range(c)]
-            outs.append(_forward_samples(model, posterior, params, names, draws, x))
+            pieces = [x] if c == 1 else [x[i : i + rows] for i in range(0, max(len(x), 1), rows)]
+            outs.append(torch.cat([_forward_samples(model, posterior, params, names, draws, xs)
+                                   for xs in pieces], 1))  # fmt: skip
             done += c
     return torch.cat(outs)
 
