@@ -572,3 +572,19 @@ def test_mc_predictive_of_a_head_on_a_frozen_backbone_runs_the_backbone_once_per
             with post.sampled(model, gen):
                 ref.append(model(x).softmax(-1))
     torch.testing.assert_close(got, torch.stack(ref).mean(0))
+
+
+def test_mc_predictive_keeps_the_inputs_whole_for_training_mode_batchnorm(monkeypatch):
+    """Training-mode BatchNorm normalises with the batch's statistics: the inputs split into pieces
+    (the batched path's bound) would have changed every prediction; they stay whole there."""
+    import effortless.api as api
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3)).double().train()  # fmt: skip
+    x = torch.randn(40, 5, dtype=torch.float64)
+    post = _posterior(model)
+    whole = ef.predict(model, post, x, n_samples=4, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(api, "MC_VMAP_INPUTS", 16)  # (4 samples: pieces of 4 inputs otherwise)
+    split = ef.predict(model, post, x, n_samples=4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(split, whole)

@@ -451,6 +451,8 @@ def _mc_outputs(model, posterior, x, n_samples, generator=None, bn_batches=None)
     # inputs were not split before: 10,000 of them sent every sample through the whole network
     # alone, where under vmap the layers outside the posterior, e.g. a frozen backbone, run once)
     rows = max(1, MC_VMAP_INPUTS // chunk)
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+        rows = max(len(x), 1)  # (training-mode BatchNorm normalises with the batch's statistics)
     outs, done = [], 0
     with torch.no_grad():
         while done < n_samples:
