@@ -588,3 +588,10 @@ def test_mc_predictive_keeps_the_inputs_whole_for_training_mode_batchnorm(monkey
     monkeypatch.setattr(api, "MC_VMAP_INPUTS", 16)  # (4 samples: pieces of 4 inputs otherwise)
     split = ef.predict(model, post, x, n_samples=4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(split, whole)
+    model.eval()[1].track_running_stats = False  # (eval mode without running statistics: the same)
+    model[1].running_mean = model[1].running_var = None
+    monkeypatch.setattr(api, "MC_VMAP_INPUTS", 2**14)
+    whole = ef.predict(model, post, x, n_samples=4, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(api, "MC_VMAP_INPUTS", 16)
+    split = ef.predict(model, post, x, n_samples=4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(split, whole)

@@ -25,6 +25,7 @@ from torch import nn
 from . import likelihoods
 from ._checks import is_count
 from ._stack import outside_stacklevel
+from .curvature import engine
 from .curvature.data import DIAGONAL, _progress, diagonal_sums, pair
 from .curvature.functional import keep_buffers
 from .optim import BayesAdam
@@ -451,8 +452,8 @@ def _mc_outputs(model, posterior, x, n_samples, generator=None, bn_batches=None)
     # inputs were not split before: 10,000 of them sent every sample through the whole network
     # alone, where under vmap the layers outside the posterior, e.g. a frozen backbone, run once)
     rows = max(1, MC_VMAP_INPUTS // chunk)
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
-        rows = max(len(x), 1)  # (training-mode BatchNorm normalises with the batch's statistics)
+    if engine.coupled_modules(model):  # (BatchNorm normalising with the batch's statistics: x whole)
+        rows = max(len(x), 1)
     outs, done = [], 0
     with torch.no_grad():
         while done < n_samples:
