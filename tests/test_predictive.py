@@ -331,9 +331,9 @@ def test_mc_batches_of_samples_are_bounded_by_the_inputs_they_hold(monkeypatch):
     post = _posterior(model)
     whole = ef.predict(model, post, x, n_samples=8, generator=torch.Generator().manual_seed(0))
     calls = []
-    forward = api._forward_samples
-    record = lambda *a: calls.append((len(a[4]), len(a[5]))) or forward(*a)  # noqa: E731  (samples, inputs)
-    monkeypatch.setattr(api, "_forward_samples", record)
+    forward = api._vmapped
+    record = lambda *a: calls.append((len(a[3]), len(a[4]))) or forward(*a)  # noqa: E731  (samples, inputs)
+    monkeypatch.setattr(api, "_vmapped", record)
     for bound, inputs in ((3 * len(x), x), (16, torch.cat([x] * 4)), (5, x)):
         monkeypatch.setattr(api, "MC_VMAP_INPUTS", bound)
         calls.clear()

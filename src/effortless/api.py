@@ -454,14 +454,24 @@ def _mc_outputs(model, posterior, x, n_samples, generator=None, bn_batches=None)
     rows = max(1, MC_VMAP_INPUTS // chunk)
     if engine.coupled_modules(model):  # (BatchNorm normalising with the batch's statistics: x whole)
         rows = max(len(x), 1)
-    outs, done = [], 0
+    outs, done, batched = [], 0, True
     with torch.no_grad():
         while done < n_samples:
             c = min(chunk, n_samples - done)
             draws = [posterior.sample(generator) for _ in range(c)]
-            pieces = [x] if c == 1 else [x[i : i + rows] for i in range(0, max(len(x), 1), rows)]
-            outs.append(torch.cat([_forward_samples(model, posterior, params, names, draws, xs)
-                                   for xs in pieces], 1))  # fmt: skip
+            parts = None
+            if c > 1 and batched:
+                parts = []
+                for i in range(0, max(len(x), 1), rows):
+                    out = _vmapped(model, params, names, draws, x[i : i + rows])
+                    if out is None:  # vmap cannot run this model: one draw at a time from here on
+                        parts, batched = None, False
+                        break
+                    parts.append(out)
+            if parts is None:
+                outs.append(_one_at_a_time(model, posterior, draws, x))
+            else:
+                outs.append(torch.cat(parts, 1))
             done += c
     return torch.cat(outs)
 
@@ -488,19 +498,23 @@ def _diag_last_layer_draws(model, posterior, params, x, n_samples, generator):
     return kron.last_layer_draws(model, name, x, n_samples, draw)
 
 
-def _forward_samples(model, posterior, params, names, draws, x):
-    if len(draws) > 1:
-        from torch.func import functional_call, vmap
+def _vmapped(model, params, names, draws, x):
+    """The outputs at ``draws`` (S, B, ...) through ``torch.func.vmap``; None where vmap cannot run
+    the model (dropout in training mode, in-place ops, data-dependent control flow)."""
+    from torch.func import functional_call, vmap
 
-        stacked = {names[id(p)]: torch.stack([d[k] for d in draws]).to(p) for k, p in params.items()}
-        fixed = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in stacked}
-        try:
-            out = vmap(lambda th: functional_call(model, {**fixed, **th}, (x,)))(stacked)
-            return likelihoods.output(out)
-        except (RuntimeError, ValueError, NotImplementedError):  # e.g. dropout in train mode, in-place ops
-            pass
+    stacked = {names[id(p)]: torch.stack([d[k] for d in draws]).to(p) for k, p in params.items()}
+    fixed = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in stacked}
+    try:
+        return likelihoods.output(vmap(lambda th: functional_call(model, {**fixed, **th}, (x,)))(stacked))
+    except (RuntimeError, ValueError, NotImplementedError):
+        return None
+
+
+def _one_at_a_time(model, posterior, draws, x):
+    """The outputs at ``draws`` (S, B, ...): each loaded into the model, run, and restored."""
     outs = []
-    for d in draws:  # one at a time: load the sample, run, restore
+    for d in draws:
         with posterior.sampled(model, sample=d):
             outs.append(likelihoods.output(model(x)))
     return torch.stack(outs)
