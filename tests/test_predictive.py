@@ -595,3 +595,38 @@ def test_mc_predictive_keeps_the_inputs_whole_for_training_mode_batchnorm(monkey
     monkeypatch.setattr(api, "MC_VMAP_INPUTS", 16)
     split = ef.predict(model, post, x, n_samples=4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(split, whole)
+
+
+def test_mc_predictive_tries_vmap_once_for_a_model_it_cannot_run(monkeypatch):
+    """A model with data-dependent control flow: vmap fails; with the inputs in pieces it was tried
+    (and failed) on every piece, each piece then run draw by draw. One try; then the draws go
+    through the whole input one at a time, the same predictive."""
+    import effortless.api as api
+
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(5, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, z):
+            h = torch.relu(self.a(z))
+            return self.b(h * 2.0 if float(h.mean()) > 1e9 else h)
+
+    torch.manual_seed(0)
+    model = Branchy().double()
+    x = torch.randn(40, 5, dtype=torch.float64)
+    post = _posterior(model)
+    monkeypatch.setattr(api, "MC_VMAP_INPUTS", 16)  # (8 samples: pieces of 2 inputs)
+    tries, inputs = [], []
+    vmapped, one = api._vmapped, api._one_at_a_time
+    monkeypatch.setattr(api, "_vmapped", lambda *a: tries.append(1) or vmapped(*a))
+    monkeypatch.setattr(api, "_one_at_a_time", lambda *a: inputs.append(len(a[3])) or one(*a))
+    got = ef.predict(model, post, x, n_samples=8, generator=torch.Generator().manual_seed(0))
+    assert len(tries) == 1 and inputs == [40]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        ref = []
+        for _ in range(8):
+            with post.sampled(model, gen):
+                ref.append(model(x).softmax(-1))
+    torch.testing.assert_close(got, torch.stack(ref).mean(0))
