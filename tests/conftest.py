@@ -285,3 +285,15 @@ def make_batch(kind: str, likelihood: str, n: int = 6, out: int = 3, seed: int =
 
 
 ARCHS = ["mlp", "cnn", "residual", "layernorm", "shared"]
+
+
+def per_draw(model, posterior, x, n: int, seed: int) -> torch.Tensor:
+    """The reference MC predictive's outputs (n, ...): each posterior draw (a generator seeded with
+    ``seed``, the draws ef.predict makes from it) loaded into the model, which runs whole."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        outs = []
+        for _ in range(n):
+            with posterior.sampled(model, gen):
+                outs.append(model(x))
+    return torch.stack(outs)

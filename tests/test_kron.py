@@ -8,6 +8,7 @@ from torch import nn
 
 import effortless as ef
 from effortless.posterior import kron
+from tests.conftest import per_draw
 
 
 def _setup(bias=True, n=40, seed=0):
@@ -313,17 +314,6 @@ class _Scaled(nn.Module):
         return 2.0 * self.head(self.body(x))
 
 
-def _per_draw(model, post, x, n, seed):
-    """The MC predictive's outputs as loading each draw into the layer and running the network."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        outs = []
-        for _ in range(n):
-            with post.sampled(model, gen):
-                outs.append(model(x))
-    return torch.stack(outs)
-
-
 def test_mc_predictive_runs_the_network_once_with_the_same_numbers():
     """ef.predict(method='mc') of a last-layer posterior ran the whole network once per draw; only
     the last layer varies, so it runs it once and each draw is one F.linear: the same numbers,
@@ -332,7 +322,7 @@ def test_mc_predictive_runs_the_network_once_with_the_same_numbers():
     model, x, y, loader = _setup()
     post = ef.laplace(model, loader, hessian="kfac", subset="last_layer", prior_precision=1.0)
     got = ef.predict(model, post, x[:7], n_samples=9, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(got, _per_draw(model, post, x[:7], 9, 3).softmax(-1).mean(0))
+    assert torch.equal(got, per_draw(model, post, x[:7], 9, 3).softmax(-1).mean(0))
     calls = []
     handle = model[0].register_forward_hook(lambda *a: calls.append(1))
     post.draws(model, x[:7], 9)
@@ -344,7 +334,7 @@ def test_mc_predictive_runs_the_network_once_with_the_same_numbers():
     t = torch.randn(len(x), dtype=torch.float64)
     rpost = ef.laplace(reg, [(x, t)], likelihood="regression", hessian="kfac", subset="last_layer")
     mean, var = ef.predict(reg, rpost, x[:7], n_samples=9, generator=torch.Generator().manual_seed(4))
-    ref = _per_draw(reg, rpost, x[:7], 9, 4)
+    ref = per_draw(reg, rpost, x[:7], 9, 4)
     assert mean.shape == (7,) and torch.equal(mean, ref.mean(0))
     torch.testing.assert_close(var, ref.var(0, unbiased=False) + rpost.sigma_noise**2, rtol=0, atol=0)
 
@@ -353,7 +343,7 @@ def test_mc_predictive_runs_the_network_once_with_the_same_numbers():
     spost = ef.laplace(scaled, loader, hessian="kfac", subset="last_layer", prior_precision=1.0)
     assert spost.draws(scaled, x[:7], 3) is None
     got = ef.predict(scaled, spost, x[:7], n_samples=5, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(got, _per_draw(scaled, spost, x[:7], 5, 5).softmax(-1).mean(0))
+    assert torch.equal(got, per_draw(scaled, spost, x[:7], 5, 5).softmax(-1).mean(0))
     dropout = nn.Sequential(nn.Linear(3, 5), nn.Dropout(0.5), nn.Linear(5, 4)).double()
     dpost = ef.laplace(dropout.eval(), loader, hessian="kfac", subset="last_layer")
     assert dpost.draws(dropout.train(), x[:7], 3) is None
@@ -376,13 +366,13 @@ def test_a_diagonal_last_layer_posterior_also_runs_the_network_once(monkeypatch)
     got = ef.predict(model, post, x[:7], n_samples=9, generator=torch.Generator().manual_seed(3))
     handle.remove()
     assert len(calls) == 1
-    assert torch.equal(got, _per_draw(model, post, x[:7], 9, 3).softmax(-1).mean(0))
+    assert torch.equal(got, per_draw(model, post, x[:7], 9, 3).softmax(-1).mean(0))
     only_bias = ef.laplace(model, loader, hessian="ggn", params=["2.bias"])
     got = ef.predict(model, only_bias, x[:7], n_samples=4, generator=torch.Generator().manual_seed(4))
-    assert torch.equal(got, _per_draw(model, only_bias, x[:7], 4, 4).softmax(-1).mean(0))
+    assert torch.equal(got, per_draw(model, only_bias, x[:7], 4, 4).softmax(-1).mean(0))
     both = ef.laplace(model, loader, hessian="ggn", params=["0.bias", "2.bias"])  # (two layers vary)
     got = ef.predict(model, both, x[:7], n_samples=4, generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(got, _per_draw(model, both, x[:7], 4, 4).softmax(-1).mean(0))
+    torch.testing.assert_close(got, per_draw(model, both, x[:7], 4, 4).softmax(-1).mean(0))
 
     class Twice(nn.Module):
         def __init__(self):
@@ -397,4 +387,4 @@ def test_a_diagonal_last_layer_posterior_also_runs_the_network_once(monkeypatch)
     with pytest.raises(ValueError, match="to run once in the forward, it ran 2 times"):
         kron.layer_io(twice, "sq", x[:7])
     got = ef.predict(twice, tpost, x[:7], n_samples=3, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(got, _per_draw(twice, tpost, x[:7], 3, 5).softmax(-1).mean(0))
+    torch.testing.assert_close(got, per_draw(twice, tpost, x[:7], 3, 5).softmax(-1).mean(0))

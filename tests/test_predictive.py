@@ -8,7 +8,7 @@ import torch
 import effortless as ef
 from effortless.curvature import exact
 from effortless.posterior import predictive
-from tests.conftest import make_batch, make_model
+from tests.conftest import make_batch, make_model, per_draw
 
 ARCHS = ["mlp", "cnn", "residual", "conv1d", "batchnorm", "sequence", "layernorm", "embedding", "shared",
          "recurrent", "inplace", "convvariants", "groupnorm", "decoder", "instancenorm",
@@ -565,13 +565,7 @@ def test_mc_predictive_of_a_head_on_a_frozen_backbone_runs_the_backbone_once_per
     got = ef.predict(model, post, x, n_samples=8, generator=torch.Generator().manual_seed(1))
     handle.remove()
     assert sum(rows) == 100  # each input through the backbone once (it was 8 × 100)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        ref = []
-        for _ in range(8):
-            with post.sampled(model, gen):
-                ref.append(model(x).softmax(-1))
-    torch.testing.assert_close(got, torch.stack(ref).mean(0))
+    torch.testing.assert_close(got, per_draw(model, post, x, 8, 1).softmax(-1).mean(0))
 
 
 def test_mc_predictive_keeps_the_inputs_whole_for_training_mode_batchnorm(monkeypatch):
@@ -623,10 +617,4 @@ def test_mc_predictive_tries_vmap_once_for_a_model_it_cannot_run(monkeypatch):
     monkeypatch.setattr(api, "_one_at_a_time", lambda *a: inputs.append(len(a[3])) or one(*a))
     got = ef.predict(model, post, x, n_samples=8, generator=torch.Generator().manual_seed(0))
     assert len(tries) == 1 and inputs == [40]
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        ref = []
-        for _ in range(8):
-            with post.sampled(model, gen):
-                ref.append(model(x).softmax(-1))
-    torch.testing.assert_close(got, torch.stack(ref).mean(0))
+    torch.testing.assert_close(got, per_draw(model, post, x, 8, 0).softmax(-1).mean(0))
