@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._checks import is_count
-from ..curvature.data import sum_dtype
+from ..likelihoods import _wide
 from .diag import DiagGaussian
 from .evidence import TUNED, prior_choice, tune_prior_precision
 
@@ -100,13 +100,13 @@ def posterior_from_adam(
             raise ValueError("amsgrad / maximize change Adam's moments; not supported")
         beta1, beta2 = group["betas"]
         t = float(st["step"])
-        wide = sum_dtype(p.dtype)  # (B·v̂ − (B − 1)·m̂² cancels: in bf16 it lost a few per cent)
-        v = st["exp_avg_sq"].detach().to(wide) / (1 - beta2**t)
-        m = st["exp_avg"].detach().to(wide) / (1 - beta1**t)
+        # (in float32 for 16-bit weights: B·v̂ − (B − 1)·m̂² cancels, in bf16 it lost up to 15 %)
+        v = _wide(st["exp_avg_sq"].detach()) / (1 - beta2**t)
+        m = _wide(st["exp_avg"].detach()) / (1 - beta1**t)
         f = batch_size * v - (batch_size - 1) * m.pow(2)
         wd = group.get("weight_decay", 0.0)
         if wd and not (decoupled or group.get("decoupled_weight_decay", False)):
-            c = wd * p.detach().to(wide)
+            c = wd * _wide(p.detach())
             f = f - 2 * c * m + c.pow(2)
         mean[name] = p.detach().clone()
         fisher[name] = f.clamp_min(0).mul(n_data)
