@@ -14,6 +14,13 @@ def test_help_lists_the_demo(capsys):
     assert "demo" in capsys.readouterr().out
 
 
+def test_top_level_help_lists_each_command_once():
+    """The command list was written twice (a hand-kept copy in the description and argparse's own)."""
+    text = cli.build_parser().format_help()
+    for name in ("demo", "hessian-profile", "bench", "adam-hessian", "active"):
+        assert len(re.findall(rf"^\s+{name}\b", text, flags=re.M)) == 1, name
+
+
 @pytest.mark.parametrize("command, flag", [("demo", "--quick"), ("bench", "--device")])
 def test_module_entry_point_help(command, flag):
     cmd = [sys.executable, "-m", "effortless", command, "--help"]

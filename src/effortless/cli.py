@@ -8,18 +8,6 @@ from pathlib import Path
 
 DESCRIPTION = """effortless: Bayesian deep learning at the cost of Adam.
 
-Commands:
-  demo             train Adam and BayesAdam on Fashion-MNIST (MNIST-1D if absent), compare
-                   accuracy, NLL, calibration and out-of-distribution detection, and plot them
-  hessian-profile  time every curvature estimator and operator against model size, as a
-                   multiple of one forward+backward, with memory; table and log-log plot
-  bench            methods side by side (MAP, BayesAdam, MC dropout, ensembles, temperature
-                   scaling, last-layer Laplace, adam-laplace, IVON) on the same tasks; resumable
-  adam-hessian     how well Adam's state (and BayesAdam's curvature) matches the exact diagonal
-                   GGN / empirical Fisher / Hessian during training; adam-laplace vs MAP
-  active           pool-based active learning: labels needed to reach 90/95 % test accuracy
-                   for each method × acquisition function (BALD, BatchBALD, entropy, random...)
-
 Run `effortless COMMAND --help` for a command's options."""
 
 
@@ -206,10 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="effortless", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     d = sub.add_parser(
         "demo",
-        help="Adam vs BayesAdam on Fashion-MNIST, with plots",
+        help=(
+            "train Adam and BayesAdam on Fashion-MNIST (MNIST-1D if absent), compare accuracy, NLL, "
+             "calibration and out-of-distribution detection, and plot them"
+        ),
         description=(
             "Train the same MLP with Adam (MAP) and with BayesAdam (defaults: only n_data set) on "
             "Fashion-MNIST; report accuracy, NLL, ECE, Brier score, OOD AUROC against the MNIST test "
@@ -231,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
     h = sub.add_parser(
         "hessian-profile",
-        help="cost of every curvature estimator against model size",
+        help=(
+            "time every curvature estimator and operator against model size, as a multiple of one "
+             "forward+backward, with memory; table and log-log plot"
+        ),
         description=(
             "Time the curvature quantities (diagonal GGN exact and Monte-Carlo, empirical Fisher, "
             "KFAC factors, each with the gradient; the torch.func paths; Hutchinson; HVP, GVP, CG) "
@@ -255,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(func=_hessian_profile)
     b = sub.add_parser(
         "bench",
-        help="methods side by side on the same tasks (resumable)",
+        help=(
+            "methods side by side (MAP, BayesAdam, MC dropout, ensembles, temperature scaling, "
+             "last-layer Laplace, adam-laplace, IVON) on the same tasks; resumable"
+        ),
         description=(
             "Train and evaluate each method on each task and seed with the same network, data order, "
             "epochs and evaluation (accuracy, NLL, ECE, Brier, OOD AUROC, time). Rows already in "
@@ -309,7 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench)
     a = sub.add_parser(
         "adam-hessian",
-        help="Adam's second moment against the exact curvature, during training",
+        help=(
+            "how well Adam's state (and BayesAdam's curvature) matches the exact diagonal GGN / "
+             "empirical Fisher / Hessian during training; adam-laplace vs MAP"
+        ),
         description=(
             "Train with Adam and BayesAdam side by side; every --every steps compare Adam's raw "
             "second moment, the empirical Fisher it implies (posterior_from_adam) and BayesAdam's "
@@ -341,7 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     al = sub.add_parser(
         "active",
-        help="pool-based active learning: labels needed per method × acquisition",
+        help=(
+            "pool-based active learning: labels needed to reach 90/95 %% test accuracy for each "
+             "method × acquisition function (BALD, BatchBALD, entropy, random...)"
+        ),
         description=(
             "Active learning, Gal et al. (2017) protocol by default: a balanced start of --initial "
             "labels, --query points per round chosen from a random subset of --pool-subset pool "
