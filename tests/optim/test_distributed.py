@@ -263,6 +263,41 @@ def test_curvature_and_last_layer_kfac_on_a_distributed_loader_equal_the_whole_d
         assert r[k]["half"].dtype == torch.bfloat16 and r[k]["half"].tolist() == [3.0, 3.0, 3.0]
 
 
+def _empty_shard_worker(rank, out):
+    """Rank 1's shard is empty: its KFAC sums have no shapes until a forward pass, so it raised
+    before the collective and rank 0 waited in it (the test's deadline caught the hang)."""
+    model, x, y = _setup()
+    xs, ys = x.reshape(-1, 5), y.reshape(-1)
+    loader = [(xs[i : i + 13], ys[i : i + 13]) for i in range(0, len(xs), 13)] if rank == 0 else []
+    res = {"kfac": {n: list(f) for n, f in ef.curvature.accumulate(model, loader, hessian="kfac").items()}}
+    ll = ef.laplace(model, loader, hessian="kfac", subset="last_layer", prior_precision="marglik")
+    res["ll"] = {"A": ll.A, "G": ll.G, "delta": ll.prior_precision, "layer": ll.layer}
+    try:  # every shard empty: both ranks raise (none waits for the other)
+        ef.curvature.accumulate(model, [], hessian="kfac")
+    except ValueError as e:
+        res["none"] = str(e)
+    torch.save(res, os.path.join(out, f"empty{rank}.pt"))
+
+
+def test_kfac_with_an_empty_shard_on_one_rank_equals_the_whole_data(tmp_path):
+    _spawn(_empty_shard_worker, str(tmp_path))
+    r = [torch.load(tmp_path / f"empty{k}.pt", weights_only=True) for k in range(2)]
+    model, x, y = _setup()
+    xs, ys = x.reshape(-1, 5), y.reshape(-1)
+    ref_kfac = ef.curvature.kfac(model, xs, ys)
+    ref_ll = ef.laplace(model, [(xs, ys)], hessian="kfac", subset="last_layer", prior_precision="marglik")
+    for k in range(2):
+        assert list(r[k]["kfac"]) == list(ref_kfac)
+        for name, (A, G) in ref_kfac.items():
+            torch.testing.assert_close(r[k]["kfac"][name][0], A, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(r[k]["kfac"][name][1], G, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(r[k]["ll"]["A"], ref_ll.A, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(r[k]["ll"]["G"], ref_ll.G, rtol=1e-10, atol=1e-12)
+        assert r[k]["ll"]["layer"] == ref_ll.layer
+        assert r[k]["ll"]["delta"] == pytest.approx(ref_ll.prior_precision, rel=1e-6)
+        assert "no batches" in r[k]["none"]
+
+
 def test_laplace_on_a_distributed_loader_equals_the_whole_data(tmp_path):
     _spawn(_laplace_worker, str(tmp_path))
     r = [torch.load(tmp_path / f"laplace{k}.pt", weights_only=True) for k in range(2)]

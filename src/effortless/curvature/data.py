@@ -17,7 +17,9 @@ from .. import likelihoods
 from . import estimators
 from . import functional as cf
 
-__all__ = ["accumulate", "DIAGONAL", "all_reduce_sums", "diagonal_estimator", "pair", "sum_dtype"]
+__all__ = [
+    "accumulate", "DIAGONAL", "all_reduce_sums", "diagonal_estimator", "pair", "shared_layout", "sum_dtype"
+]
 
 
 def sum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,19 +87,52 @@ def _group_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _reducing(distributed) -> bool:
+    """Whether sums are reduced over ranks: ``distributed`` True, or None and a group of size > 1 is up."""
+    import torch.distributed as dist
+
+    if distributed is None:
+        return _group_size() > 1
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True needs an initialised torch.distributed process group")
+    return bool(distributed)
+
+
+def shared_layout(layout: dict, distributed) -> dict:
+    """The layout of the sums every rank reduces: ``layout`` is this rank's ``{name: [(shape,
+    dtype), ...]}`` of the factors it summed, ``{}`` when its shard was empty. Without reduction,
+    ``layout`` itself; under a process group, the first non-empty rank's (``{}`` when every shard
+    was empty), so that a rank with no data joins the collective with zeros of the others' shapes
+    (Kronecker factors' shapes are only known from a forward pass: such a rank raised before the
+    collective and left the others waiting in it). Every rank sees every layout, so all reach the
+    same verdict: a mismatch raises everywhere. One small collective (``all_gather_object``)."""
+    if not _reducing(distributed):
+        return layout
+    import torch.distributed as dist
+
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, layout)
+    held = [(rank, lay) for rank, lay in enumerate(everyone) if lay]
+    if not held:
+        return {}
+    (r0, first), *rest = held
+    for rank, lay in rest:
+        if lay != first:
+            raise ValueError(
+                f"the ranks' curvature sums differ in layout (rank {r0}: {first}; rank {rank}: {lay}): "
+                "every rank must run the same model"
+            )
+    return first
+
+
 def all_reduce_sums(tensors: list[torch.Tensor], scalars: list[float], distributed) -> list[float]:
     """Sum ``tensors`` (in place) and ``scalars`` over the ranks of an initialised process group, in
     one flat collective, when ``distributed`` is True, or None and a group of size > 1 is up.
     Returns the (summed) scalars."""
     import torch.distributed as dist
 
-    up = _group_size() > 1
-    if distributed is None:
-        distributed = up
-    if not distributed:
+    if not _reducing(distributed):
         return scalars
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("distributed=True needs an initialised torch.distributed process group")
     if not tensors:
         raise ValueError("nothing to reduce")
     dev = tensors[0].device if dist.get_backend() != "gloo" else torch.device("cpu")
@@ -171,8 +206,12 @@ def accumulate(
                 else:
                     sums[name] = [A.to(sum_dtype(A.dtype)) * x.shape[0], G.to(sum_dtype(G.dtype), copy=True)]
             count += x.shape[0]
-        if not sums:
+        layout = shared_layout({n: [(tuple(t.shape), t.dtype) for t in ts] for n, ts in sums.items()},
+                               distributed)  # fmt: skip
+        if not layout:  # (every rank's shard empty: all raise)
             raise ValueError("accumulate: the loader yielded no batches")
+        sums = {n: sums.get(n) or [torch.zeros(s, dtype=d, device=device) for s, d in spec]
+                for n, spec in layout.items()}  # (zeros on a rank whose shard was empty; one order)
         tensors = [t for pair in sums.values() for t in pair]
         (count,) = all_reduce_sums(tensors, [float(count)], distributed)
         return {name: (A / count, G) for name, (A, G) in sums.items()}

@@ -268,7 +268,7 @@ def fit_last_layer(model, loader, lik, prior_precision, n_samples=1, generator=N
     inside the evidence (:func:`effortless.posterior.evidence.tune_prior_and_noise`, with the
     Kronecker eigenvalues for the curvature); the residual sum of squares takes one more forward
     pass per batch. The posterior records the σ (``sigma_noise``)."""
-    from ..curvature.data import all_reduce_sums, pair, sum_dtype
+    from ..curvature.data import all_reduce_sums, pair, shared_layout, sum_dtype
     from ..curvature.functional import kfac
 
     if tune_noise:
@@ -293,8 +293,15 @@ def fit_last_layer(model, loader, lik, prior_precision, n_samples=1, generator=N
             f = likelihoods.output(_forward(model, x)).double()
             rss += float((f - y.reshape(f.shape).double()).pow(2).sum())
             n_out += f.numel()
-    if A is None:
+    mine = {name: [(tuple(A.shape), A.dtype), (tuple(G.shape), G.dtype)]} if A is not None else {}
+    layout = shared_layout(mine, distributed)
+    if not layout:  # (every rank's shard empty: all raise)
         raise ValueError("fit_last_layer: the loader yielded no batches")
+    if A is None:  # this rank's shard was empty: join the sums with zeros, at the others' layer
+        ((name, [(a_shape, a_dtype), (g_shape, g_dtype)]),) = layout.items()
+        layer = model.get_submodule(name)
+        A = torch.zeros(a_shape, dtype=a_dtype, device=device)
+        G = torch.zeros(g_shape, dtype=g_dtype, device=device)
     count, rss, n_out = all_reduce_sums([A, G], [float(count), rss, float(n_out)], distributed)
     bad = [n for n, t in (("A", A), ("G", G)) if not bool(torch.isfinite(t).all())]
     if bad or not math.isfinite(rss):  # (eigh said "ill-conditioned or has too many repeated eigenvalues")
