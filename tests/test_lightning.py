@@ -241,3 +241,46 @@ def test_several_validation_dataloaders_get_metrics_of_their_own(tmp_path):
         key = f"posterior/nll/dataloader_idx_{idx}"
         assert float(logged[key]) == pytest.approx(ef.metrics.nll(probs, y), rel=1e-5), key
     assert "posterior/nll" not in logged
+
+
+def test_under_ddp_the_logged_metrics_are_the_whole_validation_set(tmp_path, monkeypatch):
+    """Each rank's sums are added over the ranks (one collective, ``strategy.reduce``). Before, each
+    rank logged its shard's NLL, ECE and accuracy and Lightning averaged them (the ECE of the whole
+    set is not the mean of the shards' ECEs). The other rank is simulated: reduce adds its sums."""
+    from effortless.integrations import lightning as integration
+
+    train, val = _data()
+    g = torch.Generator().manual_seed(9)
+    other_probs = torch.softmax(3 * torch.randn(80, 4, generator=g), -1)
+    other_at_mean = torch.softmax(3 * torch.randn(80, 4, generator=g), -1)
+    other_y = torch.randint(0, 4, (80,), generator=g)
+    calls = []
+
+    L.seed_everything(0)
+    model = Auto()
+    trainer = _trainer(tmp_path, 1, callbacks=[PosteriorMetrics(n_samples=2)])
+
+    def reduce(tensor, reduce_op="mean"):
+        if tensor.shape != (1, 4 + 2 * integration.N_BINS):  # (Lightning's own, e.g. loader lengths)
+            return tensor
+        calls.append(reduce_op)
+        return tensor + integration._sums([other_probs], [other_at_mean], [other_y]).to(tensor)[None]
+
+    monkeypatch.setattr(trainer.strategy, "reduce", reduce)
+    trainer.fit(model, train, val)
+    assert calls == ["sum"]
+    post = trainer.optimizers[0].posterior()
+    model.eval()
+    gen = torch.Generator().manual_seed(trainer.global_step)
+    x, y = val.dataset.tensors
+    probs = torch.cat([ef.predict(model, post, xb, n_samples=2, generator=gen) for xb, _ in val])
+    with post.mean_loaded(model), torch.no_grad():
+        at_mean = model(x).softmax(-1)
+    probs, at_mean = torch.cat([probs, other_probs]), torch.cat([at_mean, other_at_mean])
+    y = torch.cat([y, other_y])
+    logged = trainer.callback_metrics
+    assert float(logged["posterior/ece"]) == pytest.approx(ef.metrics.ece(probs, y), rel=1e-5)
+    assert float(logged["posterior/nll"]) == pytest.approx(ef.metrics.nll(probs, y), rel=1e-5)
+    assert float(logged["posterior/accuracy"]) == pytest.approx(ef.metrics.accuracy(probs, y), rel=1e-6)
+    gain = ef.metrics.nll(at_mean, y) - ef.metrics.nll(probs, y)
+    assert float(logged["posterior/nll_gain_over_mean"]) == pytest.approx(gain, rel=1e-4, abs=1e-6)

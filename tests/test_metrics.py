@@ -311,3 +311,16 @@ def test_labels_of_every_integer_width_give_the_int64_values():
     for bad in (labels.double(), labels.bool()):
         with pytest.raises(ValueError, match="integer class indices"):
             metrics.nll(probs, bad)
+
+
+def test_calibration_sums_add_over_parts_of_a_test_set():
+    """The ECE of a whole test set from its parts' summed bins (a distributed evaluation's shards)."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(2 * torch.randn(300, 5, generator=g, dtype=torch.float64), -1)
+    y = torch.randint(0, 5, (300,), generator=g)
+    parts = [metrics.calibration_sums(probs[a:b], y[a:b]) for a, b in ((0, 37), (37, 200), (200, 300))]
+    conf, acc, count = (sum(p[i] for p in parts) for i in range(3))
+    assert float(count.sum()) == 300
+    assert float((conf - acc).abs().sum() / 300) == pytest.approx(metrics.ece(probs, y), rel=1e-12)
+    mean_of_parts = sum(metrics.ece(probs[a:b], y[a:b]) for a, b in ((0, 37), (37, 200), (200, 300))) / 3
+    assert abs(mean_of_parts - metrics.ece(probs, y)) > 1e-3  # (averaging the parts' ECEs is not it)

@@ -23,9 +23,9 @@ from . import likelihoods
 from ._checks import is_count, is_number
 
 __all__ = [
-    "accuracy", "nll", "ece", "ece_floor", "mce", "brier", "auroc", "aupr", "fpr_at_tpr", "aurc",
-    "entropy", "mutual_information", "classification_report", "gaussian_nll", "rmse", "picp",
-    "quantile_calibration_error",
+    "accuracy", "nll", "ece", "ece_floor", "calibration_bins", "calibration_sums", "mce", "brier",
+    "auroc", "aupr", "fpr_at_tpr", "aurc", "entropy", "mutual_information", "classification_report",
+    "gaussian_nll", "rmse", "picp", "quantile_calibration_error",
 ]  # fmt: skip
 
 
@@ -151,6 +151,16 @@ def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
     Equal-width bins on [0, 1], or with ``adaptive=True`` equal-mass bins (each holds ~N/n_bins
     predictions, sorted by confidence).
     """
+    sum_conf, sum_acc, count = calibration_sums(probs, labels, n_bins, adaptive)
+    safe = count.clamp_min(1)
+    return sum_conf / safe, sum_acc / safe, count
+
+
+@_on_cpu
+def calibration_sums(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, adaptive: bool = False):
+    """Per confidence bin: (sum of the top-class confidences, number correct, count), each (n_bins,)
+    in float64. With equal-width bins these add over disjoint parts of a test set (shards of a
+    distributed evaluation): the ECE of the whole is Σ_b |Σ conf − Σ correct| / N of the summed bins."""
     _check_classification(probs, labels)
     conf, pred = probs.double().max(-1)
     correct = (pred == labels).double()
@@ -158,8 +168,7 @@ def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
     count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf))
     sum_conf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf)
     sum_acc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct)
-    safe = count.clamp_min(1)
-    return sum_conf / safe, sum_acc / safe, count
+    return sum_conf, sum_acc, count
 
 
 @_on_cpu

@@ -26,10 +26,10 @@ class PosteriorMetrics(L.Callback):
     """Log, after each validation epoch, the posterior predictive's NLL, ECE and accuracy (``n_samples``
     weight samples from the BayesAdam optimizer's posterior), the mean weight standard deviation,
     and the gain in NLL over the network at the posterior's mean (the averaged means; ``posterior/…``
-    keys). Under DDP each rank computes them on its shard and Lightning averages them: the mean of
-    the ranks' NLL and accuracy is the whole set's for equal shards (``DistributedSampler``), the
-    ECE is the mean of the shards' ECEs (a binned statistic: slightly above the pooled ECE, whose
-    bins hold more predictions).
+    keys). Under DDP each rank predicts its shard and the ranks' sums (NLL, correct, count, the ECE's
+    per-bin confidence and accuracy sums) are added in one collective, so the logged numbers are
+    those of the whole validation set (shards of any size; before, the ranks' ECEs were averaged,
+    which is above the pooled ECE).
 
     The samples come from the callback's own generator (seeded by ``seed``), not the optimizer's:
     adding the callback leaves training bitwise as it was (it drew from the optimizer's sampler
@@ -84,20 +84,46 @@ class PosteriorMetrics(L.Callback):
         labels.append(y)
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        if not self._seen:
+        if trainer.sanity_checking or self._post is None:
             return
         sd = torch.cat([v.reshape(-1) for v in self._post.std.values()])
         self._post = None
-        logs = {"posterior/mean_weight_std": float(sd.mean())}
-        for idx, (probs, at_mean, labels) in sorted(self._seen.items()):
-            probs, at_mean, labels = torch.cat(probs), torch.cat(at_mean), torch.cat(labels)
-            nll = metrics.nll(probs, labels)
-            suffix = f"/dataloader_idx_{idx}" if len(self._seen) > 1 else ""
-            logs |= {
-                f"posterior/nll{suffix}": nll,
-                f"posterior/ece{suffix}": metrics.ece(probs, labels),
-                f"posterior/accuracy{suffix}": metrics.accuracy(probs, labels),
-                f"posterior/nll_gain_over_mean{suffix}": metrics.nll(at_mean, labels) - nll,
-            }
+        loaders = max(len(trainer.num_val_batches), 1)
+        # each loader's sums over this rank's batches, summed over the ranks: the pooled metrics
+        # (a rank with no batches of a loader adds zeros; every rank joins the one collective)
+        sums = torch.stack([_sums(*self._seen.get(idx, ([], [], []))) for idx in range(loaders)])
+        sums = trainer.strategy.reduce(sums.to(pl_module.device), reduce_op="sum").double().cpu()
         self._seen = {}
+        logs = {"posterior/mean_weight_std": float(sd.mean())}
+        for idx, row in enumerate(sums):
+            nll, nll_at_mean, correct, n = row[:4].tolist()
+            if n == 0:
+                continue
+            conf, acc = row[4 : 4 + N_BINS], row[4 + N_BINS :]
+            suffix = f"/dataloader_idx_{idx}" if loaders > 1 else ""
+            logs |= {
+                f"posterior/nll{suffix}": nll / n,
+                f"posterior/ece{suffix}": float((conf - acc).abs().sum()) / n,
+                f"posterior/accuracy{suffix}": correct / n,
+                f"posterior/nll_gain_over_mean{suffix}": (nll_at_mean - nll) / n,
+            }
+        # (the values are already the same on every rank; sync_dist averages equal numbers and
+        # keeps Lightning from warning about unsynced epoch-level logs)
         pl_module.log_dict(logs, sync_dist=True, add_dataloader_idx=False)  # (the keys carry it)
+
+
+N_BINS = 15  # the callback's ECE bins (metrics.ece's default)
+
+
+def _sums(probs: list, at_mean: list, labels: list) -> torch.Tensor:
+    """One loader's statistics over this rank's batches, in float64 sums that add over ranks:
+    Σ NLL, Σ NLL at the mean, number correct, count, then per equal-width bin Σ confidence and Σ
+    correct (the ECE of the union is Σ_b |Σ conf − Σ correct| / N)."""
+    if not labels:
+        return torch.zeros(4 + 2 * N_BINS, dtype=torch.float64)
+    probs, at_mean, labels = torch.cat(probs), torch.cat(at_mean), torch.cat(labels)
+    n = len(labels)
+    conf, acc, _ = metrics.calibration_sums(probs, labels, N_BINS)
+    head = [metrics.nll(probs, labels) * n, metrics.nll(at_mean, labels) * n,
+            metrics.accuracy(probs, labels) * n, float(n)]  # fmt: skip
+    return torch.cat([torch.tensor(head, dtype=torch.float64), conf, acc])
