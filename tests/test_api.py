@@ -163,6 +163,13 @@ def test_fit_refuses_an_iterator_used_up_after_the_first_epoch():
         ef.fit(model, once(), epochs=2, n_data=16, scheduler=None, progress=False)
 
 
+def test_fit_on_an_empty_dataset_says_so():
+    x, y = _cls_data(n=16)
+    empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:0], y[:0]), batch_size=4)
+    with pytest.raises(ValueError, match="dataset is empty"):
+        ef.fit(nn.Linear(4, 2), empty, epochs=1, progress=False)
+
+
 def test_fit_and_laplace_name_what_they_cannot_do():
     x, y = _cls_data(n=16)
     model = nn.Linear(4, 2)

@@ -152,6 +152,8 @@ def _n_data(loader) -> int:
         n = len(loader.dataset)
     except (AttributeError, TypeError):
         raise ValueError("n_data: the loader has no dataset length; pass n_data=") from None
+    if n == 0:  # (said "n_data must be a finite number > 0, got 0", as if the user had passed it)
+        raise ValueError("fit: the loader's dataset is empty (0 examples)")
     sampler = getattr(loader, "sampler", None)
     while isinstance(sampler, tud.BatchSampler):  # batches drawn whole (effortless.data.loader): its order
         sampler = sampler.sampler
