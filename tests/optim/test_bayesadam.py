@@ -54,6 +54,29 @@ def test_temperature_zero_is_exactly_adam_with_l2():
         torch.testing.assert_close(p1, p2, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_temperature_zero_follows_adam_under_one_cycle_momentum(fused):
+    """OneCycleLR cycles β₁ in the param groups every step (``cycle_momentum``): the step must read
+    the group's betas each time (compiled kernels included), as torch.optim.Adam does."""
+    x, y = _data()
+    m1, m2 = _mlp(), _mlp()
+    n, delta, steps = 64, 3.0, 20
+    adam = torch.optim.Adam(m1.parameters(), lr=1e-2, weight_decay=delta / n)
+    ba = ef.BayesAdam(m2.parameters(), n_data=n, lr=1e-2, prior_precision=delta, temperature=0.0,
+                      averaging=None, fused=fused)  # fmt: skip
+    scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=steps) for o in (adam, ba)]
+    for _ in range(steps):
+        adam.zero_grad()
+        F.cross_entropy(m1(x), y).backward()
+        adam.step()
+        _loop_step(ba, m2, x, y)
+        for sched in scheds:
+            sched.step()
+    assert ba.param_groups[0]["betas"][0] != 0.9  # (the schedule moved it)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-13, atol=1e-15)
+
+
 @pytest.mark.parametrize("foreach", [True, False])
 def test_eager_mean_update_by_fused_adam_equals_the_foreach_ops(foreach, monkeypatch):
     """The eager path moves μ, m and v with PyTorch's fused Adam kernel where it can; the
