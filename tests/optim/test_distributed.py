@@ -270,6 +270,9 @@ def _empty_shard_worker(rank, out):
     xs, ys = x.reshape(-1, 5), y.reshape(-1)
     loader = [(xs[i : i + 13], ys[i : i + 13]) for i in range(0, len(xs), 13)] if rank == 0 else []
     res = {"kfac": {n: list(f) for n, f in ef.curvature.accumulate(model, loader, hessian="kfac").items()}}
+    res["ggn"] = ef.curvature.accumulate(model, loader, hessian="ggn")
+    diag = ef.laplace(model, loader, hessian="ggn", prior_precision="marglik")
+    res["diag"] = {"precision": diag.precision, "delta": diag.prior_precision}
     ll = ef.laplace(model, loader, hessian="kfac", subset="last_layer", prior_precision="marglik")
     res["ll"] = {"A": ll.A, "G": ll.G, "delta": ll.prior_precision, "layer": ll.layer}
     try:  # every shard empty: both ranks raise (none waits for the other)
@@ -279,7 +282,7 @@ def _empty_shard_worker(rank, out):
     torch.save(res, os.path.join(out, f"empty{rank}.pt"))
 
 
-def test_kfac_with_an_empty_shard_on_one_rank_equals_the_whole_data(tmp_path):
+def test_curvature_with_an_empty_shard_on_one_rank_equals_the_whole_data(tmp_path):
     _spawn(_empty_shard_worker, str(tmp_path))
     r = [torch.load(tmp_path / f"empty{k}.pt", weights_only=True) for k in range(2)]
     model, x, y = _setup()
@@ -296,6 +299,13 @@ def test_kfac_with_an_empty_shard_on_one_rank_equals_the_whole_data(tmp_path):
         assert r[k]["ll"]["layer"] == ref_ll.layer
         assert r[k]["ll"]["delta"] == pytest.approx(ref_ll.prior_precision, rel=1e-6)
         assert "no batches" in r[k]["none"]
+        ref_diag = ef.curvature.diag_ggn(model, xs, ys)
+        for name, v in ref_diag.items():
+            torch.testing.assert_close(r[k]["ggn"][name], v, rtol=1e-10, atol=1e-12)
+        ref = ef.laplace(model, [(xs, ys)], hessian="ggn", prior_precision="marglik")
+        assert r[k]["diag"]["delta"] == pytest.approx(ref.prior_precision, rel=1e-9)
+        for name, v in ref.precision.items():
+            torch.testing.assert_close(r[k]["diag"]["precision"][name], v, rtol=1e-10, atol=1e-10)
 
 
 def test_laplace_on_a_distributed_loader_equals_the_whole_data(tmp_path):
