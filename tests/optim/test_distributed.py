@@ -279,6 +279,12 @@ def _empty_shard_worker(rank, out):
         ef.curvature.accumulate(model, [], hessian="kfac")
     except ValueError as e:
         res["none"] = str(e)
+    other = model if rank == 0 else torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(),
+                                                        torch.nn.Linear(4, 3)).double()  # fmt: skip
+    try:  # different models on the ranks: both raise, naming it
+        ef.curvature.accumulate(other, [(xs[:13], ys[:13])], hessian="kfac")
+    except ValueError as e:
+        res["mismatch"] = str(e)
     torch.save(res, os.path.join(out, f"empty{rank}.pt"))
 
 
@@ -299,6 +305,7 @@ def test_curvature_with_an_empty_shard_on_one_rank_equals_the_whole_data(tmp_pat
         assert r[k]["ll"]["layer"] == ref_ll.layer
         assert r[k]["ll"]["delta"] == pytest.approx(ref_ll.prior_precision, rel=1e-6)
         assert "no batches" in r[k]["none"]
+        assert "differ in layout" in r[k]["mismatch"]
         ref_diag = ef.curvature.diag_ggn(model, xs, ys)
         for name, v in ref_diag.items():
             torch.testing.assert_close(r[k]["ggn"][name], v, rtol=1e-10, atol=1e-12)
