@@ -118,9 +118,10 @@ def shared_layout(layout: dict, distributed) -> dict:
     (r0, first), *rest = held
     for rank, lay in rest:
         if lay != first:
+            name = next(n for n in [*first, *lay] if first.get(n) != lay.get(n))
             raise ValueError(
-                f"the ranks' curvature sums differ in layout (rank {r0}: {first}; rank {rank}: {lay}): "
-                "every rank must run the same model"
+                f"the ranks' curvature sums differ in layout (at {name!r}, rank {r0}: {first.get(name)}; "
+                f"rank {rank}: {lay.get(name)}): every rank must run the same model"
             )
     return first
 
