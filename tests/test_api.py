@@ -1,3 +1,4 @@
+import re
 import warnings
 
 import pytest
@@ -51,6 +52,32 @@ def test_regression_predictive_includes_noise_and_is_wider_off_data():
     assert mean.shape == var.shape == (2, 1)
     assert (var >= 0.1**2).all()
     assert var[1] > var[0]  # far from the data the predictive is wider
+
+
+@pytest.mark.parametrize("noise, sigma, warns", [(0.05, None, True), (0.05, 0.05, False), (1.0, None, False),
+                                                 (8.0, None, True)])  # fmt: skip
+def test_fit_warns_when_the_default_regression_noise_is_far_from_the_residuals(noise, sigma, warns):
+    """σ = 1 (the default) on targets with noise 0.05 weighed the data 400× too little and put 1
+    into every predictive variance, silently. Left unset, fit now reads the residuals' size off
+    the last epoch's Gaussian NLL and says so; a σ the user passed is theirs, and σ = 1 on noise
+    of about 1 is right."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 3, generator=g)
+    y = 0.2 * x @ torch.tensor([[1.0], [2.0], [-1.0]]) + noise * torch.randn(512, 1, generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        post = ef.fit(model, _loader(x, y, 32), likelihood="regression", sigma_noise=sigma, epochs=20,
+                      progress=False)  # fmt: skip
+    said = [str(w.message) for w in caught if "sigma_noise=1" in str(w.message)]
+    assert bool(said) == warns, said
+    assert post.sigma_noise == (1.0 if sigma is None else sigma)
+    if warns:
+        rms = float(re.search(r"RMS ([0-9.e+-]+)", said[0]).group(1))
+        with torch.no_grad():
+            final = float((model(x) - y).pow(2).mean().sqrt())
+        assert 0.7 < rms / final < 1.5, (rms, final)  # (the last epoch's, at its weight samples)
 
 
 def test_laplace_sums_the_curvature_over_the_loader():

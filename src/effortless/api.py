@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import warnings
 from collections.abc import Iterable
 
@@ -183,7 +184,7 @@ def fit(
     epochs: int = 5,
     hessian: str = "reparam",
     n_data: int | None = None,
-    sigma_noise: float = 1.0,
+    sigma_noise: float | None = None,
     optimizer: BayesAdam | None = None,
     scheduler: str | None = "cosine",
     progress: bool = True,
@@ -197,6 +198,11 @@ def fit(
         loader: yields ``(x, y)`` minibatches; ``n_data`` defaults to ``len(loader.dataset)``
             (the subset's size with a ``SubsetRandomSampler``; other custom samplers need it given).
         likelihood: ``"classification"`` or ``"regression"`` (with ``sigma_noise``).
+        sigma_noise: the regression noise σ (default 1), which weighs the likelihood (1/σ²) and is
+            part of the predictive variance. Left unset, ``fit`` warns when the last epoch's
+            residuals put the noise more than √10× away from 1 (targets standardised to unit
+            variance and fitted well, say): pass an estimate, or choose σ after training by the
+            evidence (``ef.laplace(..., sigma_noise="marglik")``).
         epochs: passes over the data.
         hessian: curvature estimator key.
         optimizer: continue with this optimizer instead of making a new one.
@@ -209,7 +215,8 @@ def fit(
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if scheduler not in ("cosine", None):
         raise ValueError(f"scheduler must be 'cosine' or None, got {scheduler!r}")
-    lik = likelihoods.get(likelihood, sigma_noise)
+    sigma_given = sigma_noise is not None
+    lik = likelihoods.get(likelihood, 1.0 if sigma_noise is None else sigma_noise)
     if optimizer is not None:  # these would be ignored: the optimizer has its own
         given = [*optimizer_kwargs, *(["n_data"] if n_data is not None else []),
                  *(["hessian"] if hessian not in ("reparam", optimizer.hessian) else [])]  # fmt: skip
@@ -248,11 +255,13 @@ def fit(
     batch_bar = _progress(None, progress and bool(per_epoch), total=epochs * (per_epoch or 0), desc="fit",
                           unit="batch")  # fmt: skip
     bar = _progress(range(epochs), progress and batch_bar is None, desc="fit", unit="epoch")
+    outputs = 1  # (regression: outputs per example, for the residuals behind the loss)
     try:
         for epoch in bar:
             total_loss, count = 0.0, 0
             for batch in loader:
                 x, y = (t.to(device) for t in pair(batch))
+                outputs = y[0].numel() if y.dim() > 0 and len(y) else 1
                 loss = optimizer.train_step(model, x, y, likelihood=lik)
                 total_loss += float(loss) * x.shape[0]
                 count += x.shape[0]
@@ -279,9 +288,31 @@ def fit(
                     g.pop("initial_lr", None)
                 else:
                     g["initial_lr"] = initial
+    if lik.name == "regression" and not sigma_given:
+        _check_default_noise(lik.sigma_noise, total_loss / count, outputs)
     optimizer.load_averaged_means()  # the weights end at the posterior mean (see `averaging`)
     _refresh_bn_statistics(model, loader, device)
     return optimizer.posterior()  # (with the regression σ that train_step recorded)
+
+
+def _check_default_noise(sigma: float, mean_nll: float, outputs: int) -> None:
+    """Warn when the default regression σ is far from the noise the last epoch's residuals show:
+    its mean Gaussian NLL is ½ Σ r²/σ² + ½ D log(2πσ²) per example, so the residuals' mean square
+    is 2σ²(NLL − ½ D log 2πσ²)/D (at the weight samples trained on). σ = 1 on targets with noise
+    0.1 weighs the data 100× too little and puts 1 into every predictive variance, silently."""
+    s2 = sigma**2
+    mean_sq = 2 * s2 * (mean_nll - 0.5 * outputs * math.log(2 * math.pi * s2)) / outputs
+    if not (math.isfinite(mean_sq) and mean_sq > 0) or 0.1 <= mean_sq / s2 <= 10:
+        return
+    warnings.warn(
+        f"fit: regression with the default sigma_noise={sigma:g}, but the last epoch's residuals have "
+        f"RMS {math.sqrt(mean_sq):.3g}: the likelihood's weight 1/σ² and the predictive variance (which "
+        "includes σ²) assume noise of another size. Pass sigma_noise= (an estimate of the targets' "
+        "noise), or choose it after training by the evidence: ef.laplace(model, loader, "
+        "likelihood='regression', sigma_noise='marglik', hessian='kfac', subset='last_layer')",
+        RuntimeWarning,
+        stacklevel=outside_stacklevel(),
+    )
 
 
 def _refresh_bn_statistics(model: nn.Module, loader: Iterable, device) -> None:
