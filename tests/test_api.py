@@ -80,6 +80,50 @@ def test_fit_warns_when_the_default_regression_noise_is_far_from_the_residuals(n
         assert 0.7 < rms / final < 1.5, (rms, final)  # (the last epoch's, at its weight samples)
 
 
+def _fitted_regression(noise, bn=False):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 3, generator=g)
+    y = 0.2 * x @ torch.tensor([[1.0], [2.0], [-1.0]]) + noise * torch.randn(256, 1, generator=g)
+    torch.manual_seed(0)
+    layers = [nn.Linear(3, 16), *([nn.BatchNorm1d(16)] if bn else []), nn.Tanh(), nn.Linear(16, 1)]
+    model = nn.Sequential(*layers)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        opt.step()
+    return model, x, y
+
+
+@pytest.mark.parametrize("kwargs, noise, warns", [
+    ({}, 0.05, True), ({"hessian": "kfac", "subset": "last_layer"}, 0.05, True), ({}, 1.0, False),
+    ({"sigma_noise": 1.0}, 0.05, False), ({"sigma_noise": "marglik"}, 0.05, False),
+    ({"likelihood": ef.likelihoods.get("regression", 0.05)}, 0.05, False),
+])  # fmt: skip
+def test_laplace_warns_when_the_default_regression_noise_is_far_from_the_residuals(kwargs, noise, warns):
+    """As ef.fit: the default σ = 1 on targets with noise 0.05 gave a posterior and a predictive
+    variance for noise 20× the data's, silently. Left unset, one forward pass measures the residuals."""
+    model, x, y = _fitted_regression(noise)
+    with torch.no_grad():
+        rms = float((model(x) - y).pow(2).mean().sqrt())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ef.laplace(model, _loader(x, y, 64), **({"likelihood": "regression"} | kwargs))
+    said = [str(w.message) for w in caught if "default sigma_noise" in str(w.message)]
+    assert bool(said) == warns, said
+    if warns:
+        assert f"RMS {rms:.3g}" in said[0]
+
+
+def test_the_residual_pass_leaves_batchnorm_statistics_alone():
+    model, x, y = _fitted_regression(0.05, bn=True)
+    bn = model[1]
+    before = [b.clone() for b in bn.buffers()]
+    with pytest.warns(RuntimeWarning, match="default sigma_noise"):
+        ef.laplace(model, _loader(x[:200], y[:200], 50), likelihood="regression", hessian="hessian")
+    assert all(torch.equal(a, b) for a, b in zip(before, bn.buffers()))
+
+
 def test_laplace_sums_the_curvature_over_the_loader():
     x, y = _cls_data(n=64)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()

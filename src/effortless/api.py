@@ -215,7 +215,7 @@ def fit(
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if scheduler not in ("cosine", None):
         raise ValueError(f"scheduler must be 'cosine' or None, got {scheduler!r}")
-    sigma_given = sigma_noise is not None
+    sigma_given = sigma_noise is not None or isinstance(likelihood, likelihoods.Likelihood)
     lik = likelihoods.get(likelihood, 1.0 if sigma_noise is None else sigma_noise)
     if optimizer is not None:  # these would be ignored: the optimizer has its own
         given = [*optimizer_kwargs, *(["n_data"] if n_data is not None else []),
@@ -289,30 +289,51 @@ def fit(
                 else:
                     g["initial_lr"] = initial
     if lik.name == "regression" and not sigma_given:
-        _check_default_noise(lik.sigma_noise, total_loss / count, outputs)
+        # the last epoch's mean Gaussian NLL is ½ Σ r²/σ² + ½ D log(2πσ²) per example: the residuals'
+        # mean square (at the weight samples trained on) without another pass over the data
+        s2 = lik.sigma_noise**2
+        mean_nll = total_loss / count
+        _check_default_noise("fit", lik.sigma_noise,
+                             2 * s2 * (mean_nll - 0.5 * outputs * math.log(2 * math.pi * s2)) / outputs,
+                             "the last epoch's residuals")  # fmt: skip
     optimizer.load_averaged_means()  # the weights end at the posterior mean (see `averaging`)
     _refresh_bn_statistics(model, loader, device)
     return optimizer.posterior()  # (with the regression σ that train_step recorded)
 
 
-def _check_default_noise(sigma: float, mean_nll: float, outputs: int) -> None:
-    """Warn when the default regression σ is far from the noise the last epoch's residuals show:
-    its mean Gaussian NLL is ½ Σ r²/σ² + ½ D log(2πσ²) per example, so the residuals' mean square
-    is 2σ²(NLL − ½ D log 2πσ²)/D (at the weight samples trained on). σ = 1 on targets with noise
-    0.1 weighs the data 100× too little and puts 1 into every predictive variance, silently."""
+def _check_default_noise(caller: str, sigma: float, mean_sq: float | None, whose: str) -> None:
+    """Warn when the default regression σ is more than √10× away from the noise the residuals'
+    mean square ``mean_sq`` shows: σ = 1 on targets with noise 0.1 weighs the data 100× too little
+    and puts 1 into every predictive variance, silently (laplace-torch's users meet the same
+    default)."""
     s2 = sigma**2
-    mean_sq = 2 * s2 * (mean_nll - 0.5 * outputs * math.log(2 * math.pi * s2)) / outputs
-    if not (math.isfinite(mean_sq) and mean_sq > 0) or 0.1 <= mean_sq / s2 <= 10:
+    if mean_sq is None or not (math.isfinite(mean_sq) and mean_sq > 0) or 0.1 <= mean_sq / s2 <= 10:
         return
     warnings.warn(
-        f"fit: regression with the default sigma_noise={sigma:g}, but the last epoch's residuals have "
-        f"RMS {math.sqrt(mean_sq):.3g}: the likelihood's weight 1/σ² and the predictive variance (which "
+        f"{caller}: regression with the default sigma_noise={sigma:g}, but {whose} have RMS "
+        f"{math.sqrt(mean_sq):.3g}: the likelihood's weight 1/σ² and the predictive variance (which "
         "includes σ²) assume noise of another size. Pass sigma_noise= (an estimate of the targets' "
-        "noise), or choose it after training by the evidence: ef.laplace(model, loader, "
-        "likelihood='regression', sigma_noise='marglik', hessian='kfac', subset='last_layer')",
+        "noise), or choose it by the evidence: ef.laplace(model, loader, likelihood='regression', "
+        "sigma_noise='marglik', hessian='kfac', subset='last_layer')",
         RuntimeWarning,
         stacklevel=outside_stacklevel(),
     )
+
+
+@torch.no_grad()
+@keep_buffers
+def _residual_mean_square(model: nn.Module, loader: Iterable, lik) -> float | None:
+    """The mean square of the regression residuals over ``loader`` at the model's weights (one
+    forward pass; BatchNorm's buffers as they were), or None when the loader yields nothing again
+    (a one-shot iterator, used up by the fit)."""
+    device = _device(model)
+    total, n = 0.0, 0
+    for batch in loader:
+        x, y = (t.to(device) for t in pair(batch))
+        f, y = lik.check(likelihoods.output(model(x)), y)
+        total += float((y - likelihoods._wide(f)).pow(2).sum())
+        n += f.numel()
+    return total / n if n else None
 
 
 def _refresh_bn_statistics(model: nn.Module, loader: Iterable, device) -> None:
@@ -717,7 +738,7 @@ def laplace(
     likelihood: str = "classification",
     hessian: str = "ggn",
     prior_precision: float | str = 1.0,
-    sigma_noise: float | str = 1.0,
+    sigma_noise: float | str | None = None,
     generator: torch.Generator | None = None,
     params: Iterable[str] | None = None,
     progress: bool = False,
@@ -737,9 +758,11 @@ def laplace(
             per-tensor δ by maximising the Laplace evidence (:mod:`effortless.posterior.evidence`;
             no extra pass over the data; ``"auto"``, BayesAdam's name for it, means ``"marglik"``).
             The value used is ``posterior.prior_precision``.
-        sigma_noise: the regression noise σ (float), or ``"marglik"`` to choose it by the evidence
-            together with δ (diagonal posteriors, and the last-layer KFAC one; ``posterior.sigma_noise``
-            is the value chosen, which :func:`predict` uses unless given another).
+        sigma_noise: the regression noise σ (float; default 1), or ``"marglik"`` to choose it by
+            the evidence together with δ (diagonal posteriors, and the last-layer KFAC one;
+            ``posterior.sigma_noise`` is the value chosen, which :func:`predict` uses unless given
+            another). Left unset for regression, one more forward pass over the loader measures the
+            residuals, and a warning says when they put the noise more than √10× away from 1.
         params: restrict to these parameter names (others stay fixed at their values).
         subset: ``"last_layer"`` restricts to the output ``nn.Linear``, found by a forward pass on
             the first batch (the Linear whose output is the model's, else the last one called);
@@ -756,6 +779,19 @@ def laplace(
             :func:`~effortless.curvature.diag_ggn`). None (default): exact. Not for the
             last-layer KFAC fit, whose products are small.
     """
+    sigma_given = sigma_noise is not None or isinstance(likelihood, likelihoods.Likelihood)
+    sigma = 1.0 if sigma_noise is None else sigma_noise
+    post = _laplace(model, loader, likelihood, hessian, prior_precision, sigma, generator, params, progress,
+                    subset, distributed, product_dtype)  # fmt: skip
+    if not sigma_given and post.likelihood == "regression":
+        mean_sq = _residual_mean_square(model, loader, likelihoods.get("regression"))
+        _check_default_noise("laplace", post.sigma_noise, mean_sq, "the residuals over the loader")
+    return post
+
+
+def _laplace(model, loader, likelihood, hessian, prior_precision, sigma_noise, generator, params, progress,
+             subset, distributed, product_dtype):  # fmt: skip
+    """:func:`laplace` with ``sigma_noise`` given (a float or "marglik")."""
     if subset not in (None, "all", "last_layer"):
         raise ValueError(f"subset must be None, 'all' or 'last_layer', got {subset!r}")
     _warn_active_dropout(model, "ef.laplace", "the curvature is that of randomly thinned networks")
