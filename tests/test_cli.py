@@ -311,7 +311,9 @@ def test_an_out_path_that_is_a_file_is_refused_before_any_work(command, tmp_path
     blocker.write_text("not a directory")
     with pytest.raises(SystemExit):
         cli.main([*command, "--out", str(blocker)])
-    assert "exists and is not a directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "exists and is not a directory" in err
+    assert f"usage: effortless {command[0]}" in err  # (the command's usage, not the top level's)
     with pytest.raises(SystemExit):
         cli.main([*command, "--out", str(blocker / "below")])
     assert "cannot create it" in capsys.readouterr().err

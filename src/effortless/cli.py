@@ -390,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--no-progress", action="store_true", help="no progress bars")
     al.add_argument("--out", default="runs/active", help="output directory (rerun with it to resume)")
     al.set_defaults(func=_active)
+    for command in sub.choices.values():  # (errors found after parsing print the command's usage)
+        command.set_defaults(parser=command)
     return parser
 
 
@@ -405,15 +407,16 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    command = args.parser
     out = getattr(args, "out", None)
     if out:  # before any work: a file in the way surfaced as a mkdir traceback at the end of a run
         path = Path(out)
         if path.exists() and not path.is_dir():
-            parser.error(f"--out {path}: exists and is not a directory")
+            command.error(f"--out {path}: exists and is not a directory")
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            parser.error(f"--out {path}: cannot create it ({e.strerror or e})")
+            command.error(f"--out {path}: cannot create it ({e.strerror or e})")
     try:
         return args.func(args)
     except FileNotFoundError as err:  # data not installed: the message names what to install
