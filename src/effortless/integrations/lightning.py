@@ -92,7 +92,9 @@ class PosteriorMetrics(L.Callback):
         # each loader's sums over this rank's batches, summed over the ranks: the pooled metrics
         # (a rank with no batches of a loader adds zeros; every rank joins the one collective)
         sums = torch.stack([_sums(*self._seen.get(idx, ([], [], []))) for idx in range(loaders)])
-        sums = trainer.strategy.reduce(sums.to(pl_module.device), reduce_op="sum").double().cpu()
+        if trainer.world_size > 1:  # (the collective's device: NCCL's is the GPU; float64 stays off MPS)
+            sums = sums.to(pl_module.device)
+        sums = trainer.strategy.reduce(sums, reduce_op="sum").double().cpu()
         self._seen = {}
         logs = {"posterior/mean_weight_std": float(sd.mean())}
         for idx, row in enumerate(sums):
