@@ -80,6 +80,13 @@ def test_fit_warns_when_the_default_regression_noise_is_far_from_the_residuals(n
         assert 0.7 < rms / final < 1.5, (rms, final)  # (the last epoch's, at its weight samples)
 
 
+def test_fit_refuses_marglik_noise_and_names_where_it_is_chosen():
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    with pytest.raises(ValueError, match="sigma_noise='marglik'"):
+        ef.fit(nn.Linear(3, 1), _loader(x, y, 8), likelihood="regression", sigma_noise="marglik",
+               progress=False)  # fmt: skip
+
+
 def _fitted_regression(noise, bn=False):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 3, generator=g)

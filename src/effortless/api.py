@@ -215,6 +215,13 @@ def fit(
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if scheduler not in ("cosine", None):
         raise ValueError(f"scheduler must be 'cosine' or None, got {scheduler!r}")
+    if isinstance(sigma_noise, str):  # (ef.laplace takes "marglik"; training needs a number)
+        raise ValueError(
+            f"fit: sigma_noise must be a positive number (the noise the training likelihood assumes), got "
+            f"{sigma_noise!r}; to choose it by the evidence, train with an estimate, then call "
+            "ef.laplace(model, loader, likelihood='regression', sigma_noise='marglik', hessian='kfac', "
+            "subset='last_layer')"
+        )
     sigma_given = sigma_noise is not None or isinstance(likelihood, likelihoods.Likelihood)
     lik = likelihoods.get(likelihood, 1.0 if sigma_noise is None else sigma_noise)
     if optimizer is not None:  # these would be ignored: the optimizer has its own
