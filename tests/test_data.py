@@ -42,6 +42,18 @@ def test_truncated_idx_is_an_error(tmp_path):
         data.read_idx(path)
 
 
+@pytest.mark.parametrize("damage", ["cut", "not gzip"])
+def test_a_damaged_gzip_file_is_named(tmp_path, damage):
+    """A download cut off (or a plain file named .gz) failed with gzip's own EOFError/BadGzipFile,
+    which does not say which file."""
+    whole = tmp_path / "whole.gz"
+    _write_idx(whole, np.zeros((50, 28, 28)))
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(whole.read_bytes()[:200] if damage == "cut" else b"plain bytes, not gzip")
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz: damaged gzip file"):
+        data.read_idx(path)
+
+
 def test_mnist_from_idx_files_and_what_is_missing_is_named(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     for stem, n in (("train", 6), ("t10k", 4)):

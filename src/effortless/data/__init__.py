@@ -95,8 +95,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped) into a numpy array."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile) as err:  # a cut-off download: name the file
+        raise ValueError(f"{path}: damaged gzip file ({err}); download or install it again") from err
     if len(data) < 4 or len(data) < 4 + 4 * data[3]:
         raise ValueError(f"{path}: not an IDX file ({len(data)} bytes, shorter than its header)")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
