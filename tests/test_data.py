@@ -47,7 +47,7 @@ def test_a_damaged_gzip_file_is_named(tmp_path, damage):
     """A download cut off (or a plain file named .gz) failed with gzip's own EOFError/BadGzipFile,
     which does not say which file."""
     whole = tmp_path / "whole.gz"
-    _write_idx(whole, np.zeros((50, 28, 28)))
+    _write_idx(whole, np.random.default_rng(0).integers(0, 256, (50, 28, 28)))
     path = tmp_path / "train-images-idx3-ubyte.gz"
     path.write_bytes(whole.read_bytes()[:200] if damage == "cut" else b"plain bytes, not gzip")
     with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz: damaged gzip file"):
