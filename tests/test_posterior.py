@@ -61,6 +61,22 @@ def test_invalid_posteriors_are_rejected():
         pass
 
 
+def test_from_model_takes_a_number_per_tensor_and_names_wrong_keys():
+    """A dict of per-tensor numbers (per-layer prior precisions) was refused by shape; a misspelt
+    name was ignored when the others were all there, or failed as a bare KeyError."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    q = ef.DiagGaussian.from_model(model, {"0.weight": 2.0, "0.bias": torch.tensor(3.0),
+                                           "1.weight": torch.full((1, 2), 4.0), "1.bias": 5})  # fmt: skip
+    assert torch.equal(q.precision["0.weight"], torch.full((2, 3), 2.0))
+    assert torch.equal(q.precision["0.bias"], torch.full((2,), 3.0))
+    assert torch.equal(q.precision["1.bias"], torch.full((1,), 5.0))
+    with pytest.raises(ValueError, match=r"no entry for \['1.bias'\]"):
+        ef.DiagGaussian.from_model(model, {"0.weight": 1.0, "0.bias": 1.0, "1.weight": 1.0})
+    with pytest.raises(ValueError, match=r"\['1.biass'\] are not the model's trainable parameters"):
+        ef.DiagGaussian.from_model(model, {"0.weight": 1.0, "0.bias": 1.0, "1.weight": 1.0, "1.bias": 1.0,
+                                           "1.biass": 1.0})  # fmt: skip
+
+
 def test_positional_keys_match_trainable_parameters_in_order():
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
     opt = ef.BayesAdam(model.parameters(), n_data=10)

@@ -62,10 +62,20 @@ class DiagGaussian:
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def from_model(cls, model: nn.Module, precision: float | Mapping[str, torch.Tensor]):
-        """Centred at the model's current trainable weights, with a scalar or per-weight precision."""
+        """Centred at the model's current trainable weights, with a scalar precision, or a dict keyed
+        like ``named_parameters()`` of per-weight tensors or per-tensor numbers."""
         mean = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         if isinstance(precision, Mapping):
+            missing = [n for n in mean if n not in precision]
+            unknown = [n for n in precision if n not in mean]
+            if missing or unknown:  # (a misspelt name was ignored, or failed as a bare KeyError)
+                said = [*([f"no entry for {missing}"] if missing else []),
+                        *([f"{unknown} are not the model's trainable parameters"] if unknown else [])]
+                raise ValueError(f"precision: {'; '.join(said)} (its trainable parameters: {list(mean)[:6]}"
+                                 f"{' ...' if len(mean) > 6 else ''})")  # fmt: skip
             prec = {n: torch.as_tensor(precision[n]).to(mean[n]) for n in mean}
+            # a number per tensor (per-layer prior precisions, say) covers the tensor
+            prec = {n: v.expand_as(mean[n]).clone() if v.dim() == 0 else v for n, v in prec.items()}
         else:
             prec = {n: torch.full_like(m, float(precision)) for n, m in mean.items()}
         return cls(mean, prec)
