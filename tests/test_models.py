@@ -26,3 +26,12 @@ def test_cnn1d_and_mlp_shapes():
     assert cnn(x).shape == (4, 10)
     torch.testing.assert_close(cnn(x.T.contiguous().T), cnn(x))
     assert MLP(40, [16, 8], 3, dropout=0.1)(x).shape == (4, 3)
+
+
+@pytest.mark.parametrize("args, kwargs, match", [((4, [16, 0], 3), {}, r"hidden\[1\]"),
+                                                 ((4, [-1], 3), {}, r"hidden\[0\]"),
+                                                 ((0, [4], 3), {}, "in_features"),
+                                                 ((4, [4], 3), {"dropout": 1.0}, "dropout")])  # fmt: skip
+def test_mlp_refuses_bad_widths_and_dropout_by_name(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MLP(*args, **kwargs)

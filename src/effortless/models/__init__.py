@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._checks import is_count, is_number
+
 __all__ = ["MLP", "LeNet", "CNN1d"]
 
 
@@ -22,6 +24,13 @@ class MLP(nn.Sequential):
     """Fully connected ReLU network; ``dropout`` > 0 adds dropout after every hidden layer."""
 
     def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, dropout: float = 0.0):
+        widths = {"in_features": in_features, "out_features": out_features}
+        widths |= {f"hidden[{i}]": h for i, h in enumerate(hidden)}
+        bad = {k: v for k, v in widths.items() if not is_count(v)}
+        if bad:  # (0 made an empty layer with a warning, -1 failed in torch.empty)
+            raise ValueError(f"MLP: widths must be positive ints, got {bad}")
+        if not (is_number(dropout) and 0 <= dropout < 1):
+            raise ValueError(f"MLP: dropout must be in [0, 1), got {dropout!r}")
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for h in hidden:
