@@ -105,7 +105,8 @@ def shared_layout(layout: dict, distributed) -> dict:
     was empty), so that a rank with no data joins the collective with zeros of the others' shapes
     (Kronecker factors' shapes are only known from a forward pass: such a rank raised before the
     collective and left the others waiting in it). Every rank sees every layout, so all reach the
-    same verdict: a mismatch raises everywhere. One small collective (``all_gather_object``)."""
+    same verdict: a mismatch raises everywhere. One small collective (``all_gather_object``; under
+    NCCL it runs on the current CUDA device, which each rank must have set, as DDP needs anyway)."""
     if not _reducing(distributed):
         return layout
     import torch.distributed as dist
