@@ -72,9 +72,12 @@ def test_from_model_takes_a_number_per_tensor_and_names_wrong_keys():
     assert torch.equal(q.precision["1.bias"], torch.full((1,), 5.0))
     with pytest.raises(ValueError, match=r"no entry for \['1.bias'\]"):
         ef.DiagGaussian.from_model(model, {"0.weight": 1.0, "0.bias": 1.0, "1.weight": 1.0})
-    with pytest.raises(ValueError, match=r"\['1.biass'\] are not the model's trainable parameters"):
+    with pytest.raises(ValueError, match=r"\['1.biass'\] are not the model's parameters"):
         ef.DiagGaussian.from_model(model, {"0.weight": 1.0, "0.bias": 1.0, "1.weight": 1.0, "1.bias": 1.0,
                                            "1.biass": 1.0})  # fmt: skip
+    model[0].requires_grad_(False)  # a frozen parameter's entry is left out, as before
+    q = ef.DiagGaussian.from_model(model, {"0.weight": 1.0, "0.bias": 1.0, "1.weight": 1.0, "1.bias": 1.0})
+    assert list(q.precision) == ["1.weight", "1.bias"]
 
 
 def test_positional_keys_match_trainable_parameters_in_order():

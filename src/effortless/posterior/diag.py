@@ -67,10 +67,11 @@ class DiagGaussian:
         mean = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         if isinstance(precision, Mapping):
             missing = [n for n in mean if n not in precision]
-            unknown = [n for n in precision if n not in mean]
+            named = dict(model.named_parameters())  # (entries for frozen ones are left out, as before)
+            unknown = [n for n in precision if n not in named]
             if missing or unknown:  # (a misspelt name was ignored, or failed as a bare KeyError)
                 said = [*([f"no entry for {missing}"] if missing else []),
-                        *([f"{unknown} are not the model's trainable parameters"] if unknown else [])]
+                        *([f"{unknown} are not the model's parameters"] if unknown else [])]
                 raise ValueError(f"precision: {'; '.join(said)} (its trainable parameters: {list(mean)[:6]}"
                                  f"{' ...' if len(mean) > 6 else ''})")  # fmt: skip
             prec = {n: torch.as_tensor(precision[n]).to(mean[n]) for n in mean}
