@@ -448,7 +448,8 @@ def predict(
 
 MC_BATCH_NUMBERS = 2**24  # weight-sample numbers held at once by the batched MC predictive
 # On CPU, batching pays only for small models: measured (1 thread, batch 128, 32 samples) 24 vs 32 ms
-# at 79k weights, 81 vs 76 ms at 204k, 208 vs 150 ms at 536k (vmap vs one sample at a time).
+# at 79k weights, 81 vs 76 ms at 204k, 208 vs 150 ms at 536k (vmap vs one sample at a time); and
+# not for sampled convolutions at all (see _samples_conv).
 MC_VMAP_MAX_CPU = 2**17
 # Inputs × samples run at once by the batched path: each sample's activations are held together, so
 # ef.predict on 60,000 inputs of a 79k-weight MLP took 1.5 GB more than one sample at a time, and was
@@ -507,7 +508,7 @@ def _mc_outputs(model, posterior, x, n_samples, generator=None, bn_batches=None)
     names = {id(p): n for n, p in model.named_parameters()}
     per_sample = sum(p.numel() for p in params.values())
     chunk = max(1, min(n_samples, MC_BATCH_NUMBERS // max(per_sample, 1), MC_VMAP_INPUTS))
-    if x.device.type == "cpu" and per_sample > MC_VMAP_MAX_CPU:
+    if x.device.type == "cpu" and (per_sample > MC_VMAP_MAX_CPU or _samples_conv(model, params)):
         chunk = 1
     # a chunk of samples runs on inputs in pieces of at most MC_VMAP_INPUTS inputs × samples (the
     # inputs were not split before: 10,000 of them sent every sample through the whole network
@@ -535,6 +536,20 @@ def _mc_outputs(model, posterior, x, n_samples, generator=None, bn_batches=None)
                 outs.append(torch.cat(parts, 1))
             done += c
     return torch.cat(outs)
+
+
+def _samples_conv(model: nn.Module, params: dict) -> bool:
+    """Whether the posterior samples a convolution's weight or bias. vmap runs a convolution whose
+    weights differ per sample as one grouped convolution, which on CPU is slower than running the
+    samples one at a time (``benchmarks/conv_mc_predictive.py``, 20 draws, one thread;
+    docs/results/conv-mc-predictive.md): LeNet 1.3–2.3× at 32–2,000 inputs (512: 1.35 against
+    0.63 s), the MNIST-1D CNN 3.7–4.1× from 512 inputs (2,000: 836 against 198 ms), though at 32
+    inputs vmap is faster there (6 against 12 ms). A frozen convolutional backbone under a sampled
+    head keeps the batched path, where the backbone runs once (LeNet, 512 inputs: 62 against
+    778 ms)."""
+    ids = {id(p) for p in params.values()}
+    convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    return any(id(p) in ids for m in convs for p in m.parameters(recurse=False))
 
 
 def _diag_last_layer_draws(model, posterior, params, x, n_samples, generator):
