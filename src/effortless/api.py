@@ -549,7 +549,7 @@ def _samples_conv(model: nn.Module, params: dict) -> bool:
     778 ms)."""
     ids = {id(p) for p in params.values()}
     convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    return any(id(p) in ids for m in convs for p in m.parameters(recurse=False))
+    return any(id(p) in ids for m in convs for p in m.parameters())  # (a parametrized weight too)
 
 
 def _diag_last_layer_draws(model, posterior, params, x, n_samples, generator):
