@@ -374,6 +374,18 @@ def test_sampled_convolutions_run_one_draw_at_a_time_on_cpu_a_frozen_backbone_ba
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_a_parametrized_convolution_counts_as_sampled():
+    """weight_norm keeps the convolution's weight in a submodule (parametrizations.weight.original*)."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from effortless import api
+
+    model = torch.nn.Sequential(weight_norm(torch.nn.Conv2d(1, 2, 3)), torch.nn.Flatten(), torch.nn.Linear(18, 3))
+    assert api._samples_conv(model, ef.DiagGaussian.from_model(model, 10.0)._match(model))
+    model[0].requires_grad_(False)
+    assert not api._samples_conv(model, ef.DiagGaussian.from_model(model, 10.0)._match(model))
+
+
 def test_predictions_leave_batchnorm_statistics_alone_and_glm_refuses_batch_statistics():
     """An MC predictive in training mode updated BatchNorm's running statistics once per weight
     sample; the linearised one failed deep in torch.func (BatchNorm1d) or used per-sample
