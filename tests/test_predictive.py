@@ -380,7 +380,8 @@ def test_a_parametrized_convolution_counts_as_sampled():
 
     from effortless import api
 
-    model = torch.nn.Sequential(weight_norm(torch.nn.Conv2d(1, 2, 3)), torch.nn.Flatten(), torch.nn.Linear(18, 3))
+    conv = weight_norm(torch.nn.Conv2d(1, 2, 3))
+    model = torch.nn.Sequential(conv, torch.nn.Flatten(), torch.nn.Linear(18, 3))
     assert api._samples_conv(model, ef.DiagGaussian.from_model(model, 10.0)._match(model))
     model[0].requires_grad_(False)
     assert not api._samples_conv(model, ef.DiagGaussian.from_model(model, 10.0)._match(model))
