@@ -3,8 +3,9 @@ with ``torch.func.vmap`` against one draw at a time (each loaded into the model)
 
 Under vmap a convolution whose weights differ per draw runs as one grouped convolution; this
 measures whether that pays on CPU. ``ef.predict`` runs posteriors that sample a convolution one
-draw at a time on CPU (``effortless.api._samples_conv``) and keeps the batched path for a frozen
-convolutional backbone under a sampled head (there the backbone runs once for all draws).
+draw at a time on CPU above ``MC_CONV_VMAP_NUMBERS`` input numbers (``api._samples_conv``) and
+keeps the batched path for a frozen convolutional backbone under a sampled head (there the
+backbone runs once for all draws).
 
 Cases (one CPU thread, 20 draws as the active-learning scores use): LeNet (Fashion-MNIST's CNN,
 62k weights) and the MNIST-1D CNN (9.6k weights), each with every weight sampled and with the
@@ -18,6 +19,7 @@ ratios.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -74,8 +76,9 @@ def main(argv=None):
           "ef.predict runs | max |Δ| |")
     print("|---|---|---|---|---|---|---|")
     for name, (model, post, shape) in cases().items():
-        chosen = "one at a time" if api._samples_conv(model, post._match(model)) else "vmap"
+        conv = api._samples_conv(model, post._match(model))
         for n in batches:
+            chosen = "one at a time" if conv and n * math.prod(shape) > api.MC_CONV_VMAP_NUMBERS else "vmap"
             x = torch.rand(n, *shape, generator=torch.Generator().manual_seed(n))
             batched, single, diff = [], [], 0.0
             for r in range(args.reps):

@@ -356,7 +356,9 @@ def test_sampled_convolutions_run_one_draw_at_a_time_on_cpu_a_frozen_backbone_ba
     conv = torch.nn.Conv1d(1, 2, 3) if dims == 1 else torch.nn.Conv2d(1, 2, 3)
     model = torch.nn.Sequential(conv, torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.LazyLinear(8),
                                 torch.nn.Tanh(), torch.nn.Linear(8, 3))  # fmt: skip
-    x = torch.randn(12, 1, 7) if dims == 1 else torch.randn(12, 1, 5, 5)
+    shape = (1, 7) if dims == 1 else (1, 5, 5)
+    n = api.MC_CONV_VMAP_NUMBERS // math.prod(shape) + 1  # (just above the batched path's bound)
+    x = torch.randn(n, *shape)
     model(x)  # (the lazy layer's shape)
     model.eval()
     tries = []
@@ -366,6 +368,12 @@ def test_sampled_convolutions_run_one_draw_at_a_time_on_cpu_a_frozen_backbone_ba
     got = ef.predict_samples(model, post, x, 6, generator=torch.Generator().manual_seed(3))
     assert not tries
     assert torch.equal(got, per_draw(model, post, x, 6, 3).log_softmax(-1).permute(1, 2, 0))
+    small = x[: n - 1]  # (few numbers: batched, where vmap was faster on the small CNN)
+    got = ef.predict_samples(model, post, small, 6, generator=torch.Generator().manual_seed(3))
+    assert tries
+    ref = per_draw(model, post, small, 6, 3).log_softmax(-1).permute(1, 2, 0)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    tries.clear()
     conv.requires_grad_(False)
     head = ef.DiagGaussian.from_model(model, 50.0)
     got = ef.predict_samples(model, head, x, 6, generator=torch.Generator().manual_seed(3))

@@ -455,6 +455,11 @@ MC_VMAP_MAX_CPU = 2**17
 # ef.predict on 60,000 inputs of a 79k-weight MLP took 1.5 GB more than one sample at a time, and was
 # no faster (4.5 s either way at 2 threads); batching pays for small batches (128 inputs: 32 samples).
 MC_VMAP_INPUTS = 2**14
+# Above this many input numbers (a proxy for the work of one draw) a posterior that samples a
+# convolution runs its draws one at a time on CPU (see _samples_conv). vmap against one at a time,
+# 20 draws: the MNIST-1D CNN (40 numbers an input) 1.8-3.6x faster at 32 inputs (1,280 numbers;
+# 1-2 threads), a tie at 128 (5,120); LeNet (784) 1.3-2.3x slower at 32 (25,088).
+MC_CONV_VMAP_NUMBERS = 4096
 
 
 def _bn_argument(bn_data, method, model, posterior, x, what):
@@ -508,7 +513,8 @@ def _mc_outputs(model, posterior, x, n_samples, generator=None, bn_batches=None)
     names = {id(p): n for n, p in model.named_parameters()}
     per_sample = sum(p.numel() for p in params.values())
     chunk = max(1, min(n_samples, MC_BATCH_NUMBERS // max(per_sample, 1), MC_VMAP_INPUTS))
-    if x.device.type == "cpu" and (per_sample > MC_VMAP_MAX_CPU or _samples_conv(model, params)):
+    if x.device.type == "cpu" and (per_sample > MC_VMAP_MAX_CPU
+                                   or (x.numel() > MC_CONV_VMAP_NUMBERS and _samples_conv(model, params))):
         chunk = 1
     # a chunk of samples runs on inputs in pieces of at most MC_VMAP_INPUTS inputs × samples (the
     # inputs were not split before: 10,000 of them sent every sample through the whole network
@@ -544,7 +550,8 @@ def _samples_conv(model: nn.Module, params: dict) -> bool:
     samples one at a time (``benchmarks/conv_mc_predictive.py``, 20 draws, one thread;
     docs/results/conv-mc-predictive.md): LeNet 1.3–2.3× at 32–2,000 inputs (512: 1.35 against
     0.63 s), the MNIST-1D CNN 3.7–4.1× from 512 inputs (2,000: 836 against 198 ms), though at 32
-    inputs vmap is faster there (6 against 12 ms). A frozen convolutional backbone under a sampled
+    inputs vmap is faster there (6 against 12 ms; at two threads 6 against 20 ms), so inputs of up
+    to ``MC_CONV_VMAP_NUMBERS`` numbers in all stay batched. A frozen convolutional backbone under a sampled
     head keeps the batched path, where the backbone runs once (LeNet, 512 inputs: 62 against
     778 ms)."""
     ids = {id(p) for p in params.values()}
