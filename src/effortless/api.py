@@ -27,7 +27,7 @@ from . import likelihoods
 from ._checks import is_count
 from ._stack import outside_stacklevel
 from .curvature import engine
-from .curvature.data import DIAGONAL, _progress, diagonal_sums, pair
+from .curvature.data import DIAGONAL, _progress, diagonal_sums, pair, residual_sums
 from .curvature.functional import keep_buffers
 from .optim import BayesAdam
 from .posterior import DiagGaussian, evidence, kron, predictive
@@ -262,13 +262,11 @@ def fit(
     batch_bar = _progress(None, progress and bool(per_epoch), total=epochs * (per_epoch or 0), desc="fit",
                           unit="batch")  # fmt: skip
     bar = _progress(range(epochs), progress and batch_bar is None, desc="fit", unit="epoch")
-    outputs = 1  # (regression: outputs per example, for the residuals behind the loss)
     try:
         for epoch in bar:
             total_loss, count = 0.0, 0
             for batch in loader:
                 x, y = (t.to(device) for t in pair(batch))
-                outputs = y[0].numel() if y.dim() > 0 and len(y) else 1
                 loss = optimizer.train_step(model, x, y, likelihood=lik)
                 total_loss += float(loss) * x.shape[0]
                 count += x.shape[0]
@@ -296,13 +294,11 @@ def fit(
                 else:
                     g["initial_lr"] = initial
     if lik.name == "regression" and not sigma_given:
-        # the last epoch's mean Gaussian NLL is ½ Σ r²/σ² + ½ D log(2πσ²) per example: the residuals'
-        # mean square (at the weight samples trained on) without another pass over the data
-        s2 = lik.sigma_noise**2
-        mean_nll = total_loss / count
-        _check_default_noise("fit", lik.sigma_noise,
-                             2 * s2 * (mean_nll - 0.5 * outputs * math.log(2 * math.pi * s2)) / outputs,
-                             "the last epoch's residuals")  # fmt: skip
+        # the residuals' mean square behind the last epoch's mean NLL (at the weight samples trained
+        # on), without another pass over the data; outputs per example from its last batch
+        outputs = y[0].numel() if y.dim() > 0 and len(y) else 1
+        mean_sq = lik.residual_mean_square(total_loss / count, outputs)
+        _check_default_noise("fit", lik.sigma_noise, mean_sq, "the last epoch's residuals")
     optimizer.load_averaged_means()  # the weights end at the posterior mean (see `averaging`)
     _refresh_bn_statistics(model, loader, device)
     return optimizer.posterior()  # (with the regression σ that train_step recorded)
@@ -337,9 +333,8 @@ def _residual_mean_square(model: nn.Module, loader: Iterable, lik) -> float | No
     total, n = 0.0, 0
     for batch in loader:
         x, y = (t.to(device) for t in pair(batch))
-        f, y = lik.check(likelihoods.output(model(x)), y)
-        total += float((y - likelihoods._wide(f)).pow(2).sum())
-        n += f.numel()
+        r, k = residual_sums(*lik.check(likelihoods.output(model(x)), y))
+        total, n = total + r, n + k
     return total / n if n else None
 
 

@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help=(
             "train Adam and BayesAdam on Fashion-MNIST (MNIST-1D if absent), compare accuracy, NLL, "
-             "calibration and out-of-distribution detection, and plot them"
+            "calibration and out-of-distribution detection, and plot them"
         ),
         description=(
             "Train the same MLP with Adam (MAP) and with BayesAdam (defaults: only n_data set) on "
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         "hessian-profile",
         help=(
             "time every curvature estimator and operator against model size, as a multiple of one "
-             "forward+backward, with memory; table and log-log plot"
+            "forward+backward, with memory; table and log-log plot"
         ),
         description=(
             "Time the curvature quantities (diagonal GGN exact and Monte-Carlo, empirical Fisher, "
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help=(
             "methods side by side (MAP, BayesAdam, MC dropout, ensembles, temperature scaling, "
-             "last-layer Laplace, adam-laplace, IVON) on the same tasks; resumable"
+            "last-layer Laplace, adam-laplace, IVON) on the same tasks; resumable"
         ),
         description=(
             "Train and evaluate each method on each task and seed with the same network, data order, "
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         "adam-hessian",
         help=(
             "how well Adam's state (and BayesAdam's curvature) matches the exact diagonal GGN / "
-             "empirical Fisher / Hessian during training; adam-laplace vs MAP"
+            "empirical Fisher / Hessian during training; adam-laplace vs MAP"
         ),
         description=(
             "Train with Adam and BayesAdam side by side; every --every steps compare Adam's raw "
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         "active",
         help=(
             "pool-based active learning: labels needed to reach 90/95 %% test accuracy for each "
-             "method × acquisition function (BALD, BatchBALD, entropy, random...)"
+            "method × acquisition function (BALD, BatchBALD, entropy, random...)"
         ),
         description=(
             "Active learning, Gal et al. (2017) protocol by default: a balanced start of --initial "

@@ -205,8 +205,15 @@ class Regression(Likelihood):
     def nll(self, f, y):
         f, y = self.check(f, y)
         s2 = self.sigma_noise**2
-        const = 0.5 * f.shape[1] * math.log(2 * math.pi * s2)
-        return 0.5 * (y - _wide(f)).pow(2).sum(1) / s2 + const
+        return 0.5 * (y - _wide(f)).pow(2).sum(1) / s2 + self._constant(f.shape[1])
+
+    def _constant(self, outputs: int) -> float:
+        return 0.5 * outputs * math.log(2 * math.pi * self.sigma_noise**2)
+
+    def residual_mean_square(self, mean_nll: float, outputs: int) -> float:
+        """The residuals' mean square behind a mean :meth:`nll` over examples of ``outputs``
+        outputs each (its inverse: ½ Σ r²/σ² + ½ D log 2πσ² per example)."""
+        return 2 * self.sigma_noise**2 * (mean_nll - self._constant(outputs)) / outputs
 
     def hessian_factor(self, f):
         f = f if f.dim() == 2 else f[:, None]

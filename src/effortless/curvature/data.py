@@ -226,6 +226,12 @@ def accumulate(
     return total
 
 
+def residual_sums(f: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """(Σ (y − f)², the number of outputs) of a regression batch, in ≥ float32."""
+    f = likelihoods._wide(f)
+    return float((f - y.reshape(f.shape).to(f.dtype)).pow(2).sum()), f.numel()
+
+
 def diagonal_sums(model, loader, hessian, lik, generator=None, params=None, progress=False, distributed=None,
                   product_dtype=None, residuals=False, desc="laplace"):  # fmt: skip
     """The diagonal estimate ``hessian`` summed over ``loader`` (in :func:`sum_dtype`), all-reduced
@@ -247,9 +253,8 @@ def diagonal_sums(model, loader, hessian, lik, generator=None, params=None, prog
         batches += 1
         if residuals:
             with torch.no_grad():
-                f = likelihoods._wide(model(x))
-                rss += float((f - y.reshape(f.shape).to(f.dtype)).pow(2).sum())
-                n_out += f.numel()
+                r, k = residual_sums(model(x), y)
+                rss, n_out = rss + r, n_out + k
     counts = [float(batches), rss, float(n_out)]
     batches, rss, n_out = all_reduce_sums(list(total.values()), counts, distributed)
     return theta, total, int(round(batches)), rss, int(round(n_out))
